@@ -1,0 +1,297 @@
+"""Image and label-map I/O. All of karyo's file reading and writing of pixels goes through here.
+
+Reading returns H×W×C arrays in the file's own dtype (uint8, uint16 or float32); conversions are explicit
+(:func:`to_uint8`, :func:`to_rgb`). Writing is atomic: data go to a temporary file in the destination
+folder that is renamed only once complete, so a failure never leaves a partial output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from karyo.data.sample import as_hwc, validate_instances
+from karyo.errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf")
+
+# Pillow refuses images above ~179 Mpx by default; we read whole tiles only, slides go through tiffslide.
+Image.MAX_IMAGE_PIXELS = 1 << 31
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a binary file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        raise InputError(path, "is a folder, expected an image file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty (0 bytes)")
+
+
+def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | None]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            arr = series.asarray()
+            axes = series.axes
+            names = None
+            mpp = None
+            if tif.is_ome and tif.ome_metadata:
+                names, mpp = _ome_channels_and_mpp(tif.ome_metadata)
+    except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
+        raise InputError(path, f"cannot read TIFF ({type(exc).__name__}: {exc}); the file is corrupt or truncated"
+                         ) from None
+    arr = _to_yxc(arr, axes, path)
+    if names is not None and len(names) != arr.shape[2]:
+        names = None
+    return arr, names, mpp
+
+
+def _to_yxc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
+    """Reorder a tifffile array to Y×X×C; singleton T/Z/Q axes are dropped, others refused."""
+    axes = axes.upper()
+    for ax in list(axes):
+        if ax not in "YXCS" and arr.shape[axes.index(ax)] == 1:
+            i = axes.index(ax)
+            arr = arr.take(0, axis=i)
+            axes = axes[:i] + axes[i + 1:]
+    extra = [ax for ax in axes if ax not in "YXCS"]
+    if extra:
+        raise InputError(path, f"TIFF has axes {axes!r}; only 2-D images with channels are supported "
+                               f"(select a plane first)")
+    chan = [ax for ax in axes if ax in "CS"]
+    if len(chan) == 2:  # planar channels × samples per pixel: merge them
+        order = [axes.index("Y"), axes.index("X"), axes.index(chan[0]), axes.index(chan[1])]
+        arr = arr.transpose(order)
+        return arr.reshape(arr.shape[0], arr.shape[1], -1)
+    if chan:
+        return arr.transpose(axes.index("Y"), axes.index("X"), axes.index(chan[0]))
+    return arr.transpose(axes.index("Y"), axes.index("X"))[..., None]
+
+
+def _ome_channels_and_mpp(xml: str) -> tuple[tuple[str, ...] | None, float | None]:
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None, None
+    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
+    if pixels is None:
+        return None, None
+    names = tuple(ch.get("Name") or ch.get("ID") or f"C{i}"
+                  for i, ch in enumerate(el for el in pixels if el.tag.endswith("Channel")))
+    mpp = None
+    size = pixels.get("PhysicalSizeX")
+    unit = pixels.get("PhysicalSizeXUnit", "µm")
+    if size is not None:
+        scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit)
+        if scale is not None:
+            mpp = float(size) * scale
+    return (names or None), mpp
+
+
+def read_image_meta(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read an image and what its file says about it: ``{"channel_names": ..., "mpp": ...}``."""
+    path = Path(path)
+    _check_file(path)
+    meta: dict = {"channel_names": None, "mpp": None}
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        arr, meta["channel_names"], meta["mpp"] = _read_tiff(path)
+    else:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                arr = _pil_to_array(im, path)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise InputError(path, f"cannot decode image ({exc}); the file is corrupt, truncated or not an image"
+                             ) from None
+    arr = as_hwc(arr, str(path))
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise InputError(path, "image holds NaN or infinite values")
+        arr = arr.astype(np.float32, copy=False)
+    elif arr.dtype not in (np.uint8, np.uint16):
+        arr = _integer_to_supported(arr, path)
+    return arr, meta
+
+
+def _pil_to_array(im: Image.Image, path: Path) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.array(im, dtype=np.uint16)
+    if mode == "I":
+        arr = np.array(im)
+        if arr.min() >= 0 and arr.max() <= 65535:
+            return arr.astype(np.uint16)
+        return arr
+    if mode == "F":
+        return np.array(im, dtype=np.float32)
+    if mode == "P" or mode == "PA":
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode == "LA":
+        arr = np.array(im)
+        return _flatten_alpha(arr[..., :1], arr[..., 1], path)
+    if mode == "RGBA":
+        arr = np.array(im)
+        return _flatten_alpha(arr[..., :3], arr[..., 3], path)
+    if mode in ("1",):
+        return np.array(im.convert("L"))
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return np.array(im.convert("RGB"))
+    return np.array(im)
+
+
+def _flatten_alpha(color: np.ndarray, alpha: np.ndarray, path: Path) -> np.ndarray:
+    """Composite over white: in brightfield, a transparent pixel is empty glass."""
+    if np.all(alpha == 255):
+        return color
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    out = color.astype(np.float32) * a + 255.0 * (1.0 - a)
+    warnings.warn(f"{path}: alpha channel composited over white", stacklevel=3)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _integer_to_supported(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.min() >= 0 and arr.max() <= 65535:
+        return arr.astype(np.uint16)
+    raise InputError(path, f"integer image values {arr.min()}..{arr.max()} do not fit 16 bits")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read PNG, JPEG, BMP or (OME-)TIFF as H×W×C (grayscale → C = 1; RGBA → RGB over white).
+
+    16-bit images stay uint16 and floating-point TIFFs float32; use :func:`to_uint8` to convert.
+    """
+    return read_image_meta(path)[0]
+
+
+def to_uint8(image: np.ndarray, percentiles: tuple[float, float] | None = None) -> np.ndarray:
+    """Convert to uint8. uint16 and float images are rescaled; by default by the full dtype range for
+    uint16, by (0.1, 99.9) percentiles for float (or when ``percentiles`` is given, per channel)."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8 and percentiles is None:
+        return image
+    if percentiles is None and image.dtype == np.uint16:
+        return (image.astype(np.float32) / 257.0).round().astype(np.uint8)
+    lo_p, hi_p = percentiles or (0.1, 99.9)
+    work = image.astype(np.float32)
+    lo = np.percentile(work, lo_p, axis=(0, 1), keepdims=True)
+    hi = np.percentile(work, hi_p, axis=(0, 1), keepdims=True)
+    scale = np.where(hi > lo, hi - lo, 1.0)
+    return np.clip(np.round((work - lo) / scale * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """A uint8 RGB view for display and for brightfield methods: 1 channel is repeated, >3 keeps the first 3."""
+    image = to_uint8(as_hwc(image))
+    if image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    if image.shape[2] == 2:
+        return np.concatenate([image, np.zeros_like(image[..., :1])], axis=2)
+    return image[..., :3]
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write an image atomically (PNG/JPEG via Pillow, TIFF via tifffile). Returns the path."""
+    path = Path(path)
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            photometric = "rgb" if arr.ndim == 3 and arr.shape[2] == 3 else "minisblack"
+            tifffile.imwrite(tmp, arr, photometric=photometric, compression="zlib")
+        else:
+            fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}.get(suffix)
+            if fmt is None:
+                raise InputError(path, f"unsupported output image format {suffix!r}")
+            if arr.dtype not in (np.uint8, np.uint16) or (arr.dtype == np.uint16 and arr.ndim != 2):
+                raise InputError(path, f"{fmt} holds uint8 images (or 2-D uint16 for PNG), got {arr.dtype} "
+                                       f"with shape {arr.shape}; write a .tif instead")
+            Image.fromarray(arr).save(tmp, format=fmt)
+    return path
+
+
+def read_instances(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an instance label map (16-bit PNG, TIFF or .npy) as int32, checked against ``shape``."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        _check_file(path)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(path, f"cannot read .npy ({exc})") from None
+    else:
+        arr = read_image(path)
+        if arr.shape[2] != 1:
+            raise InputError(path, f"instance map must have one channel, got {arr.shape[2]}")
+        arr = arr[..., 0]
+    return validate_instances(arr, shape, str(path))
+
+
+def write_instances(path: str | os.PathLike, instances: np.ndarray) -> Path:
+    """Write an instance map: 16-bit PNG when ids fit, else 32-bit TIFF (the PNG name is then refused)."""
+    instances = validate_instances(instances)
+    path = Path(path)
+    if instances.max(initial=0) > 65535:
+        if path.suffix.lower() == ".png":
+            raise InputError(path, f"{instances.max()} instances do not fit a 16-bit PNG; write a .tif instead")
+        return write_image(path, instances.astype(np.uint32))
+    return write_image(path, instances.astype(np.uint16))
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files of a folder, sorted by name (hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "folder not found")
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)

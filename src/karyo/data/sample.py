@@ -1,0 +1,120 @@
+"""The one in-memory sample type every reader returns and every model consumes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from karyo.errors import InputError
+
+
+@dataclass
+class Sample:
+    """An image with (optionally) its nucleus annotation.
+
+    ``image`` is always H×W×C (C = any channel count; 3 for RGB). ``instances`` is an H×W int32 label map,
+    0 = background. ``classes`` maps instance id → class id (1..C); instance ids absent from it are
+    unclassified. ``class_names`` maps class id → name. ``source`` names where the sample came from and is
+    used in error messages.
+    """
+
+    image: np.ndarray
+    instances: np.ndarray | None = None
+    classes: dict[int, int] | None = None
+    name: str = ""
+    tissue: str | None = None
+    class_names: dict[int, str] | None = None
+    mpp: float | None = None
+    channel_names: tuple[str, ...] | None = None
+    source: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = self.source or self.name or None
+        self.image = as_hwc(self.image, where)
+        if self.instances is not None:
+            self.instances = validate_instances(self.instances, self.image.shape[:2], where)
+        if self.classes is not None:
+            self.classes = validate_classes(self.classes, self.instances, self.class_names, where)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.shape[0], self.image.shape[1]
+
+    @property
+    def n_instances(self) -> int:
+        return 0 if self.instances is None else int(len(np.unique(self.instances[self.instances > 0])))
+
+    def type_map(self) -> np.ndarray:
+        """H×W int32 class map (0 = background or unclassified), built from ``instances`` and ``classes``."""
+        if self.instances is None:
+            raise ValueError(f"{self.name or 'sample'} has no instance map")
+        return type_map(self.instances, self.classes or {})
+
+
+def as_hwc(image: np.ndarray, source: str | None = None) -> np.ndarray:
+    """Return ``image`` as H×W×C; a 2-D array becomes H×W×1."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise InputError(source, f"image must be H×W or H×W×C, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise InputError(source, f"image is empty (shape {image.shape})")
+    if image.dtype.kind not in "uif" and image.dtype != bool:
+        raise InputError(source, f"image has unsupported dtype {image.dtype}")
+    return image
+
+
+def validate_instances(instances: np.ndarray, shape: tuple[int, int] | None = None, source: str | None = None
+                       ) -> np.ndarray:
+    """Check an instance map (integer, non-negative, 2-D, matching ``shape``) and return it as int32."""
+    instances = np.asarray(instances)
+    if instances.ndim == 3 and instances.shape[2] == 1:
+        instances = instances[..., 0]
+    if instances.ndim != 2:
+        raise InputError(source, f"instance map must be 2-D, got shape {instances.shape}")
+    if shape is not None and tuple(instances.shape) != tuple(shape):
+        raise InputError(source, f"instance map shape {instances.shape[0]}×{instances.shape[1]} differs from "
+                                 f"image shape {shape[0]}×{shape[1]}")
+    if instances.dtype.kind == "f":
+        if not np.all(np.isfinite(instances)) or np.any(instances != np.round(instances)):
+            raise InputError(source, "instance map holds non-integer values")
+    elif instances.dtype.kind not in "iub":
+        raise InputError(source, f"instance map has non-integer dtype {instances.dtype}")
+    if instances.size and instances.min() < 0:
+        raise InputError(source, f"instance map holds negative ids (min {instances.min()})")
+    if instances.size and instances.max() > np.iinfo(np.int32).max:
+        raise InputError(source, "instance map ids exceed the int32 range")
+    return instances.astype(np.int32, copy=False)
+
+
+def validate_classes(classes: Mapping[int, int], instances: np.ndarray | None,
+                     class_names: Mapping[int, str] | None = None, source: str | None = None) -> dict[int, int]:
+    """Check that every class id is known and every classified instance exists; return a plain dict."""
+    out = {int(k): int(v) for k, v in classes.items()}
+    if class_names:
+        unknown = sorted({v for v in out.values() if v not in class_names})
+        if unknown:
+            raise InputError(source, f"unknown class id(s) {unknown}; known: {sorted(class_names)}")
+    bad = sorted(v for v in out.values() if v < 0)
+    if bad:
+        raise InputError(source, f"negative class id(s) {bad}")
+    if instances is not None:
+        present = set(np.unique(instances).tolist()) - {0}
+        missing = sorted(set(out) - present)
+        if missing:
+            raise InputError(source, f"class rows name instance id(s) absent from the instance map: {missing[:10]}")
+    return out
+
+
+def type_map(instances: np.ndarray, classes: Mapping[int, int]) -> np.ndarray:
+    """Paint each instance with its class id (vectorised lookup table, no per-instance loop)."""
+    n = int(instances.max()) if instances.size else 0
+    lut = np.zeros(n + 1, dtype=np.int32)
+    for k, v in classes.items():
+        if 0 < k <= n:
+            lut[k] = v
+    return lut[instances]
