@@ -1,1 +1,7 @@
-"""karyo.models"""
+"""Models: each a config dataclass + weights, rebuilt from its folder; pretrained names in registry.yaml."""
+
+from karyo.models import classical  # noqa: F401  (registers the architecture)
+from karyo.models.base import ARCHITECTURES, InstanceModel, load_model_dir
+from karyo.models.registry import available, load
+
+__all__ = ["ARCHITECTURES", "InstanceModel", "available", "load", "load_model_dir"]

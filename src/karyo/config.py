@@ -1,0 +1,84 @@
+"""Config dataclasses ↔ JSON. A model folder's config.json fully rebuilds the model (StarDist's Config/Model split)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from karyo.errors import InputError
+
+T = TypeVar("T")
+
+
+def to_dict(config: Any) -> dict:
+    """Dataclass → plain JSON-ready dict (tuples become lists, nested dataclasses dicts)."""
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"{type(config).__name__} is not a dataclass")
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type[T], data: dict, source: str | os.PathLike | None = None) -> T:
+    """Rebuild ``cls`` from :func:`to_dict` output; unknown keys are an error (they signal a version skew)."""
+    if not isinstance(data, dict):
+        raise InputError(source, f"{cls.__name__} config must be a JSON object")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(source, f"unknown {cls.__name__} field(s) {unknown}")
+    kwargs = {name: _convert(hints[name], value, source) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, source) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, source)
+            except (TypeError, ValueError):
+                continue
+        return value
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value, source)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, source) for v in value)
+        if args:
+            return tuple(_convert(a, v, source) for a, v in zip(args, value, strict=False))
+        return tuple(value)
+    if origin is dict and args:
+        return {_convert(args[0], k, source): _convert(args[1], v, source) for k, v in value.items()}
+    if origin is list and args:
+        return [_convert(args[0], v, source) for v in value]
+    if hint is int and isinstance(value, str):
+        return int(value)
+    if hint is float and isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+def save_json(path: str | os.PathLike, data: dict) -> Path:
+    from karyo.data.io import write_text
+
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"invalid JSON ({exc})") from None

@@ -1,0 +1,65 @@
+"""Write a segmentation result to disk in karyo's output layout (the shared dataset layout, so that
+``karyo evaluate --pred OUT`` reads it back):
+
+    OUT/instances/<stem>.png     16-bit instance map (TIFF when ids exceed 65535)
+    OUT/classes/<stem>.csv       instance_id,class_id,class_name,score   (when the model classifies)
+    OUT/classes.json             {class_id: name}
+    OUT/overlays/<stem>.png      outlines coloured by class
+    OUT/geojson/<stem>.geojson   QuPath detections with classification and measurements
+
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from karyo.data.io import write_image, write_instances, write_text
+from karyo.export.geojson import nucleus_features, write_geojson
+from karyo.export.overlay import draw_overlay
+from karyo.infer.result import SegmentationResult
+
+ALL_OUTPUTS = ("instances", "classes", "overlay", "geojson")
+
+
+def write_class_csv(path: str | os.PathLike, result: SegmentationResult) -> Path:
+    table = result.table()[["instance_id", "class_id", "class_name", "score"]]
+    buf = io.StringIO()
+    table.to_csv(buf, index=False, float_format="%.6g")
+    return write_text(path, buf.getvalue())
+
+
+def save_result(result: SegmentationResult, out_dir: str | os.PathLike, image: np.ndarray | None = None, *,
+                stem: str | None = None, outputs: Iterable[str] = ALL_OUTPUTS, measurements=None,
+                properties=None) -> dict[str, Path]:
+    """Write the requested outputs of one image; returns {output kind: path}."""
+    out = Path(out_dir)
+    stem = stem or result.name or "image"
+    outputs = set(outputs)
+    unknown = outputs - set(ALL_OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown output kind(s) {sorted(unknown)}; choose from {ALL_OUTPUTS}")
+    written: dict[str, Path] = {}
+    if "instances" in outputs:
+        suffix = ".png" if result.instances.max(initial=0) <= 65535 else ".tif"
+        written["instances"] = write_instances(out / "instances" / f"{stem}{suffix}", result.instances)
+    if "classes" in outputs and result.classes:
+        written["classes"] = write_class_csv(out / "classes" / f"{stem}.csv", result)
+        if result.class_names:
+            names = {str(k): v for k, v in sorted(result.class_names.items())}
+            written["class_names"] = write_text(out / "classes.json", json.dumps(names, indent=1) + "\n")
+    if "overlay" in outputs and image is not None:
+        overlay = draw_overlay(image, result.instances, result.classes, result.class_names)
+        written["overlay"] = write_image(out / "overlays" / f"{stem}.png", overlay)
+    if "geojson" in outputs:
+        features = nucleus_features(result.instances, classes=result.classes, class_names=result.class_names,
+                                    scores=result.scores, measurements=measurements, properties=properties,
+                                    image_name=stem)
+        written["geojson"] = write_geojson(out / "geojson" / f"{stem}.geojson", features)
+    return written

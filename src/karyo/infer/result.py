@@ -1,0 +1,66 @@
+"""What every instance model returns: one instance map plus per-instance class and score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+from karyo.data.sample import Sample
+
+
+@dataclass
+class SegmentationResult:
+    """Nuclei found in one image.
+
+    ``instances`` is H×W int32 (0 = background, ids 1..N); ``classes`` and ``scores`` map instance id to
+    the predicted class id and the model's confidence in [0, 1]; ``class_names`` maps class id to name.
+    """
+
+    instances: np.ndarray
+    classes: dict[int, int] = field(default_factory=dict)
+    scores: dict[int, float] = field(default_factory=dict)
+    class_names: dict[int, str] | None = None
+    name: str = ""
+    model: str = ""
+
+    @property
+    def n_nuclei(self) -> int:
+        return len(np.unique(self.instances)) - int((self.instances == 0).any())
+
+    def table(self) -> pd.DataFrame:
+        """One row per nucleus: id, centroid (x, y), area, bounding box, class and score."""
+        ids = np.unique(self.instances)
+        ids = ids[ids > 0]
+        if ids.size == 0:
+            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in _TABLE_COLUMNS.items()})
+        area = ndi.sum_labels(np.ones_like(self.instances), self.instances, ids)
+        cy, cx = (np.asarray(c) for c in zip(*ndi.center_of_mass(np.ones_like(self.instances),
+                                                                  self.instances, ids), strict=True))
+        slices = ndi.find_objects(self.instances)
+        boxes = np.array([[slices[i - 1][1].start, slices[i - 1][0].start, slices[i - 1][1].stop,
+                           slices[i - 1][0].stop] for i in ids])
+        names = self.class_names or {}
+        cls = [self.classes.get(int(i), 0) for i in ids]
+        return pd.DataFrame({
+            "instance_id": ids.astype(np.int64),
+            "centroid_x": cx, "centroid_y": cy,
+            "area": area.astype(np.int64),
+            "bbox_x0": boxes[:, 0], "bbox_y0": boxes[:, 1], "bbox_x1": boxes[:, 2], "bbox_y1": boxes[:, 3],
+            "class_id": np.asarray(cls, dtype=np.int64),
+            "class_name": [names.get(c, "") if c else "" for c in cls],
+            "score": np.asarray([self.scores.get(int(i), np.nan) for i in ids], dtype=np.float64),
+        })
+
+    def to_sample(self, image: np.ndarray | None = None) -> Sample:
+        """The result as a :class:`Sample` (e.g. to evaluate it against ground truth)."""
+        img = image if image is not None else np.zeros((*self.instances.shape, 1), np.uint8)
+        return Sample(image=img, instances=self.instances, classes=dict(self.classes) or None, name=self.name,
+                      class_names=self.class_names)
+
+
+_TABLE_COLUMNS = {"instance_id": "int64", "centroid_x": "float64", "centroid_y": "float64", "area": "int64",
+                  "bbox_x0": "int64", "bbox_y0": "int64", "bbox_x1": "int64", "bbox_y1": "int64",
+                  "class_id": "int64", "class_name": "object", "score": "float64"}

@@ -1,0 +1,76 @@
+"""The model object every karyo model is: a config dataclass + (optional) weights, one ``segment`` call.
+
+A model is a folder: ``config.json`` (``{"arch": ..., "config": {...}}``), weights beside it and a model card.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from karyo import config as config_io
+from karyo.errors import InputError
+from karyo.infer.result import SegmentationResult
+
+ARCHITECTURES: dict[str, type[InstanceModel]] = {}
+
+
+def register(cls: type[InstanceModel]) -> type[InstanceModel]:
+    """Class decorator: make an architecture loadable by the name in its config.json."""
+    ARCHITECTURES[cls.arch] = cls
+    return cls
+
+
+class InstanceModel(ABC):
+    """A nucleus instance segmentation (and classification) model."""
+
+    arch: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any | None = None):
+        self.config = config if config is not None else self.config_class()
+
+    @property
+    def class_names(self) -> dict[int, str] | None:
+        names = getattr(self.config, "class_names", None)
+        return {int(k): v for k, v in names.items()} if names else None
+
+    @abstractmethod
+    def segment(self, image: np.ndarray, *, points: Sequence[tuple[float, float]] | None = None,
+                negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,
+                name: str = "") -> SegmentationResult:
+        """Find, outline and classify the nuclei of one H×W×C image."""
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` (and weights, for learned models) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config_io.save_json(directory / "config.json",
+                            {"arch": self.arch, "config": config_io.to_dict(self.config)})
+        self._save_weights(directory)
+        return directory
+
+    def _save_weights(self, directory: Path) -> None:  # noqa: B027  (config-only models have no weights)
+        """Learned models write their weights here."""
+
+    @classmethod
+    def _from_config(cls, config: Any, directory: Path | None, device: str = "cpu") -> InstanceModel:
+        return cls(config)
+
+
+def load_model_dir(directory: str | os.PathLike, device: str = "cpu") -> InstanceModel:
+    """Rebuild a model from its folder (config.json names the architecture)."""
+    directory = Path(directory)
+    data = config_io.load_json(directory / "config.json")
+    arch = data.get("arch")
+    if arch not in ARCHITECTURES:
+        raise InputError(directory / "config.json",
+                         f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    cls = ARCHITECTURES[arch]
+    cfg = config_io.from_dict(cls.config_class, data.get("config", {}), directory / "config.json")
+    return cls._from_config(cfg, directory, device=device)

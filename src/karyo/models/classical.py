@@ -1,0 +1,124 @@
+"""The classical baseline: hematoxylin (colour deconvolution) → threshold → distance-transform watershed.
+
+No learning. It is the reference point every learned karyo model must beat, and a fallback that runs
+anywhere. Parameters are in pixels at the config's ``mpp`` and rescaled to the image's pixel size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage import filters, morphology, segmentation
+from skimage.color import rgb2hed
+from skimage.feature import peak_local_max
+
+from karyo.data.io import to_uint8
+from karyo.data.sample import as_hwc
+from karyo.infer.postprocess import remove_small_instances
+from karyo.infer.result import SegmentationResult
+from karyo.models.base import InstanceModel, register
+
+
+@dataclass
+class ClassicalConfig:
+    """Tuned on CoNSeP *train* patches (see benchmarks/classical_baseline.py)."""
+
+    mpp: float = 0.25  # pixel size the pixel parameters below refer to
+    signal: str = "auto"  # "auto": hematoxylin for RGB, the single channel otherwise; "hematoxylin", "intensity"
+    bright_nuclei: bool | None = None  # None: True for 1-channel (fluorescence), False for RGB (brightfield)
+    smooth_sigma: float = 1.0
+    threshold_scale: float = 1.1  # multiplies the Otsu threshold
+    min_area: int = 30
+    max_hole: int = 64
+    opening_radius: int = 2
+    marker_min_distance: int = 8
+    marker_footprint: int = 0  # 0: square of side 2*min_distance+1
+    distance_smooth: float = 1.0
+    compactness: float = 0.0
+
+
+@register
+class ClassicalModel(InstanceModel):
+    arch = "classical"
+    config_class = ClassicalConfig
+
+    def signal(self, image: np.ndarray) -> np.ndarray:
+        """The scalar image in which nuclei are bright: hematoxylin optical density for RGB."""
+        cfg = self.config
+        image = as_hwc(image)
+        kind = cfg.signal
+        if kind == "auto":
+            kind = "hematoxylin" if image.shape[2] == 3 else "intensity"
+        if kind == "hematoxylin":
+            if image.shape[2] != 3:
+                raise ValueError(f"hematoxylin signal needs an RGB image, got {image.shape[2]} channels")
+            sig = rgb2hed(to_uint8(image))[..., 0]
+            bright = True if cfg.bright_nuclei is None else cfg.bright_nuclei
+        else:
+            sig = to_uint8(image).astype(np.float32).mean(axis=2) / 255.0
+            bright = (image.shape[2] == 1) if cfg.bright_nuclei is None else cfg.bright_nuclei
+        return sig if bright else -sig
+
+    def segment(self, image: np.ndarray, *, points: Sequence[tuple[float, float]] | None = None,
+                negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,
+                name: str = "") -> SegmentationResult:
+        cfg = self.config
+        scale = 1.0 if mpp is None else cfg.mpp / mpp  # > 1 when the image is more magnified
+        sig = self.signal(image)
+        if cfg.smooth_sigma > 0:
+            sig = filters.gaussian(sig, cfg.smooth_sigma * scale)
+        span = float(np.ptp(sig))
+        if span < 1e-6:  # a flat (e.g. empty or white) image holds no nuclei
+            return SegmentationResult(np.zeros(sig.shape, np.int32), name=name, model=self.arch)
+        sig = (sig - sig.min()) / span
+        fg = sig > filters.threshold_otsu(sig) * cfg.threshold_scale
+        min_area = max(1, round(cfg.min_area * scale * scale))
+        if cfg.opening_radius > 0:
+            fg = ndi.binary_opening(fg, morphology.disk(max(1, round(cfg.opening_radius * scale))))
+        fg = morphology.remove_small_holes(fg, max_size=max(0, round(cfg.max_hole * scale * scale) - 1))
+        fg = morphology.remove_small_objects(fg, max_size=min_area - 1)
+        dist = ndi.distance_transform_edt(fg)
+        if cfg.distance_smooth > 0:
+            dist = filters.gaussian(dist, cfg.distance_smooth * scale)
+        if points is not None or negative is not None:
+            return self._segment_at_points(fg, dist, points or [], negative or [], min_area, name)
+        md = max(1, round(cfg.marker_min_distance * scale))
+        comps, _ = ndi.label(fg)
+        fp = np.ones((2 * md + 1,) * 2, bool) if cfg.marker_footprint <= 0 else \
+            morphology.disk(max(1, round(cfg.marker_footprint * scale)))
+        peaks = peak_local_max(dist, min_distance=md, footprint=fp, labels=comps, exclude_border=False)
+        markers = np.zeros(fg.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+        labels = segmentation.watershed(-dist, markers, mask=fg, compactness=cfg.compactness)
+        # A component whose distance map has no peak (a thin plateau) still becomes one nucleus.
+        rest, _ = ndi.label(fg & (labels == 0))
+        labels = np.where(rest > 0, rest + labels.max(), labels)
+        labels = remove_small_instances(labels, min_area)
+        return SegmentationResult(labels, name=name, model=self.arch)
+
+    def _segment_at_points(self, fg: np.ndarray, dist: np.ndarray, points, negative, min_area: int,
+                           name: str) -> SegmentationResult:
+        """Interactive mode: each positive (x, y) point seeds one nucleus, negative points claim the
+        foreground they flood so it is not given to a nucleus; nothing else is segmented."""
+        h, w = fg.shape
+        markers = np.zeros(fg.shape, np.int32)
+        pos = _pixel_points(points, h, w)
+        neg = _pixel_points(negative, h, w)
+        markers[pos[:, 1], pos[:, 0]] = np.arange(1, len(pos) + 1, dtype=np.int32)
+        markers[neg[:, 1], neg[:, 0]] = len(pos) + 1
+        # A point off the foreground still gets its own small region: grow the mask around it.
+        mask = fg | ndi.binary_dilation(markers > 0, iterations=2)
+        labels = segmentation.watershed(-dist, markers, mask=mask)
+        labels[labels == len(pos) + 1] = 0
+        return SegmentationResult(remove_small_instances(labels, min(min_area, 4)), name=name, model=self.arch)
+
+
+def _pixel_points(points, h: int, w: int) -> np.ndarray:
+    arr = np.asarray(list(points), dtype=np.float64).reshape(-1, 2)
+    if arr.size and (np.any(arr[:, 0] < 0) or np.any(arr[:, 1] < 0) or np.any(arr[:, 0] >= w)
+                     or np.any(arr[:, 1] >= h)):
+        raise ValueError(f"points must lie inside the {w}×{h} image (x, y in pixels)")
+    return np.floor(arr).astype(np.int64)

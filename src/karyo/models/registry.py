@@ -1,0 +1,65 @@
+"""Pretrained names → models, from ``registry.yaml`` (one audited place for what karyo ships)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from karyo.errors import InputError
+from karyo.models.base import ARCHITECTURES, InstanceModel, load_model_dir
+
+
+def _registry() -> dict:
+    text = resources.files("karyo.models").joinpath("registry.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)["models"]
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`load`."""
+    return sorted(_registry())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve(name: str) -> dict:
+    """The registry entry of ``name`` after following aliases."""
+    registry = _registry()
+    seen = []
+    while name in registry and "alias" in registry[name]:
+        seen.append(name)
+        name = registry[name]["alias"]
+        if name in seen:
+            raise RuntimeError(f"alias loop in registry.yaml: {seen}")
+    if name not in registry:
+        raise InputError(None, f"unknown model {name!r}; available: {', '.join(available())} "
+                               f"(or give a model folder)")
+    return {"name": name, **registry[name]}
+
+
+def load(name_or_path: str | os.PathLike = "default", device: str = "cpu") -> InstanceModel:
+    """Load a shipped model by name (``"default"``, ``"classical"``, ...) or any model folder."""
+    import karyo.models  # noqa: F401  (registers the architectures)
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        return load_model_dir(path, device=device)
+    entry = resolve(str(name_or_path))
+    if "folder" in entry:
+        folder = Path(str(resources.files("karyo.models").joinpath(entry["folder"])))
+        if entry.get("sha256"):
+            weights = folder / entry.get("weights", "weights.pt")
+            if _sha256(weights) != entry["sha256"]:
+                raise InputError(weights, "checksum mismatch with registry.yaml; the shipped weights are damaged")
+        return load_model_dir(folder, device=device)
+    arch = entry["arch"]
+    return ARCHITECTURES[arch]()

@@ -1,0 +1,57 @@
+import json
+
+import numpy as np
+import pandas as pd
+
+from karyo.data.io import read_image, read_instances
+from karyo.export.overlay import draw_overlay
+from karyo.export.writers import save_result
+from karyo.infer.result import SegmentationResult
+
+
+def _result():
+    inst = np.zeros((32, 32), np.int32)
+    inst[4:12, 4:12] = 1
+    inst[16:28, 16:28] = 2
+    return SegmentationResult(inst, classes={1: 1, 2: 2}, scores={1: 0.5, 2: 0.75},
+                              class_names={1: "neoplastic", 2: "inflammatory"}, name="t")
+
+
+def test_overlay_colours_boundaries_by_class():
+    img = np.full((32, 32, 3), 128, np.uint8)
+    ov = draw_overlay(img, _result().instances, {1: 1, 2: 2}, {1: "neoplastic", 2: "inflammatory"})
+    assert tuple(ov[4, 4]) == (255, 0, 0)  # boundary of nucleus 1
+    assert tuple(ov[16, 20]) == (0, 200, 0)  # boundary of nucleus 2
+    assert tuple(ov[8, 8]) == (128, 128, 128)  # inside untouched
+    assert tuple(ov[0, 0]) == (128, 128, 128)
+
+
+def test_overlay_of_grayscale_16bit():
+    img = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32, 1) * 60)
+    ov = draw_overlay(img, _result().instances)
+    assert ov.shape == (32, 32, 3) and ov.dtype == np.uint8
+    assert tuple(ov[4, 4]) == (255, 255, 0)
+
+
+def test_save_result_layout_round_trip(tmp_path):
+    res = _result()
+    img = np.zeros((32, 32, 3), np.uint8)
+    written = save_result(res, tmp_path, img)
+    assert set(written) == {"instances", "classes", "class_names", "overlay", "geojson"}
+    np.testing.assert_array_equal(read_instances(written["instances"]), res.instances)
+    table = pd.read_csv(written["classes"])
+    assert list(table.columns) == ["instance_id", "class_id", "class_name", "score"]
+    assert table.class_id.tolist() == [1, 2] and table.score.tolist() == [0.5, 0.75]
+    assert json.loads(written["class_names"].read_text()) == {"1": "neoplastic", "2": "inflammatory"}
+    assert read_image(written["overlay"]).shape == (32, 32, 3)
+    assert len(json.loads(written["geojson"].read_text())["features"]) == 2
+
+
+def test_table_values():
+    t = _result().table()
+    assert t.instance_id.tolist() == [1, 2]
+    assert t.area.tolist() == [64, 144]
+    np.testing.assert_allclose(t.centroid_x, [7.5, 21.5])
+    assert t[["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]].iloc[1].tolist() == [16, 16, 28, 28]
+    empty = SegmentationResult(np.zeros((4, 4), np.int32)).table()
+    assert len(empty) == 0 and "centroid_x" in empty.columns
