@@ -108,8 +108,8 @@ def segment(
     mpp: Annotated[float | None, typer.Option(help="Microns per pixel of the images (rescaled to the "
                                                    "model's resolution).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "cpu",
-    outputs: Annotated[str, typer.Option(help="Comma-separated: instances,classes,overlay,geojson.")
-                       ] = "instances,classes,overlay,geojson",
+    outputs: Annotated[str, typer.Option(help="Comma-separated: instances,classes,table,overlay,geojson.")
+                       ] = "instances,classes,table,overlay,geojson",
 ) -> None:
     """Find, outline and classify the nuclei of each image; write instance maps, class tables, overlays
     and QuPath GeoJSON into OUT."""
@@ -155,3 +155,135 @@ def list_models() -> None:
         entry = resolve(name)
         alias = f" → {entry['name']}" if entry["name"] != name else ""
         typer.echo(f"{name}{alias}: {entry.get('description', '')}")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    true: Annotated[Path, typer.Option("--true", help="Ground-truth dataset (karyo layout, PanNuke, CoNSeP, "
+                                                      "MoNuSeg, COCO, GeoJSON).")],
+    pred: Annotated[Path, typer.Option("--pred", help="Predictions in karyo's output layout (karyo segment --out).")],
+    split: Annotated[str | None, typer.Option(help="Evaluate only this split of the ground truth.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report JSON (default: PRED/evaluation.json); the per-image "
+                                                  "table goes beside it as .csv.")] = None,
+    missing: Annotated[str, typer.Option(help="error | empty: what to do with images that have no prediction.")
+                       ] = "error",
+) -> None:
+    """Score predictions against ground truth: PQ/DQ/SQ, AJI, AJI+, Dice, F1 at IoU thresholds, F1d/F1c,
+    PanNuke mPQ/bPQ and CoNIC PQ+, per image, class and tissue."""
+    import json
+
+    from rich.table import Table
+
+    from karyo.data.io import write_text
+    from karyo.errors import InputError
+    from karyo.metrics.folders import evaluate_folders
+
+    if missing not in ("error", "empty"):
+        raise InputError(None, f"--missing must be 'error' or 'empty', got {missing!r}")
+    report = evaluate_folders(true, pred, split=split, missing=missing)
+    out = out or pred / "evaluation.json"
+    write_text(out, json.dumps(report.to_dict(), indent=1) + "\n")
+    write_text(out.with_suffix(".csv"), report.per_image.to_csv(index=False, float_format="%.6g"))
+    table = Table(title=f"{report.n_images} images: {pred} vs {true}")
+    for col in ("group", "metric", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for row in report.summary_table():
+        table.add_row(*row)
+    Console().print(table)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"report → {out}", highlight=False)
+
+
+@app.command("attributes")
+@friendly_errors
+def attributes_cmd(
+    path: Annotated[Path, typer.Argument(help="An image, or a dataset folder in karyo's layout.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    instances: Annotated[Path | None, typer.Option(help="Instance map of IMAGE (16-bit PNG, TIFF or .npy).")
+                         ] = None,
+    classes: Annotated[Path | None, typer.Option(help="instance_id,class_id CSV of IMAGE.")] = None,
+    split: Annotated[str | None, typer.Option(help="Dataset: measure only this split.")] = None,
+    levels: Annotated[Path | None, typer.Option(help="Fitted level model (levels.json) to reuse; default: fit "
+                                                     "on the dataset's train split (or on what is measured).")
+                      ] = None,
+    prompt_attributes: Annotated[str, typer.Option(help="Comma-separated attributes of the prompts (paper "
+                                                        "names or columns).")
+                                 ] = "d_eq,eccentricity,color_z,perim_ratio",
+    level_mode: Annotated[str, typer.Option(help="global | per_class quantile levels.")] = "global",
+    jobs: Annotated[int, typer.Option(help="Worker processes (datasets).")] = 1,
+    geojson: Annotated[bool, typer.Option(help="Write QuPath GeoJSON with the measurements.")] = True,
+) -> None:
+    """Measure every nucleus (IVAAN B.1 attributes + standard morphology and intensities) and describe it in
+    a sentence; write the table (Parquet + CSV), QuPath GeoJSON and the fitted level model into OUT."""
+    from karyo.attributes.pipeline import attributes_for_dataset, attributes_for_image
+    from karyo.errors import InputError
+
+    attrs = [a.strip() for a in prompt_attributes.split(",") if a.strip()]
+    if level_mode not in ("global", "per_class"):
+        raise InputError(None, f"--level-mode must be 'global' or 'per_class', got {level_mode!r}")
+    if path.is_dir():
+        if instances is not None or classes is not None:
+            raise InputError(path, "--instances/--classes apply to a single image, not a dataset folder")
+        run = attributes_for_dataset(path, out, split=split, levels=levels, prompt_attributes=attrs,
+                                     level_mode=level_mode, n_jobs=jobs, geojson=geojson)
+        where = f"{run.table['Identifier.Image'].nunique()} image(s)"
+    else:
+        if instances is None:
+            raise InputError(path, "an image needs --instances (its instance map)")
+        run = attributes_for_image(path, instances, out, classes_path=classes, levels=levels,
+                                   prompt_attributes=attrs, level_mode=level_mode, geojson=geojson)
+        where = "1 image"
+    valid = int(run.table["Flag.Valid"].sum()) if len(run.table) else 0
+    console.print(f"{run.n_nuclei} nuclei in {where} ({valid} not truncated and ≥ 10 px) → {out}/",
+                  highlight=False)
+
+
+@app.command("select-attributes")
+@friendly_errors
+def select_attributes_cmd(
+    dataset: Annotated[Path, typer.Argument(help="Labelled dataset folder in karyo's layout.")],
+    split: Annotated[str | None, typer.Option(help="Use only this split (e.g. train).")] = None,
+    k: Annotated[int, typer.Option(help="Number of attributes to select.")] = 4,
+    lam: Annotated[float, typer.Option("--lambda", help="Redundancy penalty λ.")] = 0.4,
+    alpha: Annotated[float, typer.Option(help="Weight α of S_global in S_overall.")] = 0.5,
+    attributes: Annotated[str | None, typer.Option(help="Comma-separated candidates (default: the 11 B.1 "
+                                                        "attributes).")] = None,
+    jobs: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    out: Annotated[Path | None, typer.Option(help="Also write the score table to this CSV.")] = None,
+) -> None:
+    """Rank attributes by class separability (Cohen's d) with a redundancy penalty and pick K (IVAAN B.2)."""
+    from rich.table import Table
+
+    from karyo.attributes.names import B1_ATTRIBUTES
+    from karyo.attributes.pipeline import select_for_dataset
+    from karyo.data.io import write_text
+
+    cands = [a.strip() for a in attributes.split(",") if a.strip()] if attributes else list(B1_ATTRIBUTES)
+    try:
+        result, _ = select_for_dataset(dataset, split=split, n_jobs=jobs, attributes=cands, k=k, alpha=alpha,
+                                       lam=lam)
+    except (KeyError, ValueError) as exc:
+        from karyo.errors import InputError
+
+        raise InputError(dataset, str(exc)) from None
+    scores = result.table
+    table = Table(title=f"{dataset}: {result.params['n_nuclei']} nuclei ("
+                        + ", ".join(f"{c} {n}" for c, n in result.class_counts.items()) + ")")
+    table.add_column("attribute")
+    table.add_column("column")
+    for col in scores.columns[1:]:
+        table.add_column(col.replace("_at_selection", "").replace("selected", "pick"), justify="right")
+    for name, row in scores.iterrows():
+        cells = [row["paper_name"], name]
+        for col, v in row.iloc[1:].items():
+            cells.append("" if v != v else (f"{int(v)}" if col == "selected" else f"{v:.3f}"))
+        table.add_row(*cells)
+    shown = Console() if sys.stdout.isatty() else Console(width=220)
+    shown.print(table)
+    shown.print(f"selected (k={result.params['k']}, α={alpha}, λ={lam}): "
+                + ", ".join(f"{p} ({c})" for c, p in zip(result.selected, result.selected_paper_names,
+                                                         strict=True)), highlight=False)
+    if out is not None:
+        write_text(out, scores.to_csv(float_format="%.6g"))

@@ -37,11 +37,14 @@ def test_save_result_layout_round_trip(tmp_path):
     res = _result()
     img = np.zeros((32, 32, 3), np.uint8)
     written = save_result(res, tmp_path, img)
-    assert set(written) == {"instances", "classes", "class_names", "overlay", "geojson"}
+    assert set(written) == {"instances", "classes", "class_names", "table", "overlay", "geojson"}
     np.testing.assert_array_equal(read_instances(written["instances"]), res.instances)
-    table = pd.read_csv(written["classes"])
-    assert list(table.columns) == ["instance_id", "class_id", "class_name", "score"]
-    assert table.class_id.tolist() == [1, 2] and table.score.tolist() == [0.5, 0.75]
+    classes = pd.read_csv(written["classes"])
+    assert list(classes.columns) == ["instance_id", "class_id"]
+    assert classes.class_id.tolist() == [1, 2]
+    table = pd.read_csv(written["table"])
+    assert table.class_name.tolist() == ["neoplastic", "inflammatory"]
+    assert table.score.tolist() == [0.5, 0.75]
     assert json.loads(written["class_names"].read_text()) == {"1": "neoplastic", "2": "inflammatory"}
     assert read_image(written["overlay"]).shape == (32, 32, 3)
     assert len(json.loads(written["geojson"].read_text())["features"]) == 2

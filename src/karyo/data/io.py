@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -58,11 +59,12 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path, expected: str = "an image file") -> None:
+    """Refuse a missing path, a folder or a 0-byte file with one clear :class:`InputError`."""
     if not path.exists():
         raise InputError(path, "file not found")
     if path.is_dir():
-        raise InputError(path, "is a folder, expected an image file")
+        raise InputError(path, f"is a folder, expected {expected}")
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty (0 bytes)")
 
@@ -89,7 +91,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | 
 
 
 def _to_yxc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
-    """Reorder a tifffile array to Y×X×C; singleton T/Z/Q axes are dropped, others refused."""
+    """Reorder a tifffile array to Y×X×C; singleton T/Z/Q axes are dropped, a lone page/generic axis (I, Q) is
+    taken as channels, other extra axes (Z, T, ...) are refused."""
     axes = axes.upper()
     for ax in list(axes):
         if ax not in "YXCS" and arr.shape[axes.index(ax)] == 1:
@@ -97,6 +100,10 @@ def _to_yxc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
             arr = arr.take(0, axis=i)
             axes = axes[:i] + axes[i + 1:]
     extra = [ax for ax in axes if ax not in "YXCS"]
+    if len(extra) == 1 and extra[0] in "IQ" and not any(ax in "CS" for ax in axes):
+        # A plain stack of 2-D pages (how multiplex images are often saved) or an untagged C×Y×X array:
+        # the only candidate for channels is that generic axis.
+        axes, extra = axes.replace(extra[0], "C"), []
     if extra:
         raise InputError(path, f"TIFF has axes {axes!r}; only 2-D images with channels are supported "
                                f"(select a plane first)")
@@ -120,8 +127,10 @@ def _ome_channels_and_mpp(xml: str) -> tuple[tuple[str, ...] | None, float | Non
     pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
     if pixels is None:
         return None, None
-    names = tuple(ch.get("Name") or ch.get("ID") or f"C{i}"
-                  for i, ch in enumerate(el for el in pixels if el.tag.endswith("Channel")))
+    channels = [el for el in pixels if el.tag.endswith("Channel")]
+    # Writers fill only the ID ("Channel:0:0") when they know no names; such IDs are not names.
+    names = (tuple(ch.get("Name") or f"C{i}" for i, ch in enumerate(channels))
+             if any(ch.get("Name") for ch in channels) else None)
     mpp = None
     size = pixels.get("PhysicalSizeX")
     unit = pixels.get("PhysicalSizeXUnit", "µm")
@@ -132,21 +141,49 @@ def _ome_channels_and_mpp(xml: str) -> tuple[tuple[str, ...] | None, float | Non
     return (names or None), mpp
 
 
-def read_image_meta(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """Read an image and what its file says about it: ``{"channel_names": ..., "mpp": ...}``."""
-    path = Path(path)
-    _check_file(path)
+def _read_pixels(path: Path) -> tuple[np.ndarray, dict]:
+    """Decode a file to an array in its stored dtype (no conversion), with its channel names and mpp."""
+    check_file(path)
     meta: dict = {"channel_names": None, "mpp": None}
     if path.suffix.lower() in TIFF_SUFFIXES:
         arr, meta["channel_names"], meta["mpp"] = _read_tiff(path)
-    else:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                arr = _pil_to_array(im, path)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise InputError(path, f"cannot decode image ({exc}); the file is corrupt, truncated or not an image"
-                             ) from None
+        return arr, meta
+    if path.suffix.lower() == ".png" and _png_is_16bit_color(path):
+        return _read_png16(path), meta
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = _pil_to_array(im, path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(path, f"cannot decode image ({exc}); the file is corrupt, truncated or not an image"
+                         ) from None
+    return arr, meta
+
+
+def _png_is_16bit_color(path: Path) -> bool:
+    """Pillow silently truncates 16-bit RGB(A)/LA PNGs to 8 bits; these go through imagecodecs instead."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 4, 6)
+
+
+def _read_png16(path: Path) -> np.ndarray:
+    import imagecodecs
+
+    try:
+        arr = imagecodecs.png_decode(path.read_bytes())
+    except Exception as exc:  # imagecodecs raises its own PngError (a RuntimeError) and others
+        raise InputError(path, f"cannot decode image ({exc}); the file is corrupt, truncated or not an image"
+                         ) from None
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):  # gray+alpha or RGBA
+        return _flatten_alpha(arr[..., :-1], arr[..., -1], path)
+    return arr
+
+
+def read_image_meta(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read an image and what its file says about it: ``{"channel_names": ..., "mpp": ...}``."""
+    path = Path(path)
+    arr, meta = _read_pixels(path)
     arr = as_hwc(arr, str(path))
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
@@ -188,12 +225,22 @@ def _pil_to_array(im: Image.Image, path: Path) -> np.ndarray:
 
 def _flatten_alpha(color: np.ndarray, alpha: np.ndarray, path: Path) -> np.ndarray:
     """Composite over white: in brightfield, a transparent pixel is empty glass."""
-    if np.all(alpha == 255):
+    full = float(np.iinfo(alpha.dtype).max)
+    if np.all(alpha == full):
         return color
-    a = alpha.astype(np.float32)[..., None] / 255.0
-    out = color.astype(np.float32) * a + 255.0 * (1.0 - a)
-    warnings.warn(f"{path}: alpha channel composited over white", stacklevel=3)
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    a = alpha.astype(np.float32)[..., None] / full
+    out = color.astype(np.float32) * a + full * (1.0 - a)
+    warnings.warn(f"{path}: alpha channel composited over white", stacklevel=_caller_stacklevel())
+    return np.clip(np.round(out), 0, full).astype(color.dtype)
+
+
+def _caller_stacklevel() -> int:
+    """Stack level of the first frame outside ``karyo.data``, so a warning points at the user's call."""
+    here = os.path.dirname(__file__) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _integer_to_supported(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -236,44 +283,75 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return image[..., :3]
 
 
-def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Write an image atomically (PNG/JPEG via Pillow, TIFF via tifffile). Returns the path."""
+def write_image(path: str | os.PathLike, image: np.ndarray, channel_names: tuple[str, ...] | None = None,
+                mpp: float | None = None) -> Path:
+    """Write an image atomically (PNG/JPEG via Pillow, TIFF via tifffile). Returns the path.
+
+    PNG/JPEG/BMP take 1 or 3 channels. TIFF takes any: 1 and 3 (RGB) channels are written interleaved,
+    others (or when ``channel_names``/``mpp`` are given) as planar C×Y×X OME-TIFF, which
+    :func:`read_image_meta` reads back with its channel names and pixel size.
+    """
     path = Path(path)
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise InputError(path, f"image must be H×W or H×W×C, got shape {arr.shape}")
+    n_chan = 1 if arr.ndim == 2 else arr.shape[2]
+    if channel_names is not None and len(channel_names) != n_chan:
+        raise InputError(path, f"{len(channel_names)} channel names for {n_chan} channels")
     suffix = path.suffix.lower()
     with atomic_path(path) as tmp:
         if suffix in TIFF_SUFFIXES:
-            import tifffile
-
-            photometric = "rgb" if arr.ndim == 3 and arr.shape[2] == 3 else "minisblack"
-            tifffile.imwrite(tmp, arr, photometric=photometric, compression="zlib")
+            _write_tiff(tmp, arr, channel_names, mpp)
         else:
             fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}.get(suffix)
             if fmt is None:
                 raise InputError(path, f"unsupported output image format {suffix!r}")
-            if arr.dtype not in (np.uint8, np.uint16) or (arr.dtype == np.uint16 and arr.ndim != 2):
-                raise InputError(path, f"{fmt} holds uint8 images (or 2-D uint16 for PNG), got {arr.dtype} "
-                                       f"with shape {arr.shape}; write a .tif instead")
+            if (arr.dtype not in (np.uint8, np.uint16) or (arr.dtype == np.uint16 and arr.ndim != 2)
+                    or n_chan not in (1, 3)):
+                raise InputError(path, f"{fmt} holds 1- or 3-channel uint8 images (or 2-D uint16 for PNG), "
+                                       f"got {arr.dtype} with shape {arr.shape}; write a .tif instead")
             Image.fromarray(arr).save(tmp, format=fmt)
     return path
 
 
+def _write_tiff(tmp: Path, arr: np.ndarray, channel_names: tuple[str, ...] | None, mpp: float | None) -> None:
+    import tifffile
+
+    if channel_names is None and mpp is None and (arr.ndim == 2 or arr.shape[2] == 3):
+        photometric = "minisblack" if arr.ndim == 2 else "rgb"
+        tifffile.imwrite(tmp, arr, photometric=photometric, compression="zlib")
+        return
+    planar = arr[None] if arr.ndim == 2 else np.moveaxis(arr, 2, 0)
+    metadata: dict = {"axes": "CYX"}
+    if channel_names is not None:
+        metadata["Channel"] = {"Name": list(channel_names)}
+    if mpp is not None:
+        metadata.update(PhysicalSizeX=mpp, PhysicalSizeY=mpp, PhysicalSizeXUnit="µm", PhysicalSizeYUnit="µm")
+    tifffile.imwrite(tmp, np.ascontiguousarray(planar), photometric="minisblack", compression="zlib", ome=True,
+                     metadata=metadata)
+
+
 def read_instances(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Read an instance label map (16-bit PNG, TIFF or .npy) as int32, checked against ``shape``."""
+    """Read an instance label map (16-bit PNG, TIFF or .npy) as int32, checked against ``shape``.
+
+    Pixels are validated in the file's own dtype (no float32 or 16-bit conversion), so a 32-bit TIFF
+    written by :func:`write_instances` reads back, and fractional or negative ids are reported as such.
+    """
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        _check_file(path)
+        check_file(path)
         try:
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise InputError(path, f"cannot read .npy ({exc})") from None
     else:
-        arr = read_image(path)
-        if arr.shape[2] != 1:
-            raise InputError(path, f"instance map must have one channel, got {arr.shape[2]}")
-        arr = arr[..., 0]
+        arr = _read_pixels(path)[0]
+        if arr.ndim == 3:
+            if arr.shape[2] != 1:
+                raise InputError(path, f"instance map must have one channel, got {arr.shape[2]}")
+            arr = arr[..., 0]
     return validate_instances(arr, shape, str(path))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +45,7 @@ class Sample:
 
     @property
     def n_instances(self) -> int:
-        return 0 if self.instances is None else int(len(np.unique(self.instances[self.instances > 0])))
+        return 0 if self.instances is None else len(np.unique(self.instances[self.instances > 0]))
 
     def type_map(self) -> np.ndarray:
         """H×W int32 class map (0 = background or unclassified), built from ``instances`` and ``classes``."""
@@ -118,3 +118,100 @@ def type_map(instances: np.ndarray, classes: Mapping[int, int]) -> np.ndarray:
         if 0 < k <= n:
             lut[k] = v
     return lut[instances]
+
+
+def relabel_sequential(labels: np.ndarray, max_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Renumber the ids present in ``labels`` 1..N in ascending order → (int32 map, lookup old id → new id).
+
+    The lookup has ``max_id + 1`` entries (default: the largest id), 0 for ids absent from ``labels``.
+    """
+    present = np.unique(labels[labels > 0])
+    size = int(max_id if max_id is not None else (present[-1] if present.size else 0)) + 1
+    lut = np.zeros(size, dtype=np.int32)
+    lut[present] = np.arange(1, len(present) + 1, dtype=np.int32)
+    return lut[labels], lut
+
+
+class SampleSequence(Sequence[Sample]):
+    """A lazy sequence of :class:`Sample`: what every dataset reader returns.
+
+    Nothing is decoded until an item is asked for, so opening a dataset of thousands of tiles is cheap.
+    Subclasses set ``_ids`` (one name per item) and ``class_names``, and define ``_load(i)``. Indexing with a
+    slice or a list of indices gives a lazy subset.
+    """
+
+    class_names: dict[int, str] | None = None
+    _ids: list[str]
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def _load(self, i: int) -> Sample:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return SampleSubset(self, range(len(self))[i])
+        if not isinstance(i, int | np.integer):
+            return SampleSubset(self, [self._index(j) for j in i])
+        return self._load(self._index(i))
+
+    def _index(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} samples")
+        return int(i) % n
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self._load(i)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} samples)"
+
+
+class SampleSubset(SampleSequence):
+    """Selected items of another sequence, still lazy."""
+
+    def __init__(self, parent: SampleSequence, indices: Sequence[int]):
+        self.parent = parent
+        self.indices = [int(i) for i in indices]
+        self.class_names = parent.class_names
+
+    @property
+    def ids(self) -> list[str]:
+        ids = self.parent.ids
+        return [ids[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _load(self, i: int) -> Sample:
+        return self.parent._load(self.indices[i])
+
+
+class ConcatSamples(SampleSequence):
+    """Several sequences one after another (e.g. the three PanNuke folds); class names must agree."""
+
+    def __init__(self, parts: Sequence[SampleSequence]):
+        self.parts = list(parts)
+        names = {repr(p.class_names) for p in self.parts if p.class_names}
+        if len(names) > 1:
+            raise ValueError(f"cannot concatenate datasets with different class names: {sorted(names)}")
+        self.class_names = next((p.class_names for p in self.parts if p.class_names), None)
+        self._offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    @property
+    def ids(self) -> list[str]:
+        return [name for p in self.parts for name in p.ids]
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def _load(self, i: int) -> Sample:
+        k = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return self.parts[k]._load(i - int(self._offsets[k]))

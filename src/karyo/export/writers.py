@@ -2,8 +2,9 @@
 ``karyo evaluate --pred OUT`` reads it back):
 
     OUT/instances/<stem>.png     16-bit instance map (TIFF when ids exceed 65535)
-    OUT/classes/<stem>.csv       instance_id,class_id,class_name,score   (when the model classifies)
+    OUT/classes/<stem>.csv       instance_id,class_id   (when the model classifies)
     OUT/classes.json             {class_id: name}
+    OUT/tables/<stem>.csv        one row per nucleus: id, centroid, area, bbox, class id and name, score
     OUT/overlays/<stem>.png      outlines coloured by class
     OUT/geojson/<stem>.geojson   QuPath detections with classification and measurements
 
@@ -25,11 +26,10 @@ from karyo.export.geojson import nucleus_features, write_geojson
 from karyo.export.overlay import draw_overlay
 from karyo.infer.result import SegmentationResult
 
-ALL_OUTPUTS = ("instances", "classes", "overlay", "geojson")
+ALL_OUTPUTS = ("instances", "classes", "table", "overlay", "geojson")
 
 
-def write_class_csv(path: str | os.PathLike, result: SegmentationResult) -> Path:
-    table = result.table()[["instance_id", "class_id", "class_name", "score"]]
+def write_table_csv(path: str | os.PathLike, table) -> Path:
     buf = io.StringIO()
     table.to_csv(buf, index=False, float_format="%.6g")
     return write_text(path, buf.getvalue())
@@ -49,11 +49,14 @@ def save_result(result: SegmentationResult, out_dir: str | os.PathLike, image: n
     if "instances" in outputs:
         suffix = ".png" if result.instances.max(initial=0) <= 65535 else ".tif"
         written["instances"] = write_instances(out / "instances" / f"{stem}{suffix}", result.instances)
+    table = result.table() if {"classes", "table"} & outputs else None
     if "classes" in outputs and result.classes:
-        written["classes"] = write_class_csv(out / "classes" / f"{stem}.csv", result)
+        written["classes"] = write_table_csv(out / "classes" / f"{stem}.csv", table[["instance_id", "class_id"]])
         if result.class_names:
             names = {str(k): v for k, v in sorted(result.class_names.items())}
             written["class_names"] = write_text(out / "classes.json", json.dumps(names, indent=1) + "\n")
+    if "table" in outputs:
+        written["table"] = write_table_csv(out / "tables" / f"{stem}.csv", table)
     if "overlay" in outputs and image is not None:
         overlay = draw_overlay(image, result.instances, result.classes, result.class_names)
         written["overlay"] = write_image(out / "overlays" / f"{stem}.png", overlay)

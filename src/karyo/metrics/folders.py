@@ -1,0 +1,68 @@
+"""Evaluate a folder of predictions against a ground-truth dataset (what ``karyo evaluate`` runs)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from karyo.data.datasets import open_dataset
+from karyo.data.layout import LayoutDataset
+from karyo.data.sample import type_map
+from karyo.errors import InputError
+from karyo.metrics.evaluate import EvaluationReport, ImagePair, evaluate
+
+
+def _labels(dataset, i: int):
+    """Instance map, classes and name of item i, without decoding the image where the format allows."""
+    if isinstance(dataset, LayoutDataset):
+        inst, classes = dataset.labels(i)
+        return inst, classes, dataset.ids[i], dataset.tissue_of(dataset.ids[i])
+    sample = dataset[i]
+    return sample.instances, sample.classes, sample.name, sample.tissue
+
+
+def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split: str | None = None,
+                     true_format: str = "auto", missing: str = "error") -> EvaluationReport:
+    """Pair every ground-truth image with ``PRED/instances/<id>.*`` (+ ``PRED/classes/<id>.csv``) and evaluate.
+
+    ``missing="error"`` refuses a ground-truth image without a prediction; ``"empty"`` scores it as an
+    empty prediction (every nucleus missed).
+    """
+    truth = open_dataset(true, format=true_format, split=split)
+    pred_root = Path(pred)
+    if not (pred_root / "instances").is_dir():
+        raise InputError(pred_root, "no instances/ folder: expected karyo's output layout "
+                                    "(instances/<id>.png, optional classes/<id>.csv)")
+    preds = LayoutDataset(pred_root)
+    pred_index = {name: i for i, name in enumerate(preds.ids)}
+    names = list(truth.ids)
+    absent = [n for n in names if n not in pred_index]
+    if absent and missing == "error":
+        raise InputError(pred_root, f"no prediction for {len(absent)} of {len(names)} image(s), e.g. "
+                                    f"{absent[:3]} (use --missing empty to score them as empty)")
+    true_names = truth.class_names or {}
+    if preds.class_names and true_names and preds.class_names != true_names:
+        warnings.warn(f"class names differ: truth {true_names} vs prediction {preds.class_names}; "
+                      "classes are compared by id", stacklevel=2)
+
+    def pairs() -> Iterator[ImagePair]:
+        for i in range(len(truth)):
+            t_inst, t_cls, name, tissue = _labels(truth, i)
+            if t_inst is None:
+                raise InputError(Path(true), f"{name}: ground truth has no instance map")
+            if name in pred_index:
+                p_inst, p_cls, _, _ = _labels(preds, pred_index[name])
+            else:
+                p_inst, p_cls = np.zeros_like(t_inst), ({} if t_cls is not None else None)
+            if p_inst.shape != t_inst.shape:
+                raise InputError(pred_root / "instances" / name, f"prediction shape {p_inst.shape} differs from "
+                                                                 f"ground truth {t_inst.shape}")
+            yield ImagePair(name=name, true_inst=t_inst, pred_inst=p_inst, tissue=tissue,
+                            true_type=None if t_cls is None else type_map(t_inst, t_cls),
+                            pred_type=None if p_cls is None else type_map(p_inst, p_cls))
+
+    return evaluate(pairs(), class_names=true_names or None)

@@ -1,0 +1,142 @@
+"""Semantic-segmentation metrics from one confusion matrix, accumulable over a dataset.
+
+Label 0 is background, 1..C the classes. Everything comes from the (C+1)×(C+1) confusion matrix
+``M[true, pred]`` built with ``np.bincount``:
+
+* pixel accuracy = trace(M) / M.sum(), over all pixels (background included);
+* per class c: TP = M[c, c], FP = column sum − TP, FN = row sum − TP; IoU = TP/(TP+FP+FN),
+  precision = TP/(TP+FP), recall = TP/(TP+FN), F1 = 2TP/(2TP+FP+FN). 0/0 is NaN, so a class absent from both
+  maps has NaN IoU/F1 (and NaN precision when never predicted, NaN recall when absent from the truth);
+* mean IoU = nanmean of the per-class IoU over the reported classes;
+* frequency-weighted IoU: FWIoU = Σ_c freq_c · IoU_c, with freq_c = (true pixels of c) / (true pixels of all
+  reported classes), as in Long et al. (FCN); classes absent from the truth have weight 0.
+
+The reported classes are 1..C, or 0..C with ``include_background=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from karyo.errors import InputError
+from karyo.metrics._util import NAN, nanmean, safe_div, safe_div_array
+
+__all__ = ["SemanticMetrics", "SemanticResult", "confusion_matrix", "semantic_metrics"]
+
+
+def _labels(arr: np.ndarray, what: str) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "iub":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise InputError(None, f"{what} must hold integer class labels, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False).ravel()
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int | None = None,
+                     ignore_index: int | None = None) -> np.ndarray:
+    """(K×K) int64 matrix of pixel counts, rows = true label, columns = predicted label, K = num_classes + 1.
+
+    ``num_classes=None`` sizes it to the largest label present. Pixels whose true label is ``ignore_index`` are
+    skipped. Labels outside 0..num_classes raise :class:`~karyo.errors.InputError`.
+    """
+    t = _labels(true, "true map")
+    p = _labels(pred, "predicted map")
+    if np.shape(true) != np.shape(pred):
+        raise InputError(None, f"true and predicted maps differ in shape: {np.shape(true)} vs {np.shape(pred)}")
+    if ignore_index is not None:
+        keep = t != ignore_index
+        t, p = t[keep], p[keep]
+    lo = min(int(t.min()), int(p.min())) if t.size else 0
+    if lo < 0:
+        raise InputError(None, f"negative class label {lo}")
+    hi = max(int(t.max()), int(p.max())) if t.size else 0
+    k = hi + 1 if num_classes is None else int(num_classes) + 1
+    if hi >= k:
+        raise InputError(None, f"class label {hi} exceeds num_classes={num_classes}")
+    return np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields explicitly
+class SemanticResult:
+    """Per-class values are dicts keyed by class id (NaN where undefined); ``confusion`` is the full matrix."""
+
+    classes: tuple[int, ...]
+    confusion: np.ndarray
+    pixel_accuracy: float
+    iou: dict[int, float]
+    precision: dict[int, float]
+    recall: dict[int, float]
+    f1: dict[int, float]
+    support: dict[int, int]
+    mean_iou: float
+    fwiou: float
+
+
+def _result(conf: np.ndarray, include_background: bool) -> SemanticResult:
+    k = conf.shape[0]
+    classes = tuple(range(0 if include_background else 1, k))
+    tp = np.diag(conf).astype(np.int64)
+    row = conf.sum(axis=1)
+    col = conf.sum(axis=0)
+    fp, fn = col - tp, row - tp
+    iou = safe_div_array(tp, tp + fp + fn)
+    prec = safe_div_array(tp, tp + fp)
+    rec = safe_div_array(tp, tp + fn)
+    f1 = safe_div_array(2 * tp, 2 * tp + fp + fn)
+    sel = np.array(classes, dtype=np.int64)
+    support = row[sel]
+    total = int(support.sum())
+    if total:
+        present = support > 0  # IoU is defined wherever the class occurs in the truth
+        fwiou = float(np.sum(support[present] / total * iou[sel][present]))
+    else:
+        fwiou = NAN
+
+    def as_dict(a: np.ndarray) -> dict[int, float]:
+        return {int(c): float(a[c]) for c in classes}
+
+    return SemanticResult(classes=classes, confusion=conf, pixel_accuracy=safe_div(int(tp.sum()), int(conf.sum())),
+                          iou=as_dict(iou), precision=as_dict(prec), recall=as_dict(rec), f1=as_dict(f1),
+                          support={int(c): int(row[c]) for c in classes}, mean_iou=nanmean(iou[sel]), fwiou=fwiou)
+
+
+class SemanticMetrics:
+    """Accumulate a confusion matrix over many (true, pred) maps with :meth:`update`, then :meth:`compute`.
+
+    ``num_classes=None`` lets the matrix grow to the largest label seen.
+    """
+
+    def __init__(self, num_classes: int | None = None, include_background: bool = False,
+                 ignore_index: int | None = None) -> None:
+        self.num_classes = num_classes
+        self.include_background = include_background
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        k = 1 if self.num_classes is None else self.num_classes + 1
+        self.confusion = np.zeros((k, k), dtype=np.int64)
+
+    def update(self, true: np.ndarray, pred: np.ndarray) -> None:
+        conf = confusion_matrix(true, pred, self.num_classes, self.ignore_index)
+        k = max(conf.shape[0], self.confusion.shape[0])
+        if k > self.confusion.shape[0]:
+            grown = np.zeros((k, k), dtype=np.int64)
+            grown[: self.confusion.shape[0], : self.confusion.shape[0]] = self.confusion
+            self.confusion = grown
+        self.confusion[: conf.shape[0], : conf.shape[0]] += conf
+
+    def compute(self) -> SemanticResult:
+        return _result(self.confusion.copy(), self.include_background)
+
+
+def semantic_metrics(true: np.ndarray, pred: np.ndarray, num_classes: int | None = None,
+                     include_background: bool = False, ignore_index: int | None = None) -> SemanticResult:
+    """All semantic metrics of one pair of class maps (see the module docstring)."""
+    acc = SemanticMetrics(num_classes, include_background, ignore_index)
+    acc.update(true, pred)
+    return acc.compute()

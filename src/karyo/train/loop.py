@@ -1,0 +1,276 @@
+"""One training loop for every karyo model: seeded, resumable, validated, with rich progress.
+
+A *task* (prompter, segmentor, ...) supplies the model, how a batch becomes a loss, and how the model is
+validated; :func:`fit` does the rest. A run folder holds::
+
+    RUN/train_config.json   the TrainConfig (and the task's model config) the run was started with
+    RUN/last.pt             model + optimiser + scheduler + RNG state after the last finished epoch
+    RUN/best.pt             model weights with the best validation score so far
+    RUN/history.csv         one row per epoch: losses, validation metrics, learning rate, seconds
+
+Resume (``resume=True``) continues from ``last.pt``. Every epoch draws its data order and augmentations
+from ``(seed, epoch)`` alone and the RNG states are restored, so a run killed and resumed gives the same
+weights as an uninterrupted one (on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from karyo.config import save_json, to_dict
+from karyo.data.io import atomic_path, write_text
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings, kept apart from the model config (StarDist's Config/Model split)."""
+
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4  # PromptNucSeg supp. A: Adam, initial lr 1e-4
+    weight_decay: float = 0.0
+    optimizer: str = "adam"  # "adam" | "adamw"
+    schedule: str = "cosine"  # "cosine" | "step" | "constant"
+    step_epochs: int = 30  # for "step": lr × step_gamma every step_epochs
+    step_gamma: float = 0.1
+    warmup_epochs: int = 1
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    num_workers: int = 0
+    val_every: int = 1
+    select_metric: str = "score"  # key of the task's validation dict; higher is better
+    max_steps_per_epoch: int = 0  # 0 = the whole dataset; >0 caps it (quick runs, tests)
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    """What a model family provides to :func:`fit`."""
+
+    name: str
+
+    def model(self) -> torch.nn.Module: ...
+
+    def train_loader(self, epoch: int, cfg: TrainConfig) -> Iterable: ...
+
+    def loss(self, model: torch.nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]: ...
+
+    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]: ...
+
+    def export(self, model: torch.nn.Module, directory: Path) -> None: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))  # noqa: NPY002  (libraries still draw from the global stream)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    """RNG states as tensors and plain numbers, so checkpoints load with ``weights_only=True``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   gauss], "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def lr_factor(epoch: float, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at a (fractional) epoch: linear warm-up, then the schedule."""
+    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
+        return max(1e-3, epoch / cfg.warmup_epochs)
+    if cfg.schedule == "cosine":
+        span = max(1e-9, cfg.epochs - cfg.warmup_epochs)
+        t = min(1.0, (epoch - cfg.warmup_epochs) / span)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** int(epoch // max(1, cfg.step_epochs))
+    if cfg.schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    best_score: float
+    best_epoch: int
+    history: list[dict]
+
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buf.getvalue())
+
+
+def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+        model_config: Any | None = None, progress: bool = True,
+        on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
+    """Train ``task``'s model with ``cfg`` into ``run_dir``; returns the best validation score and history."""
+    from karyo.device import pick_device
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = task.model().to(device)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    start_epoch, history = 0, []
+    best_score, best_epoch = -math.inf, -1
+    last = run_dir / "last.pt"
+    if resume and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        best_score, best_epoch = state["best_score"], state["best_epoch"]
+    elif (run_dir / "last.pt").exists() and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or choose a new folder")
+    meta = {"task": task.name, "train": to_dict(cfg)}
+    if model_config is not None:
+        meta["model"] = to_dict(model_config)
+    save_json(run_dir / "train_config.json", meta)
+
+    bar = _Progress(progress)
+    with bar:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            sums: dict[str, float] = {}
+            steps = 0
+            loader = task.train_loader(epoch, cfg)
+            total = len(loader) if hasattr(loader, "__len__") else None
+            if cfg.max_steps_per_epoch:
+                total = min(total or cfg.max_steps_per_epoch, cfg.max_steps_per_epoch)
+            bar.start_epoch(epoch, cfg.epochs, total)
+            for step, batch in enumerate(loader):
+                if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
+                    break
+                frac = epoch + step / max(1, total or 1)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(frac, cfg)
+                losses = task.loss(model, batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+                steps += 1
+                bar.step(sums["loss"] / steps)
+            row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+            row.update({f"train_{k}": v / max(1, steps) for k, v in sums.items()})
+            improved = False
+            if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+                model.eval()
+                with torch.no_grad():
+                    metrics = task.validate(model, device)
+                row.update({f"val_{k}": v for k, v in metrics.items()})
+                score = metrics.get(cfg.select_metric, math.nan)
+                if math.isfinite(score) and score > best_score:
+                    best_score, best_epoch, improved = score, epoch, True
+                    _save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch,
+                                                           "score": score, "metrics": metrics})
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            history.append(row)
+            _save_checkpoint(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "rng": _rng_state(), "epoch": epoch, "history": history,
+                                    "best_score": best_score, "best_epoch": best_epoch})
+            _write_history(run_dir / "history.csv", history)
+            bar.end_epoch(row, improved, best_score)
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+    if best_epoch < 0:  # no validation ever ran: the last weights are the result
+        _save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(), "epoch": cfg.epochs - 1,
+                                               "score": math.nan, "metrics": {}})
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(best["model"])
+    task.export(model.cpu(), run_dir / "model")
+    write_text(run_dir / "summary.json", json.dumps({"best_score": best_score, "best_epoch": best_epoch,
+                                                     "select_metric": cfg.select_metric}, indent=1) + "\n")
+    return FitResult(run_dir, best_score, best_epoch, history)
+
+
+class _Progress:
+    """Rich progress: a bar per epoch with the running loss; one summary line per epoch."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.progress = None
+        self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.console = Console(stderr=True)
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
+                                     console=self.console, transient=True)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, epochs: int, total: int | None) -> None:
+        if self.progress is not None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=total, loss=float("nan"))
+
+    def step(self, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, loss=loss)
+
+    def end_epoch(self, row: dict, improved: bool, best: float) -> None:
+        if self.progress is not None:
+            vals = "  ".join(f"{k}={v:.4g}" for k, v in row.items()
+                             if isinstance(v, float) and k not in ("lr", "seconds"))
+            mark = " [green]*best*[/]" if improved else ""
+            self.progress.console.print(f"epoch {row['epoch'] + 1}: {vals}  ({row['seconds']:.0f}s){mark}",
+                                        highlight=False)

@@ -1,0 +1,119 @@
+"""The CLI end to end (typer's CliRunner), each command beside its Python twin."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import karyo
+from karyo.cli import app
+from karyo.data.io import read_instances
+from karyo.data.layout import LayoutDataset, write_layout_sample
+
+runner = CliRunner()
+
+
+def test_segment_sample_writes_every_output(tmp_path):
+    res = runner.invoke(app, ["segment", "--sample", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    inst = read_instances(tmp_path / "instances" / "he_breast_nucls.png")
+    n = len(np.unique(inst)) - 1
+    assert n > 20  # the sample tile holds ~60 nuclei
+    geo = json.loads((tmp_path / "geojson" / "he_breast_nucls.geojson").read_text())
+    assert len(geo["features"]) == n
+    assert all(f["properties"]["objectType"] == "detection" for f in geo["features"])
+    assert (tmp_path / "overlays" / "he_breast_nucls.png").is_file()
+    table = pd.read_csv(tmp_path / "tables" / "he_breast_nucls.csv")
+    assert len(table) == n
+    # The CLI and the API give the same instance map.
+    api = karyo.load("default").segment(karyo.read_image(karyo.samples.sample_path()))
+    np.testing.assert_array_equal(api.instances, inst)
+
+
+def test_segment_then_evaluate_real_consep(shared_data, tmp_path):
+    ids = ["test_1_005", "test_3_010", "test_7_002"]
+    truth = tmp_path / "truth"
+    for s in LayoutDataset(shared_data / "consep", ids=ids):
+        write_layout_sample(truth, s)
+    images = [str(truth / "images" / f"{i}.png") for i in ids]
+    res = runner.invoke(app, ["segment", *images, "--model", "classical", "--out", str(tmp_path / "pred")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(tmp_path / "pred")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "pred" / "evaluation.json").read_text())
+    assert report["n_images"] == 3
+    # The classical baseline's floor on these CoNSeP patches (it scores PQ ≈ 0.2 on CoNSeP test overall).
+    assert report["instance"]["pq"] > 0.12
+    assert report["detection"]["f1_d"] > 0.45
+    per_image = pd.read_csv(tmp_path / "pred" / "evaluation.csv")
+    assert per_image.name.tolist() == ids
+
+
+def test_segment_points_csv(tmp_path):
+    from karyo.samples import sample_path
+
+    full = karyo.load("classical").segment(karyo.read_image(sample_path())).table()
+    pts = full[["centroid_x", "centroid_y"]].head(3).rename(columns={"centroid_x": "x", "centroid_y": "y"})
+    pts.to_csv(tmp_path / "points.csv", index=False)
+    res = runner.invoke(app, ["segment", str(sample_path()), "--points", str(tmp_path / "points.csv"),
+                              "--model", "classical", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    inst = read_instances(tmp_path / "o" / "instances" / "he_breast_nucls.png")
+    assert len(np.unique(inst)) - 1 == 3
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "file is empty"),
+    (b"this is not a png", "cannot decode image"),
+])
+def test_bad_image_clear_error_no_output(tmp_path, content, message):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(content)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["segment", str(bad), "--out", str(out)])
+    assert res.exit_code == 2
+    assert "bad.png" in res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_truncated_png_clear_error(tmp_path):
+    from karyo.samples import sample_path
+
+    data = sample_path().read_bytes()
+    bad = tmp_path / "cut.png"
+    bad.write_bytes(data[: len(data) // 2])
+    res = runner.invoke(app, ["segment", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "cut.png" in res.output
+
+
+def test_evaluate_missing_predictions_named(tmp_path):
+    truth = tmp_path / "t"
+    img = np.zeros((16, 16, 3), np.uint8)
+    inst = np.zeros((16, 16), np.int32)
+    inst[2:6, 2:6] = 1
+    write_layout_sample(truth, karyo.Sample(image=img, instances=inst, name="a"))
+    write_layout_sample(truth, karyo.Sample(image=img, instances=inst, name="b"))
+    pred = tmp_path / "p"
+    (pred / "instances").mkdir(parents=True)
+    from karyo.data.io import write_instances
+
+    write_instances(pred / "instances" / "a.png", inst)
+    res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(pred)])
+    assert res.exit_code == 2
+    assert "no prediction for 1 of 2" in res.output
+    res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(pred), "--missing", "empty"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((pred / "evaluation.json").read_text())
+    assert report["instance"]["pq"] == pytest.approx((1 / (1 + 1e-6) + 0) / 2)
+
+
+def test_models_lists_default():
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0
+    assert "default" in res.output
+    assert "classical" in res.output
