@@ -1,7 +1,9 @@
 """Data layer: the sample type, readers of the common nucleus datasets, image I/O and the training dataset."""
 
+from karyo.data.augment import AugmentConfig, Augmenter, build_augmentation
 from karyo.data.coco import CocoDataset, rle_decode
 from karyo.data.consep import ConsepFolder, read_consep_mat
+from karyo.data.dataset import NucleusDataset, collate_nuclei
 from karyo.data.datasets import detect_format, open_dataset
 from karyo.data.folder import ImageFolder
 from karyo.data.geojson import GeoJsonFolder, read_geojson
@@ -29,18 +31,23 @@ from karyo.data.sample import Sample, SampleSequence, type_map
 __all__ = [
     "PANNUKE_CLASS_NAMES",
     "PANNUKE_TISSUES",
+    "AugmentConfig",
+    "Augmenter",
     "CocoDataset",
     "ConsepFolder",
     "GeoJsonFolder",
     "ImageFolder",
     "LayoutDataset",
     "MoNuSegFolder",
+    "NucleusDataset",
     "PanNukeFold",
     "ProtocolSplit",
     "Sample",
     "SampleSequence",
     "Selection",
     "apply_protocol",
+    "build_augmentation",
+    "collate_nuclei",
     "detect_format",
     "ivaan_organ_group_splits",
     "open_dataset",
