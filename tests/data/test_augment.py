@@ -352,3 +352,26 @@ def test_prepare_image_and_config_round_trip():
         AugmentConfig(p_blur=1.5)
     with pytest.raises(ValueError, match="unknown"):
         AugmentConfig.from_dict({"p_blurr": 0.1})
+
+
+def test_hed_jitter_changes_stain_not_geometry():
+    from skimage.color import hed_from_rgb
+
+    from karyo.data.augment import HedJitter
+
+    def rgb2hed(im):
+        return -np.log((im.astype(np.float64) + 1.0) / 256.0) @ hed_from_rgb
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(60, 250, size=(32, 32, 3), dtype=np.uint8)
+    t = HedJitter(sigma=0.2, bias=0.0, p=1.0)
+    out = t.apply(img, alpha=np.array([1.2, 1.0, 1.0]), beta=np.zeros(3))
+    h_in, h_out = rgb2hed(img)[..., 0], rgb2hed(out)[..., 0]
+    # The hematoxylin OD scales by 1.2 (up to 8-bit rounding); eosin stays put.
+    assert np.nanmedian(h_out / np.where(np.abs(h_in) > 0.05, h_in, np.nan)) == pytest.approx(1.2, abs=0.05)
+    # Eosin is untouched except where 8-bit clipping of the new colour bites.
+    assert np.median(np.abs(rgb2hed(out)[..., 1] - rgb2hed(img)[..., 1])) < 0.005
+    identity = t.apply(img, alpha=np.ones(3), beta=np.zeros(3))
+    assert np.abs(identity.astype(int) - img).max() <= 1
+    pipe = build_augmentation(AugmentConfig(p_hed_jitter=0.5), 3)
+    assert any(isinstance(step, HedJitter) for step in pipe.transforms)

@@ -129,6 +129,11 @@ class AugmentConfig:
     p_color_jitter: float = 0.2
     color_jitter: tuple[float, float, float, float] = (0.25, 0.25, 0.1, 0.05)  # brightness, contrast, sat., hue
     p_superpixels: float = 0.1
+    # karyo addition, not in Table S1 (off by default): H&E stain jitter in optical-density space
+    # (Tellez et al. 2018), for robustness to other labs' staining. See HedJitter.
+    p_hed_jitter: float = 0.0
+    hed_sigma: float = 0.05
+    hed_bias: float = 0.01
     superpixels_p_replace: float = 0.1
     superpixels_n_segments: int = 200
     superpixels_max_size: int = 128
@@ -196,6 +201,35 @@ class AugmentConfig:
         if len(self.mean) == 1:
             return (self.mean[0],) * n_channels, (self.std[0],) * n_channels
         return (self.fallback_mean,) * n_channels, (self.fallback_std,) * n_channels
+
+
+class HedJitter(A.ImageOnlyTransform):
+    """H&E stain augmentation (Tellez et al., "Whole-slide mitosis detection in H&E breast histology using PHH3
+    as a reference", IEEE TMI 2018): each stain's optical density is scaled by U(1-σ, 1+σ) and shifted by
+    U(-b, b) after colour deconvolution (Ruifrok & Johnston HED), then recomposed. Only for RGB uint8."""
+
+    def __init__(self, sigma: float = 0.05, bias: float = 0.01, p: float = 0.5):
+        super().__init__(p=p)
+        self.sigma = float(sigma)
+        self.bias = float(bias)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        rng = self.random_generator
+        return {"alpha": rng.uniform(1 - self.sigma, 1 + self.sigma, size=3),
+                "beta": rng.uniform(-self.bias, self.bias, size=3)}
+
+    def apply(self, img: np.ndarray, alpha: np.ndarray, beta: np.ndarray, **params: Any) -> np.ndarray:
+        from skimage.color import hed_from_rgb, rgb_from_hed
+
+        # Exactly invertible OD transform (no clamping of negative stain amounts, unlike rgb2hed/hed2rgb),
+        # so alpha = 1, beta = 0 returns the input up to rounding.
+        od = -np.log((img.astype(np.float64) + 1.0) / 256.0)
+        stains = od @ hed_from_rgb * alpha + beta
+        out = 256.0 * np.exp(-(stains @ rgb_from_hed)) - 1.0
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("sigma", "bias")
 
 
 class ThreePointAffine(A.DualTransform):
@@ -305,6 +339,8 @@ def build_augmentation(cfg: AugmentConfig, n_channels: int, dtype: np.dtype | ty
                           n_segments=(cfg.superpixels_n_segments, cfg.superpixels_n_segments),
                           max_size=cfg.superpixels_max_size, interpolation=cv2.INTER_LINEAR, p=cfg.p_superpixels),
         ]
+        if cfg.p_hed_jitter > 0:
+            steps.append(HedJitter(sigma=cfg.hed_sigma, bias=cfg.hed_bias, p=cfg.p_hed_jitter))
     if pix:
         steps.append(A.ZoomBlur(max_factor=(1.0, cfg.zoom_blur_max_factor), step_factor=(0.01, 0.03),
                                 p=cfg.p_zoom_blur))
