@@ -1,0 +1,134 @@
+"""Training data: several datasets mixed into one, their classes mapped onto the model's, and a
+validation split that never shares a source image with training.
+
+A data spec is written ``PATH[:SPLIT][@CLASSES]`` on the command line, e.g.
+``../shared/data/consep:train`` (classes kept), ``../shared/data/nucls_examples:train@none`` (nuclei only:
+classes not used for the class head), ``data/x@1=3,2=0`` (dataset class 1 → model class 3, 2 → unknown).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from karyo.data.datasets import open_dataset
+from karyo.data.sample import ConcatSamples, Sample, SampleSequence
+from karyo.errors import InputError
+
+
+@dataclass
+class DataSpec:
+    """One training dataset: where it is, which split, and how its classes map onto the model's.
+
+    ``classes``: ``"keep"`` (dataset ids are model ids), ``"none"`` (every nucleus has unknown class 0: it
+    trains detection and segmentation, not classification), or an explicit ``class_map``.
+    """
+
+    path: str
+    split: str | None = None
+    classes: str = "keep"
+    class_map: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> DataSpec:
+        classes, class_map = "keep", {}
+        if "@" in text:
+            text, spec = text.rsplit("@", 1)
+            if spec in ("keep", "none"):
+                classes = spec
+            else:
+                classes = "map"
+                try:
+                    class_map = {int(a): int(b) for a, b in (p.split("=") for p in spec.split(",") if p)}
+                except ValueError:
+                    raise InputError(None, f"class map must look like 1=3,2=0; got {spec!r}") from None
+        split = None
+        m = re.fullmatch(r"(.*?):([A-Za-z0-9_,-]+)", text)
+        if m and not Path(text).exists():
+            text, split = m.group(1), m.group(2)
+        return cls(path=text, split=split, classes=classes, class_map=class_map)
+
+    def __str__(self) -> str:
+        out = self.path + (f":{self.split}" if self.split else "")
+        if self.classes == "none":
+            return out + "@none"
+        if self.classes == "map":
+            return out + "@" + ",".join(f"{a}={b}" for a, b in sorted(self.class_map.items()))
+        return out
+
+
+class MappedSamples(SampleSequence):
+    """A dataset whose class ids are translated to the model's (0 = unknown class) on the fly."""
+
+    def __init__(self, base: SampleSequence, spec: DataSpec, class_names: dict[int, str] | None):
+        self.base, self.spec = base, spec
+        self.class_names = class_names
+        self._ids = list(base.ids)
+
+    def _load(self, i: int) -> Sample:
+        s = self.base[i]
+        if s.instances is None:
+            raise InputError(s.source or s.name, "training needs an instance map")
+        ids = np.unique(s.instances)
+        ids = ids[ids > 0].tolist()
+        if self.spec.classes == "none" or s.classes is None:
+            classes = dict.fromkeys(ids, 0)
+        elif self.spec.classes == "map":
+            classes = {k: self.spec.class_map.get(v, 0) for k, v in s.classes.items()}
+            classes.update({k: 0 for k in ids if k not in classes})
+        else:
+            classes = {k: s.classes.get(k, 0) for k in ids}
+        return Sample(image=s.image, instances=s.instances, classes=classes, name=s.name, tissue=s.tissue,
+                      class_names=None, mpp=s.mpp, channel_names=s.channel_names, source=s.source,
+                      meta={**s.meta, "dataset": self.spec.path})
+
+
+def load_specs(specs: Sequence[DataSpec | str], class_names: dict[int, str] | None = None) -> SampleSequence:
+    """Open every spec and concatenate them (lazily) with classes mapped onto the model's."""
+    parts = []
+    for spec in specs:
+        spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
+        parts.append(MappedSamples(open_dataset(spec.path, split=spec.split), spec, class_names))
+    if not parts:
+        raise InputError(None, "no training data given")
+    return parts[0] if len(parts) == 1 else ConcatSamples(parts)
+
+
+def source_group(name: str) -> str:
+    """The source image a patch was cut from: ``train_12_003`` → ``train_12`` (CoNSeP's naming); names without
+    a numeric patch suffix are their own group."""
+    m = re.fullmatch(r"(.+)_\d+", name)
+    return m.group(1) if m and re.search(r"_\d+$", m.group(1)) else name
+
+
+def group_split(names: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices (train, val) with whole source images held out, so neighbouring patches never straddle the
+    split. Deterministic for a seed."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    groups = sorted({source_group(n) for n in names})
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(groups))
+    n_val = round(val_fraction * len(groups))
+    if val_fraction > 0 and n_val == 0 and len(groups) > 1:
+        n_val = 1
+    val_groups = {groups[i] for i in order[:n_val]}
+    train = [i for i, n in enumerate(names) if source_group(n) not in val_groups]
+    val = [i for i, n in enumerate(names) if source_group(n) in val_groups]
+    return train, val
+
+
+def describe(specs: Sequence[DataSpec]) -> list[str]:
+    return [str(s) for s in specs]
+
+
+def existing(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, "not found")
+    return p
