@@ -254,6 +254,7 @@ def select_attributes_cmd(
     out: Annotated[Path | None, typer.Option(help="Also write the score table to this CSV.")] = None,
 ) -> None:
     """Rank attributes by class separability (Cohen's d) with a redundancy penalty and pick K (IVAAN B.2)."""
+    from rich.markup import escape
     from rich.table import Table
 
     from karyo.attributes.names import B1_ATTRIBUTES
@@ -269,12 +270,12 @@ def select_attributes_cmd(
 
         raise InputError(dataset, str(exc)) from None
     scores = result.table
-    table = Table(title=f"{dataset}: {result.params['n_nuclei']} nuclei ("
-                        + ", ".join(f"{c} {n}" for c, n in result.class_counts.items()) + ")")
+    table = Table(title=escape(f"{dataset}: {result.params['n_nuclei']} nuclei ("
+                               + ", ".join(f"{c} {n}" for c, n in result.class_counts.items()) + ")"))
     table.add_column("attribute")
     table.add_column("column")
     for col in scores.columns[1:]:
-        table.add_column(col.replace("_at_selection", "").replace("selected", "pick"), justify="right")
+        table.add_column(escape(col.replace("_at_selection", "").replace("selected", "pick")), justify="right")
     for name, row in scores.iterrows():
         cells = [row["paper_name"], name]
         for col, v in row.iloc[1:].items():

@@ -1,0 +1,155 @@
+"""Measure → level → describe → write, for one image or a dataset folder (what ``karyo attributes`` runs)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from karyo.attributes import names as N
+from karyo.attributes.measure import AttributeOptions, measure_nuclei
+from karyo.attributes.table import measure_samples, nucleus_geojson, write_table
+from karyo.errors import InputError
+from karyo.stain.macenko import MacenkoNormalizer
+
+PROMPT_COLUMN = "Text.Prompt"
+
+
+@dataclass
+class AttributeRun:
+    """What a run wrote: the table, the level model and the files."""
+
+    table: pd.DataFrame
+    levels: object | None  # karyo.text.LevelModel
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def n_nuclei(self) -> int:
+        return len(self.table)
+
+
+def _levels(table: pd.DataFrame, fit_rows: pd.DataFrame, levels, prompt_attributes: Sequence[str], mode: str):
+    from karyo.text.levels import LevelModel
+
+    if levels is None:
+        if not len(fit_rows) or not fit_rows["Flag.Valid"].any():
+            return None
+        mode = mode if N.CLASS_NAME in fit_rows.columns else "global"
+        try:
+            return LevelModel.fit(fit_rows, prompt_attributes, mode=mode)
+        except (KeyError, ValueError) as exc:
+            raise InputError(None, f"cannot fit the prompt levels: {exc}") from None
+    return levels if isinstance(levels, LevelModel) else LevelModel.load(levels)
+
+
+def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os.PathLike, out: str | os.PathLike,
+                         *, classes_path: str | os.PathLike | None = None,
+                         class_names: dict[int, str] | None = None, levels=None,
+                         prompt_attributes: Sequence[str] = N.PAPER_SELECTION, level_mode: str = "global",
+                         normalizer: MacenkoNormalizer | None = None, options: AttributeOptions | None = None,
+                         geojson: bool = True) -> AttributeRun:
+    """Attributes, prompts and GeoJSON of one image. Without ``levels`` (a LevelModel or its JSON path) the
+    levels are fitted on this image's own nuclei, so "large" means large within this image. Class names come
+    from ``class_names`` or a ``classes.json`` beside the class CSV or one folder up (the dataset layout)."""
+    from karyo.data.io import read_image, read_instances
+    from karyo.data.layout import read_class_csv
+
+    image_path = Path(image_path)
+    out = Path(out)
+    image = read_image(image_path)
+    instances = read_instances(instances_path, image.shape[:2])
+    classes = read_class_csv(classes_path, instances) if classes_path is not None else None
+    if classes is not None and class_names is None:
+        class_names = _class_names_near(Path(classes_path))
+    table = measure_nuclei(image, instances, classes, class_names=class_names, normalizer=normalizer,
+                           options=options, source=str(image_path))
+    model = _levels(table, table, levels, prompt_attributes, level_mode)
+    if model is not None and len(table):
+        table[PROMPT_COLUMN] = model.sentences(table).to_numpy()
+    else:
+        table[PROMPT_COLUMN] = pd.Series([""] * len(table), index=table.index, dtype=object)
+    stem = image_path.name.split(".")[0]
+    files = write_table(table, out / f"{stem}_attributes")
+    if model is not None and levels is None:
+        files.append(model.save(out / f"{stem}_levels.json"))
+    if geojson:
+        files.append(nucleus_geojson(out / f"{stem}.geojson", instances, table, classes=classes,
+                                     class_names=class_names,
+                                     prompts=dict(zip(table.index, table[PROMPT_COLUMN], strict=True)),
+                                     image_name=stem))
+    return AttributeRun(table, model, files)
+
+
+def _class_names_near(csv_path: Path) -> dict[int, str] | None:
+    from karyo.data.layout import read_class_names
+
+    for cand in (csv_path.parent / "classes.json", csv_path.parent.parent / "classes.json"):
+        if cand.is_file():
+            return read_class_names(cand)
+    return None
+
+
+def attributes_for_dataset(root: str | os.PathLike, out: str | os.PathLike, *, split: str | None = None,
+                           levels=None, fit_split: str | None = "train",
+                           prompt_attributes: Sequence[str] = N.PAPER_SELECTION, level_mode: str = "global",
+                           n_jobs: int = 1, normalizer: MacenkoNormalizer | None = None,
+                           options: AttributeOptions | None = None, geojson: bool = True,
+                           progress=None) -> AttributeRun:
+    """Attributes of every annotated image of a dataset folder (karyo layout) → one table, one GeoJSON per
+    image and a prompt per nucleus. Levels are fitted on the ``fit_split`` images when the dataset has that
+    split, else on all measured images, and saved as ``levels.json``."""
+    from karyo.data.layout import LayoutDataset
+
+    ds = LayoutDataset(root, split=split)
+    if len(ds) == 0:
+        raise InputError(root, "dataset has no images" + (f" in split {split!r}" if split else ""))
+    out = Path(out)
+    table = measure_samples(ds, n_jobs=n_jobs, normalizer=normalizer, options=options)
+    if not len(table):
+        raise InputError(root, "no annotated nuclei found (instances/ missing or empty)")
+    splits = pd.Series([ds.split_of(i) or "" for i in ds.ids], index=ds.ids)
+    table.insert(1, "Identifier.Split", splits.reindex(table[N.IMAGE]).to_numpy(dtype=object))
+    fit_rows = table
+    if levels is None and fit_split and (table["Identifier.Split"] == fit_split).any():
+        fit_rows = table[table["Identifier.Split"] == fit_split]
+    model = _levels(table, fit_rows, levels, prompt_attributes, level_mode)
+    table[PROMPT_COLUMN] = model.sentences(table).to_numpy() if model is not None else ""
+    files = write_table(table, out / "attributes")
+    if model is not None and levels is None:
+        model.meta = {"dataset": str(root), "fit_split": fit_split if fit_rows is not table else None}
+        files.append(model.save(out / "levels.json"))
+    if geojson:
+        groups = dict(list(table.groupby(N.IMAGE, sort=False)))
+        for i, id_ in enumerate(ds.ids):
+            rows = groups.get(id_)
+            if rows is None:
+                continue
+            instances, classes = ds.labels(i)
+            rows = rows.set_index("Identifier.Label", drop=False)
+            rows.index.name = "instance_id"
+            files.append(nucleus_geojson(out / "geojson" / f"{id_}.geojson", instances, rows, classes=classes,
+                                         class_names=ds.class_names,
+                                         prompts=dict(zip(rows.index, rows[PROMPT_COLUMN], strict=True)),
+                                         image_name=id_))
+            if progress is not None:
+                progress(i)
+    return AttributeRun(table, model, files)
+
+
+def select_for_dataset(root: str | os.PathLike, *, split: str | None = None, n_jobs: int = 1,
+                       attributes: Sequence[str] = N.B1_ATTRIBUTES, k: int = 4, alpha: float = 0.5,
+                       lam: float = 0.4, normalizer: MacenkoNormalizer | None = None):
+    """Measure a labelled dataset folder and run the B.2 selection on it (what ``karyo select-attributes`` runs)."""
+    from karyo.attributes.select import select_attributes
+    from karyo.data.layout import LayoutDataset
+
+    ds = LayoutDataset(root, split=split)
+    if ds.class_names is None:
+        raise InputError(root, "dataset has no classes.json: the selection needs class labels")
+    table = measure_samples(ds, n_jobs=n_jobs, normalizer=normalizer)
+    if not len(table) or N.CLASS_NAME not in table.columns:
+        raise InputError(root, "no classified nuclei found")
+    return select_attributes(table, attributes, k=k, alpha=alpha, lam=lam), table

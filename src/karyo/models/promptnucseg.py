@@ -1,0 +1,208 @@
+"""PromptNucSeg (Shui et al., ECCV 2024) as one karyo model: a point prompter finds and classifies every
+nucleus, a SAM-architecture promptable segmentor turns each point (plus negative points on its nearest
+neighbours) into a mask, and the masks are resolved into one instance map.
+
+Inference on CPU, in this order: the prompter runs once over the whole (padded) image; the segmentor's image
+encoder runs on overlapping ``tile_size`` tiles (its global attention is quadratic in tokens) and each point
+is decoded in the tile where it lies farthest from the border; all prompts of an image are decoded in batches;
+masks are pasted and resolved by per-pixel maximum probability (:mod:`karyo.infer.assemble`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.spatial import cKDTree
+
+from karyo.data.augment import IMAGENET_MEAN, IMAGENET_STD, prepare_image
+from karyo.data.sample import as_hwc
+from karyo.device import pick_device
+from karyo.errors import InputError
+from karyo.infer.assemble import assemble_instances
+from karyo.infer.result import SegmentationResult
+from karyo.models.base import InstanceModel, register
+from karyo.models.prompter import Prompter, PrompterConfig, decode_points
+from karyo.models.segmentor import Segmentor, SegmentorConfig, masks_to_image, segmentor_config
+from karyo.models.vit import read_state_dict
+
+
+@dataclass
+class PromptNucSegConfig:
+    """Both networks' configs plus the inference settings (thresholds tuned on validation data ship here)."""
+
+    prompter: PrompterConfig = field(default_factory=lambda: PrompterConfig.preset("cpu"))
+    segmentor: SegmentorConfig = field(default_factory=lambda: segmentor_config("small"))
+    mpp: float = 0.25  # µm/px of the training data; inputs with another mpp are resampled to it
+    negatives: int = 1  # K nearest other points given as negative prompts (PromptNucSeg: K = 1)
+    score_threshold: float = 0.5  # on the prompter's foreground probability
+    nms_radius_px: float = 6.0
+    mask_threshold: float = 0.5  # on the segmentor's mask probability
+    min_area: int = 10
+    min_kept_fraction: float = 0.35
+    tile_size: int = 256
+    tile_overlap: int = 64
+    prompt_batch: int = 256
+    class_names: dict[int, str] = field(default_factory=dict)
+
+
+def _grid(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return [*starts, length - tile]
+
+
+@register
+class PromptNucSegModel(InstanceModel):
+    arch = "promptnucseg"
+    config_class = PromptNucSegConfig
+
+    def __init__(self, config: PromptNucSegConfig | None = None, device: str = "cpu"):
+        super().__init__(config)
+        self.device = pick_device(device)
+        self.prompter = Prompter(self.config.prompter).to(self.device).eval()
+        self.segmentor = Segmentor(self.config.segmentor).to(self.device).eval()
+
+    @classmethod
+    def _from_config(cls, config: PromptNucSegConfig, directory: Path | None, device: str = "cpu"
+                     ) -> PromptNucSegModel:
+        model = cls(config, device=device)
+        if directory is not None:
+            model.prompter.load_state_dict(read_state_dict(directory / "prompter.pt"))
+            model.segmentor.load_state_dict(read_state_dict(directory / "segmentor.pt"))
+        return model
+
+    def _save_weights(self, directory: Path) -> None:
+        from karyo.data.io import atomic_path
+
+        for name, net in (("prompter.pt", self.prompter), ("segmentor.pt", self.segmentor)):
+            with atomic_path(directory / name) as tmp:
+                torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
+
+    @property
+    def class_names(self) -> dict[int, str] | None:
+        names = self.config.class_names or self.config.prompter.class_names
+        return {int(k): v for k, v in names.items()} if names else None
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    def _prepare(self, image: np.ndarray, name: str) -> torch.Tensor:
+        image = as_hwc(image, name or None)
+        c = self.config.prompter.in_chans
+        if image.shape[2] == 1 and c == 3:
+            image = np.repeat(image, 3, axis=2)  # grayscale brightfield: the same intensity in R, G and B
+        if image.shape[2] != c:
+            raise InputError(name or None, f"this model takes {c}-channel images, got {image.shape[2]} channels")
+        x = prepare_image(image, name or None)
+        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+        mean = np.asarray(self.config.prompter.pixel_mean if c != 3 else IMAGENET_MEAN, np.float32)
+        std = np.asarray(self.config.prompter.pixel_std if c != 3 else IMAGENET_STD, np.float32)
+        x = (x - mean) / std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
+    @torch.no_grad()
+    def segment(self, image: np.ndarray, *, points: Sequence[tuple[float, float]] | None = None,
+                negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,
+                name: str = "") -> SegmentationResult:
+        """Segment and classify every nucleus; or, given ``points`` (x, y), only the nuclei at those points
+        (``negative`` points mark places that are not the nucleus, as in SAM)."""
+        cfg = self.config
+        x = self._prepare(image, name)
+        h0, w0 = x.shape[2:]
+        scale = 1.0 if mpp is None or mpp <= 0 else float(mpp) / cfg.mpp
+        if abs(scale - 1.0) > 0.05:
+            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=scale < 1)
+        h, w = x.shape[2:]
+        ph, pw = max(h, cfg.tile_size), max(w, cfg.tile_size)
+        ph, pw = ph + (-ph) % 32, pw + (-pw) % 32
+        xp = F.pad(x, (0, pw - w, 0, ph - h), mode="reflect" if (pw - w < w and ph - h < h) else "constant")
+        xp = xp.to(self.device)
+        det = decode_points(self.prompter(xp), cfg.score_threshold, cfg.nms_radius_px)[0]
+        inside = (det.points[:, 0] >= 0) & (det.points[:, 0] < w) & (det.points[:, 1] >= 0) & (det.points[:, 1] < h)
+        pts, cls, score = det.points[inside], det.classes[inside], det.scores[inside]
+        neg = np.zeros((0, 2), np.float32)
+        if points is not None:
+            user = np.asarray(list(points), np.float64).reshape(-1, 2) * scale
+            cls, score = _nearest_class(user, pts, cls, score, radius=12.0 * scale)
+            pts = user.astype(np.float32)
+            if negative is not None:
+                neg = (np.asarray(list(negative), np.float64).reshape(-1, 2) * scale).astype(np.float32)
+        instances, classes, scores = self._masks(xp, pts, cls, score, neg, (h, w))
+        if instances.shape != (h0, w0):
+            t = torch.from_numpy(instances.astype(np.float32))[None, None]
+            instances = F.interpolate(t, size=(h0, w0), mode="nearest")[0, 0].numpy().astype(np.int32)
+        return SegmentationResult(instances, classes=classes, scores=scores, class_names=self.class_names,
+                                  name=name, model=self.arch)
+
+    def _masks(self, xp: torch.Tensor, pts: np.ndarray, cls: np.ndarray, score: np.ndarray, neg: np.ndarray,
+               shape: tuple[int, int]) -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
+        cfg = self.config
+        h, w = shape
+        n = len(pts)
+        if n == 0:
+            return np.zeros(shape, np.int32), {}, {}
+        # Negative prompts: the K nearest other points (and user negatives), as in training.
+        pool = np.concatenate([pts, neg]) if len(neg) else pts
+        k = min(cfg.negatives, len(pool) - 1)
+        prompts = np.zeros((n, 1 + max(k, 0), 2), np.float32)
+        labels = np.full((n, 1 + max(k, 0)), -1, np.int64)
+        prompts[:, 0], labels[:, 0] = pts, 1
+        if k > 0:
+            _, nn_idx = cKDTree(pool).query(pts, k=k + 1)
+            nn_idx = np.asarray(nn_idx).reshape(n, -1)[:, 1:]
+            prompts[:, 1:], labels[:, 1:] = pool[nn_idx], 0
+        # Tiles of the encoder; each point goes to the tile where it is farthest from the border.
+        ts, stride = cfg.tile_size, cfg.tile_size - cfg.tile_overlap
+        ys, xs = _grid(xp.shape[2], ts, stride), _grid(xp.shape[3], ts, stride)
+        origins = np.array([(x0, y0) for y0 in ys for x0 in xs], np.float32)
+        margin = np.minimum.reduce([pts[:, None, 0] - origins[None, :, 0], origins[None, :, 0] + ts - pts[:, None, 0],
+                                    pts[:, None, 1] - origins[None, :, 1], origins[None, :, 1] + ts - pts[:, None, 1]])
+        tile_of = margin.argmax(1)
+        used = np.unique(tile_of)
+        corners = origins.astype(np.int64)
+        crops = torch.cat([xp[:, :, y0:y0 + ts, x0:x0 + ts] for x0, y0 in corners[used]])
+        emb = torch.cat([self.segmentor.embed(crops[i:i + 8]) for i in range(0, len(crops), 8)])
+        slot = np.searchsorted(used, tile_of)
+        local = prompts - origins[tile_of][:, None, :]
+        probs, windows = [], []
+        for i in range(0, n, cfg.prompt_batch):
+            sl = slice(i, i + cfg.prompt_batch)
+            outp = self.segmentor.decode(emb, torch.from_numpy(slot[sl]).to(self.device),
+                                         torch.from_numpy(local[sl]).to(self.device),
+                                         torch.from_numpy(labels[sl]).to(self.device))
+            wm = masks_to_image(outp, probabilities=True)
+            probs.append(wm.masks[:, 0].cpu())
+            win = wm.window_xyxy.cpu() + torch.from_numpy(np.tile(origins[tile_of[sl]], 2)).long()
+            windows.append(win)
+            iou = outp.iou_pred[:, 0].clamp(0, 1).cpu().numpy()
+            score[sl] = score[sl] * np.sqrt(np.clip(iou, 1e-6, 1.0))
+        asm = assemble_instances(torch.cat(probs), torch.cat(windows), (h, w), score,
+                                 threshold=cfg.mask_threshold, min_area=cfg.min_area,
+                                 min_kept_fraction=cfg.min_kept_fraction)
+        classes = {i + 1: int(cls[j]) for i, j in enumerate(asm.prompt_index)}
+        scores = {i + 1: float(score[j]) for i, j in enumerate(asm.prompt_index)}
+        return asm.instances, classes, scores
+
+
+def _nearest_class(user: np.ndarray, pts: np.ndarray, cls: np.ndarray, score: np.ndarray, radius: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Class and score of user-given points: those of the nearest detected point within ``radius``, else
+    unclassified (0) with score 1 (the user vouches for the nucleus)."""
+    out_cls = np.zeros(len(user), np.int64)
+    out_score = np.ones(len(user), np.float32)
+    if len(pts) and len(user):
+        d, j = cKDTree(pts).query(user, k=1)
+        hit = d <= radius
+        out_cls[hit], out_score[hit] = cls[j[hit]], score[j[hit]]
+    return out_cls, out_score
+
+
+def with_inference(config: PromptNucSegConfig, **changes) -> PromptNucSegConfig:
+    """A copy of ``config`` with other inference settings (thresholds, tiling)."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,157 @@
+"""Dataset tables (serial and parallel), Parquet/CSV/GeoJSON output, and the two CLI commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from skimage.draw import disk
+from typer.testing import CliRunner
+
+from karyo.attributes.table import measure_samples, nucleus_geojson, write_table
+from karyo.cli import app
+from karyo.data import Sample
+from karyo.data.io import write_image, write_instances
+from karyo.data.layout import write_layout_sample
+
+NAMES = {1: "small", 2: "large"}
+
+
+def _sample(seed: int, name: str) -> Sample:
+    """Dark disks on a pink background: class 2 nuclei are twice the radius of class 1."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((96, 96, 3), np.uint8)
+    image[:] = (230, 180, 210)
+    image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+    labels = np.zeros((96, 96), np.int32)
+    classes = {}
+    for i, (cy, cx) in enumerate([(16, 16), (16, 60), (50, 30), (50, 75), (80, 15), (80, 55)], start=1):
+        big = (i + seed) % 2 == 0
+        rr, cc = disk((cy, cx), (9 if big else 4.5) + rng.uniform(-1, 1), shape=labels.shape)
+        labels[rr, cc] = i
+        image[rr, cc] = (90 + rng.integers(0, 40), 40, 140)
+        classes[i] = 2 if big else 1
+    return Sample(image=image, instances=labels, classes=classes, class_names=NAMES, name=name)
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[Sample]:
+    return [_sample(s, f"img{s}") for s in range(6)]
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory, samples):
+    root = tmp_path_factory.mktemp("layout")
+    for i, s in enumerate(samples):
+        write_layout_sample(root, s, split="train" if i < 4 else "test")
+    return root
+
+
+def test_parallel_equals_serial(samples, layout):
+    from karyo.data.layout import LayoutDataset
+
+    serial = measure_samples(samples)
+    parallel = measure_samples(samples, n_jobs=2, chunk_size=2)
+    pd.testing.assert_frame_equal(serial, parallel)
+    lazy = measure_samples(LayoutDataset(layout), n_jobs=2, chunk_size=2)
+    pd.testing.assert_frame_equal(serial, lazy)
+    assert serial["Identifier.Image"].unique().tolist() == [s.name for s in samples]
+    assert set(serial["Class.Name"]) == {"small", "large"}
+    # z-scores are per image
+    for _, rows in serial[serial["Flag.Valid"]].groupby("Identifier.Image"):
+        assert rows["Color.HematoxylinZ"].mean() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_empty_input_gives_empty_table():
+    df = measure_samples([])
+    assert len(df) == 0 and "Size.Area" in df.columns and "Identifier.Image" in df.columns
+
+
+def test_write_table_round_trip(tmp_path, samples):
+    df = measure_samples(samples[:2])
+    files = write_table(df, tmp_path / "attrs")
+    assert [f.name for f in files] == ["attrs.parquet", "attrs.csv"]
+    back = pd.read_parquet(files[0])
+    pd.testing.assert_frame_equal(back, df)
+    csv = pd.read_csv(files[1])
+    assert csv["Size.Area"].tolist() == df["Size.Area"].tolist()
+    assert csv["Shape.Solidity"].to_numpy() == pytest.approx(df["Shape.Solidity"].to_numpy(), rel=1e-5)
+    assert not list(tmp_path.glob("*.part*"))
+
+
+def test_geojson_carries_measurements_classes_and_prompts(tmp_path, samples):
+    from karyo.attributes import measure_nuclei
+
+    s = samples[0]
+    table = measure_nuclei(s.image, s.instances, s.classes, class_names=s.class_names)
+    prompts = {int(k): f"nucleus {k}" for k in table.index}
+    path = nucleus_geojson(tmp_path / "x.geojson", s.instances, table, classes=s.classes, class_names=NAMES,
+                           prompts=prompts)
+    fc = json.loads(path.read_text())
+    assert len(fc["features"]) == len(table)
+    props = {f["properties"]["instance_id"]: f["properties"] for f in fc["features"]}
+    first = props[1]
+    assert first["measurements"]["Size.Area"] == int(table.loc[1, "Size.Area"])
+    assert first["measurements"]["Shape.Eccentricity"] == pytest.approx(table.loc[1, "Shape.Eccentricity"])
+    assert first["classification"]["name"] == NAMES[s.classes[1]]
+    assert first["prompt"] == "nucleus 1"
+
+
+runner = CliRunner()
+
+
+def test_cli_attributes_on_one_image(tmp_path, samples):
+    s = samples[1]
+    write_image(tmp_path / "in" / "tile.png", s.image)
+    write_instances(tmp_path / "in" / "tile_mask.png", s.instances)
+    (tmp_path / "in" / "tile.csv").write_text("instance_id,class_id\n"
+                                               + "".join(f"{k},{v}\n" for k, v in s.classes.items()))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["attributes", str(tmp_path / "in" / "tile.png"), "--instances",
+                              str(tmp_path / "in" / "tile_mask.png"), "--classes", str(tmp_path / "in" / "tile.csv"),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "6 nuclei in 1 image" in res.output
+    table = pd.read_parquet(out / "tile_attributes.parquet")
+    assert len(table) == 6 and table["Text.Prompt"].str.contains("nucleus").all()
+    assert (out / "tile.geojson").is_file() and (out / "tile_levels.json").is_file()
+    assert (out / "tile_attributes.csv").is_file()
+
+
+def test_cli_attributes_on_a_dataset_and_reusing_levels(tmp_path, layout):
+    out = tmp_path / "ds"
+    res = runner.invoke(app, ["attributes", str(layout), "--out", str(out), "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_parquet(out / "attributes.parquet")
+    assert table["Identifier.Image"].nunique() == 6
+    assert set(table["Identifier.Split"]) == {"train", "test"}
+    assert len(list((out / "geojson").glob("*.geojson"))) == 6
+    levels = json.loads((out / "levels.json").read_text())
+    assert levels["meta"]["fit_split"] == "train"
+    # the test split described with the training thresholds
+    res = runner.invoke(app, ["attributes", str(layout), "--out", str(tmp_path / "t"), "--split", "test",
+                              "--levels", str(out / "levels.json"), "--no-geojson"])
+    assert res.exit_code == 0, res.output
+    test_table = pd.read_parquet(tmp_path / "t" / "attributes.parquet")
+    same = table[table["Identifier.Split"] == "test"].reset_index(drop=True)
+    assert test_table["Text.Prompt"].tolist() == same["Text.Prompt"].tolist()
+
+
+def test_cli_select_attributes_prints_table_and_choice(tmp_path, layout):
+    res = runner.invoke(app, ["select-attributes", str(layout), "--k", "2", "--out", str(tmp_path / "s.csv")])
+    assert res.exit_code == 0, res.output
+    assert "selected (k=2" in res.output and "d_eq" in res.output and "S_overall" in res.output
+    scores = pd.read_csv(tmp_path / "s.csv", index_col=0)
+    assert scores.loc["Size.EquivalentDiameter", "selected"] == 1  # the classes differ by size
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, samples):
+    write_image(tmp_path / "a.png", samples[0].image)
+    res = runner.invoke(app, ["attributes", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--instances" in res.output
+    write_instances(tmp_path / "m.png", np.zeros((10, 10), np.int32))
+    res = runner.invoke(app, ["attributes", str(tmp_path / "a.png"), "--instances", str(tmp_path / "m.png"),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "differs from image shape" in res.output
