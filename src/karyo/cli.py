@@ -288,3 +288,38 @@ def select_attributes_cmd(
                                                          strict=True)), highlight=False)
     if out is not None:
         write_text(out, scores.to_csv(float_format="%.6g"))
+
+
+@app.command("train")
+@friendly_errors
+def train_cmd(
+    task: Annotated[str, typer.Argument(help="prompter | segmentor")],
+    data: Annotated[list[str] | None, typer.Option("--data", help="PATH[:SPLIT][@CLASSES], repeatable; @none "
+                                                                   "uses a dataset for nuclei but not classes.")
+                    ] = None,
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, history, exported model).")] = Path("runs/run"),
+    config: Annotated[Path | None, typer.Option(help="JSON/YAML run config (model/train/augment/data sections).")
+                      ] = None,
+    preset: Annotated[str | None, typer.Option(help="Model preset (prompter: cpu, pannuke, kumar, cpm; "
+                                                    "segmentor: small, tiny, vit_b, vit_l, vit_h).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (overrides the config).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (PromptNucSeg: Adam 1e-4).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (data order, augmentation, initialisation).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Fraction of source images held out.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Cap steps per epoch (quick runs).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, mps or auto.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint.")
+                      ] = False,
+) -> None:
+    """Train a PromptNucSeg prompter or segmentor: seeded, resumable, best checkpoint chosen on validation."""
+    from karyo.train.api import train
+
+    overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                   "threads": threads, "max_steps_per_epoch": max_steps, "device": device}.items()
+                 if v is not None}
+    result = train(task, data, out, config=config, resume=resume, preset=preset, val_fraction=val_fraction,
+                   train_overrides=overrides, progress=True)
+    console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1}; "
+                  f"model → {result.run_dir / 'model'}", highlight=False)

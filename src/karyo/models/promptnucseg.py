@@ -37,7 +37,7 @@ class PromptNucSegConfig:
     """Both networks' configs plus the inference settings (thresholds tuned on validation data ship here)."""
 
     prompter: PrompterConfig = field(default_factory=lambda: PrompterConfig.preset("cpu"))
-    segmentor: SegmentorConfig = field(default_factory=lambda: segmentor_config("small"))
+    segmentor: SegmentorConfig = field(default_factory=lambda: segmentor_config("cpu"))
     mpp: float = 0.25  # µm/px of the training data; inputs with another mpp are resampled to it
     negatives: int = 1  # K nearest other points given as negative prompts (PromptNucSeg: K = 1)
     score_threshold: float = 0.5  # on the prompter's foreground probability

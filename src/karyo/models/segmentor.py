@@ -124,12 +124,19 @@ def segmentor_config(name: str = "small", **overrides) -> SegmentorConfig:
     ``"small"`` is karyo's CPU-trainable segmentor for 256×256 tiles at ~0.25 µm/px: a stride-8 conv stem (32×32
     tokens per tile, so a ~30-px nucleus spans ~4 tokens), 6 blocks of width 192 with 8×8 windows and two global
     blocks, a 128-wide decoder and 12-token (96-px) local decode windows. ``"tiny"`` is a seconds-to-train variant
-    for tests and smoke runs. ``overrides`` replace top-level fields (``encoder=ViTConfig(...)`` included).
+    for tests and smoke runs. ``"cpu"`` is ``"small"`` at width 128 (about half the encoder compute), karyo's
+    shipped default. ``overrides`` replace top-level fields (``encoder=ViTConfig(...)`` included).
     """
     if name in SAM_PRESETS:
         cfg = SegmentorConfig(encoder=_sam_encoder(*SAM_PRESETS[name]))
     elif name == "small":
         enc = ViTConfig(img_size=256, patch_size=8, in_chans=3, embed_dim=192, depth=6, num_heads=6, mlp_ratio=4.0,
+                        use_abs_pos=True, use_rel_pos=True, window_size=8, global_attn_indexes=(2, 5),
+                        patch_embed="stem")
+        cfg = SegmentorConfig(encoder=enc, prompt_dim=128, decoder_mlp_dim=512, decoder_heads=4,
+                              iou_head_hidden_dim=128, decode_window=12)
+    elif name == "cpu":
+        enc = ViTConfig(img_size=256, patch_size=8, in_chans=3, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
                         use_abs_pos=True, use_rel_pos=True, window_size=8, global_attn_indexes=(2, 5),
                         patch_embed="stem")
         cfg = SegmentorConfig(encoder=enc, prompt_dim=128, decoder_mlp_dim=512, decoder_heads=4,
@@ -141,7 +148,7 @@ def segmentor_config(name: str = "small", **overrides) -> SegmentorConfig:
         cfg = SegmentorConfig(encoder=enc, prompt_dim=32, mask_in_chans=8, decoder_mlp_dim=64, decoder_heads=2,
                               iou_head_hidden_dim=32, decode_window=6)
     else:
-        raise ValueError(f"unknown segmentor preset {name!r}; known: {[*SAM_PRESETS, 'small', 'tiny']}")
+        raise ValueError(f"unknown segmentor preset {name!r}; known: {[*SAM_PRESETS, 'small', 'cpu', 'tiny']}")
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 

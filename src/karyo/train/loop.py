@@ -142,7 +142,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-        model_config: Any | None = None, progress: bool = True,
+        model_config: Any | None = None, progress: bool = True, meta: dict | None = None,
         on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``task``'s model with ``cfg`` into ``run_dir``; returns the best validation score and history."""
     from karyo.device import pick_device
@@ -167,10 +167,11 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
         best_score, best_epoch = state["best_score"], state["best_epoch"]
     elif (run_dir / "last.pt").exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or choose a new folder")
-    meta = {"task": task.name, "train": to_dict(cfg)}
+    saved = {"task": task.name, "train": to_dict(cfg)}
     if model_config is not None:
-        meta["model"] = to_dict(model_config)
-    save_json(run_dir / "train_config.json", meta)
+        saved["model"] = to_dict(model_config)
+    saved.update(meta or {})
+    save_json(run_dir / "train_config.json", saved)
 
     bar = _Progress(progress)
     with bar:

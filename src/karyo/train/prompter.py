@@ -73,12 +73,15 @@ class PrompterTask:
 
 def validate_points(model: Prompter, dataset: NucleusDataset, device: torch.device, batch_size: int = 8
                     ) -> dict[str, float]:
-    """HoVer-Net detection F1d and per-class F1c of the predicted points on a validation set.
+    """HoVer-Net detection F1d (all images) and per-class F1c (images whose nuclei have classes) on a
+    validation set.
 
     ``score`` (what best-checkpoint selection maximises) = mean of F1d and the mean F1c over the classes
-    present, so a model that finds nuclei but cannot type them does not win.
+    present, so a model that finds nuclei but cannot type them does not win. Nuclei of unknown class (0, from
+    datasets without class labels) count for detection only.
     """
-    stats = NucleiTypeStats(dummy_for_empty=False)
+    detection = NucleiTypeStats(dummy_for_empty=False)
+    typing = NucleiTypeStats(dummy_for_empty=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_nuclei)
     classes_seen: set[int] = set()
     for batch in loader:
@@ -87,11 +90,21 @@ def validate_points(model: Prompter, dataset: NucleusDataset, device: torch.devi
             h, w = (int(v) for v in size)
             p = pred.points
             inside = (p[:, 0] >= 0) & (p[:, 0] < w) & (p[:, 1] >= 0) & (p[:, 1] < h)
-            classes_seen.update(int(c) for c in cls.unique().tolist() if c > 0)
-            stats.add_points(xy.numpy(), cls.numpy(), p[inside], pred.classes[inside])
-    res = stats.compute(sorted(classes_seen) or [0])
-    f1c = [v for c, v in res.f1_type.items() if c > 0 and np.isfinite(v)]
-    out = {"f1_d": res.f1_d, "precision_d": res.precision_d, "recall_d": res.recall_d, "acc_type": res.acc_type}
-    out.update({f"f1_c{c}": v for c, v in res.f1_type.items() if c > 0})
-    out["score"] = res.f1_d if not f1c else 0.5 * (res.f1_d + float(np.mean(f1c)))
+            true_xy, true_cls = xy.numpy(), cls.numpy()
+            detection.add_points(true_xy, np.zeros_like(true_cls), p[inside], np.zeros(int(inside.sum()), np.int64))
+            if len(true_cls) and (true_cls > 0).all():
+                classes_seen.update(int(c) for c in np.unique(true_cls))
+                typing.add_points(true_xy, true_cls, p[inside], pred.classes[inside])
+    det = detection.compute([0])
+    out = {"f1_d": det.f1_d, "precision_d": det.precision_d, "recall_d": det.recall_d}
+    score = det.f1_d
+    if classes_seen:
+        typ = typing.compute(sorted(classes_seen))
+        out["acc_type"] = typ.acc_type
+        out.update({f"f1_c{c}": v for c, v in typ.f1_type.items()})
+        f1c = [v for v in typ.f1_type.values() if np.isfinite(v)]
+        if f1c:
+            out["f1_c_mean"] = float(np.mean(f1c))
+            score = 0.5 * (det.f1_d + out["f1_c_mean"])
+    out["score"] = score
     return out

@@ -1,0 +1,120 @@
+"""``karyo train``'s Python twin: build the task from data specs and configs, then :func:`karyo.train.loop.fit`.
+
+Everything a run needs is saved in ``RUN/train_config.json``; ``resume=True`` reads it back, so a resumed run
+trains exactly what the interrupted one did (only ``epochs`` may be raised).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from karyo.config import from_dict, load_json, to_dict
+from karyo.data.augment import AugmentConfig
+from karyo.errors import InputError
+from karyo.models.prompter import PrompterConfig
+from karyo.models.segmentor import SegmentorConfig, segmentor_config
+from karyo.train.data import DataSpec, group_split, load_specs
+from karyo.train.loop import FitResult, TrainConfig, fit
+from karyo.train.prompter import PrompterTask
+from karyo.train.segmentor import SegmentorTask, SegmentorTrainSettings
+
+TASKS = ("prompter", "segmentor")
+
+
+def read_config_file(path: str | os.PathLike | None) -> dict:
+    """A run config (JSON or YAML) with optional sections ``model``, ``train``, ``augment``, ``settings``,
+    ``data`` (list of specs), ``val_fraction``, ``preset``."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(path, f"invalid YAML/JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "config must be a mapping with sections model/train/augment/data")
+    unknown = set(data) - {"model", "train", "augment", "settings", "data", "val_fraction", "preset", "task"}
+    if unknown:
+        raise InputError(path, f"unknown config section(s) {sorted(unknown)}")
+    return data
+
+
+def _class_names(specs: list[DataSpec]) -> dict[int, str]:
+    from karyo.data.datasets import open_dataset
+
+    for spec in specs:
+        if spec.classes == "keep":
+            names = open_dataset(spec.path, split=spec.split).class_names
+            if names:
+                return dict(names)
+    return {}
+
+
+def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: str | os.PathLike | None = None,
+          resume: bool = False, preset: str | None = None, val_fraction: float | None = None,
+          train_overrides: dict[str, Any] | None = None, progress: bool = True) -> FitResult:
+    """Train a prompter or segmentor into ``out`` (see the module docstring)."""
+    if task not in TASKS:
+        raise InputError(None, f"unknown training task {task!r}; choose from {', '.join(TASKS)}")
+    out = Path(out)
+    if resume:
+        if not (out / "train_config.json").is_file():
+            raise InputError(out, "nothing to resume: no train_config.json here")
+        saved = load_json(out / "train_config.json")
+        if saved.get("task") != task:
+            raise InputError(out, f"this run trains a {saved.get('task')}, not a {task}")
+        file_cfg = {k: saved[k] for k in ("model", "train", "augment", "settings", "data", "val_fraction")
+                    if k in saved}
+        data = None
+    else:
+        file_cfg = read_config_file(config)
+    specs = [DataSpec.parse(s) for s in (data or file_cfg.get("data") or [])]
+    if not specs:
+        raise InputError(None, "no training data: pass --data PATH[:SPLIT][@CLASSES] (repeatable)")
+    tcfg = from_dict(TrainConfig, {**file_cfg.get("train", {}), **(train_overrides or {})})
+    augment = AugmentConfig.from_dict({"seed": tcfg.seed, **file_cfg.get("augment", {})})
+    vf = val_fraction if val_fraction is not None else file_cfg.get("val_fraction", 0.15)
+    class_names = _class_names(specs)
+    samples = load_specs(specs, class_names or None)
+    tr_idx, va_idx = group_split(samples.ids, vf, seed=tcfg.seed)
+    if not va_idx:
+        raise InputError(None, "the validation split is empty: raise --val-fraction or add data")
+    # Tiles are small: hold the whole training set in memory instead of decoding PNGs every epoch.
+    train_samples = [samples[i] for i in tr_idx]
+    val_samples = [samples[i] for i in va_idx]
+    meta: dict[str, Any] = {"data": [str(s) for s in specs], "val_fraction": vf, "augment": augment.to_dict(),
+                            "n_train": len(train_samples), "n_val": len(val_samples),
+                            "val_ids": [samples.ids[i] for i in va_idx]}
+    model_cfg: Any
+    if task == "prompter":
+        base = file_cfg.get("model") or {}
+        if "preset" in base or preset or not base:
+            kw = {k: v for k, v in base.items() if k != "preset"}
+            name = base.get("preset", preset or "cpu")
+            model_cfg = PrompterConfig.preset(name, **_prompter_classes(kw, class_names))
+        else:
+            model_cfg = from_dict(PrompterConfig, base)
+        t = PrompterTask(model_cfg, augment, train_samples, val_samples)
+    else:
+        base = dict(file_cfg.get("model") or {})
+        if "encoder" in base:
+            model_cfg = from_dict(SegmentorConfig, base)
+        else:
+            model_cfg = segmentor_config(base.pop("preset", preset or "small"), **base)
+        settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
+        meta["settings"] = to_dict(settings)
+        t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
+    return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta)
+
+
+def _prompter_classes(kw: dict, class_names: dict[int, str]) -> dict:
+    if class_names and "num_classes" not in kw:
+        kw = {**kw, "num_classes": max(class_names), "class_names": class_names}
+    return kw
+

@@ -1,0 +1,128 @@
+"""Training: a real short run lowers the loss, resume equals an uninterrupted run, runs are reproducible."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from karyo.data.augment import AugmentConfig
+from karyo.data.sample import Sample
+from karyo.models.prompter import PrompterConfig
+from karyo.models.segmentor import segmentor_config
+from karyo.train.data import DataSpec, group_split, source_group
+from karyo.train.loop import TrainConfig, fit, lr_factor
+from karyo.train.prompter import PrompterTask
+from karyo.train.segmentor import SegmentorTask, SegmentorTrainSettings
+
+
+def disc_samples(n: int, size: int = 64, seed: int = 0) -> list[Sample]:
+    """Synthetic H&E-like tiles: purple discs of 2 classes (small = 1, large = 2) on pink."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for k in range(n):
+        img = np.empty((size, size, 3), np.uint8)
+        img[:] = (235, 190, 215)
+        inst = np.zeros((size, size), np.int32)
+        classes = {}
+        for i, (cy, cx) in enumerate([(16, 16), (16, 48), (48, 16), (48, 48)], 1):
+            r = 5 if (i + k) % 2 else 8
+            m = (yy - cy - rng.integers(-3, 4)) ** 2 + (xx - cx - rng.integers(-3, 4)) ** 2 <= r * r
+            img[m] = (70, 40, 130) if r == 5 else (110, 60, 150)
+            inst[m] = i
+            classes[i] = 1 if r == 5 else 2
+        out.append(Sample(image=img, instances=inst, classes=classes, name=f"syn_{k // 2}_{k % 2:03d}"))
+    return out
+
+
+def tiny_prompter() -> PrompterConfig:
+    return PrompterConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), fpn_dim=16, head_hidden=16, num_classes=2,
+                          class_names={1: "small", 2: "large"}, dropout=0.0)
+
+
+AUG = AugmentConfig(crop_size=64, seed=0, p_grid_shuffle=0.0, p_elastic=0.0, p_superpixels=0.0)
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, one_thread):
+    samples = disc_samples(8)
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-3, seed=3, warmup_epochs=0)
+
+    def task():
+        return PrompterTask(tiny_prompter(), AUG, samples[:6], samples[6:])
+
+    fit(task(), cfg, tmp_path / "a", progress=False)
+    fit(task(), TrainConfig(**{**cfg.__dict__, "epochs": 1}), tmp_path / "b", progress=False)
+    with pytest.raises(FileExistsError):
+        fit(task(), cfg, tmp_path / "b", progress=False)
+    fit(task(), cfg, tmp_path / "b", resume=True, progress=False)
+    a, b = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    hist_a = (tmp_path / "a" / "history.csv").read_text().splitlines()
+    hist_b = (tmp_path / "b" / "history.csv").read_text().splitlines()
+    assert [r.split(",")[:4] for r in hist_a] == [r.split(",")[:4] for r in hist_b]
+
+
+def test_prompter_training_lowers_loss_and_exports(tmp_path, one_thread):
+    samples = disc_samples(8)
+    task = PrompterTask(tiny_prompter(), AUG, samples[:6], samples[6:])
+    res = fit(task, TrainConfig(epochs=6, batch_size=3, lr=3e-3, seed=0, warmup_epochs=0), tmp_path, progress=False)
+    losses = [row["train_loss"] for row in res.history]
+    assert losses[-1] < 0.6 * losses[0]
+    assert (tmp_path / "model" / "prompter.pt").is_file()
+    meta = json.loads((tmp_path / "model" / "prompter.json").read_text())
+    assert meta["config"]["num_classes"] == 2
+    assert {"val_f1_d", "val_score"} <= set(res.history[-1])
+
+
+def test_segmentor_training_lowers_loss(tmp_path, one_thread):
+    samples = disc_samples(6)
+    task = SegmentorTask(segmentor_config("tiny"), AUG, SegmentorTrainSettings(nuclei_per_image=4), samples[:4],
+                         samples[4:], seed=0)
+    res = fit(task, TrainConfig(epochs=8, batch_size=2, lr=3e-3, seed=0, warmup_epochs=0), tmp_path,
+              progress=False)
+    losses = [row["train_loss"] for row in res.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert res.history[-1]["val_pq_oracle"] >= 0.0
+    assert (tmp_path / "model" / "segmentor.pt").is_file()
+
+
+def test_lr_schedule_shapes():
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, schedule="cosine")
+    assert lr_factor(0, cfg) < 0.01
+    assert lr_factor(1, cfg) == pytest.approx(0.5)
+    assert lr_factor(2, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(0.02)
+    step = TrainConfig(epochs=10, warmup_epochs=0, schedule="step", step_epochs=3, step_gamma=0.1)
+    assert [lr_factor(e, step) for e in (0, 2.9, 3, 6)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_group_split_holds_out_whole_source_images():
+    names = [f"train_{t}_{k:03d}" for t in range(10) for k in range(16)] + ["00000001", "00000002"]
+    tr, va = group_split(names, 0.2, seed=1)
+    assert sorted(tr + va) == list(range(len(names)))
+    val_groups = {source_group(names[i]) for i in va}
+    assert not val_groups & {source_group(names[i]) for i in tr}
+    assert len(val_groups) == round(0.2 * 12)
+    assert group_split(names, 0.2, seed=1) == (tr, va)
+
+
+def test_data_spec_parsing():
+    assert str(DataSpec.parse("data/consep:train")) == "data/consep:train"
+    s = DataSpec.parse("x/y:test@1=3,2=0")
+    assert (s.path, s.split, s.classes, s.class_map) == ("x/y", "test", "map", {1: 3, 2: 0})
+    assert DataSpec.parse("z@none").classes == "none"
