@@ -181,7 +181,10 @@ def evaluate(
 
     if missing not in ("error", "empty"):
         raise InputError(None, f"--missing must be 'error' or 'empty', got {missing!r}")
-    report = evaluate_folders(true, pred, split=split, missing=missing)
+    with progress_bar() as bar:
+        task = bar.add_task("evaluating", total=None)
+        report = evaluate_folders(true, pred, split=split, missing=missing,
+                                  on_image=lambda done, total: bar.update(task, completed=done, total=total))
     out = out or pred / "evaluation.json"
     write_text(out, json.dumps(report.to_dict(), indent=1) + "\n")
     write_text(out.with_suffix(".csv"), report.per_image.to_csv(index=False, float_format="%.6g"))
@@ -191,9 +194,26 @@ def evaluate(
     for row in report.summary_table():
         table.add_row(*row)
     Console().print(table)
+    views = (("per class", report.per_class, ["name", "n_true", "n_pred", "pannuke_pq", "conic_pq_plus", "f1_type"]),
+             ("per tissue", report.per_tissue, ["tissue", "n_images", "pq", "aji", "mpq", "bpq"]))
+    for title, frame, cols in views:
+        if len(frame) and not (title == "per tissue" and len(frame) == 1):
+            Console().print(_frame_table(frame[[c for c in cols if c in frame.columns]], title))
     for note in report.notes:
         console.print(f"note: {note}", highlight=False)
     console.print(f"report → {out}", highlight=False)
+
+
+def _frame_table(frame, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in frame.columns:
+        table.add_column(str(col), justify="right")
+    for row in frame.itertuples(index=False):
+        table.add_row(*("n/a" if isinstance(v, float) and v != v else f"{v:.4f}" if isinstance(v, float)
+                        else str(v) for v in row))
+    return table
 
 
 @app.command("attributes")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,12 @@ def _labels(dataset, i: int):
 
 
 def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split: str | None = None,
-                     true_format: str = "auto", missing: str = "error") -> EvaluationReport:
+                     true_format: str = "auto", missing: str = "error",
+                     on_image: Callable[[int, int], None] | None = None) -> EvaluationReport:
     """Pair every ground-truth image with ``PRED/instances/<id>.*`` (+ ``PRED/classes/<id>.csv``) and evaluate.
 
     ``missing="error"`` refuses a ground-truth image without a prediction; ``"empty"`` scores it as an
-    empty prediction (every nucleus missed).
+    empty prediction (every nucleus missed). ``on_image(done, total)`` reports progress.
     """
     truth = open_dataset(true, format=true_format, split=split)
     pred_root = Path(pred)
@@ -64,5 +65,7 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
             yield ImagePair(name=name, true_inst=t_inst, pred_inst=p_inst, tissue=tissue,
                             true_type=None if t_cls is None else type_map(t_inst, t_cls),
                             pred_type=None if p_cls is None else type_map(p_inst, p_cls))
+            if on_image is not None:
+                on_image(i + 1, len(truth))
 
     return evaluate(pairs(), class_names=true_names or None)
