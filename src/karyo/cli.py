@@ -343,3 +343,25 @@ def train_cmd(
                    train_overrides=overrides, progress=True)
     console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1}; "
                   f"model → {result.run_dir / 'model'}", highlight=False)
+
+
+@app.command("pack")
+@friendly_errors
+def pack_cmd(
+    arch: Annotated[str, typer.Argument(help="promptnucseg")],
+    prompter: Annotated[Path, typer.Option(help="Prompter run folder (karyo train prompter --out).")],
+    segmentor: Annotated[Path, typer.Option(help="Segmentor run folder (karyo train segmentor --out).")],
+    out: Annotated[Path, typer.Option(help="Model folder to write (config.json + weights).")],
+    tune: Annotated[bool, typer.Option(help="Tune inference thresholds on the prompter run's validation images.")
+                    ] = True,
+) -> None:
+    """Build a model folder from training runs (thresholds tuned on validation data only)."""
+    from karyo.errors import InputError
+    from karyo.train.pack import pack_promptnucseg
+
+    if arch != "promptnucseg":
+        raise InputError(None, f"unknown architecture {arch!r} for pack; choose promptnucseg")
+    model = pack_promptnucseg(prompter, segmentor, out, tune=tune, log=lambda m: console.print(m, highlight=False))
+    cfg = model.config
+    console.print(f"model → {out} (score ≥ {cfg.score_threshold}, NMS {cfg.nms_radius_px} px, "
+                  f"mask ≥ {cfg.mask_threshold})", highlight=False)

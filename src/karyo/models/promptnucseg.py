@@ -73,7 +73,7 @@ class PromptNucSegModel(InstanceModel):
     def _from_config(cls, config: PromptNucSegConfig, directory: Path | None, device: str = "cpu"
                      ) -> PromptNucSegModel:
         model = cls(config, device=device)
-        if directory is not None:
+        if directory is not None:  # weights may be stored in float16; load_state_dict casts to float32
             model.prompter.load_state_dict(read_state_dict(directory / "prompter.pt"))
             model.segmentor.load_state_dict(read_state_dict(directory / "segmentor.pt"))
         return model
