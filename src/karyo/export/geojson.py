@@ -82,3 +82,63 @@ def write_geojson(path: str | os.PathLike, features: Iterable[dict]) -> Path:
             json.dump(feature, fh, allow_nan=False)
         fh.write("\n]}\n")
     return path
+
+
+def geometry_feature(geometry, *, feature_id: str, class_id: int = 0, class_name: str | None = None,
+                     measurements: Mapping[str, float] | None = None,
+                     properties: Mapping[str, object] | None = None) -> dict:
+    """One QuPath detection Feature from a shapely geometry (whole-slide export, where there is no instance map).
+
+    ``class_id`` 0 means unclassified (no ``classification``); NaN measurements are written as null.
+    """
+    props: dict = {"objectType": "detection"}
+    if class_id:
+        name = class_name or f"class {class_id}"
+        props["classification"] = {"name": name, "color": list(class_color(int(class_id), name))}
+    if measurements:
+        props["measurements"] = {k: _clean(v) for k, v in measurements.items()}
+    if properties:
+        props.update({k: _clean(v) for k, v in properties.items()})
+    return {"type": "Feature", "id": feature_id, "geometry": mapping(geometry), "properties": props}
+
+
+class GeoJSONWriter:
+    """A FeatureCollection written one feature at a time, so memory does not grow with the number of nuclei.
+
+    Writes to ``path`` directly: callers that need atomicity write to a temporary path and rename it after
+    :meth:`close` (as :func:`write_geojson` does). ``close`` completes the collection; a writer left unclosed
+    leaves an invalid file, never a valid-looking truncated one.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115  (closed by close())
+        self._fh.write('{"type": "FeatureCollection", "features": [')
+        self.count = 0
+
+    def write(self, feature: dict) -> None:
+        self._fh.write(",\n" if self.count else "\n")
+        json.dump(feature, self._fh, allow_nan=False)
+        self.count += 1
+
+    def close(self) -> Path:
+        if not self._fh.closed:
+            self._fh.write("\n]}\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+        return self.path
+
+    def abort(self) -> None:
+        """Close without completing (the file is left invalid; the caller deletes it)."""
+        if not self._fh.closed:
+            self._fh.close()
+
+    def __enter__(self) -> GeoJSONWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

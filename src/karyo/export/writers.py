@@ -61,6 +61,9 @@ def save_result(result: SegmentationResult, out_dir: str | os.PathLike, image: n
         overlay = draw_overlay(image, result.instances, result.classes, result.class_names)
         written["overlay"] = write_image(out / "overlays" / f"{stem}.png", overlay)
     if "geojson" in outputs:
+        if result.properties:  # per-nucleus values the model attached (e.g. IVAAN's levels); explicit ones win
+            properties = {k: {**result.properties.get(k, {}), **(properties or {}).get(k, {})}
+                          for k in set(result.properties) | set(properties or {})}
         features = nucleus_features(result.instances, classes=result.classes, class_names=result.class_names,
                                     scores=result.scores, measurements=measurements, properties=properties,
                                     image_name=stem)

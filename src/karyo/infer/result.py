@@ -17,6 +17,9 @@ class SegmentationResult:
 
     ``instances`` is H×W int32 (0 = background, ids 1..N); ``classes`` and ``scores`` map instance id to
     the predicted class id and the model's confidence in [0, 1]; ``class_names`` maps class id to name.
+    ``properties`` (optional) maps instance id to extra per-nucleus values (e.g. IVAAN's predicted attribute
+    levels and description); :meth:`table` adds one column per key and the GeoJSON writer adds them to the
+    feature properties.
     """
 
     instances: np.ndarray
@@ -25,6 +28,7 @@ class SegmentationResult:
     class_names: dict[int, str] | None = None
     name: str = ""
     model: str = ""
+    properties: dict[int, dict] | None = None
 
     @property
     def n_nuclei(self) -> int:
@@ -52,7 +56,19 @@ class SegmentationResult:
             "class_id": np.asarray(cls, dtype=np.int64),
             "class_name": [names.get(c, "") if c else "" for c in cls],
             "score": np.asarray([self.scores.get(int(i), np.nan) for i in ids], dtype=np.float64),
+            **self._property_columns(ids),
         })
+
+    def _property_columns(self, ids: np.ndarray) -> dict[str, list]:
+        """One column per key of ``properties`` (None where an instance lacks it), keys in first-seen order."""
+        if not self.properties:
+            return {}
+        keys: dict[str, None] = {}
+        for props in self.properties.values():
+            keys.update(dict.fromkeys(props))
+        reserved = set(_TABLE_COLUMNS)
+        return {(k if k not in reserved else f"property_{k}"):
+                [self.properties.get(int(i), {}).get(k) for i in ids] for k in keys}
 
     def to_sample(self, image: np.ndarray | None = None) -> Sample:
         """The result as a :class:`Sample` (e.g. to evaluate it against ground truth)."""

@@ -193,6 +193,12 @@ class Prompter(nn.Module):
         nn.init.zeros_(self.reg_head[-1].weight)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_features(images)[0]
+
+    def forward_features(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`forward`'s outputs plus the B×A×D per-anchor features the heads read (FPN width D), so
+        models built on the prompter (IVAAN) can add heads without repeating it. The K anchors of a cell share
+        their cell's feature."""
         cfg = self.config
         if images.ndim != 4 or images.shape[1] != cfg.in_chans:
             raise InputError(None, f"Prompter expects B×{cfg.in_chans}×H×W images, got {tuple(images.shape)}")
@@ -204,7 +210,10 @@ class Prompter(nn.Module):
         offsets = self.reg_head(feat).reshape(b, -1, 2)
         logits = self.cls_head(feat).reshape(b, -1, cfg.num_classes + 1)
         anchors = anchor_points(h, w, cfg.anchor_stride, k, device=images.device).to(offsets.dtype)
-        return {"points": anchors + offsets, "logits": logits}
+        per_anchor = feat.reshape(b, -1, feat.shape[-1])
+        if k > 1:
+            per_anchor = per_anchor.repeat_interleave(k, dim=1)
+        return {"points": anchors + offsets, "logits": logits}, per_anchor
 
     def load_backbone_weights(self, path: str | os.PathLike) -> WeightLoadReport:
         """Initialise the ConvNeXt from a local ImageNet checkpoint (official or timm layout), e.g. ConvNeXt-S."""

@@ -22,7 +22,7 @@ from karyo.train.loop import FitResult, TrainConfig, fit
 from karyo.train.prompter import PrompterTask
 from karyo.train.segmentor import SegmentorTask, SegmentorTrainSettings
 
-TASKS = ("prompter", "segmentor")
+TASKS = ("prompter", "segmentor", "ivaan")
 
 
 def read_config_file(path: str | os.PathLike | None) -> dict:
@@ -59,7 +59,7 @@ def _class_names(specs: list[DataSpec]) -> dict[int, str]:
 def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: str | os.PathLike | None = None,
           resume: bool = False, preset: str | None = None, val_fraction: float | None = None,
           train_overrides: dict[str, Any] | None = None, progress: bool = True) -> FitResult:
-    """Train a prompter or segmentor into ``out`` (see the module docstring)."""
+    """Train a prompter, segmentor or IVAAN prompter into ``out`` (see the module docstring)."""
     if task not in TASKS:
         raise InputError(None, f"unknown training task {task!r}; choose from {', '.join(TASKS)}")
     out = Path(out)
@@ -101,6 +101,11 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         else:
             model_cfg = from_dict(PrompterConfig, base)
         t = PrompterTask(model_cfg, augment, train_samples, val_samples)
+    elif task == "ivaan":
+        from karyo.train.ivaan import IVAANTask, ivaan_config
+
+        model_cfg = ivaan_config(file_cfg.get("model"), class_names, preset)
+        t = IVAANTask(model_cfg, augment, train_samples, val_samples)
     else:
         base = dict(file_cfg.get("model") or {})
         if "encoder" in base:

@@ -1,0 +1,692 @@
+"""Whole-slide inference: any karyo model over a slide, with bounded memory, resume and dask.distributed.
+
+The engine runs these steps; each is a method, so a variant overrides one step and keeps the rest (the layout of
+TIAToolbox's engines):
+
+1. :meth:`WSIEngine.open_slide` reads the pyramid and the pixel size (file metadata or ``mpp``; neither: error).
+2. :meth:`WSIEngine.detect_tissue` finds tissue on a low-resolution read (``tissue_mask.png``); no tissue: error.
+3. :meth:`WSIEngine.plan` lays overlapping tiles over the slide *at the model's resolution* (``model.config.mpp``)
+   and keeps those whose core touches tissue (ownership rule: :mod:`karyo.infer.tiling`).
+4. :meth:`WSIEngine.calibrate` lets a model that uses image-level statistics fix them once for the whole slide,
+   from a sample of tissue tiles, if it offers ``model.for_slide(images, mpp=...) -> InstanceModel``; without it
+   every tile is an independent image.
+5. :meth:`WSIEngine.execute` computes the tiles, in this process (``workers=0``) or on dask.distributed (a local
+   cluster of ``workers`` processes, or ``scheduler=tcp://host:port``), with a bounded number of tiles in flight.
+   Per tile, :class:`TileProcessor` reads (resampling to the model's mpp), predicts and keeps the nuclei the tile
+   owns, as rows in level-0 slide coordinates.
+6. Results come back to this process, which writes each tile's part and manifest line and merges parts in tile
+   order into ``nuclei.parquet`` and ``nuclei.geojson`` (:mod:`karyo.infer.wsi_writer`), then writes
+   ``overlay.png`` and ``summary.json`` (counts per class, densities per mm² of tissue, time per stage).
+
+Coordinates in the outputs are level-0 slide pixels: ``centroid_x/y`` as pixel indices (pixel centre = integer, as
+:meth:`SegmentationResult.table`), polygons as continuous coordinates where pixel (r, c) covers [c, c+1) × [r, r+1)
+(QuPath's convention), bounding boxes half-open. Attribute columns (``Size.*``, ``Shape.*``, ...) are measured at
+the model's resolution (``summary.json`` ``model.mpp``); ``area`` is in level-0 px and ``area_um2`` in µm².
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import shapely
+from scipy import ndimage as ndi
+
+from karyo.data.io import write_image, write_text
+from karyo.data.slide import Slide, SlideSpec, open_slide
+from karyo.errors import InputError, KaryoError
+from karyo.infer.result import SegmentationResult
+from karyo.infer.tiling import Tile, core_box, plan_tiles
+from karyo.infer.tissue import TissueMask, TissueOptions, slide_tissue
+from karyo.infer.wsi_writer import (
+    ATTRIBUTE_COLUMNS,
+    OrderedMerger,
+    OverlayPainter,
+    WorkDir,
+    part_schema,
+    writing,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_NAME = ".karyo-cache"
+STAGES = ("read", "model", "postprocess")
+
+
+@dataclass(frozen=True)
+class WSIOptions:
+    """Settings of a whole-slide run besides the slide, the model and where the work runs."""
+
+    tile: int = 256  # px at the model's resolution
+    overlap: int = 64  # px; must be ≥ 2 × the largest nucleus radius (see karyo.infer.tiling)
+    tissue: TissueOptions = field(default_factory=TissueOptions)
+    attributes: bool = True  # per-nucleus morphology and intensity columns (karyo.attributes)
+    simplify: float = 0.0  # polygon simplification tolerance, model px (0: exact pixel outlines)
+    calibration_tiles: int = 32  # tissue tiles shown to model.for_slide, if the model has it
+    overlay_max_size: int = 4096  # longest side of overlay.png, px
+    row_group_size: int = 65536  # nuclei per Parquet row group
+    tiles_in_flight: int = 2  # per worker thread: how far submission runs ahead of completion
+    backend: str = "auto"  # slide reader (karyo.data.slide.BACKENDS)
+
+
+@dataclass
+class TileResult:
+    """What one tile sends back: its owned nuclei as a part table, timings, or the error that stopped it."""
+
+    tile: int
+    table: pa.Table | None
+    times: dict[str, float]
+    truncated: int = 0
+    error: tuple[str | None, str] | None = None
+
+    @property
+    def n_nuclei(self) -> int:
+        return 0 if self.table is None else self.table.num_rows
+
+
+@dataclass
+class TileProcessor:
+    """The per-tile steps (read → predict → post-process). Pickled to the workers; subclass to change a step."""
+
+    slide: SlideSpec
+    factor: float  # level-0 px per model px
+    model_mpp: float
+    image_size: tuple[int, int]  # (width, height) at the model's resolution
+    attributes: bool = True
+    simplify: float = 0.0
+
+    def read(self, slide: Slide, tile: Tile) -> np.ndarray:
+        """The tile as RGB uint8 at the model's resolution (area-averaged when the slide is finer)."""
+        if abs(self.factor - 1.0) < 1e-9:
+            return slide.read_level(0, tile.x, tile.y, tile.width, tile.height)
+        level = slide.best_level(self.factor)
+        sx, sy = slide.level_scale(level)
+        rx, ry = self.factor / sx, self.factor / sy  # level px per model px
+        sig_x, sig_y = max(0.0, (rx - 1) / 2), max(0.0, (ry - 1) / 2)
+        mx, my = math.ceil(4 * sig_x) + 2, math.ceil(4 * sig_y) + 2
+        x0, y0 = math.floor(tile.x * rx) - mx, math.floor(tile.y * ry) - my
+        x1, y1 = math.ceil((tile.x + tile.width) * rx) + mx, math.ceil((tile.y + tile.height) * ry) + my
+        region = slide.read_level(level, x0, y0, x1 - x0, y1 - y0).astype(np.float32)
+        out = np.empty((tile.height, tile.width, 3), np.uint8)
+        # model pixel j has its centre at (tile.x + j + 0.5) · rx in the level's continuous coordinates
+        offset = ((tile.y + 0.5) * ry - 0.5 - y0, (tile.x + 0.5) * rx - 0.5 - x0)
+        for c in range(3):
+            plane = region[..., c]
+            if sig_x > 0 or sig_y > 0:
+                plane = ndi.gaussian_filter(plane, (sig_y, sig_x), mode="nearest")
+            res = ndi.affine_transform(plane, (ry, rx), offset=offset, output_shape=out.shape[:2], order=1,
+                                       mode="nearest")
+            out[..., c] = np.clip(np.round(res), 0, 255)
+        return out
+
+    def predict(self, model, image: np.ndarray) -> SegmentationResult:
+        """The model on one tile (already at the model's resolution)."""
+        return model.segment(image, mpp=self.model_mpp)
+
+    def postprocess(self, result: SegmentationResult, image: np.ndarray, tile: Tile) -> tuple[pa.Table, int]:
+        """Rows of the nuclei this tile owns (centroid in its core), in level-0 coordinates; and how many of them
+        touch an interior tile edge (the overlap was too small for them)."""
+        schema = part_schema(self.attributes)
+        table = result.table()
+        if table.empty:
+            return schema.empty_table(), 0
+        cx = table["centroid_x"].to_numpy() + 0.5 + tile.x  # continuous model-resolution coordinates
+        cy = table["centroid_y"].to_numpy() + 0.5 + tile.y
+        own = tile.owns(cx, cy)
+        if not own.any():
+            return schema.empty_table(), 0
+        table = table[own]
+        cx, cy = cx[own], cy[own]
+        width, height = self.image_size
+        bx0, by0 = table["bbox_x0"].to_numpy(), table["bbox_y0"].to_numpy()
+        bx1, by1 = table["bbox_x1"].to_numpy(), table["bbox_y1"].to_numpy()
+        truncated = int(np.count_nonzero(((bx0 == 0) & (tile.x > 0)) | ((by0 == 0) & (tile.y > 0))
+                                         | ((bx1 >= tile.width) & (tile.x + tile.width < width))
+                                         | ((by1 >= tile.height) & (tile.y + tile.height < height))))
+        ids = table["instance_id"].to_numpy()
+        polys = _polygons(result.instances, ids, (tile.x, tile.y), self.simplify, self.factor)
+        f = self.factor
+        area = table["area"].to_numpy().astype(np.float64)
+        cols: dict[str, Any] = {
+            "tile": np.full(len(ids), tile.index, np.int32),
+            "centroid_x": cx * f - 0.5, "centroid_y": cy * f - 0.5,
+            "bbox_x0": np.floor((bx0 + tile.x) * f + 1e-9).astype(np.int64),
+            "bbox_y0": np.floor((by0 + tile.y) * f + 1e-9).astype(np.int64),
+            "bbox_x1": np.ceil((bx1 + tile.x) * f - 1e-9).astype(np.int64),
+            "bbox_y1": np.ceil((by1 + tile.y) * f - 1e-9).astype(np.int64),
+            "area": area * f * f, "area_um2": area * self.model_mpp ** 2,
+            "class_id": table["class_id"].to_numpy().astype(np.int32),
+            "class_name": table["class_name"].astype(str).tolist(),
+            "score": table["score"].to_numpy().astype(np.float64),
+            "polygon_wkb": shapely.to_wkb(polys).tolist(),
+        }
+        if self.attributes:
+            cols.update(_attributes(image, result.instances, ids))
+        return pa.Table.from_pydict(cols, schema=schema), truncated
+
+    def process(self, model, slide: Slide, tile: Tile) -> TileResult:
+        """All steps on one tile, timed; a karyo error is returned (exceptions of ours do not pickle)."""
+        times = {}
+        try:
+            t0 = time.perf_counter()
+            image = self.read(slide, tile)
+            t1 = time.perf_counter()
+            result = self.predict(model, image)
+            t2 = time.perf_counter()
+            table, truncated = self.postprocess(result, image, tile)
+            t3 = time.perf_counter()
+        except KaryoError as exc:
+            return TileResult(tile.index, None, times, error=(getattr(exc, "source", None),
+                                                              getattr(exc, "problem", str(exc))))
+        times = {"read": t1 - t0, "model": t2 - t1, "postprocess": t3 - t2}
+        return TileResult(tile.index, table, times, truncated)
+
+
+def _polygons(instances: np.ndarray, ids: np.ndarray, offset: tuple[int, int], simplify: float,
+              factor: float) -> np.ndarray:
+    from shapely.geometry import box
+
+    from karyo.export.polygons import instance_polygons
+
+    polys = instance_polygons(instances, [int(i) for i in ids], simplify=simplify, offset=offset)
+    out = []
+    for i in ids:
+        poly = polys.get(int(i))
+        if poly is None:  # cannot happen for a non-empty mask; keep the row with its pixel box anyway
+            rr, cc = np.nonzero(instances == i)
+            poly = box(cc.min() + offset[0], rr.min() + offset[1], cc.max() + 1 + offset[0], rr.max() + 1 + offset[1])
+        out.append(poly)
+    geoms = np.array(out, dtype=object)
+    if factor != 1.0:
+        geoms = shapely.transform(geoms, lambda xy: xy * factor)
+    return geoms
+
+
+def _attributes(image: np.ndarray, instances: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    from karyo.attributes import measure_arrays
+
+    cols = measure_arrays(image, instances)
+    labels = cols["Identifier.Label"]
+    pos = np.searchsorted(labels, ids)
+    return {c: np.asarray(cols[c], dtype=np.float64)[pos] for c in ATTRIBUTE_COLUMNS}
+
+
+# ------------------------------------------------------------------------------------------------ workers
+_WORKER_SLIDES: dict[SlideSpec, Slide] = {}
+
+
+def _worker_slide(spec: SlideSpec) -> Slide:
+    """One open reader per slide and process (workers reuse it across tiles)."""
+    slide = _WORKER_SLIDES.get(spec)
+    if slide is None:
+        for old in _WORKER_SLIDES.values():
+            old.close()
+        _WORKER_SLIDES.clear()
+        slide = _WORKER_SLIDES[spec] = spec.open()
+    return slide
+
+
+def _load_model(source):
+    if isinstance(source, str):
+        from karyo.models import load
+
+        return load(source)
+    return source
+
+
+def _limit_threads(threads: int | None) -> None:
+    if threads and "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _model_plugin(source, torch_threads: int | None):
+    """A dask WorkerPlugin that loads the model once per worker (by name on the worker, or unpickled)."""
+    from distributed import WorkerPlugin
+
+    class KaryoModelPlugin(WorkerPlugin):
+        def __init__(self):
+            self.source = source
+            self.torch_threads = torch_threads
+            self.model = None
+
+        def setup(self, worker) -> None:
+            self.model = _load_model(self.source)
+            _limit_threads(self.torch_threads)
+
+        def teardown(self, worker) -> None:
+            self.model = None
+            _WORKER_SLIDES.clear()
+
+    return KaryoModelPlugin()
+
+
+def _dask_tile(processor: TileProcessor, tile: Tile, plugin: str) -> TileResult:
+    from distributed import get_worker
+
+    model = get_worker().plugins[plugin].model
+    return processor.process(model, _worker_slide(processor.slide), tile)
+
+
+# ------------------------------------------------------------------------------------------------ progress
+class _Progress:
+    """Rich progress bar (tiles, nuclei, rate, ETA) and/or a callback ``(done, total, nuclei)``."""
+
+    def __init__(self, progress: bool | Callable[[int, int, int], None], total: int, done: int, nuclei: int):
+        self.callback = progress if callable(progress) else None
+        self.total, self.done, self.nuclei = total, done, nuclei
+        self._start_done, self._t0 = done, time.perf_counter()
+        self._bar = None
+        if progress is True:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("tiles"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[nuclei]:,} nuclei"), TextColumn("{task.fields[rate]}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task("wsi", total=total, completed=done, nuclei=nuclei, rate="")
+
+    def advance(self, nuclei: int) -> None:
+        self.done += 1
+        self.nuclei += nuclei
+        if self._bar is not None:
+            rate = (self.done - self._start_done) / max(time.perf_counter() - self._t0, 1e-9)
+            self._bar.update(self._task, completed=self.done, nuclei=self.nuclei, rate=f"{rate:.1f} tiles/s")
+        if self.callback is not None:
+            self.callback(self.done, self.total, self.nuclei)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# ------------------------------------------------------------------------------------------------ engine
+@dataclass
+class WSIResult:
+    """A finished run: where its files are and its summary (what summary.json holds)."""
+
+    out_dir: Path
+    summary: dict
+    paths: dict[str, Path]
+
+
+class WSIEngine:
+    """Whole-slide inference; see the module docstring for the steps. ``run`` drives them."""
+
+    processor_class: type[TileProcessor] = TileProcessor
+
+    def __init__(self, model, *, options: WSIOptions | None = None, workers: int | None = None,
+                 scheduler: str | None = None, progress: bool | Callable[[int, int, int], None] = False):
+        self.model_source = model
+        self.options = options or WSIOptions()
+        self.workers = workers
+        self.scheduler = scheduler
+        self.progress = progress
+
+    # -------------------------------------------------------------------- steps
+    def open_slide(self, path: Path, mpp: float | None, cache_dir: Path) -> Slide:
+        slide = open_slide(path, mpp=mpp, backend=self.options.backend, cache_dir=cache_dir)
+        if slide.mpp is None:
+            slide.close()
+            raise InputError(path, "the file does not state its pixel size (microns per pixel); pass it with "
+                                   "--mpp (e.g. 0.25 for a 40× scan, 0.5 for 20×)")
+        return slide
+
+    def load_model(self):
+        """The model object (names and folders are loaded here, and again by name on each dask worker)."""
+        source = self.model_source
+        return _load_model(os.fspath(source) if isinstance(source, os.PathLike) else source)
+
+    def detect_tissue(self, slide: Slide) -> tuple[TissueMask, np.ndarray]:
+        return slide_tissue(slide, self.options.tissue)
+
+    def plan(self, slide: Slide, model_mpp: float, tissue: TissueMask) -> tuple[list[Tile], list[Tile], float,
+                                                                                   tuple[int, int]]:
+        """All tiles, those to compute (core touches tissue), level-0 px per model px and the model-res size."""
+        factor = model_mpp / float(slide.mpp)
+        if abs(factor - 1.0) < 1e-6:
+            factor = 1.0
+        w0, h0 = slide.dimensions
+        width, height = math.ceil(w0 / factor - 1e-9), math.ceil(h0 / factor - 1e-9)
+        tiles = plan_tiles(width, height, self.options.tile, self.options.overlap)
+        boxes = np.array([[v * factor for v in core_box(t, width, height)] for t in tiles])
+        keep = tissue.box_fractions(boxes) > 0
+        return tiles, [t for t, k in zip(tiles, keep, strict=True) if k], factor, (width, height)
+
+    def calibrate(self, model, processor: TileProcessor, slide: Slide, tiles: list[Tile]):
+        """``model.for_slide(sample, mpp=...)`` on an evenly spread sample of tissue tiles, if the model has it."""
+        hook = getattr(model, "for_slide", None)
+        if not callable(hook) or not tiles:
+            return model
+        n = min(self.options.calibration_tiles, len(tiles))
+        picks = np.unique(np.linspace(0, len(tiles) - 1, n).round().astype(int))
+        images = [processor.read(slide, tiles[i]) for i in picks]
+        return hook(images, mpp=processor.model_mpp)
+
+    def execute(self, processor: TileProcessor, model, slide: Slide, tiles: list[Tile],
+                on_result: Callable[[TileResult], None], worker_model: Any = None) -> dict:
+        """Compute ``tiles`` and hand each result to ``on_result`` as it arrives; returns how the work ran.
+
+        ``worker_model`` is what dask workers load: a model name (each worker loads its own copy) or the model
+        object itself (pickled once per worker); default ``model``.
+        """
+        if self.scheduler is None and self.workers == 0:
+            for tile in tiles:
+                on_result(processor.process(model, slide, tile))
+            return {"mode": "in-process", "workers": 0, "threads": 1}
+        if not tiles:
+            return {"mode": "dask", "note": "nothing left to compute"}
+        return self._execute_dask(processor, model if worker_model is None else worker_model, tiles, on_result)
+
+    def _execute_dask(self, processor: TileProcessor, source: Any, tiles: list[Tile],
+                      on_result: Callable[[TileResult], None]) -> dict:
+        from distributed import Client, LocalCluster, as_completed
+
+        cluster = None
+        with contextlib.ExitStack() as stack:
+            if self.scheduler is not None:
+                try:
+                    client = stack.enter_context(Client(self.scheduler, timeout="30s"))
+                except (OSError, TimeoutError) as exc:
+                    raise InputError(None, f"cannot connect to the dask scheduler {self.scheduler} ({exc})") from None
+                torch_threads = None
+            else:
+                n = self.workers if self.workers is not None else (os.cpu_count() or 1)
+                cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                           dashboard_address=None, silence_logs=logging.ERROR))
+                client = stack.enter_context(Client(cluster))
+                torch_threads = max(1, (os.cpu_count() or 1) // n)
+            plugin = f"karyo-model-{uuid.uuid4().hex[:12]}"
+            client.register_plugin(_model_plugin(source, torch_threads), name=plugin)
+            if self.scheduler is not None:
+                stack.callback(_quietly, client.unregister_worker_plugin, plugin)
+            info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+            threads = sum(w.get("nthreads", 1) for w in info["workers"].values()) or 1
+            window = max(2, self.options.tiles_in_flight * threads)
+            [proc] = client.scatter([processor], broadcast=True)
+            todo = iter(tiles)
+            running = set()
+
+            def submit(tile: Tile):
+                fut = client.submit(_dask_tile, proc, tile, plugin, key=f"karyo-tile-{tile.index}-{plugin}",
+                                    pure=False, retries=1)
+                running.add(fut)
+                return fut
+
+            try:
+                pending = as_completed([submit(t) for t in _take(todo, window)])
+                for fut in pending:
+                    result = fut.result()
+                    running.discard(fut)
+                    fut.release()
+                    on_result(result)
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending.add(submit(nxt))
+            finally:
+                if running:
+                    with contextlib.suppress(Exception):
+                        client.cancel(list(running))
+            return {"mode": "dask", "scheduler": self.scheduler or "LocalCluster", "workers": len(info["workers"]),
+                    "threads": threads, "tiles_in_flight": window}
+
+    # -------------------------------------------------------------------- driver
+    def run(self, slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, mpp: float | None = None,
+            resume: bool = False) -> WSIResult:
+        t_start = time.perf_counter()
+        opts = self.options
+        slide_path, out_dir = Path(slide_path), Path(out_dir)
+        with writing("the output folder", out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+        timing: dict[str, float] = {}
+        cache_dir = out_dir / CACHE_NAME
+        slide = self.open_slide(slide_path, mpp, cache_dir)
+        try:
+            return self._run(slide, slide_path, out_dir, cache_dir, mpp, resume, timing, t_start)
+        finally:
+            slide.close()
+
+    def _run(self, slide: Slide, slide_path: Path, out_dir: Path, cache_dir: Path, mpp: float | None, resume: bool,
+             timing: dict[str, float], t_start: float) -> WSIResult:
+        opts = self.options
+        model = self.load_model()
+        model_mpp = float(getattr(getattr(model, "config", None), "mpp", None) or slide.mpp)
+
+        t = time.perf_counter()
+        tissue, _ = self.detect_tissue(slide)
+        with writing("tissue_mask.png", out_dir):
+            write_image(out_dir / "tissue_mask.png", tissue.mask.astype(np.uint8) * 255)
+        timing["tissue"] = time.perf_counter() - t
+        if not tissue.mask.any():
+            raise InputError(slide_path, f"no tissue found (saturation threshold {tissue.threshold:.3f}; see "
+                                         f"{out_dir / 'tissue_mask.png'}); is the slide blank, or is this not a "
+                                         f"brightfield H&E image?")
+        all_tiles, tiles, factor, size = self.plan(slide, model_mpp, tissue)
+        processor = self.processor_class(SlideSpec(str(slide_path.resolve()), opts.backend, mpp, str(cache_dir)),
+                                         factor, model_mpp, size, opts.attributes, opts.simplify)
+        t = time.perf_counter()
+        calibrated = self.calibrate(model, processor, slide, tiles)
+        timing["calibrate"] = time.perf_counter() - t
+        # A model named by the caller and unchanged by calibration loads on each worker from its installation;
+        # otherwise the object travels, pickled once per worker.
+        named = isinstance(self.model_source, (str, os.PathLike)) and calibrated is model
+        worker_model = os.fspath(self.model_source) if named else calibrated
+
+        settings = self._settings(slide, slide_path, calibrated, model_mpp, factor, tiles)
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        work = WorkDir(out_dir)
+        done: dict[int, dict] = {}
+        if resume and work.exists():
+            old = work.read_settings() or {}
+            if old != settings:
+                changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                raise InputError(out_dir, f"cannot resume: the unfinished run there used other settings "
+                                          f"({', '.join(changed)}); run without --resume to start over")
+            done = work.finished()
+        elif resume and _summary_digest(out_dir) == digest:
+            log.info("%s: already complete, nothing to resume", out_dir)
+            return self._existing(out_dir)
+        else:
+            work.reset(settings)
+
+        wanted = {t.index for t in tiles}
+        done = {i: e for i, e in done.items() if i in wanted}
+        overlay_thumb, overlay_scale = slide.read_downsampled(max(1.0, max(slide.dimensions) / opts.overlay_max_size))
+        meta = {"slide": slide_path.name, "mpp": slide.mpp, "model_mpp": model_mpp, "factor": factor,
+                "coordinates": "level-0 pixels", "attributes_at": "model resolution"}
+        merger = OrderedMerger(work, [t.index for t in tiles], attributes=opts.attributes, slide_name=slide_path.name,
+                               metadata=meta, overlay=OverlayPainter(overlay_thumb, overlay_scale),
+                               row_group_size=opts.row_group_size)
+        write_time = [0.0]
+        resumed = len(done)
+        progress = _Progress(self.progress, len(tiles), resumed, sum(int(e.get("n", 0)) for e in done.values()))
+        try:
+            t = time.perf_counter()
+            for i in sorted(done):
+                merger.add(i, int(done[i].get("n", 0)))
+            write_time[0] += time.perf_counter() - t
+
+            def on_result(res: TileResult) -> None:
+                if res.error is not None:
+                    raise InputError(res.error[0], res.error[1])
+                t0 = time.perf_counter()
+                if res.n_nuclei:
+                    work.write_part(res.tile, res.table)
+                entry = {"tile": res.tile, "n": res.n_nuclei, "truncated": res.truncated,
+                         "t": {k: round(v, 6) for k, v in res.times.items()}}
+                work.record(entry)
+                done[res.tile] = entry
+                merger.add(res.tile, res.n_nuclei)
+                write_time[0] += time.perf_counter() - t0
+                progress.advance(res.n_nuclei)
+
+            t = time.perf_counter()
+            execution = self.execute(processor, calibrated, slide, [t for t in tiles if t.index not in done],
+                                     on_result, worker_model)
+            timing["compute_wall"] = time.perf_counter() - t
+            t = time.perf_counter()
+            parquet, geojson = merger.finish(out_dir)
+        except BaseException:
+            merger.abort()
+            raise
+        finally:
+            progress.close()
+        with writing("overlay.png", out_dir):
+            write_image(out_dir / "overlay.png", merger.overlay.image)
+        write_time[0] += time.perf_counter() - t
+        timing["write"] = write_time[0]
+        summary = self._summary(slide, calibrated, model_mpp, factor, size, all_tiles, tiles, done, tissue, merger,
+                                execution, timing, t_start, digest, resumed)
+        with writing("summary.json", out_dir):
+            write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        work.remove()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        return WSIResult(out_dir, summary, self._paths(out_dir))
+
+    # -------------------------------------------------------------------- bookkeeping
+    def _settings(self, slide: Slide, slide_path: Path, model, model_mpp: float, factor: float,
+                  tiles: list[Tile]) -> dict:
+        """What must not change between a run and its resume."""
+        from karyo import __version__
+
+        st = slide_path.stat()
+        opts = self.options
+        return {
+            "karyo": __version__,
+            "slide": {"path": str(slide_path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                      "dimensions": list(slide.dimensions), "mpp": slide.mpp},
+            "model": {"source": self.model_source if isinstance(self.model_source, str) else type(model).__name__,
+                      "arch": getattr(model, "arch", type(model).__name__), "config": _config_dict(model),
+                      "mpp": model_mpp},
+            "tiling": {"tile": opts.tile, "overlap": opts.overlap, "factor": factor,
+                       "tiles": hashlib.sha1(json.dumps([t.index for t in tiles]).encode()).hexdigest()},
+            "tissue": dataclasses.asdict(opts.tissue),
+            "outputs": {"attributes": opts.attributes, "simplify": opts.simplify},
+        }
+
+    def _summary(self, slide, model, model_mpp, factor, size, all_tiles, tiles, done, tissue, merger, execution,
+                 timing, t_start, digest, resumed) -> dict:
+        stage = {s: 0.0 for s in STAGES}
+        truncated = 0
+        for entry in done.values():
+            truncated += int(entry.get("truncated", 0))
+            for s in STAGES:
+                stage[s] += float(entry.get("t", {}).get(s, 0.0))
+        area = tissue.area_mm2
+        counts = dict(sorted(merger.counts.items()))
+        wall = time.perf_counter() - t_start
+        return {
+            "slide": slide.describe(),
+            "model": {"source": self.model_source if isinstance(self.model_source, str) else type(model).__name__,
+                      "arch": getattr(model, "arch", type(model).__name__), "mpp": model_mpp,
+                      "calibrated_for_slide": callable(getattr(model, "for_slide", None))},
+            "tiling": {"tile": self.options.tile, "overlap": self.options.overlap, "factor": factor,
+                       "model_resolution_size": list(size), "tiles_total": len(all_tiles),
+                       "tiles_with_tissue": len(tiles), "tiles_from_earlier_runs": resumed,
+                       "ownership": "centroid in tile core; overlap must be >= 2 x largest nucleus radius"},
+            "tissue": {"area_mm2": area, "fraction": tissue.fraction, "saturation_threshold": tissue.threshold,
+                       "mask_um_per_px": tissue.scale[0] * tissue.slide_mpp},
+            "nuclei": {"total": merger.n_nuclei, "per_class": counts,
+                       "density_per_mm2": merger.n_nuclei / area if area > 0 else None,
+                       "density_per_mm2_per_class": {k: v / area for k, v in counts.items()} if area > 0 else {},
+                       "truncated_at_tile_edge": truncated},
+            "timing_s": {**{k: round(v, 3) for k, v in timing.items()},
+                         **{f"{s}_sum": round(v, 3) for s, v in stage.items()}, "wall": round(wall, 3)},
+            "execution": execution,
+            "settings_digest": digest,
+            "outputs": {k: p.name for k, p in self._paths(Path(".")).items()},
+        }
+
+    @staticmethod
+    def _paths(out_dir: Path) -> dict[str, Path]:
+        return {name: out_dir / f for name, f in (("parquet", "nuclei.parquet"), ("geojson", "nuclei.geojson"),
+                                                  ("overlay", "overlay.png"), ("tissue_mask", "tissue_mask.png"),
+                                                  ("summary", "summary.json"))}
+
+    def _existing(self, out_dir: Path) -> WSIResult:
+        summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+        return WSIResult(out_dir, summary, self._paths(out_dir))
+
+
+def _config_dict(model) -> dict:
+    from karyo import config as config_io
+
+    cfg = getattr(model, "config", None)
+    try:
+        return json.loads(json.dumps(config_io.to_dict(cfg), default=str)) if cfg is not None else {}
+    except (TypeError, ValueError):
+        return {"repr": repr(cfg)}
+
+
+def _summary_digest(out_dir: Path) -> str | None:
+    try:
+        return json.loads((out_dir / "summary.json").read_text(encoding="utf-8")).get("settings_digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _take(it, n: int) -> list:
+    out = []
+    for _ in range(n):
+        nxt = next(it, None)
+        if nxt is None:
+            break
+        out.append(nxt)
+    return out
+
+
+def _quietly(func, *args) -> None:
+    with contextlib.suppress(Exception):
+        func(*args)
+
+
+def _accepts_n_workers(client) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def run_wsi(slide_path: str | os.PathLike, model: Any = "default", out_dir: str | os.PathLike = "karyo_wsi", *,
+            mpp: float | None = None, tile: int = 256, overlap: int = 64, workers: int | None = None,
+            scheduler: str | None = None, resume: bool = False,
+            progress: bool | Callable[[int, int, int], None] = False, options: WSIOptions | None = None
+            ) -> WSIResult:
+    """Segment every nucleus of a slide; write nuclei.parquet, nuclei.geojson, tissue_mask.png, overlay.png and
+    summary.json into ``out_dir``.
+
+    ``model`` is a name, a model folder or an :class:`~karyo.models.base.InstanceModel`. ``workers``: 0 computes in
+    this process, N a local dask cluster of N processes (None: one per CPU core); ``scheduler`` (``tcp://host:port``)
+    uses an existing dask cluster instead, whose workers must see ``slide_path``. ``resume`` continues an
+    interrupted run in ``out_dir`` (same settings) and gives the same files as an uninterrupted one. ``tile`` and
+    ``overlap`` are in pixels at the model's resolution; ``options`` holds the rest (and overrides tile/overlap
+    only where those are left at their defaults).
+    """
+    opts = options or WSIOptions()
+    if (tile, overlap) != (256, 64):
+        opts = dataclasses.replace(opts, tile=tile, overlap=overlap)
+    if workers is not None and workers < 0:
+        raise InputError(None, f"workers must be ≥ 0, got {workers}")
+    engine = WSIEngine(model, options=opts, workers=workers, scheduler=scheduler, progress=progress)
+    return engine.run(slide_path, out_dir, mpp=mpp, resume=resume)
+
+
+__all__ = ["TileProcessor", "TileResult", "WSIEngine", "WSIOptions", "WSIResult", "run_wsi"]

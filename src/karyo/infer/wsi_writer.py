@@ -1,0 +1,327 @@
+"""Crash-safe output of whole-slide inference: per-tile parts, an fsync'd manifest, and an ordered merge.
+
+Layout of a run folder::
+
+    OUT/nuclei.parquet, nuclei.geojson, overlay.png, tissue_mask.png, summary.json   (final, renamed into place)
+    OUT/.karyo-wsi/run.json            settings of the run (a resume must match them)
+    OUT/.karyo-wsi/manifest.jsonl      one line per finished tile, appended and fsync'd after its part
+    OUT/.karyo-wsi/parts/<tile>.parquet  the nuclei one tile owns (written to a temporary name, then renamed)
+
+A tile is finished once its manifest line is on disk; its part was renamed into place before, so a crash at any
+point leaves either a finished tile or none. The merge reads parts in tile order (not completion order), so the
+final files are the same whatever the number of workers, the completion order or how often the run was resumed.
+It runs while tiles are still being computed, as soon as the next tile in order is done, holding one row group at
+a time; the merged files are temporary until every tile is in, then renamed into ``OUT``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+from skimage.draw import polygon_perimeter
+
+from karyo.errors import InputError
+from karyo.export.colors import class_color
+from karyo.export.geojson import GeoJSONWriter, geometry_feature
+
+WORK_NAME = ".karyo-wsi"
+_NAMESPACE = uuid.UUID("0b6f3f0e-5a8c-4d5e-9f1b-8f2b9c1d7e44")
+
+# Per-nucleus attributes that depend only on the nucleus and its pixels (measured at the model's resolution).
+# Image-level statistics (z-scores, nearest-neighbour distance, truncation flags) would depend on the tile and are
+# left out; compute them over the slide table if needed.
+ATTRIBUTE_COLUMNS = (
+    "Size.Perimeter", "Size.ConvexHullArea", "Size.MajorAxisLength", "Size.MinorAxisLength",
+    "Size.EquivalentDiameter", "Shape.Solidity", "Shape.PerimeterRatio", "Shape.Eccentricity", "Shape.Extent",
+    "Shape.AspectRatio", "Orientation.Orientation", "Nucleus.Intensity.Mean", "Nucleus.Red.Mean",
+    "Nucleus.Green.Mean", "Nucleus.Blue.Mean", "Nucleus.Hematoxylin.Mean", "Nucleus.Eosin.Mean",
+    "Color.HematoxylinRaw", "Texture.HematoxylinVarianceRaw", "Boundary.GradientMean",
+)
+
+BASE_FIELDS = (
+    ("tile", pa.int32()),
+    ("centroid_x", pa.float64()), ("centroid_y", pa.float64()),
+    ("bbox_x0", pa.int64()), ("bbox_y0", pa.int64()), ("bbox_x1", pa.int64()), ("bbox_y1", pa.int64()),
+    ("area", pa.float64()), ("area_um2", pa.float64()),
+    ("class_id", pa.int32()), ("class_name", pa.string()), ("score", pa.float64()),
+    ("polygon_wkb", pa.binary()),
+)
+
+
+def part_schema(attributes: bool) -> pa.Schema:
+    """Columns of a tile's part (the final table adds ``nucleus_id`` in front)."""
+    fields = [pa.field(n, t) for n, t in BASE_FIELDS]
+    if attributes:
+        fields += [pa.field(c, pa.float64()) for c in ATTRIBUTE_COLUMNS]
+    return pa.schema(fields)
+
+
+def final_schema(attributes: bool, metadata: dict | None = None) -> pa.Schema:
+    schema = pa.schema([pa.field("nucleus_id", pa.int64()), *part_schema(attributes)])
+    if metadata:
+        schema = schema.with_metadata({"karyo": json.dumps(metadata, sort_keys=True)})
+    return schema
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OSError while writing into a clear InputError (a full disk says so, and how to continue)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InputError(path, f"no space left on the device while writing {what}; free some space and run "
+                                   f"again with --resume (finished tiles are kept)") from None
+        raise InputError(path, f"cannot write {what} ({exc.strerror or exc})") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class WorkDir:
+    """The run's private folder: settings, manifest of finished tiles and their parts."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.out_dir = Path(out_dir)
+        self.root = self.out_dir / WORK_NAME
+        self.parts = self.root / "parts"
+        self.manifest = self.root / "manifest.jsonl"
+        self.settings = self.root / "run.json"
+
+    def exists(self) -> bool:
+        return self.settings.is_file()
+
+    def read_settings(self) -> dict | None:
+        try:
+            return json.loads(self.settings.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def reset(self, settings: dict) -> None:
+        """Start afresh: drop any previous parts and record the settings."""
+        with writing("the work folder", self.root):
+            if self.root.exists():
+                shutil.rmtree(self.root)
+            self.parts.mkdir(parents=True)
+            tmp = self.settings.with_suffix(".tmp")
+            tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp, self.settings)
+            self.manifest.touch()
+            _fsync_dir(self.root)
+
+    def finished(self) -> dict[int, dict]:
+        """Finished tiles from the manifest. A torn last line (crash while appending) is cut off; a tile whose part
+        went missing is not finished."""
+        done: dict[int, dict] = {}
+        if not self.manifest.is_file():
+            return done
+        data = self.manifest.read_bytes()
+        good = 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                entry = json.loads(line)
+                tile = int(entry["tile"])
+            except (ValueError, KeyError, TypeError):
+                break
+            good += len(line)
+            if entry.get("n", 0) == 0 or self.part_path(tile).is_file():
+                done[tile] = entry
+        if good < len(data):
+            with writing("the manifest", self.manifest), open(self.manifest, "r+b") as fh:
+                fh.truncate(good)
+                os.fsync(fh.fileno())
+        return done
+
+    def part_path(self, tile: int) -> Path:
+        return self.parts / f"{tile:08d}.parquet"
+
+    def write_part(self, tile: int, table: pa.Table) -> None:
+        """Write a tile's nuclei atomically (temporary file, fsync, rename)."""
+        path = self.part_path(tile)
+        tmp = path.with_suffix(".tmp")
+        try:
+            with writing(f"tile {tile}", path):
+                with pa.OSFile(str(tmp), "wb") as sink:
+                    pq.write_table(table, sink, compression="zstd")
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def record(self, entry: dict) -> None:
+        """Append one finished tile to the manifest and fsync it (the tile counts as done from now on)."""
+        line = json.dumps(entry, sort_keys=True) + "\n"
+        with writing("the manifest", self.manifest), open(self.manifest, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class OverlayPainter:
+    """Nucleus outlines (or dots, where nuclei are smaller than 3 px) on a low-resolution view of the slide."""
+
+    def __init__(self, thumb: np.ndarray, scale: tuple[float, float]):
+        self.image = thumb.copy()
+        self.scale = scale
+        self._colors: dict[tuple[int, str], tuple[int, int, int]] = {}
+
+    def paint(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        h, w = self.image.shape[:2]
+        sx, sy = self.scale
+        geoms = shapely.from_wkb(table.column("polygon_wkb").to_numpy(zero_copy_only=False))
+        cid = table.column("class_id").to_numpy()
+        names = table.column("class_name").to_pylist()
+        cx = table.column("centroid_x").to_numpy() / sx
+        cy = table.column("centroid_y").to_numpy() / sy
+        span = np.maximum((table.column("bbox_x1").to_numpy() - table.column("bbox_x0").to_numpy()) / sx,
+                          (table.column("bbox_y1").to_numpy() - table.column("bbox_y0").to_numpy()) / sy)
+        for k, geom in enumerate(geoms):
+            color = self._color(int(cid[k]), names[k])
+            if span[k] < 3 or geom is None:
+                r, c = int(cy[k]), int(cx[k])
+                if 0 <= r < h and 0 <= c < w:
+                    self.image[r, c] = color
+                continue
+            poly = max(geom.geoms, key=lambda g: g.area) if hasattr(geom, "geoms") else geom
+            xy = np.asarray(poly.exterior.coords)
+            rr, cc = polygon_perimeter(xy[:, 1] / sy - 0.5, xy[:, 0] / sx - 0.5, shape=(h, w), clip=False)
+            self.image[rr, cc] = color
+
+    def _color(self, cid: int, name: str) -> tuple[int, int, int]:
+        key = (cid, name)
+        if key not in self._colors:
+            self._colors[key] = class_color(cid, name or None)
+        return self._colors[key]
+
+
+class OrderedMerger:
+    """Merge finished parts in tile order into temporary ``nuclei.parquet`` / ``nuclei.geojson`` (renamed into
+    ``out_dir`` by :meth:`finish`), numbering nuclei 1..N and counting them per class."""
+
+    def __init__(self, work: WorkDir, order: list[int], *, attributes: bool, slide_name: str,
+                 metadata: dict | None = None, overlay: OverlayPainter | None = None,
+                 row_group_size: int = 65536, um2_per_px: float = 1.0):
+        self.work = work
+        self.order = list(order)
+        self.attributes = attributes
+        self.slide_name = slide_name
+        self.overlay = overlay
+        self.row_group_size = row_group_size
+        self.schema = final_schema(attributes, metadata)
+        self.tmp_parquet = work.root / "nuclei.parquet.tmp"
+        self.tmp_geojson = work.root / "nuclei.geojson.tmp"
+        self.counts: dict[str, int] = {}
+        self.n_nuclei = 0
+        self._pos = 0
+        self._pending: dict[int, int] = {}
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        with writing("nuclei.parquet", self.tmp_parquet):
+            self._parquet = pq.ParquetWriter(str(self.tmp_parquet), self.schema, compression="zstd")
+            self._geojson = GeoJSONWriter(self.tmp_geojson)
+
+    @property
+    def merged_tiles(self) -> int:
+        return self._pos
+
+    def add(self, tile: int, n_nuclei: int) -> None:
+        """Tile ``tile`` is finished (its part, if any, is on disk); merge whatever is now next in order."""
+        self._pending[tile] = n_nuclei
+        while self._pos < len(self.order) and self.order[self._pos] in self._pending:
+            index = self.order[self._pos]
+            if self._pending.pop(index):
+                with writing(f"the part of tile {index}", self.work.part_path(index)):
+                    part = pq.read_table(self.work.part_path(index))
+                self._emit(part)
+            self._pos += 1
+
+    def _emit(self, part: pa.Table) -> None:
+        n = part.num_rows
+        ids = pa.array(np.arange(self.n_nuclei + 1, self.n_nuclei + n + 1, dtype=np.int64))
+        table = part.add_column(0, "nucleus_id", ids).cast(self.schema)
+        self.n_nuclei += n
+        for name in table.column("class_name").to_pylist():
+            key = name or "unclassified"
+            self.counts[key] = self.counts.get(key, 0) + 1
+        with writing("nuclei.geojson", self.tmp_geojson):
+            self._write_features(table)
+        if self.overlay is not None:
+            self.overlay.paint(table)
+        self._buffer.append(table)
+        self._buffered += n
+        if self._buffered >= self.row_group_size:
+            self._flush()
+
+    def _write_features(self, table: pa.Table) -> None:
+        geoms = shapely.from_wkb(table.column("polygon_wkb").to_numpy(zero_copy_only=False))
+        cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("nucleus_id", "class_id", "score",
+                                                                              "area_um2", "centroid_x",
+                                                                              "centroid_y")}
+        names = table.column("class_name").to_pylist()
+        attrs = {c: table.column(c).to_numpy() for c in ATTRIBUTE_COLUMNS} if self.attributes else {}
+        for k, geom in enumerate(geoms):
+            nid = int(cols["nucleus_id"][k])
+            meas = {"Area µm^2": cols["area_um2"][k], "Detection probability": cols["score"][k]}
+            meas.update({c: v[k] for c, v in attrs.items()})
+            self._geojson.write(geometry_feature(
+                geom, feature_id=str(uuid.uuid5(_NAMESPACE, f"{self.slide_name}:{nid}")),
+                class_id=int(cols["class_id"][k]), class_name=names[k], measurements=meas,
+                properties={"nucleus_id": nid}))
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        table = pa.concat_tables(self._buffer)
+        self._buffer, self._buffered = [], 0
+        with writing("nuclei.parquet", self.tmp_parquet):
+            self._parquet.write_table(table, row_group_size=max(self.row_group_size, table.num_rows))
+
+    def finish(self, out_dir: Path) -> tuple[Path, Path]:
+        """Complete both files and rename them into ``out_dir`` (every tile of ``order`` must be merged)."""
+        if self._pos != len(self.order):
+            raise RuntimeError(f"merge incomplete: {self._pos} of {len(self.order)} tiles")
+        self._flush()
+        with writing("nuclei.parquet", self.tmp_parquet):
+            self._parquet.close()
+            with open(self.tmp_parquet, "rb+") as fh:
+                os.fsync(fh.fileno())
+            self._geojson.close()
+            parquet, geojson = out_dir / "nuclei.parquet", out_dir / "nuclei.geojson"
+            os.replace(self.tmp_parquet, parquet)
+            os.replace(self.tmp_geojson, geojson)
+            _fsync_dir(out_dir)
+        return parquet, geojson
+
+    def abort(self) -> None:
+        """Close and delete the temporary files (after an error; parts and manifest stay for --resume)."""
+        with contextlib.suppress(Exception):
+            self._parquet.close()
+        self._geojson.abort()
+        self.tmp_parquet.unlink(missing_ok=True)
+        self.tmp_geojson.unlink(missing_ok=True)
