@@ -110,9 +110,12 @@ def segment(
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "cpu",
     outputs: Annotated[str, typer.Option(help="Comma-separated: instances,classes,table,overlay,geojson.")
                        ] = "instances,classes,table,overlay,geojson",
+    task: Annotated[str, typer.Option(help="instance | semantic: semantic models (MONCH, U-Net) can instead write "
+                                           "a class-map PNG, a coloured overlay and per-class areas.")
+                    ] = "instance",
 ) -> None:
     """Find, outline and classify the nuclei of each image; write instance maps, class tables, overlays
-    and QuPath GeoJSON into OUT."""
+    and QuPath GeoJSON into OUT (``--task semantic``: class maps, overlays and per-class areas)."""
     from karyo.data.io import read_image_meta
     from karyo.errors import InputError
     from karyo.export.writers import ALL_OUTPUTS, save_result
@@ -132,18 +135,33 @@ def segment(
     pos, neg = _read_points(points) if points is not None else (None, None)
     if points is not None and len(files) != 1:
         raise InputError(points, "--points applies to exactly one image")
+    if task not in ("instance", "semantic"):
+        raise InputError(None, f"--task must be 'instance' or 'semantic', got {task!r}")
+    if task == "semantic" and points is not None:
+        raise InputError(points, "--points applies to --task instance only")
     net = load(model, device=device)
+    if task == "semantic" and not hasattr(net, "segment_semantic"):
+        raise InputError(None, f"model {model!r} ({net.arch}) has no semantic output; use a MONCH or U-Net model")
     total = 0
     with progress_bar() as bar:
-        task = bar.add_task("segmenting", total=len(files))
+        bar_task = bar.add_task("segmenting", total=len(files))
         for path in files:
             image, meta = read_image_meta(path)
             stem = path.name.split(".")[0]
-            result = net.segment(image, points=pos, negative=neg, mpp=mpp or meta.get("mpp"), name=stem)
-            save_result(result, out, image, stem=stem, outputs=kinds)
-            total += result.n_nuclei
-            bar.advance(task)
-    console.print(f"{total} nuclei in {len(files)} image(s) → {out}/", highlight=False)
+            if task == "semantic":
+                from karyo.export.semantic import save_semantic
+
+                save_semantic(net.segment_semantic(image, mpp=mpp or meta.get("mpp"), name=stem), out, image,
+                              stem=stem)
+            else:
+                result = net.segment(image, points=pos, negative=neg, mpp=mpp or meta.get("mpp"), name=stem)
+                save_result(result, out, image, stem=stem, outputs=kinds)
+                total += result.n_nuclei
+            bar.advance(bar_task)
+    if task == "semantic":
+        console.print(f"class maps, overlays and per-class areas of {len(files)} image(s) → {out}/", highlight=False)
+    else:
+        console.print(f"{total} nuclei in {len(files)} image(s) → {out}/", highlight=False)
 
 
 @app.command("models")
@@ -313,7 +331,7 @@ def select_attributes_cmd(
 @app.command("train")
 @friendly_errors
 def train_cmd(
-    task: Annotated[str, typer.Argument(help="prompter | segmentor")],
+    task: Annotated[str, typer.Argument(help="prompter | segmentor | cellvit | ivaan | monch | unet")],
     data: Annotated[list[str] | None, typer.Option("--data", help="PATH[:SPLIT][@CLASSES], repeatable; @none "
                                                                    "uses a dataset for nuclei but not classes.")
                     ] = None,
@@ -333,7 +351,8 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint.")
                       ] = False,
 ) -> None:
-    """Train a PromptNucSeg prompter or segmentor: seeded, resumable, best checkpoint chosen on validation."""
+    """Train a model (PromptNucSeg prompter or segmentor, CellViT, IVAAN, MONCH, U-Net): seeded, resumable, best
+    checkpoint chosen on the validation split."""
     from karyo.train.api import train
 
     overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
@@ -365,3 +384,147 @@ def pack_cmd(
     cfg = model.config
     console.print(f"model → {out} (score ≥ {cfg.score_threshold}, NMS {cfg.nms_radius_px} px, "
                   f"mask ≥ {cfg.mask_threshold})", highlight=False)
+
+
+def _load_ivaan(model: Path | None, segmentor: Path | None, device: str):
+    """An IVAAN model from a model folder, or from an IVAAN run plus a segmentor (assembled in memory)."""
+    import karyo.models.ivaan  # noqa: F401  (registers the "ivaan" architecture)
+    from karyo.errors import InputError
+    from karyo.models import load
+    from karyo.models.ivaan import IVAANModel
+
+    if model is None:
+        raise InputError(None, "--model is needed: an IVAAN model folder, or an IVAAN run (karyo train ivaan) "
+                               "with --segmentor")
+    if (model / "ivaan.json").is_file() or (model / "model" / "ivaan.json").is_file():
+        if segmentor is None:
+            raise InputError(model, "this is an IVAAN training run: also pass --segmentor (a segmentor run or "
+                                    "model folder)")
+        from karyo.train.ivaan import pack_ivaan
+
+        net = pack_ivaan(model, segmentor, log=lambda m: None)
+        return net if device == "cpu" else _to_device(net, device)
+    net = load(model, device=device)
+    if not isinstance(net, IVAANModel):
+        raise InputError(model, f"not an IVAAN model (architecture {net.arch!r}); text queries need one")
+    return net
+
+
+def _to_device(net, device: str):
+    from karyo.device import pick_device
+
+    net.device = pick_device(device)
+    net.prompter.to(net.device)
+    net.segmentor.to(net.device)
+    return net
+
+
+@app.command("query")
+@friendly_errors
+def query_cmd(
+    image: Annotated[Path, typer.Argument(help="Image file.")],
+    text: Annotated[str, typer.Argument(help="Free text, e.g. \"large irregular darkly stained nuclei\".")],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("karyo_query"),
+    model: Annotated[Path | None, typer.Option(help="IVAAN model folder (or an IVAAN run with --segmentor).")
+                     ] = None,
+    segmentor: Annotated[Path | None, typer.Option(help="Segmentor run/model folder when --model is a run.")
+                         ] = None,
+    top_k: Annotated[int, typer.Option(help="Nuclei highlighted in the overlay (the CSV ranks all).")] = 20,
+    mpp: Annotated[float | None, typer.Option(help="Microns per pixel of the image.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "cpu",
+) -> None:
+    """Rank the nuclei of IMAGE by similarity to free TEXT (IVAAN instance–text embeddings); write an overlay
+    highlighting the top matches and a ranked CSV."""
+    from karyo.data.io import read_image_meta, write_image
+    from karyo.export.overlay import draw_overlay
+    from karyo.export.writers import write_table_csv
+
+    net = _load_ivaan(model, segmentor, device)
+    img, meta = read_image_meta(image)
+    stem = image.name.split(".")[0]
+    result = net.segment(img, mpp=mpp or meta.get("mpp"), name=stem)
+    ranked = net.query(result, text)
+    top = ranked.head(max(0, top_k))
+    # best match white, fading to orange down the top-k; all other nuclei keep their class colours (dimmed)
+    n = max(1, len(top) - 1)
+    highlight = {int(i): (255, int(255 - 90 * r / n), int(255 - 255 * r / n))
+                 for r, i in enumerate(top["instance_id"].tolist())}
+    overlay = draw_overlay(img, result.instances, result.classes, result.class_names, thickness=2,
+                           highlight=highlight)
+    write_image(out / f"{stem}_query.png", overlay)
+    write_table_csv(out / f"{stem}_query.csv", ranked)
+    console.print(f"{len(ranked)} nuclei ranked for {text!r}; top {len(top)} highlighted → "
+                  f"{out}/{stem}_query.png, {stem}_query.csv", highlight=False)
+
+
+benchmark_app = typer.Typer(no_args_is_help=True, help="Benchmark protocols that train and evaluate models.")
+app.add_typer(benchmark_app, name="benchmark")
+
+
+@benchmark_app.command("pannuke")
+@friendly_errors
+def benchmark_pannuke_cmd(
+    root: Annotated[Path, typer.Option(help="PanNuke release root (Fold 1..3 with images/masks/types .npy).")],
+    protocol: Annotated[str, typer.Option(help="three-fold (official rotation) | organ-groups (IVAAN's 4 "
+                                               "groups).")] = "three-fold",
+    out: Annotated[Path, typer.Option(help="Output folder (runs, per-split results, summary.json/.md).")
+                   ] = Path("runs/pannuke_benchmark"),
+    method: Annotated[str, typer.Option(help="ivaan | prompter (PromptNucSeg baseline, same code path).")
+                      ] = "ivaan",
+    config: Annotated[Path | None, typer.Option(help="YAML: model, segmentor, train, segmentor_train, "
+                                                     "augment, settings, inference, val_fraction, val_limit.")
+                      ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (prompter and segmentor; overrides the config).")
+                      ] = None,
+    segmentor_epochs: Annotated[int | None, typer.Option(help="Segmentor epochs (default: --epochs).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Cap steps per epoch (smoke runs).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    segmentor: Annotated[Path | None, typer.Option(help="Reuse this trained segmentor for every split "
+                                                        "(instead of training one per split).")] = None,
+    split: Annotated[list[int] | None, typer.Option("--split", help="Only these folds/groups (repeatable).")
+                     ] = None,
+    test_limit: Annotated[int | None, typer.Option(help="Evaluate only the first N test patches (smoke).")
+                          ] = None,
+) -> None:
+    """Train and evaluate on PanNuke with the official 3-fold rotation or IVAAN's 4 organ groups; report
+    mPQ, bPQ, PQ and AJI per fold/group with mean and std (IVAAN supplementary Table 1)."""
+    from karyo.train.pannuke_benchmark import run_pannuke_benchmark
+
+    summary = run_pannuke_benchmark(root, protocol, out, config=config, method=method, epochs=epochs,
+                                    segmentor_epochs=segmentor_epochs, max_steps=max_steps, seed=seed,
+                                    segmentor=segmentor, splits=split, test_limit=test_limit,
+                                    progress=sys.stderr.isatty(), log=lambda m: console.print(m, highlight=False))
+    s = summary["summary"]
+    typer.echo((out / "summary.md").read_text())
+    console.print(f"mean mPQ {s['mpq']['mean']}, PQ {s['pq']['mean']}, AJI {s['aji']['mean']} → {out}/summary.json",
+                  highlight=False)
+
+
+@app.command("wsi")
+@friendly_errors
+def wsi_cmd(
+    slide: Annotated[Path, typer.Argument(help="Whole-slide image (SVS, tiled/OME-TIFF, NDPI, ...; OpenSlide formats "
+                                               "if OpenSlide is installed) or a large PNG/JPEG/TIFF.")],
+    model: Annotated[str, typer.Option(help="Model name (see `karyo models`) or model folder.")] = "default",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("karyo_wsi"),
+    mpp: Annotated[float | None, typer.Option(help="Microns per pixel of level 0 (overrides the file; needed when "
+                                                   "the file does not state it).")] = None,
+    tile: Annotated[int, typer.Option(help="Tile size in px at the model's resolution.")] = 256,
+    overlap: Annotated[int, typer.Option(help="Tile overlap in px; at least 2 × the largest nucleus radius.")] = 64,
+    scheduler: Annotated[str | None, typer.Option(help="Address of an existing dask scheduler (tcp://HOST:PORT); "
+                                                       "its workers must see SLIDE.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local worker processes (default: one per CPU core; 0: "
+                                                     "compute in this process).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto (for each worker).")] = "cpu",
+) -> None:
+    """Segment every nucleus of a whole slide, tile by tile; write nuclei.parquet, nuclei.geojson (QuPath),
+    tissue_mask.png, overlay.png and summary.json into OUT."""
+    from karyo.infer.wsi import WSIOptions, run_wsi
+
+    result = run_wsi(slide, model, out, mpp=mpp, tile=tile, overlap=overlap, workers=workers, scheduler=scheduler,
+                     resume=resume, progress=sys.stderr.isatty(), options=WSIOptions(device=device))
+    n = result.summary["nuclei"]
+    area = result.summary["tissue"]["area_mm2"]
+    console.print(f"{n['total']:,} nuclei in {area:.2f} mm² of tissue "
+                  f"({result.summary['tiling']['tiles_with_tissue']} tiles) → {out}/", highlight=False)

@@ -111,17 +111,20 @@ class Slide(ABC):
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
         """h×w×3 uint8 RGB; (x, y) in level-0 pixels and (w, h) in pixels of ``level`` (OpenSlide's convention)."""
         sx, sy = self.level_scale(level) if 0 <= level < self.level_count else (1.0, 1.0)
-        return self.read_level(level, int(math.floor(x / sx)), int(math.floor(y / sy)), w, h)
+        return self.read_level(level, math.floor(x / sx), math.floor(y / sy), w, h)
 
-    def read_downsampled(self, downsample: float, chunk: int = 4096) -> tuple[np.ndarray, tuple[float, float]]:
-        """The whole slide reduced about ``downsample`` times, and the exact level-0 pixels per output pixel (x, y).
+    def read_downsampled(self, downsample: float, chunk: int = 4096, *, at_least: bool = False
+                         ) -> tuple[np.ndarray, tuple[float, float]]:
+        """The whole slide reduced about ``downsample`` times (``at_least``: never less), and the exact level-0
+        pixels per output pixel (x, y).
 
         Reads the best pyramid level in chunks and averages k×k blocks, so memory stays at one chunk even for a
         slide without a pyramid.
         """
         level = self.best_level(max(downsample, 1.0))
         sx, sy = self.level_scale(level)
-        k = max(1, int(downsample / max(sx, sy) + 1e-6))
+        ratio = downsample / max(sx, sy)
+        k = max(1, math.ceil(ratio - 1e-6) if at_least else round(ratio))
         lw, lh = self.level_dimensions[level]
         out = np.empty((-(-lh // k), -(-lw // k), 3), np.uint8)
         step = max(k, (chunk // k) * k)
@@ -246,7 +249,7 @@ class OpenSlideReader(Slide):
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self._slide.level_downsamples[level]
-        loc = (int(round(x * ds)), int(round(y * ds)))
+        loc = (round(x * ds), round(y * ds))
         return self._rgb(np.asarray(self._slide.read_region(loc, level, (w, h))))
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ allows nuclei up to 16 µm across, 32 px radius). Nuclei that break it are count
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from karyo.errors import InputError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tile:
     """One tile in model-resolution pixels: the read window (x, y, width, height) and the core it owns.
 
@@ -52,7 +53,7 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 
 
 def _core_bounds(starts: list[int], tile: int) -> list[tuple[float, float]]:
-    cuts = [(a + b + tile) / 2.0 for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    cuts = [(a + b + tile) / 2.0 for a, b in itertools.pairwise(starts)]
     lows = [-np.inf, *cuts]
     highs = [*cuts, np.inf]
     return list(zip(lows, highs, strict=True))

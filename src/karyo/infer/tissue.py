@@ -98,7 +98,7 @@ def detect_tissue(rgb: np.ndarray, mpp: float, options: TissueOptions | None = N
     else:
         valid = sat[~dark]
         otsu = filters.threshold_otsu(valid) if valid.size and np.ptp(valid) > 1e-6 else opts.max_threshold
-        thr = float(np.clip(otsu, opts.min_threshold, opts.max_threshold))
+        thr = min(max(float(otsu), opts.min_threshold), opts.max_threshold)
     mask = (sat > thr) & ~dark
     px_area = mpp * mpp
     radius = round(opts.close_um / mpp)

@@ -18,6 +18,14 @@ TIAToolbox's engines):
    order into ``nuclei.parquet`` and ``nuclei.geojson`` (:mod:`karyo.infer.wsi_writer`), then writes
    ``overlay.png`` and ``summary.json`` (counts per class, densities per mm² of tissue, time per stage).
 
+Memory does not grow with the number of nuclei: the main process holds the tile list, the overlay canvas (at most
+``overlay_max_size``²), one Parquet row group and at most ``tiles_in_flight`` × worker threads tile results; each
+worker holds one tile and its model. Distribution: the model is loaded once per worker by a dask WorkerPlugin (by
+name on the worker, or the pickled object when it was given as one or calibrated); tiles are submitted in a bounded
+window and their results are written by the main process in tile order, so the files do not depend on the number
+of workers. Local workers are forked from a server that has imported karyo already (forkserver), which starts
+them in well under a second.
+
 Coordinates in the outputs are level-0 slide pixels: ``centroid_x/y`` as pixel indices (pixel centre = integer, as
 :meth:`SegmentationResult.table`), polygons as continuous coordinates where pixel (r, c) covers [c, c+1) × [r, r+1)
 (QuPath's convention), bounding boxes half-open. Attribute columns (``Size.*``, ``Shape.*``, ...) are measured at
@@ -57,6 +65,7 @@ from karyo.infer.wsi_writer import (
     ATTRIBUTE_COLUMNS,
     OrderedMerger,
     OverlayPainter,
+    TileLedger,
     WorkDir,
     part_schema,
     writing,
@@ -78,10 +87,12 @@ class WSIOptions:
     attributes: bool = True  # per-nucleus morphology and intensity columns (karyo.attributes)
     simplify: float = 0.0  # polygon simplification tolerance, model px (0: exact pixel outlines)
     calibration_tiles: int = 32  # tissue tiles shown to model.for_slide, if the model has it
-    overlay_max_size: int = 4096  # longest side of overlay.png, px
-    row_group_size: int = 65536  # nuclei per Parquet row group
+    overlay_max_size: int = 2048  # longest side of overlay.png at most, px
+    row_group_size: int = 16384  # nuclei per Parquet row group (the merge buffers one: ~30 MB with polygons)
     tiles_in_flight: int = 2  # per worker thread: how far submission runs ahead of completion
     backend: str = "auto"  # slide reader (karyo.data.slide.BACKENDS)
+    device: str = "cpu"  # where a model loaded by name runs (here and on each worker): cpu, cuda, mps, auto
+    scheduler_timeout: float = 30.0  # seconds to wait for an existing dask scheduler
 
 
 @dataclass
@@ -241,11 +252,11 @@ def _worker_slide(spec: SlideSpec) -> Slide:
     return slide
 
 
-def _load_model(source):
+def _load_model(source, device: str = "cpu"):
     if isinstance(source, str):
         from karyo.models import load
 
-        return load(source)
+        return load(source, device=device)
     return source
 
 
@@ -256,7 +267,7 @@ def _limit_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _model_plugin(source, torch_threads: int | None):
+def _model_plugin(source, torch_threads: int | None, device: str = "cpu"):
     """A dask WorkerPlugin that loads the model once per worker (by name on the worker, or unpickled)."""
     from distributed import WorkerPlugin
 
@@ -267,7 +278,7 @@ def _model_plugin(source, torch_threads: int | None):
             self.model = None
 
         def setup(self, worker) -> None:
-            self.model = _load_model(self.source)
+            self.model = _load_model(self.source, device)
             _limit_threads(self.torch_threads)
 
         def teardown(self, worker) -> None:
@@ -275,6 +286,25 @@ def _model_plugin(source, torch_threads: int | None):
             _WORKER_SLIDES.clear()
 
     return KaryoModelPlugin()
+
+
+@contextlib.contextmanager
+def _fast_worker_start():
+    """Start local workers by forking a server that has already imported karyo (and torch), where the platform
+    has forkserver: a worker is up in a fraction of a second instead of importing everything again, and the
+    imported code is shared between workers (copy-on-write) instead of loaded once per process."""
+    import multiprocessing
+
+    import dask
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        yield
+        return
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        from distributed.utils import get_mp_context
+
+        get_mp_context().set_forkserver_preload(["distributed", "karyo.infer.wsi", "karyo.models"])
+        yield
 
 
 def _dask_tile(processor: TileProcessor, tile: Tile, plugin: str) -> TileResult:
@@ -291,12 +321,18 @@ class _Progress:
     def __init__(self, progress: bool | Callable[[int, int, int], None], total: int, done: int, nuclei: int):
         self.callback = progress if callable(progress) else None
         self.total, self.done, self.nuclei = total, done, nuclei
-        self._start_done, self._t0 = done, time.perf_counter()
+        self._start_done, self._t0 = done, None
         self._bar = None
         if progress is True:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(TextColumn("tiles"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[nuclei]:,} nuclei"), TextColumn("{task.fields[rate]}"),
@@ -309,8 +345,12 @@ class _Progress:
         self.done += 1
         self.nuclei += nuclei
         if self._bar is not None:
-            rate = (self.done - self._start_done) / max(time.perf_counter() - self._t0, 1e-9)
-            self._bar.update(self._task, completed=self.done, nuclei=self.nuclei, rate=f"{rate:.1f} tiles/s")
+            now = time.perf_counter()
+            if self._t0 is None:  # the rate starts at the first finished tile (not at cluster start-up)
+                self._t0, self._start_done = now, self.done
+            rate = (self.done - self._start_done) / max(now - self._t0, 1e-9)
+            self._bar.update(self._task, completed=self.done, nuclei=self.nuclei,
+                             rate=f"{rate:.1f} tiles/s" if self.done > self._start_done else "")
         if self.callback is not None:
             self.callback(self.done, self.total, self.nuclei)
 
@@ -354,7 +394,7 @@ class WSIEngine:
     def load_model(self):
         """The model object (names and folders are loaded here, and again by name on each dask worker)."""
         source = self.model_source
-        return _load_model(os.fspath(source) if isinstance(source, os.PathLike) else source)
+        return _load_model(os.fspath(source) if isinstance(source, os.PathLike) else source, self.options.device)
 
     def detect_tissue(self, slide: Slide) -> tuple[TissueMask, np.ndarray]:
         return slide_tissue(slide, self.options.tissue)
@@ -401,22 +441,25 @@ class WSIEngine:
                       on_result: Callable[[TileResult], None]) -> dict:
         from distributed import Client, LocalCluster, as_completed
 
-        cluster = None
         with contextlib.ExitStack() as stack:
             if self.scheduler is not None:
                 try:
-                    client = stack.enter_context(Client(self.scheduler, timeout="30s"))
+                    client = stack.enter_context(Client(self.scheduler,
+                                                         timeout=f"{self.options.scheduler_timeout}s"))
+                    client.wait_for_workers(1, timeout=self.options.scheduler_timeout)
                 except (OSError, TimeoutError) as exc:
-                    raise InputError(None, f"cannot connect to the dask scheduler {self.scheduler} ({exc})") from None
+                    why = str(exc) or f"no worker joined within {self.options.scheduler_timeout:g} s"
+                    raise InputError(None, f"cannot use the dask scheduler {self.scheduler} ({why})") from None
                 torch_threads = None
             else:
                 n = self.workers if self.workers is not None else (os.cpu_count() or 1)
+                stack.enter_context(_fast_worker_start())
                 cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                                            dashboard_address=None, silence_logs=logging.ERROR))
                 client = stack.enter_context(Client(cluster))
                 torch_threads = max(1, (os.cpu_count() or 1) // n)
             plugin = f"karyo-model-{uuid.uuid4().hex[:12]}"
-            client.register_plugin(_model_plugin(source, torch_threads), name=plugin)
+            client.register_plugin(_model_plugin(source, torch_threads, self.options.device), name=plugin)
             if self.scheduler is not None:
                 stack.callback(_quietly, client.unregister_worker_plugin, plugin)
             info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
@@ -453,7 +496,6 @@ class WSIEngine:
     def run(self, slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, mpp: float | None = None,
             resume: bool = False) -> WSIResult:
         t_start = time.perf_counter()
-        opts = self.options
         slide_path, out_dir = Path(slide_path), Path(out_dir)
         with writing("the output folder", out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -473,16 +515,15 @@ class WSIEngine:
 
         t = time.perf_counter()
         tissue, _ = self.detect_tissue(slide)
-        with writing("tissue_mask.png", out_dir):
-            write_image(out_dir / "tissue_mask.png", tissue.mask.astype(np.uint8) * 255)
         timing["tissue"] = time.perf_counter() - t
         if not tissue.mask.any():
+            self._write_mask(out_dir, tissue)
             raise InputError(slide_path, f"no tissue found (saturation threshold {tissue.threshold:.3f}; see "
                                          f"{out_dir / 'tissue_mask.png'}); is the slide blank, or is this not a "
                                          f"brightfield H&E image?")
         all_tiles, tiles, factor, size = self.plan(slide, model_mpp, tissue)
-        processor = self.processor_class(SlideSpec(str(slide_path.resolve()), opts.backend, mpp, str(cache_dir)),
-                                         factor, model_mpp, size, opts.attributes, opts.simplify)
+        spec = SlideSpec(str(slide_path.resolve()), opts.backend, mpp, str(cache_dir.resolve()))
+        processor = self.processor_class(spec, factor, model_mpp, size, opts.attributes, opts.simplify)
         t = time.perf_counter()
         calibrated = self.calibrate(model, processor, slide, tiles)
         timing["calibrate"] = time.perf_counter() - t
@@ -494,7 +535,7 @@ class WSIEngine:
         settings = self._settings(slide, slide_path, calibrated, model_mpp, factor, tiles)
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         work = WorkDir(out_dir)
-        done: dict[int, dict] = {}
+        done = TileLedger()
         if resume and work.exists():
             old = work.read_settings() or {}
             if old != settings:
@@ -507,10 +548,10 @@ class WSIEngine:
             return self._existing(out_dir)
         else:
             work.reset(settings)
+        self._write_mask(out_dir, tissue)
 
-        wanted = {t.index for t in tiles}
-        done = {i: e for i, e in done.items() if i in wanted}
-        overlay_thumb, overlay_scale = slide.read_downsampled(max(1.0, max(slide.dimensions) / opts.overlay_max_size))
+        overlay_thumb, overlay_scale = slide.read_downsampled(max(1.0, max(slide.dimensions) / opts.overlay_max_size),
+                                                              at_least=True)
         meta = {"slide": slide_path.name, "mpp": slide.mpp, "model_mpp": model_mpp, "factor": factor,
                 "coordinates": "level-0 pixels", "attributes_at": "model resolution"}
         merger = OrderedMerger(work, [t.index for t in tiles], attributes=opts.attributes, slide_name=slide_path.name,
@@ -518,11 +559,11 @@ class WSIEngine:
                                row_group_size=opts.row_group_size)
         write_time = [0.0]
         resumed = len(done)
-        progress = _Progress(self.progress, len(tiles), resumed, sum(int(e.get("n", 0)) for e in done.values()))
+        progress = _Progress(self.progress, len(tiles), resumed, sum(done.nuclei.values()))
         try:
             t = time.perf_counter()
-            for i in sorted(done):
-                merger.add(i, int(done[i].get("n", 0)))
+            for i in sorted(done.nuclei):
+                merger.add(i, done.nuclei[i])
             write_time[0] += time.perf_counter() - t
 
             def on_result(res: TileResult) -> None:
@@ -534,8 +575,8 @@ class WSIEngine:
                 entry = {"tile": res.tile, "n": res.n_nuclei, "truncated": res.truncated,
                          "t": {k: round(v, 6) for k, v in res.times.items()}}
                 work.record(entry)
-                done[res.tile] = entry
-                merger.add(res.tile, res.n_nuclei)
+                done.add(entry)
+                merger.add(res.tile, res.n_nuclei, res.table)
                 write_time[0] += time.perf_counter() - t0
                 progress.advance(res.n_nuclei)
 
@@ -544,7 +585,7 @@ class WSIEngine:
                                      on_result, worker_model)
             timing["compute_wall"] = time.perf_counter() - t
             t = time.perf_counter()
-            parquet, geojson = merger.finish(out_dir)
+            merger.finish(out_dir)
         except BaseException:
             merger.abort()
             raise
@@ -563,6 +604,11 @@ class WSIEngine:
         return WSIResult(out_dir, summary, self._paths(out_dir))
 
     # -------------------------------------------------------------------- bookkeeping
+    @staticmethod
+    def _write_mask(out_dir: Path, tissue: TissueMask) -> None:
+        with writing("tissue_mask.png", out_dir):
+            write_image(out_dir / "tissue_mask.png", tissue.mask.astype(np.uint8) * 255)
+
     def _settings(self, slide: Slide, slide_path: Path, model, model_mpp: float, factor: float,
                   tiles: list[Tile]) -> dict:
         """What must not change between a run and its resume."""
@@ -585,12 +631,8 @@ class WSIEngine:
 
     def _summary(self, slide, model, model_mpp, factor, size, all_tiles, tiles, done, tissue, merger, execution,
                  timing, t_start, digest, resumed) -> dict:
-        stage = {s: 0.0 for s in STAGES}
-        truncated = 0
-        for entry in done.values():
-            truncated += int(entry.get("truncated", 0))
-            for s in STAGES:
-                stage[s] += float(entry.get("t", {}).get(s, 0.0))
+        stage = {s: done.stage_s.get(s, 0.0) for s in STAGES}
+        truncated = done.truncated
         area = tissue.area_mm2
         counts = dict(sorted(merger.counts.items()))
         wall = time.perf_counter() - t_start
@@ -598,7 +640,8 @@ class WSIEngine:
             "slide": slide.describe(),
             "model": {"source": self.model_source if isinstance(self.model_source, str) else type(model).__name__,
                       "arch": getattr(model, "arch", type(model).__name__), "mpp": model_mpp,
-                      "calibrated_for_slide": callable(getattr(model, "for_slide", None))},
+                      "calibrated_for_slide": callable(getattr(model, "for_slide", None)),
+                      "config": _config_dict(model)},
             "tiling": {"tile": self.options.tile, "overlap": self.options.overlap, "factor": factor,
                        "model_resolution_size": list(size), "tiles_total": len(all_tiles),
                        "tiles_with_tissue": len(tiles), "tiles_from_earlier_runs": resumed,
@@ -677,8 +720,9 @@ def run_wsi(slide_path: str | os.PathLike, model: Any = "default", out_dir: str 
     this process, N a local dask cluster of N processes (None: one per CPU core); ``scheduler`` (``tcp://host:port``)
     uses an existing dask cluster instead, whose workers must see ``slide_path``. ``resume`` continues an
     interrupted run in ``out_dir`` (same settings) and gives the same files as an uninterrupted one. ``tile`` and
-    ``overlap`` are in pixels at the model's resolution; ``options`` holds the rest (and overrides tile/overlap
-    only where those are left at their defaults).
+    ``overlap`` are in pixels at the model's resolution; ``options`` holds every other setting (its tile and
+    overlap apply when ``tile``/``overlap`` are left at 256/64). ``progress``: a rich progress bar on stderr, or a
+    callback ``(tiles_done, tiles_total, nuclei)``.
     """
     opts = options or WSIOptions()
     if (tile, overlap) != (256, 64):

@@ -23,13 +23,13 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
-from skimage.draw import polygon_perimeter
 
 from karyo.errors import InputError
 from karyo.export.colors import class_color
@@ -95,6 +95,28 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+@dataclass
+class TileLedger:
+    """What is known about finished tiles: nuclei per tile (the merge needs them) and running totals (the
+    summary needs them), without keeping each tile's manifest entry in memory."""
+
+    nuclei: dict[int, int] = field(default_factory=dict)
+    stage_s: dict[str, float] = field(default_factory=dict)
+    truncated: int = 0
+
+    def add(self, entry: dict) -> None:
+        self.nuclei[int(entry["tile"])] = int(entry.get("n", 0))
+        self.truncated += int(entry.get("truncated", 0))
+        for stage, seconds in entry.get("t", {}).items():
+            self.stage_s[stage] = self.stage_s.get(stage, 0.0) + float(seconds)
+
+    def __contains__(self, tile: int) -> bool:
+        return tile in self.nuclei
+
+    def __len__(self) -> int:
+        return len(self.nuclei)
+
+
 class WorkDir:
     """The run's private folder: settings, manifest of finished tiles and their parts."""
 
@@ -126,10 +148,10 @@ class WorkDir:
             self.manifest.touch()
             _fsync_dir(self.root)
 
-    def finished(self) -> dict[int, dict]:
+    def finished(self) -> TileLedger:
         """Finished tiles from the manifest. A torn last line (crash while appending) is cut off; a tile whose part
         went missing is not finished."""
-        done: dict[int, dict] = {}
+        done = TileLedger()
         if not self.manifest.is_file():
             return done
         data = self.manifest.read_bytes()
@@ -144,7 +166,7 @@ class WorkDir:
                 break
             good += len(line)
             if entry.get("n", 0) == 0 or self.part_path(tile).is_file():
-                done[tile] = entry
+                done.add(entry)
         if good < len(data):
             with writing("the manifest", self.manifest), open(self.manifest, "r+b") as fh:
                 fh.truncate(good)
@@ -190,28 +212,30 @@ class OverlayPainter:
         self._colors: dict[tuple[int, str], tuple[int, int, int]] = {}
 
     def paint(self, table: pa.Table) -> None:
+        """Draw the outlines of ``table``'s nuclei (boundary points at the overlay's pixel spacing, so outlines
+        are closed at any scale; nuclei smaller than a pixel become one dot at their centroid)."""
         if table.num_rows == 0:
             return
         h, w = self.image.shape[:2]
         sx, sy = self.scale
-        geoms = shapely.from_wkb(table.column("polygon_wkb").to_numpy(zero_copy_only=False))
         cid = table.column("class_id").to_numpy()
         names = table.column("class_name").to_pylist()
-        cx = table.column("centroid_x").to_numpy() / sx
-        cy = table.column("centroid_y").to_numpy() / sy
+        colors = np.array([self._color(int(c), n) for c, n in zip(cid, names, strict=True)], np.uint8)
+        geoms = shapely.from_wkb(table.column("polygon_wkb").to_numpy(zero_copy_only=False))
+        geoms = shapely.segmentize(shapely.boundary(geoms), max(min(sx, sy), 1e-3))
+        xy, index = shapely.get_coordinates(geoms, return_index=True)
         span = np.maximum((table.column("bbox_x1").to_numpy() - table.column("bbox_x0").to_numpy()) / sx,
                           (table.column("bbox_y1").to_numpy() - table.column("bbox_y0").to_numpy()) / sy)
-        for k, geom in enumerate(geoms):
-            color = self._color(int(cid[k]), names[k])
-            if span[k] < 3 or geom is None:
-                r, c = int(cy[k]), int(cx[k])
-                if 0 <= r < h and 0 <= c < w:
-                    self.image[r, c] = color
-                continue
-            poly = max(geom.geoms, key=lambda g: g.area) if hasattr(geom, "geoms") else geom
-            xy = np.asarray(poly.exterior.coords)
-            rr, cc = polygon_perimeter(xy[:, 1] / sy - 0.5, xy[:, 0] / sx - 0.5, shape=(h, w), clip=False)
-            self.image[rr, cc] = color
+        dots = np.flatnonzero(span < 2)
+        if dots.size:
+            cx = table.column("centroid_x").to_numpy()[dots] + 0.5
+            cy = table.column("centroid_y").to_numpy()[dots] + 0.5
+            xy = np.concatenate([xy, np.stack([cx, cy], axis=1)])
+            index = np.concatenate([index, dots])
+        cols = np.floor(xy[:, 0] / sx).astype(np.int64)
+        rows = np.floor(xy[:, 1] / sy).astype(np.int64)
+        ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        self.image[rows[ok], cols[ok]] = colors[index[ok]]
 
     def _color(self, cid: int, name: str) -> tuple[int, int, int]:
         key = (cid, name)
@@ -226,7 +250,7 @@ class OrderedMerger:
 
     def __init__(self, work: WorkDir, order: list[int], *, attributes: bool, slide_name: str,
                  metadata: dict | None = None, overlay: OverlayPainter | None = None,
-                 row_group_size: int = 65536, um2_per_px: float = 1.0):
+                 row_group_size: int = 16384):
         self.work = work
         self.order = list(order)
         self.attributes = attributes
@@ -250,14 +274,21 @@ class OrderedMerger:
     def merged_tiles(self) -> int:
         return self._pos
 
-    def add(self, tile: int, n_nuclei: int) -> None:
-        """Tile ``tile`` is finished (its part, if any, is on disk); merge whatever is now next in order."""
+    def add(self, tile: int, n_nuclei: int, table: pa.Table | None = None) -> None:
+        """Tile ``tile`` is finished (its part, if any, is on disk); merge whatever is now next in order.
+
+        ``table`` is the part just written: used directly when this tile is next (the usual case), otherwise
+        only its size is remembered and the part is read back from disk when its turn comes (memory stays flat
+        however far completion runs ahead of the merge)."""
         self._pending[tile] = n_nuclei
         while self._pos < len(self.order) and self.order[self._pos] in self._pending:
             index = self.order[self._pos]
             if self._pending.pop(index):
-                with writing(f"the part of tile {index}", self.work.part_path(index)):
-                    part = pq.read_table(self.work.part_path(index))
+                if index == tile and table is not None:
+                    part = table
+                else:
+                    with writing(f"the part of tile {index}", self.work.part_path(index)):
+                        part = pq.read_table(self.work.part_path(index))
                 self._emit(part)
             self._pos += 1
 
@@ -289,6 +320,7 @@ class OrderedMerger:
             nid = int(cols["nucleus_id"][k])
             meas = {"Area µm^2": cols["area_um2"][k], "Detection probability": cols["score"][k]}
             meas.update({c: v[k] for c, v in attrs.items()})
+            meas = {c: float(v) for c, v in meas.items() if np.isfinite(v)}  # QuPath measurements are numbers
             self._geojson.write(geometry_feature(
                 geom, feature_id=str(uuid.uuid5(_NAMESPACE, f"{self.slide_name}:{nid}")),
                 class_id=int(cols["class_id"][k]), class_name=names[k], measurements=meas,

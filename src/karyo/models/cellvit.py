@@ -24,8 +24,10 @@ the bottleneck (or reads the ViT class token when there is one) instead of alway
 widths are free (``decoder_dims``).
 
 Losses (:func:`cellvit_loss`): NP = CE + Dice (+ focal, weight 0 by default), HV = MSE + MSGE (mean squared
-error of the HV maps' Sobel gradients inside nuclei), NT = CE + Dice over the classes, tissue = CE; the weights
-live in the config (HoVer-Net's defaults: 1, 1, 1, 2, 1, 1). Post-processing: :mod:`karyo.infer.hovernet`.
+error of the HV maps' gradients inside nuclei, with HoVer-Net's 5×5 kernel x/(x²+y²)), NT = CE + Dice over the
+classes (nuclei of unknown class ignored), tissue = CE; the weights live in the config (defaults HoVer-Net's:
+NP 1 + 1, HV 1 + 2, NT 1 + 1; CellViT's focal-Tversky terms are not implemented). Post-processing:
+:mod:`karyo.infer.hovernet`, whose default energy deviates from HoVer-Net's min–max normalisation (see there).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ from karyo.data.augment import IMAGENET_MEAN, IMAGENET_STD, prepare_image
 from karyo.data.sample import as_hwc
 from karyo.device import pick_device
 from karyo.errors import InputError
-from karyo.infer.hovernet import hovernet_postprocess
+from karyo.infer.hovernet import ENERGIES, hovernet_postprocess
 from karyo.infer.result import SegmentationResult
+from karyo.infer.tiling import tile_starts
 from karyo.models.base import InstanceModel, register
 from karyo.models.convnext import (
     CONVNEXT_PRESETS,
@@ -66,6 +69,7 @@ __all__ = [
     "cellvit_targets",
     "hv_maps",
     "msge_loss",
+    "postprocess_params",
     "sobel_hv",
 ]
 
@@ -120,11 +124,12 @@ class CellViTConfig:
     loss_nt_dice: float = 1.0
     loss_tissue: float = 0.1
     focal_gamma: float = 2.0
-    # HoVer-Net post-processing at 40× (CellViT: object size 10, Sobel kernel 21)
+    # HoVer-Net post-processing at 40× (object size 10 as CellViT; energy see karyo.infer.hovernet)
     np_threshold: float = 0.5
-    sobel_ksize: int = 21
-    energy_threshold: float = 0.4
-    marker_open_radius: int = 2
+    energy: str = "slope"
+    sobel_ksize: int = 5
+    energy_threshold: float = 0.02
+    marker_open_radius: int = 1
     min_marker_area: int = 10
     min_area: int = 10
     # inference tiling
@@ -187,6 +192,8 @@ class CellViTConfig:
             problems.append(f"sobel_ksize must be odd and in 1..31, got {self.sobel_ksize}")
         if not 0.0 <= self.np_threshold <= 1.0 or not 0.0 <= self.energy_threshold <= 1.0:
             problems.append("np_threshold and energy_threshold must lie in [0, 1]")
+        if self.energy not in ENERGIES:
+            problems.append(f"energy must be one of {ENERGIES}, got {self.energy!r}")
         if self.tile_size % self.stride or not 0 <= self.tile_overlap < self.tile_size // 2 or self.tile_batch < 1:
             problems.append(f"tile_size must be a multiple of {self.stride} and tile_overlap in "
                             f"[0, tile_size/2); got {self.tile_size}, {self.tile_overlap}")
@@ -512,13 +519,6 @@ def cellvit_loss(out: dict[str, Tensor], targets: dict[str, Tensor], config: Cel
 # ---------------------------------------------------------------------------------------------- inference model
 
 
-def _grid(length: int, tile: int, stride: int) -> list[int]:
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride))
-    return [*starts, length - tile]
-
-
 def _ramp(n: int, overlap: int, before: bool, after: bool) -> np.ndarray:
     """1-D blending weight of a tile side: linear ramp over ``overlap`` px on sides that have a neighbour."""
     w = np.ones(n, np.float32)
@@ -529,6 +529,12 @@ def _ramp(n: int, overlap: int, before: bool, after: bool) -> np.ndarray:
         if after:
             w[n - overlap:] = np.minimum(w[n - overlap:], r[::-1])
     return w
+
+
+def postprocess_params(config: CellViTConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`karyo.infer.hovernet.hovernet_instances` held in ``config``."""
+    return {k: getattr(config, k) for k in ("np_threshold", "energy", "sobel_ksize", "energy_threshold",
+                                            "marker_open_radius", "min_marker_area", "min_area")}
 
 
 @dataclass
@@ -606,7 +612,7 @@ class CellViTModel(InstanceModel):
         ph, pw = max(h, ts) - h, max(w, ts) - w
         xp = F.pad(x, (0, pw, 0, ph), mode="reflect" if (pw < w and ph < h) else "constant") if ph or pw else x
         hp, wp = xp.shape[2:]
-        ys, xs = _grid(hp, ts, ts - ov), _grid(wp, ts, ts - ov)
+        ys, xs = tile_starts(hp, ts, ov), tile_starts(wp, ts, ov)
         k = cfg.num_classes + 1
         acc = torch.zeros(3 + k, hp, wp)
         wsum = torch.zeros(hp, wp)
@@ -632,10 +638,7 @@ class CellViTModel(InstanceModel):
     def postprocess(self, maps: CellViTMaps) -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
         """HoVer-Net post-processing with this model's settings → (instances, classes, scores)."""
         cfg = self.config
-        res = hovernet_postprocess(maps.np_prob, maps.hv, maps.nt_prob, np_threshold=cfg.np_threshold,
-                                   sobel_ksize=cfg.sobel_ksize, energy_threshold=cfg.energy_threshold,
-                                   marker_open_radius=cfg.marker_open_radius, min_marker_area=cfg.min_marker_area,
-                                   min_area=cfg.min_area)
+        res = hovernet_postprocess(maps.np_prob, maps.hv, maps.nt_prob, **postprocess_params(cfg))
         return res.instances, res.classes, res.scores
 
     @torch.no_grad()

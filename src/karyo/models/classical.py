@@ -7,7 +7,7 @@ anywhere. Parameters are in pixels at the config's ``mpp`` and rescaled to the i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -38,6 +38,9 @@ class ClassicalConfig:
     marker_footprint: int = 0  # 0: square of side 2*min_distance+1
     distance_smooth: float = 1.0
     compactness: float = 0.0
+    # Absolute foreground threshold on the smoothed signal. None: Otsu of each image × threshold_scale. Set by
+    # for_slide, so that a slide processed tile by tile is thresholded as one image.
+    threshold: float | None = None
 
 
 @register
@@ -67,14 +70,15 @@ class ClassicalModel(InstanceModel):
                 name: str = "") -> SegmentationResult:
         cfg = self.config
         scale = 1.0 if mpp is None else cfg.mpp / mpp  # > 1 when the image is more magnified
-        sig = self.signal(image)
-        if cfg.smooth_sigma > 0:
-            sig = filters.gaussian(sig, cfg.smooth_sigma * scale)
-        span = float(np.ptp(sig))
-        if span < 1e-6:  # a flat (e.g. empty or white) image holds no nuclei
-            return SegmentationResult(np.zeros(sig.shape, np.int32), name=name, model=self.arch)
-        sig = (sig - sig.min()) / span
-        fg = sig > filters.threshold_otsu(sig) * cfg.threshold_scale
+        sig = self._smoothed(image, scale)
+        if cfg.threshold is not None:
+            fg = sig > cfg.threshold
+        else:
+            span = float(np.ptp(sig))
+            if span < 1e-6:  # a flat (e.g. empty or white) image holds no nuclei
+                return SegmentationResult(np.zeros(sig.shape, np.int32), name=name, model=self.arch)
+            sig = (sig - sig.min()) / span
+            fg = sig > filters.threshold_otsu(sig) * cfg.threshold_scale
         min_area = max(1, round(cfg.min_area * scale * scale))
         if cfg.opening_radius > 0:
             fg = ndi.binary_opening(fg, morphology.disk(max(1, round(cfg.opening_radius * scale))))
@@ -98,6 +102,24 @@ class ClassicalModel(InstanceModel):
         labels = np.where(rest > 0, rest + labels.max(), labels)
         labels = remove_small_instances(labels, min_area)
         return SegmentationResult(labels, name=name, model=self.arch)
+
+    def _smoothed(self, image: np.ndarray, scale: float) -> np.ndarray:
+        sig = self.signal(image)
+        return filters.gaussian(sig, self.config.smooth_sigma * scale) if self.config.smooth_sigma > 0 else sig
+
+    def for_slide(self, images: Sequence[np.ndarray], mpp: float | None = None) -> ClassicalModel:
+        """A copy whose threshold is fixed from ``images`` (a sample of one slide's tiles, at ``mpp``): the Otsu
+        threshold of all of them together, as if the slide were one image. Whole-slide inference calls this, so
+        that tiles do not each get their own threshold (which moves outlines and invents nuclei on pale tiles)."""
+        cfg = self.config
+        scale = 1.0 if mpp is None else cfg.mpp / mpp
+        sig = np.concatenate([self._smoothed(im, scale).ravel() for im in images]) if images else np.zeros(0)
+        span = float(np.ptp(sig)) if sig.size else 0.0
+        if span < 1e-6:
+            return self
+        lo = float(sig.min())
+        threshold = lo + span * float(filters.threshold_otsu((sig - lo) / span)) * cfg.threshold_scale
+        return ClassicalModel(replace(cfg, threshold=threshold))
 
     def _segment_at_points(self, fg: np.ndarray, dist: np.ndarray, points, negative, min_area: int,
                            name: str) -> SegmentationResult:

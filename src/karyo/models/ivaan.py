@@ -420,14 +420,18 @@ class IVAANModel(PromptNucSegModel):
             scores = {k: v for k, v in scores.items() if k in present}
         ids = np.array(sorted(prompt_of), np.int64)
         rows = np.array([prompt_of[i] for i in ids], np.int64)
-        sentences = self.describe_levels(levels[rows], cls[rows]) if len(rows) else []
+        # levels and sentences only from a model trained to predict them (untrained heads would say nonsense)
+        described = cfg.ivaan.attribute_prediction
+        sentences = self.describe_levels(levels[rows], cls[rows]) if len(rows) and described else []
         words = _level_words(cfg.ivaan.attributes)
         properties = {}
         for k, (inst, j) in enumerate(zip(ids.tolist(), rows.tolist(), strict=True)):
-            props = {f"level_{N.paper_name(a)}": words[a][int(levels[j, m])]
-                     for m, a in enumerate(cfg.ivaan.attributes)}
-            props["description"] = sentences[k]
-            if np.isfinite(text_sim[j]):
+            props: dict = {}
+            if described:
+                props = {f"level_{N.paper_name(a)}": words[a][int(levels[j, m])]
+                         for m, a in enumerate(cfg.ivaan.attributes)}
+                props["description"] = sentences[k]
+            if cfg.ivaan.text_classification and np.isfinite(text_sim[j]):
                 props["text_similarity"] = round(float(text_sim[j]), 4)
             properties[inst] = props
         return IVAANResult(instances, classes={i: int(cls[j]) for i, j in zip(ids, rows, strict=True)},

@@ -12,7 +12,7 @@ Pipeline (paper section → code):
   the feature tokens, k = 9, max-relative graph convolution, residual).
 * §3.3 PPD — progressive multi-head cross-attention (eq. 7), each stage's output querying the next, coarser
   feature: ``F^h → F^v → F^t → F^T`` (text), then the result queries the FPN-blended ``{F^c, F^m, F^f}``; a final
-  merge (concatenation + 3×3 conv) with the blended feature.
+  merge (concatenation + 1×1 conv) with the blended feature.
 * §3.4 eq. 8 — ``G_v`` (convolutions and ×2 upsamplings to full resolution), a controller ``G_weight(G_linear(F_T))``
   that writes the weights of a per-class dynamic 1×1-conv head, applied as one grouped convolution over the
   (1, B·C, H, W) reshaped features; one mask per class (background = class 0). Eq. 9: per-class binary
@@ -22,8 +22,8 @@ Ablation switches (Tables 3–5): ``mgfe`` (off: ``F^h, F^v, F^t = F^f, F^m, F^c
 features are fused by the FPN block only), ``hf`` / ``topo`` (off: that branch is replaced by a conv block, as in
 Table 4), ``conv`` (off: ``F^v = F^m``), ``ppd_stages`` (a missing stage passes its query through, Table 5).
 
-Deviations, all for a CPU-sized model trained from scratch on a few hundred tiles (see docs/monch.md-style notes
-in the config docstring): the default encoder is a small ViT with a convolutional stem and patch 8 instead of a
+Deviations, all for a CPU-sized model trained from scratch on a few hundred tiles: the default encoder is a small
+ViT (width 128, depth 6) with CLIP-B/16's patch 16 but a convolutional stem, trained by us instead of a
 pre-trained CLIP ViT-B/16; text embeddings come from the project's frozen sentence encoder (all-MiniLM-L6-v2, one
 384-d vector per sentence) instead of CLIP's 77-token text tower, so ``F^T`` holds one token per sentence; a
 3×3 conv (no bias) refines the high-pass component before eq. 4's residual; the conv and PPD stages are residual
@@ -31,11 +31,15 @@ pre-trained CLIP ViT-B/16; text embeddings come from the project's frozen senten
 it serves as keys/values; ``G_v`` receives a stride-2 convolutional "detail" feature of the input image (the paper's
 features never go below stride 8, too coarse for 15-px nuclei); the controller also sees the image's class token
 (as in the CLIP-driven universal model, which is what makes eq. 8's per-image reshape necessary).
+
+Size: the ``cpu`` preset has 1.80 M parameters (1.32 M in the tower) and one 256² tile takes about 60 ms (one
+thread, this project's 2-core CPU; see docs/benchmarks.md, section ``monch``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -62,7 +66,9 @@ from karyo.models.vit import LoadReport, ViT, ViTConfig, load_vit_weights, read_
 
 __all__ = [
     "MONCH",
+    "ConvBranch",
     "CrossAttentionStage",
+    "Decoder",
     "DynamicConvHead",
     "FPNBlend",
     "HighFrequencyEnhancement",
@@ -77,7 +83,9 @@ __all__ = [
     "per_class_bce",
     "seed_instances",
     "semantic_targets",
+    "sine_positions",
     "tiled_probabilities",
+    "with_ablation",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -85,9 +93,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _cpu_encoder() -> ViTConfig:
-    """The small default image tower trained by us: CLIP-style (class token, ln_pre, quick-GELU, final norm) with a
-    convolutional stem (trains from scratch far better than patchify) and patch 8 (stride-4 ``F^f`` at 256²)."""
-    return ViTConfig(img_size=256, patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0,
+    """The small default image tower trained by us: CLIP-style (class token, ln_pre, quick-GELU, final norm) with
+    CLIP-B/16's geometry (patch 16: F^m at stride 16, F^f at 8, F^c at 32, as in the paper) and a convolutional
+    stem instead of a patchify layer (trains from scratch far better; Xiao et al. 2021)."""
+    return ViTConfig(img_size=256, patch_size=16, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0,
                      class_token=True, pre_norm=True, final_norm=True, act="quick_gelu", norm_eps=1e-5,
                      patch_embed="stem")
 
@@ -130,7 +139,7 @@ class MONCHConfig:
     knn_k: int = 9
     knn_dilation: int = 2
     hf_cutoff: float = 0.1  # radial frequency (fraction of Nyquist) at and below which eq. 3 removes content
-    decoder_channels: tuple[int, ...] = (32, 16)  # G_v widths of the ×2 stages ending at stride 2 and stride 1
+    decoder_channels: tuple[int, ...] = (32, 24, 12)  # G_v widths of the ×2 stages (finest last; stride 1)
     detail_channels: int = 16  # 0 disables the stride-2 image detail feature
     head_channels: int = 8
     head_layers: int = 3
@@ -193,10 +202,10 @@ class MONCHConfig:
             raise InputError(None, f"unknown MONCH preset {name!r}; choose from {', '.join(ENCODER_PRESETS)}")
         enc = ENCODER_PRESETS[name]()
         base: dict = {"encoder": enc}
-        if name in ("clip_vit_b16", "plip_vit_b32"):
+        if name in ("clip_vit_b16", "plip_vit_b32", "conch_vit_b16"):  # all three use OpenAI-CLIP statistics
             base.update(pixel_mean=CLIP_MEAN, pixel_std=CLIP_STD)
-        if enc.patch_size >= 16:  # one more ×2 stage in G_v per doubling of the stride
-            base["decoder_channels"] = (64,) * (int(math.log2(enc.patch_size)) - 3) + (32, 16)
+        if enc.patch_size > 16:  # one more ×2 stage in G_v per doubling of the stride
+            base["decoder_channels"] = (48,) * (int(math.log2(enc.patch_size)) - 4) + (32, 24, 12)
         base.update(changes)
         return cls(**base)
 
@@ -315,9 +324,18 @@ class TopologicalBranch(nn.Module):
 # ------------------------------------------------------------------------------------------------- §3.3 PPD
 
 
+@functools.lru_cache(maxsize=32)
+def _sine_positions_cpu(h: int, w: int, dim: int) -> Tensor:
+    return _sine_positions(h, w, dim)
+
+
 def sine_positions(h: int, w: int, dim: int, device: torch.device | None = None) -> Tensor:
     """(h·w)×dim fixed 2-D sine/cosine encoding of normalised cell centres, so maps of different resolution that
     cover the same image get matching codes (fine queries attend to the coarse keys at their own location)."""
+    return _sine_positions_cpu(h, w, dim).to(device if device is not None else "cpu")
+
+
+def _sine_positions(h: int, w: int, dim: int, device: torch.device | None = None) -> Tensor:
     quarter = dim // 4
     freq = 1.0 / (100.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(1, quarter)))
     ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
@@ -420,28 +438,52 @@ class DynamicConvHead(nn.Module):
         z = torch.cat([t[None].expand(b, k, -1), g[:, None].expand(b, k, -1)], dim=-1)
         return self.g_weight(z)
 
+    def _layers(self, theta: Tensor):
+        """Yield (weight B×K×o×i, bias B×K×o) of each dynamic layer from the flat parameters."""
+        pos = 0
+        for o, i in self.shapes:
+            wgt = theta[..., pos:pos + o * i].unflatten(-1, (o, i))
+            pos += o * i
+            yield wgt, theta[..., pos:pos + o]
+            pos += o
+
     def forward(self, feat: Tensor, text: Tensor, image: Tensor) -> Tensor:
-        """B×c×H×W visual feature → B×K×H×W logits."""
+        """B×c×H×W visual feature → B×K×H×W logits. Computed with batched matrix products, which is the grouped
+        1×1 convolution of eq. 8 (:meth:`forward_grouped`) without materialising K copies of the input."""
+        b, c, h, w = feat.shape
+        theta = self.params(text, image)
+        k = theta.shape[1]
+        x = feat.reshape(b, c, h * w)
+        for li, (wgt, bias) in enumerate(self._layers(theta)):
+            o = wgt.shape[2]
+            if li == 0:  # every class reads the same input: one (K·o)×c product per image
+                x = torch.bmm(wgt.reshape(b, k * o, c), x).reshape(b * k, o, h * w)
+            else:
+                x = torch.bmm(wgt.reshape(b * k, o, -1), x)
+            x = x + bias.reshape(b * k, o, 1)
+            if li < self.layers - 1:
+                x = F.relu(x)
+        return x.reshape(b, k, h, w) + self.class_bias[None, :, None, None]
+
+    def forward_grouped(self, feat: Tensor, text: Tensor, image: Tensor) -> Tensor:
+        """Eq. 8 literally: reshape to (1, B·K·c, H, W) and run grouped convolutions (groups = B·K)."""
         b, c, h, w = feat.shape
         theta = self.params(text, image)
         k = theta.shape[1]
         x = feat[:, None].expand(b, k, c, h, w).reshape(1, b * k * c, h, w)
-        pos = 0
-        for li, (o, i) in enumerate(self.shapes):
-            wgt = theta[..., pos:pos + o * i].reshape(b * k * o, i, 1, 1)
-            pos += o * i
-            bias = theta[..., pos:pos + o].reshape(b * k * o)
-            pos += o
-            x = F.conv2d(x, wgt, bias, groups=b * k)
+        for li, (wgt, bias) in enumerate(self._layers(theta)):
+            o, i = wgt.shape[2:]
+            x = F.conv2d(x, wgt.reshape(b * k * o, i, 1, 1), bias.reshape(b * k * o), groups=b * k)
             if li < self.layers - 1:
                 x = F.relu(x)
         return x.reshape(b, k, h, w) + self.class_bias[None, :, None, None]
 
 
 class Decoder(nn.Module):
-    """``G_v``: a 3×3 conv on the merged fine feature (stride ``fine_stride``), then ×2 bilinear upsampling + 3×3
-    conv stages down to stride 1 (widths ``widths``, last = finest); where the running stride reaches 2 the image
-    detail feature is concatenated (see the module docstring); a 1×1 conv gives the head's ``out_channels``."""
+    """``G_v``: a 1×1 conv reducing the merged fine feature (stride ``fine_stride``) to ``widths[0]`` channels, then
+    ×2 bilinear upsampling + 3×3 conv stages down to stride 1 (the finest ``log2(fine_stride)`` of ``widths``);
+    where the running stride reaches 2 the image detail feature (3×3 conv at stride 1, stride-2 3×3 conv; see the
+    module docstring) is concatenated; a 1×1 conv gives the head's ``out_channels``."""
 
     def __init__(self, dim: int, fine_stride: int, widths: Sequence[int], detail: int, out_channels: int,
                  in_chans: int = 3):
@@ -450,19 +492,20 @@ class Decoder(nn.Module):
         widths = list(widths)
         if len(widths) < n_up:  # repeat the coarsest width for extra stages (larger patch sizes)
             widths = [widths[0]] * (n_up - len(widths)) + widths
-        widths = widths[len(widths) - n_up:]  # the finest n_up widths
+        widths = widths[len(widths) - n_up:] if n_up else widths[-1:]
         self.fine_stride = int(fine_stride)
-        self.inp = _conv_block(dim, dim)
+        self.reduce = _conv_block(dim, widths[0], k=1)
         self.use_detail = detail > 0
         if self.use_detail:
-            self.detail = nn.Sequential(_conv_block(in_chans, detail),
-                                        nn.Conv2d(detail, detail, 3, stride=2, padding=1, bias=False),
+            half = max(4, detail // 2)
+            self.detail = nn.Sequential(_conv_block(in_chans, half),
+                                        nn.Conv2d(half, detail, 3, stride=2, padding=1, bias=False),
                                         nn.GroupNorm(_groups(detail), detail), nn.GELU())
         self.stages = nn.ModuleList()
-        c, stride = dim, self.fine_stride
+        c, stride = widths[0], self.fine_stride
         if self.use_detail and stride == 2:
             c += detail
-        for width in widths:
+        for width in widths[:n_up]:
             stride //= 2
             extra = detail if (self.use_detail and stride == 2) else 0
             self.stages.append(_conv_block(c + extra, width))
@@ -470,7 +513,7 @@ class Decoder(nn.Module):
         self.out = nn.Conv2d(c, out_channels, 1)
 
     def forward(self, x: Tensor, image: Tensor) -> Tensor:
-        x = self.inp(x)
+        x = self.reduce(x)
         detail = self.detail(image) if self.use_detail else None
         stride = self.fine_stride
         if detail is not None and stride == 2:
@@ -510,7 +553,7 @@ class MONCH(nn.Module):
         if cfg.ppd:
             self.text_proj = nn.Linear(cfg.text_dim, d)
             self.stages = nn.ModuleDict({s: CrossAttentionStage(d, cfg.heads, cfg.mlp_ratio) for s in cfg.ppd_stages})
-            self.merge = _conv_block(2 * d, d)
+            self.merge = _conv_block(2 * d, d, k=1)
         self.decoder = Decoder(d, cfg.encoder.patch_size // 2, cfg.decoder_channels, cfg.detail_channels,
                                cfg.head_channels, cfg.in_chans)
         self.head = DynamicConvHead(cfg.text_dim, e, d, cfg.head_channels, cfg.head_layers, k_masks)

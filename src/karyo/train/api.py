@@ -22,7 +22,7 @@ from karyo.train.loop import FitResult, TrainConfig, fit
 from karyo.train.prompter import PrompterTask
 from karyo.train.segmentor import SegmentorTask, SegmentorTrainSettings
 
-TASKS = ("prompter", "segmentor", "ivaan")
+TASKS = ("prompter", "segmentor", "ivaan", "cellvit", "monch", "unet")
 
 
 def read_config_file(path: str | os.PathLike | None) -> dict:
@@ -59,7 +59,7 @@ def _class_names(specs: list[DataSpec]) -> dict[int, str]:
 def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: str | os.PathLike | None = None,
           resume: bool = False, preset: str | None = None, val_fraction: float | None = None,
           train_overrides: dict[str, Any] | None = None, progress: bool = True) -> FitResult:
-    """Train a prompter, segmentor or IVAAN prompter into ``out`` (see the module docstring)."""
+    """Train one of :data:`TASKS` into ``out`` (see the module docstring)."""
     if task not in TASKS:
         raise InputError(None, f"unknown training task {task!r}; choose from {', '.join(TASKS)}")
     out = Path(out)
@@ -106,6 +106,17 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
 
         model_cfg = ivaan_config(file_cfg.get("model"), class_names, preset)
         t = IVAANTask(model_cfg, augment, train_samples, val_samples)
+    elif task == "cellvit":
+        from karyo.train.cellvit import CellViTTask, cellvit_config
+
+        model_cfg = cellvit_config(file_cfg.get("model"), preset, class_names, augment)
+        t = CellViTTask(model_cfg, augment, train_samples, val_samples)
+    elif task in ("monch", "unet"):
+        from karyo.train.monch import build_semantic_task
+
+        t, model_cfg, extra = build_semantic_task(task, file_cfg, preset, augment, class_names, train_samples,
+                                                  val_samples)
+        meta.update(extra)
     else:
         base = dict(file_cfg.get("model") or {})
         if "encoder" in base:

@@ -174,12 +174,14 @@ class IVAANTask(PrompterTask):
 
             names = config.prompter.class_names
             if set(names) != set(range(1, config.prompter.num_classes + 1)):
-                raise InputError(None, f"text classification needs a name for every class 1..{config.prompter.num_classes}"
-                                       f", got {names}")
+                raise InputError(None, f"text classification needs a name for every class "
+                                       f"1..{config.prompter.num_classes}, got {names}")
             self.prompt_set = resolve_prompt_set(names, config.prompt_set)
             self.class_text = embed_class_prompts(names, self.prompt_set, encoder)
-        self.targets = AttributeTargets(train_samples, config, encoder=encoder if config.align else None,
-                                        level_model=level_model)
+        # the prompter variant needs no attributes: nothing is measured for it
+        self.targets = (AttributeTargets(train_samples, config, encoder=encoder if config.align else None,
+                                         level_model=level_model)
+                        if config.align or config.attribute_prediction else None)
 
     def model(self) -> IVAANPrompter:
         net = IVAANPrompter(self.ivaan)
@@ -241,8 +243,9 @@ class IVAANTask(PrompterTask):
         torch.save(model.state_dict(), directory / "ivaan.pt")
         save_json(directory / "ivaan.json", {"config": to_dict(self.ivaan), "augment": self.augment.to_dict(),
                                             "prompt_set": getattr(self, "prompt_set", None),
-                                            "n_sentences": len(self.targets.sentences)})
-        self.targets.level_model.save(directory / "levels.json")
+                                            "n_sentences": len(self.targets.sentences) if self.targets else 0})
+        if self.targets is not None:
+            self.targets.level_model.save(directory / "levels.json")
 
 
 # ------------------------------------------------------------------------------------------ configuration

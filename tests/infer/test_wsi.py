@@ -1,0 +1,362 @@
+"""Whole-slide inference on real H&E: a 1024² slide assembled from 16 CoNSeP test patches (pyramidal TIFF)."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import shapely
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+import karyo
+from karyo.errors import InputError
+from karyo.export.polygons import instance_polygons
+from karyo.infer import wsi_writer
+from karyo.infer.tiling import plan_tiles, tile_starts
+from karyo.infer.tissue import TissueOptions, detect_tissue
+from karyo.infer.wsi import TileProcessor, WSIOptions, run_wsi
+
+pytestmark = pytest.mark.shared_data
+MPP = 0.25
+
+
+def write_pyramid(path, image, mpp=MPP, factors=(2, 4), resolution=True):
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        extra = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if resolution else {}
+        tif.write(image, tile=(256, 256), subifds=len(factors), photometric="rgb", compression="zlib", **extra)
+        for f in factors:
+            tif.write(image[::f, ::f], tile=(256, 256), photometric="rgb", compression="zlib", subfiletype=1)
+    return path
+
+
+def patches(shared_data, n, seed=0):
+    from karyo.data.layout import LayoutDataset
+
+    ds = LayoutDataset(shared_data / "consep", split="test")
+    pick = np.random.default_rng(seed).choice(len(ds), n, replace=False)
+    return [ds[int(i)].image[..., :3] for i in pick]
+
+
+def mosaic(tiles, rows, cols):
+    return np.concatenate([np.concatenate(tiles[r * cols:(r + 1) * cols], axis=1) for r in range(rows)], axis=0)
+
+
+@pytest.fixture(scope="module")
+def slide(shared_data, tmp_path_factory):
+    image = mosaic(patches(shared_data, 16), 4, 4)
+    return write_pyramid(tmp_path_factory.mktemp("slide") / "consep_1024.tif", image), image
+
+
+@pytest.fixture(scope="module")
+def reference(slide, tmp_path_factory):
+    """An uninterrupted in-process run: what every other way of running must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    return run_wsi(slide[0], "classical", out, workers=0)
+
+
+def same_outputs(a: Path, b: Path) -> None:
+    ta, tb = pq.read_table(a / "nuclei.parquet"), pq.read_table(b / "nuclei.parquet")
+    assert ta.num_rows > 0 and ta.schema.equals(tb.schema, check_metadata=True)
+    assert ta.to_pandas().equals(tb.to_pandas())  # (Arrow's equals counts NaN ≠ NaN; scores are NaN here)
+    assert (a / "nuclei.geojson").read_bytes() == (b / "nuclei.geojson").read_bytes()
+    assert (a / "overlay.png").read_bytes() == (b / "overlay.png").read_bytes()
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sa["nuclei"] == sb["nuclei"]
+
+
+# ------------------------------------------------------------------------------------------------ tiling
+def test_tile_cores_partition_the_image():
+    tiles = plan_tiles(1000, 700, 256, 64)
+    assert tile_starts(1000, 256, 64) == [0, 192, 384, 576, 744]  # the last one flush with the border
+    assert tile_starts(200, 256, 64) == [0]
+    ys, xs = np.mgrid[0:700, 0:1000] + 0.5
+    owners = np.zeros(ys.shape, int)
+    for t in tiles:
+        owners += t.owns(xs, ys)
+        assert t.width == 256 and t.height == 256
+        x0, _, x1, _ = t.core
+        # an owned centroid is at least overlap/2 from every interior edge of its tile
+        assert x0 == -np.inf or x0 - t.x >= 32
+        assert x1 == np.inf or t.x + t.width - x1 >= 32
+    assert (owners == 1).all()
+    with pytest.raises(InputError, match="overlap"):
+        plan_tiles(100, 100, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------------ stitching
+def test_tiled_run_finds_the_nuclei_of_one_pass(slide, reference):
+    """Seam-free stitching: ≥ 99 % of the nuclei found in one pass over the whole 1024² image have a tiled nucleus
+    with IoU > 0.9, and no tiled nucleus is duplicated."""
+    model = karyo.load("classical")
+    # The same model the run used (its slide-wide threshold came from the tiles), over the whole image at once.
+    from karyo.config import from_dict
+
+    model = type(model)(from_dict(type(model.config), reference.summary["model"]["config"]))
+    one = model.segment(slide[1], mpp=MPP)
+    truth = list(instance_polygons(one.instances).values())
+    table = pq.read_table(reference.out_dir / "nuclei.parquet")
+    tiled = shapely.from_wkb(table.column("polygon_wkb").to_numpy(zero_copy_only=False))
+    tree = shapely.STRtree(tiled)
+    best = np.zeros(len(truth))
+    for k, poly in enumerate(truth):
+        for j in tree.query(poly, predicate="intersects"):
+            inter = poly.intersection(tiled[j]).area
+            best[k] = max(best[k], inter / (poly.area + tiled[j].area - inter))
+    assert len(truth) > 500
+    assert np.mean(best > 0.9) >= 0.99
+    pairs = tree.query(tiled, predicate="intersects")
+    pairs = pairs[:, pairs[0] < pairs[1]]
+    overlap = [tiled[i].intersection(tiled[j]).area for i, j in pairs.T]
+    assert not any(a > 1.0 for a in overlap)  # neighbours share at most an outline, never a nucleus
+    assert abs(table.num_rows - len(truth)) <= 0.01 * len(truth)
+
+
+def test_outputs_are_complete_and_consistent(slide, reference):
+    out = reference.out_dir
+    table = pq.read_table(out / "nuclei.parquet")
+    n = table.num_rows
+    assert table.column("nucleus_id").to_pylist() == list(range(1, n + 1))
+    assert table.column("tile").to_numpy().tolist() == sorted(table.column("tile").to_numpy().tolist())
+    for name in ("Size.EquivalentDiameter", "Shape.Solidity", "Nucleus.Hematoxylin.Mean"):
+        assert name in table.schema.names and np.isfinite(table.column(name).to_numpy()).all()
+    # every nucleus lies in the slide and in the core of the tile that reports it
+    tiles = {t.index: t for t in plan_tiles(1024, 1024, 256, 64)}
+    cx, cy = table.column("centroid_x").to_numpy(), table.column("centroid_y").to_numpy()
+    for t, x, y in zip(table.column("tile").to_numpy(), cx, cy, strict=True):
+        assert tiles[int(t)].owns(np.array([x + 0.5]), np.array([y + 0.5]))[0]
+    assert ((cx >= 0) & (cx < 1024) & (cy >= 0) & (cy < 1024)).all()
+    geoms = shapely.from_wkb(table.column("polygon_wkb").to_numpy(zero_copy_only=False))
+    area = table.column("area").to_numpy()
+    assert np.allclose(shapely.area(geoms), area, rtol=0.35)  # polygons follow the pixel outlines
+    np.testing.assert_allclose(table.column("area_um2").to_numpy(), area * MPP**2)
+    geo = json.loads((out / "nuclei.geojson").read_text())
+    assert len(geo["features"]) == n
+    first = geo["features"][0]
+    assert first["properties"]["objectType"] == "detection" and first["properties"]["nucleus_id"] == 1
+    assert first["geometry"]["type"] in ("Polygon", "MultiPolygon")
+    assert "Area µm^2" in first["properties"]["measurements"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == reference.summary
+    assert summary["nuclei"]["total"] == n and sum(summary["nuclei"]["per_class"].values()) == n
+    assert summary["tissue"]["area_mm2"] == pytest.approx(1024 * 1024 * MPP**2 / 1e6, rel=0.05)
+    assert summary["nuclei"]["density_per_mm2"] == pytest.approx(n / summary["tissue"]["area_mm2"])
+    assert summary["tiling"]["tiles_total"] == summary["tiling"]["tiles_with_tissue"] == 25
+    assert set(summary["timing_s"]) >= {"read_sum", "model_sum", "postprocess_sum", "write", "wall", "tissue"}
+    assert np.asarray(Image.open(out / "overlay.png")).shape == (1024, 1024, 3)
+    assert not (out / wsi_writer.WORK_NAME).exists()
+    assert sorted(p.name for p in out.iterdir()) == ["nuclei.geojson", "nuclei.parquet", "overlay.png",
+                                                     "summary.json", "tissue_mask.png"]
+
+
+def test_model_resolution_resampling_keeps_level0_coordinates(shared_data, tmp_path):
+    """A slide scanned twice as fine (0.125 µm/px) is read at the model's 0.25 µm/px from its ×2 level: the same
+    nuclei come out, at twice the coordinates and four times the area."""
+    image = mosaic(patches(shared_data, 4, seed=1), 2, 2)
+    fine = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)
+    coarse_run = run_wsi(write_pyramid(tmp_path / "coarse.tif", image, factors=()), "classical", tmp_path / "a",
+                         workers=0, options=WSIOptions(attributes=False))
+    fine_run = run_wsi(write_pyramid(tmp_path / "fine.tif", fine, mpp=MPP / 2, factors=(2,)), "classical",
+                       tmp_path / "b", workers=0, options=WSIOptions(attributes=False))
+    a = pq.read_table(coarse_run.out_dir / "nuclei.parquet")
+    b = pq.read_table(fine_run.out_dir / "nuclei.parquet")
+    assert fine_run.summary["tiling"]["factor"] == 2.0 and a.num_rows == b.num_rows > 50
+    np.testing.assert_allclose(b.column("centroid_x").to_numpy(), (a.column("centroid_x").to_numpy() + 0.5) * 2 - 0.5)
+    np.testing.assert_allclose(b.column("area").to_numpy(), a.column("area").to_numpy() * 4)
+    np.testing.assert_allclose(b.column("area_um2").to_numpy(), a.column("area_um2").to_numpy())
+    np.testing.assert_array_equal(b.column("bbox_x1").to_numpy(), a.column("bbox_x1").to_numpy() * 2)
+    # without a ×2 level the tile is area-averaged from level 0: close to the coarse image, not identical
+    single = tmp_path / "single.tif"
+    write_pyramid(single, fine, mpp=MPP / 2, factors=())
+    from karyo.data.slide import SlideSpec
+    from karyo.infer.tiling import Tile
+
+    proc = TileProcessor(SlideSpec(str(single)), 2.0, MPP, (512, 512))
+    with SlideSpec(str(single)).open() as s:
+        tile = proc.read(s, Tile(0, 64, 32, 256, 256, (0, 0, 0, 0)))
+    diff = np.abs(tile.astype(int) - image[32:288, 64:320].astype(int))
+    assert diff.mean() < 6
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_sigkill_then_resume_gives_the_uninterrupted_output(slide, reference, tmp_path):
+    out = tmp_path / "killed"
+    code = textwrap.dedent(f"""
+        from karyo.infer.wsi import run_wsi
+        run_wsi({str(slide[0])!r}, "classical", {str(out)!r}, workers=0)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = out / wsi_writer.WORK_NAME / "manifest.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.is_file() and manifest.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert not (out / "nuclei.parquet").exists() and not (out / "summary.json").exists()
+    finished = manifest.read_bytes().count(b"\n")
+    assert 3 <= finished < 25
+    result = run_wsi(slide[0], "classical", out, workers=0, resume=True)
+    assert result.summary["tiling"]["tiles_from_earlier_runs"] >= 3
+    same_outputs(reference.out_dir, out)
+    again = run_wsi(slide[0], "classical", out, workers=0, resume=True)  # complete: nothing to redo
+    assert again.summary == result.summary
+
+
+@pytest.mark.parametrize("where", ["part", "geojson"])
+def test_disk_full_mid_run_leaves_nothing_corrupt_and_resumes(slide, reference, tmp_path, monkeypatch, where):
+    out = tmp_path / "full"
+    calls = {"n": 0}
+
+    def full(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > (5 if where == "part" else 200):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(*args, **kwargs)
+
+    if where == "part":
+        original = wsi_writer.pq.write_table
+        monkeypatch.setattr(wsi_writer.pq, "write_table", full)
+    else:
+        original = wsi_writer.GeoJSONWriter.write
+        monkeypatch.setattr(wsi_writer.GeoJSONWriter, "write", lambda self, f: full(self, f))
+    with pytest.raises(InputError, match="no space left") as err:
+        run_wsi(slide[0], "classical", out, workers=0)
+    assert "--resume" in str(err.value)
+    monkeypatch.undo()
+    assert not any((out / f).exists() for f in ("nuclei.parquet", "nuclei.geojson", "summary.json", "overlay.png"))
+    work = out / wsi_writer.WORK_NAME
+    assert not list(work.glob("*.tmp")) and not list((work / "parts").glob("*.tmp"))
+    assert sorted(p.name for p in out.iterdir()) == [wsi_writer.WORK_NAME, "tissue_mask.png"]
+    for line in (work / "manifest.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        assert entry["n"] == 0 or pq.read_table(work / "parts" / f"{entry['tile']:08d}.parquet").num_rows == entry["n"]
+    run_wsi(slide[0], "classical", out, workers=0, resume=True)
+    same_outputs(reference.out_dir, out)
+
+
+def test_manifest_drops_a_torn_line_and_tiles_without_their_part(tmp_path):
+    work = wsi_writer.WorkDir(tmp_path)
+    work.reset({"x": 1})
+    table = wsi_writer.part_schema(False).empty_table()
+    work.write_part(3, table)
+    work.record({"tile": 3, "n": 5})
+    work.record({"tile": 4, "n": 0})  # no nuclei: no part needed
+    work.record({"tile": 7, "n": 2})  # its part never made it to disk
+    with open(work.manifest, "ab") as fh:
+        fh.write(b'{"tile": 9, "n"')  # killed while appending
+    done = work.finished()
+    assert sorted(done.nuclei) == [3, 4] and done.nuclei[3] == 5
+    assert work.manifest.read_bytes().endswith(b'"tile": 7}\n')  # the torn tail is cut, later lines append cleanly
+    assert work.read_settings() == {"x": 1}
+
+
+def test_resume_refuses_other_settings(slide, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wsi_writer.WorkDir, "record", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_wsi(slide[0], "classical", out, workers=0)
+    monkeypatch.undo()
+    with pytest.raises(InputError, match=r"cannot resume.*tiling"):
+        run_wsi(slide[0], "classical", out, workers=0, tile=192, overlap=48, resume=True)
+
+
+# ------------------------------------------------------------------------------------------------ distribution
+def test_one_and_two_dask_workers_give_identical_output(slide, reference, tmp_path):
+    """Real local clusters of worker processes; results arrive out of order and are merged in tile order."""
+    for n in (1, 2):
+        run = run_wsi(slide[0], "classical", tmp_path / f"w{n}", workers=n)
+        assert run.summary["execution"]["mode"] == "dask" and run.summary["execution"]["workers"] == n
+        assert run.summary["execution"]["tiles_in_flight"] == max(2, 2 * n)
+        same_outputs(reference.out_dir, tmp_path / f"w{n}")
+
+
+def test_existing_scheduler(slide, reference, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        run = run_wsi(slide[0], "classical", tmp_path / "s", scheduler=address)
+    assert run.summary["execution"]["scheduler"] == address and run.summary["execution"]["threads"] == 2
+    same_outputs(reference.out_dir, tmp_path / "s")
+    with pytest.raises(InputError, match="cannot use the dask scheduler"):
+        run_wsi(slide[0], "classical", tmp_path / "x", scheduler="tcp://127.0.0.1:9",
+                options=WSIOptions(scheduler_timeout=1.0))
+
+
+# ------------------------------------------------------------------------------------------------ tissue
+def test_tissue_detection_skips_a_blank_half(shared_data, tmp_path):
+    rng = np.random.default_rng(3)
+    tissue = mosaic(patches(shared_data, 4, seed=2), 2, 2)
+    glass = np.clip(rng.normal(238, 3, tissue.shape), 0, 255).astype(np.uint8)  # slightly noisy empty glass
+    path = write_pyramid(tmp_path / "half.tif", np.concatenate([tissue, glass], axis=1), factors=())
+    result = run_wsi(path, "classical", tmp_path / "out", workers=0, options=WSIOptions(attributes=False))
+    s = result.summary
+    mask = np.asarray(Image.open(tmp_path / "out" / "tissue_mask.png")) > 0
+    assert mask.shape == (16, 32)  # 8 µm per mask pixel
+    assert mask[:, :16].mean() > 0.95 and mask[:, 17:].mean() == 0
+    assert s["tissue"]["fraction"] == pytest.approx(0.5, abs=0.03)
+    assert s["tiling"]["tiles_total"] == 15 and s["tiling"]["tiles_with_tissue"] == 9
+    cx = pq.read_table(tmp_path / "out" / "nuclei.parquet").column("centroid_x").to_numpy()
+    assert cx.max() < 512 + 32
+
+
+def test_detect_tissue_thresholds():
+    white = np.full((50, 50, 3), 250, np.uint8)
+    assert not detect_tissue(white, 8.0)[0].any()
+    pink = np.zeros((50, 50, 3), np.uint8) + np.array([230, 150, 200], np.uint8)
+    pink[20:30, 20:30] = (120, 60, 160)  # darker purple inside pale pink: Otsu would split them; the clip keeps both
+    mask, thr = detect_tissue(pink, 8.0)
+    assert mask.all() and thr == TissueOptions().max_threshold
+    assert detect_tissue(white, 8.0, TissueOptions(enabled=False))[0].all()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_input_errors(slide, tmp_path):
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(b"II*\x00" + b"\x00garbage" * 50)
+    with pytest.raises(InputError, match="cannot read slide"):
+        run_wsi(junk, "classical", tmp_path / "o1", workers=0)
+    image = slide[1][:256, :256]
+    nompp = write_pyramid(tmp_path / "nompp.tif", image, factors=(), resolution=False)
+    with pytest.raises(InputError, match="--mpp"):
+        run_wsi(nompp, "classical", tmp_path / "o2", workers=0)
+    calls = []
+    ok = run_wsi(nompp, "classical", tmp_path / "o2", mpp=MPP, workers=0, progress=lambda *a: calls.append(a))
+    assert ok.summary["slide"]["mpp"] == MPP and ok.summary["nuclei"]["total"] > 0
+    assert calls == [(1, 1, ok.summary["nuclei"]["total"])]
+    blank = write_pyramid(tmp_path / "blank.tif", np.full((512, 512, 3), 245, np.uint8), factors=())
+    with pytest.raises(InputError, match="no tissue"):
+        run_wsi(blank, "classical", tmp_path / "o3", workers=0)
+    assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["tissue_mask.png"]
+    with pytest.raises(InputError, match="workers"):
+        run_wsi(nompp, "classical", tmp_path / "o4", mpp=MPP, workers=-1)
+
+
+def test_cli_wsi(slide, tmp_path):
+    from karyo.cli import app
+
+    small = write_pyramid(tmp_path / "small.tif", slide[1][:512, :512], factors=())
+    res = CliRunner().invoke(app, ["wsi", str(small), "--model", "classical", "--out", str(tmp_path / "o"),
+                                   "--workers", "0", "--tile", "192", "--overlap", "48"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["tiling"]["tile"] == 192 and summary["nuclei"]["total"] > 0
+    assert f"{summary['nuclei']['total']:,} nuclei" in res.output
+    bad = CliRunner().invoke(app, ["wsi", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o5")])
+    assert bad.exit_code == 2 and "file not found" in bad.output
