@@ -33,3 +33,14 @@ def golden_dir() -> Path:
     if not (GOLDEN / "golden.json").is_file():
         pytest.skip(f"golden metric cases not found at {GOLDEN}")
     return GOLDEN
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: deterministic, and small tensors gain nothing from two on a busy 2-core machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -20,14 +20,7 @@ from karyo.models.cellvit import (
 from karyo.models.convnext import ConvNeXt
 from karyo.models.vit import ViT, ViTConfig, timm_to_vit, vit_to_timm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: small tensors gain nothing from two, and idle OpenMP threads spin on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_VIT = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0,

@@ -40,14 +40,7 @@ from karyo.models.vit import ViT, ViTConfig, vit_to_clip, vit_to_timm
 NAMES = {1: "inflammatory", 2: "epithelial"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these networks are tiny, and on a loaded 2-core machine two OpenMP threads wait for each
-    other far longer than they compute (seconds instead of milliseconds per call)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**changes) -> MONCHConfig:

@@ -395,16 +395,6 @@ def test_segmentor_loss_values():
     assert empty["loss"] == 0
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny model's ops are too small to gain from intra-op threads; on a busy 2-core machine OpenMP
-    synchronisation then dominates (a ~2 s test took 40 s under load), so train single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_overfits_one_image_prompt_selects_its_nucleus(one_thread):
     """Train the tiny preset on one synthetic image (four discs) with positive + nearest-negative prompts: the
     prompt on a disc must then segment that disc and not its neighbour."""

@@ -14,13 +14,7 @@ from karyo.models.cellvit import CellViTConfig, CellViTModel, cellvit_targets
 from karyo.train.cellvit import CellViTTask, cellvit_config, export_cellvit_model, validate_cellvit
 from karyo.train.loop import TrainConfig, fit
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def disc_samples(n: int, size: int = 64, seed: int = 0) -> list[Sample]:

@@ -50,13 +50,6 @@ def consep(shared_data):
     return [ds[i] for i in range(len(ds))], ds.class_names
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny(class_names, **kw) -> IVAANConfig:
     pc = PrompterConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), fpn_dim=32, head_hidden=32, num_classes=4,

@@ -48,12 +48,7 @@ def tiny_config(**changes) -> MONCHConfig:
     return MONCHConfig(**base)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pick(ds, ids):

@@ -48,13 +48,6 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def test_resume_equals_uninterrupted_run(tmp_path, one_thread):
     samples = disc_samples(8)

@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from karyo.data.augment import IMAGENET_MEAN, IMAGENET_STD, prepare_image
-from karyo.data.sample import as_hwc
+from karyo.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.hovernet import ENERGIES, hovernet_postprocess
+from karyo.infer.prepare import model_input, resample_to_model, resize_labels
 from karyo.infer.result import SegmentationResult
 from karyo.infer.tiling import tile_starts
 from karyo.models.base import InstanceModel, register
@@ -574,16 +574,8 @@ class CellViTModel(InstanceModel):
             torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, tmp)
 
     def _prepare(self, image: np.ndarray, name: str) -> Tensor:
-        image = as_hwc(image, name or None)
-        c = self.config.in_chans
-        if image.shape[2] == 1 and c == 3:
-            image = np.repeat(image, 3, axis=2)  # grayscale brightfield: the same intensity in R, G and B
-        if image.shape[2] != c:
-            raise InputError(name or None, f"this model takes {c}-channel images, got {image.shape[2]} channels")
-        x = prepare_image(image, name or None)
-        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
-        x = (x - np.asarray(self.config.pixel_mean, np.float32)) / np.asarray(self.config.pixel_std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+        cfg = self.config
+        return model_input(image, cfg.in_chans, cfg.pixel_mean, cfg.pixel_std, name or None)
 
     def _forward(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         out = self.net(batch.to(self.device))
@@ -652,20 +644,14 @@ class CellViTModel(InstanceModel):
         the points select among the nuclei it finds; a point on background selects nothing). ``negative``:
         nuclei containing one of these points are dropped. Kept nuclei are renumbered 1..N.
         """
-        cfg = self.config
         x = self._prepare(image, name)
         h0, w0 = x.shape[2:]
-        scale = 1.0 if mpp is None or mpp <= 0 else float(mpp) / cfg.mpp
-        if abs(scale - 1.0) > 0.05:
-            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=scale < 1)
-        else:
-            scale = 1.0
+        x, scale = resample_to_model(x, mpp, self.config.mpp)
         instances, classes, scores = self.postprocess(self.predict_maps(x))
         if points is not None or negative is not None:
             instances, classes, scores = _select(instances, classes, scores, points, negative, scale)
         if instances.shape != (h0, w0):
-            t = torch.from_numpy(instances.astype(np.float32))[None, None]
-            instances = F.interpolate(t, size=(h0, w0), mode="nearest")[0, 0].numpy().astype(np.int32)
+            instances = resize_labels(instances, (h0, w0))
             present = set(np.unique(instances).tolist())
             classes = {i: c for i, c in classes.items() if i in present}
             scores = {i: s for i, s in scores.items() if i in present}

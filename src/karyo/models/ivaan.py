@@ -43,6 +43,7 @@ from torch import nn
 from karyo.attributes import names as N
 from karyo.device import pick_device
 from karyo.errors import InputError
+from karyo.infer.prepare import pad_input, resample_to_model
 from karyo.infer.result import SegmentationResult
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, _head, anchor_points, decode_points
@@ -336,16 +337,9 @@ class IVAANModel(PromptNucSegModel):
         cfg = self.config
         x = self._prepare(image, name)
         h0, w0 = x.shape[2:]
-        scale = 1.0 if mpp is None or mpp <= 0 else float(mpp) / cfg.mpp
-        if abs(scale - 1.0) > 0.05:
-            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=scale < 1)
-        else:
-            scale = 1.0
+        x, scale = resample_to_model(x, mpp, cfg.mpp)
         h, w = x.shape[2:]
-        ph, pw = max(h, cfg.tile_size), max(w, cfg.tile_size)
-        ph, pw = ph + (-ph) % 32, pw + (-pw) % 32
-        xp = F.pad(x, (0, pw - w, 0, ph - h), mode="reflect" if (pw - w < w and ph - h < h) else "constant")
-        return xp.to(self.device), (h0, w0), (h, w), scale
+        return pad_input(x, 32, cfg.tile_size).to(self.device), (h0, w0), (h, w), scale
 
     def _anchor_outputs(self, features: torch.Tensor, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray,
                                                                               np.ndarray, np.ndarray]:

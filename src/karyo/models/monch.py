@@ -54,11 +54,11 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from torch import Tensor, nn
 
-from karyo.data.augment import IMAGENET_MEAN, IMAGENET_STD, prepare_image
-from karyo.data.sample import as_hwc
+from karyo.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.postprocess import remove_small_instances
+from karyo.infer.prepare import model_input, resample_to_model
 from karyo.infer.result import SegmentationResult
 from karyo.models.base import InstanceModel, register
 from karyo.models.layers import LayerNorm2d, MLPBlock
@@ -855,18 +855,8 @@ class SemanticModel(InstanceModel):
             torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, tmp)
 
     def _prepare(self, image: np.ndarray, name: str) -> Tensor:
-        image = as_hwc(image, name or None)
-        c = self.config.in_chans
-        if image.shape[2] == 1 and c == 3:
-            image = np.repeat(image, 3, axis=2)
-        if image.shape[2] == 4 and c == 3:
-            image = image[..., :3]
-        if image.shape[2] != c:
-            raise InputError(name or None, f"this model takes {c}-channel images, got {image.shape[2]} channels")
-        x = prepare_image(image, name or None)
-        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
-        x = (x - np.asarray(self.config.pixel_mean, np.float32)) / np.asarray(self.config.pixel_std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+        cfg = self.config
+        return model_input(image, cfg.in_chans, cfg.pixel_mean, cfg.pixel_std, name or None)
 
     @torch.no_grad()
     def predict_probabilities(self, image: np.ndarray, mpp: float | None = None, name: str = "") -> np.ndarray:
@@ -875,9 +865,7 @@ class SemanticModel(InstanceModel):
         self.net.eval()
         x = self._prepare(image, name)
         h0, w0 = x.shape[-2:]
-        scale = 1.0 if mpp is None or mpp <= 0 else float(mpp) / cfg.mpp
-        if abs(scale - 1.0) > 0.05:
-            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=scale < 1)
+        x, _ = resample_to_model(x, mpp, cfg.mpp)
         prob = tiled_probabilities(self.net, x.to(self.device), tile=cfg.tile_size, overlap=cfg.tile_overlap,
                                    multiple=self.size_multiple)
         if prob.shape[-2:] != (h0, w0):

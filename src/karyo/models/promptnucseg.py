@@ -17,14 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
-from karyo.data.augment import IMAGENET_MEAN, IMAGENET_STD, prepare_image
-from karyo.data.sample import as_hwc
 from karyo.device import pick_device
-from karyo.errors import InputError
 from karyo.infer.assemble import assemble_instances
+from karyo.infer.prepare import model_input, pad_input, resample_to_model, resize_labels
 from karyo.infer.result import SegmentationResult
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, decode_points
@@ -93,18 +90,8 @@ class PromptNucSegModel(InstanceModel):
     # ------------------------------------------------------------------------------------------ inference
 
     def _prepare(self, image: np.ndarray, name: str) -> torch.Tensor:
-        image = as_hwc(image, name or None)
-        c = self.config.prompter.in_chans
-        if image.shape[2] == 1 and c == 3:
-            image = np.repeat(image, 3, axis=2)  # grayscale brightfield: the same intensity in R, G and B
-        if image.shape[2] != c:
-            raise InputError(name or None, f"this model takes {c}-channel images, got {image.shape[2]} channels")
-        x = prepare_image(image, name or None)
-        x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
-        mean = np.asarray(self.config.prompter.pixel_mean if c != 3 else IMAGENET_MEAN, np.float32)
-        std = np.asarray(self.config.prompter.pixel_std if c != 3 else IMAGENET_STD, np.float32)
-        x = (x - mean) / std
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+        p = self.config.prompter
+        return model_input(image, p.in_chans, p.pixel_mean, p.pixel_std, name or None)
 
     @torch.no_grad()
     def segment(self, image: np.ndarray, *, points: Sequence[tuple[float, float]] | None = None,
@@ -115,14 +102,9 @@ class PromptNucSegModel(InstanceModel):
         cfg = self.config
         x = self._prepare(image, name)
         h0, w0 = x.shape[2:]
-        scale = 1.0 if mpp is None or mpp <= 0 else float(mpp) / cfg.mpp
-        if abs(scale - 1.0) > 0.05:
-            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=scale < 1)
+        x, scale = resample_to_model(x, mpp, cfg.mpp)
         h, w = x.shape[2:]
-        ph, pw = max(h, cfg.tile_size), max(w, cfg.tile_size)
-        ph, pw = ph + (-ph) % 32, pw + (-pw) % 32
-        xp = F.pad(x, (0, pw - w, 0, ph - h), mode="reflect" if (pw - w < w and ph - h < h) else "constant")
-        xp = xp.to(self.device)
+        xp = pad_input(x, 32, cfg.tile_size).to(self.device)
         det = decode_points(self.prompter(xp), cfg.score_threshold, cfg.nms_radius_px)[0]
         inside = (det.points[:, 0] >= 0) & (det.points[:, 0] < w) & (det.points[:, 1] >= 0) & (det.points[:, 1] < h)
         pts, cls, score = det.points[inside], det.classes[inside], det.scores[inside]
@@ -134,9 +116,7 @@ class PromptNucSegModel(InstanceModel):
             if negative is not None:
                 neg = (np.asarray(list(negative), np.float64).reshape(-1, 2) * scale).astype(np.float32)
         instances, classes, scores = self._masks(xp, pts, cls, score, neg, (h, w))
-        if instances.shape != (h0, w0):
-            t = torch.from_numpy(instances.astype(np.float32))[None, None]
-            instances = F.interpolate(t, size=(h0, w0), mode="nearest")[0, 0].numpy().astype(np.int32)
+        instances = resize_labels(instances, (h0, w0))
         return SegmentationResult(instances, classes=classes, scores=scores, class_names=self.class_names,
                                   name=name, model=self.arch)
 
