@@ -7,6 +7,7 @@ Every command has a Python twin: ``karyo segment`` is ``karyo.load(...).segment(
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -113,6 +114,9 @@ def segment(
     task: Annotated[str, typer.Option(help="instance | semantic: semantic models (MONCH, U-Net) can instead write "
                                            "a class-map PNG, a coloured overlay and per-class areas.")
                     ] = "instance",
+    channels: Annotated[str | None, typer.Option(help="Channels to use, in this order: names from the OME-TIFF "
+                                                      "metadata or 0-based indices, e.g. DAPI,CD45 or 0,2.")
+                        ] = None,
 ) -> None:
     """Find, outline and classify the nuclei of each image; write instance maps, class tables, overlays
     and QuPath GeoJSON into OUT (``--task semantic``: class maps, overlays and per-class areas)."""
@@ -148,13 +152,21 @@ def segment(
         for path in files:
             image, meta = read_image_meta(path)
             stem = path.name.split(".")[0]
+            names = meta.get("channel_names")
+            if channels:
+                from karyo.infer.prepare import select_channels
+
+                image, names = select_channels(image, names, channels, str(path))
+            fn = net.segment_semantic if task == "semantic" else net.segment
+            named = {"channel_names": names} if names and "channel_names" in inspect.signature(fn).parameters else {}
             if task == "semantic":
                 from karyo.export.semantic import save_semantic
 
-                save_semantic(net.segment_semantic(image, mpp=mpp or meta.get("mpp"), name=stem), out, image,
-                              stem=stem)
+                save_semantic(net.segment_semantic(image, mpp=mpp or meta.get("mpp"), name=stem, **named), out,
+                              image, stem=stem)
             else:
-                result = net.segment(image, points=pos, negative=neg, mpp=mpp or meta.get("mpp"), name=stem)
+                result = net.segment(image, points=pos, negative=neg, mpp=mpp or meta.get("mpp"), name=stem,
+                                     **named)
                 save_result(result, out, image, stem=stem, outputs=kinds)
                 total += result.n_nuclei
             bar.advance(bar_task)
@@ -331,7 +343,8 @@ def select_attributes_cmd(
 @app.command("train")
 @friendly_errors
 def train_cmd(
-    task: Annotated[str, typer.Argument(help="prompter | segmentor | cellvit | ivaan | monch | unet")],
+    task: Annotated[str, typer.Argument(help="prompter | segmentor | cellvit | ivaan | monch | unet | "
+                                             "stain_agnostic")],
     data: Annotated[list[str] | None, typer.Option("--data", help="PATH[:SPLIT][@CLASSES], repeatable; @none "
                                                                    "uses a dataset for nuclei but not classes.")
                     ] = None,
@@ -350,6 +363,9 @@ def train_cmd(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, mps or auto.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint.")
                       ] = False,
+    channels: Annotated[str | None, typer.Option(help="cellvit / stain_agnostic: a channel adapter for N input "
+                                                      "channels (e.g. 8) or for these named channels (DAPI,CD45).")
+                        ] = None,
 ) -> None:
     """Train a model (PromptNucSeg prompter or segmentor, CellViT, IVAAN, MONCH, U-Net): seeded, resumable, best
     checkpoint chosen on the validation split."""
@@ -359,7 +375,7 @@ def train_cmd(
                                    "threads": threads, "max_steps_per_epoch": max_steps, "device": device}.items()
                  if v is not None}
     result = train(task, data, out, config=config, resume=resume, preset=preset, val_fraction=val_fraction,
-                   train_overrides=overrides, progress=True)
+                   train_overrides=overrides, progress=True, channels=channels)
     console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1}; "
                   f"model → {result.run_dir / 'model'}", highlight=False)
 

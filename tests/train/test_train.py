@@ -119,3 +119,15 @@ def test_data_spec_parsing():
     s = DataSpec.parse("x/y:test@1=3,2=0")
     assert (s.path, s.split, s.classes, s.class_map) == ("x/y", "test", "map", {1: 3, 2: 0})
     assert DataSpec.parse("z@none").classes == "none"
+
+
+def test_group_split_covers_every_class_on_both_sides():
+    # 12 source images; class 3 lives in only two of them, class 2 in three.
+    names = [f"train_{t}_{k:03d}" for t in range(12) for k in range(4)]
+    classes = [{1, 3} if t in (0, 7) else {1, 2} if t in (3, 5, 9) else {1} for t in range(12) for _ in range(4)]
+    tr, va = group_split(names, 0.25, seed=0, item_classes=classes)
+    val_cls = set().union(*(classes[i] for i in va))
+    train_cls = set().union(*(classes[i] for i in tr))
+    assert {1, 2, 3} <= val_cls
+    assert {1, 2, 3} <= train_cls
+    assert not {source_group(names[i]) for i in va} & {source_group(names[i]) for i in tr}

@@ -4,6 +4,7 @@ resampling to the model's pixel size and padding, shared by every learned model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,17 +14,26 @@ from karyo.data.augment import prepare_image
 from karyo.data.sample import as_hwc
 from karyo.errors import InputError
 
+if TYPE_CHECKING:
+    from karyo.models.adapter import AdapterConfig
+
 #: Pixel sizes within this relative difference of the model's are not resampled (resampling blurs).
 MPP_TOLERANCE = 0.05
 
 
 def model_input(image: np.ndarray, in_chans: int, mean: Sequence[float], std: Sequence[float],
-                source: str | None = None) -> torch.Tensor:
+                source: str | None = None, *, adapter: AdapterConfig | None = None,
+                channel_names: Sequence[str] | None = None) -> torch.Tensor:
     """H×W×C image (uint8, uint16 or float in [0, 1]) → normalised 1×C×H×W float32 tensor.
 
     A grayscale image given to an RGB model is repeated over R, G and B; an RGBA one loses alpha; any other
-    channel mismatch is an error naming the image.
+    channel mismatch is an error naming the image. With an ``adapter`` (:mod:`karyo.models.adapter`) the image's
+    channels (named ``channel_names`` when known) are mapped onto the adapter's N by its channel-invariance rule
+    and normalised with the adapter's statistics; channels the image lacks come out as NaN, which the adapter
+    fills (``in_chans``/``mean``/``std`` then describe the backbone and are not used).
     """
+    if adapter is not None:
+        return _adapter_input(image, adapter, channel_names, source)
     image = as_hwc(image, source)
     if in_chans == 3 and image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
@@ -35,6 +45,45 @@ def model_input(image: np.ndarray, in_chans: int, mean: Sequence[float], std: Se
     x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
+
+def _adapter_input(image: np.ndarray, adapter: AdapterConfig, channel_names: Sequence[str] | None,
+                   source: str | None) -> torch.Tensor:
+    from karyo.models.adapter import map_channels
+
+    image = as_hwc(image, source)
+    image, present = map_channels(image, adapter, channel_names, source)
+    x = prepare_image(image, source)
+    x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+    x = (x - np.asarray(adapter.pixel_mean, np.float32)) / np.asarray(adapter.pixel_std, np.float32)
+    x[..., ~present] = np.nan  # missing channels: filled inside the adapter by its rule
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
+
+def select_channels(image: np.ndarray, names: Sequence[str] | None, spec: str | Sequence[str | int],
+                    source: str | None = None) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    """The channels of an H×W×C image picked by ``spec`` (``"DAPI,CD45"`` or a list), in that order, with their
+    names: each item is a channel name (case-insensitive, from the file's OME metadata) or else a 0-based index.
+    Returns (H×W×K image, K names, or None when the image has no names)."""
+    image = as_hwc(image, source)
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    items = [s for s in items if s]
+    if not items:
+        raise InputError(source, "no channel selected (--channels takes names or 0-based indices, comma-separated)")
+    c = image.shape[2]
+    keys = {str(n).strip().casefold(): i for i, n in reversed(list(enumerate(names or ())))}
+    picked = []
+    for item in items:
+        if item.casefold() in keys:
+            picked.append(keys[item.casefold()])
+        elif item.lstrip("-").isdigit() and -c <= int(item) < c:
+            picked.append(int(item) % c)
+        else:
+            known = f"names {list(names)}" if names else "no channel names"
+            raise InputError(source, f"channel {item!r} not found: the image has {c} channel(s) and {known}; "
+                                     f"give names or 0-based indices")
+    sel = np.ascontiguousarray(image[..., picked])
+    return sel, (tuple(str(names[i]) for i in picked) if names else None)
 
 
 def resample_to_model(x: torch.Tensor, mpp: float | None, model_mpp: float) -> tuple[torch.Tensor, float]:

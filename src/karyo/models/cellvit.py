@@ -46,10 +46,12 @@ from torch import Tensor, nn
 from karyo.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from karyo.device import pick_device
 from karyo.errors import InputError
+from karyo.infer.binary import BinaryConfig, binary_instances, instance_scores
 from karyo.infer.hovernet import ENERGIES, hovernet_postprocess
 from karyo.infer.prepare import model_input, resample_to_model, resize_labels
 from karyo.infer.result import SegmentationResult
 from karyo.infer.tiling import tile_starts
+from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.base import InstanceModel, register
 from karyo.models.convnext import (
     CONVNEXT_PRESETS,
@@ -94,7 +96,10 @@ class CellViTConfig:
     ``pixel_mean``/``pixel_std`` (per channel, for images scaled to [0, 1]) and ``mpp`` describe the input.
     ``loss_*``: weights of the loss terms. ``np_threshold`` … ``min_area``: HoVer-Net post-processing
     (:func:`karyo.infer.hovernet.hovernet_instances`). ``tile_size``/``tile_overlap``/``tile_batch``: inference
-    tiling of images larger than one tile.
+    tiling of images larger than one tile. ``adapter`` (optional): a :class:`~karyo.models.adapter.ChannelAdapter`
+    in front of the network, mapping N input channels onto ``in_chans`` (the input normalisation is then the
+    adapter's). ``binary`` (optional): instances from the NP map alone (:mod:`karyo.infer.binary`, the
+    stain-agnostic recipe) instead of HoVer-Net's post-processing; HV and NT are then not used.
     """
 
     encoder: str = "convnext"
@@ -136,6 +141,9 @@ class CellViTConfig:
     tile_size: int = 256
     tile_overlap: int = 64
     tile_batch: int = 4
+    # stain-agnostic additions (issue 7): channel adapter, binary post-processing
+    adapter: AdapterConfig | None = None
+    binary: BinaryConfig | None = None
 
     def __post_init__(self) -> None:
         self.stem_dims = tuple(int(v) for v in self.stem_dims)
@@ -146,7 +154,13 @@ class CellViTConfig:
         self.tissue_names = {int(k): str(v) for k, v in (self.tissue_names or {}).items()}
         if isinstance(self.vit, dict):
             self.vit = ViTConfig(**self.vit)
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig(**self.adapter)
+        if isinstance(self.binary, dict):
+            self.binary = BinaryConfig(**self.binary)
         problems = []
+        if self.adapter is not None and self.adapter.out_channels != self.in_chans:
+            problems.append(f"adapter.out_channels {self.adapter.out_channels} differs from in_chans {self.in_chans}")
         if self.encoder == "convnext":
             if self.convnext not in CONVNEXT_PRESETS:
                 problems.append(f"unknown ConvNeXt preset {self.convnext!r}; known: {sorted(CONVNEXT_PRESETS)}")
@@ -301,6 +315,7 @@ class CellViT(nn.Module):
         cfg = config if config is not None else CellViTConfig()
         self.config = cfg
         drop = cfg.dropout
+        self.adapter = ChannelAdapter(cfg.adapter) if cfg.adapter is not None else None
         if cfg.encoder == "vit":
             assert cfg.vit is not None
             self.encoder: nn.Module = ViT(cfg.vit)
@@ -356,8 +371,11 @@ class CellViT(nn.Module):
         f = self.encoder(x)
         return f[3], [f[2], f[1], f[0], stem[1], stem[0]], f[3].mean(dim=(2, 3))
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """B×C×H×W normalised image → ``{"np": B×2×H×W, "hv": B×2×H×W, "nt": B×(C+1)×H×W[, "tissue": B×T]}``."""
+    def forward(self, x: Tensor, heads: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """B×C×H×W normalised image → ``{"np": B×2×H×W, "hv": B×2×H×W, "nt": B×(C+1)×H×W[, "tissue": B×T]}``
+        (``heads``: only these of NP/HV/NT, e.g. ``("np",)`` for the binary recipe)."""
+        if self.adapter is not None:
+            x = self.adapter(x)
         st = self.stride
         if x.ndim != 4 or x.shape[1] != self.config.in_chans or x.shape[2] % st or x.shape[3] % st:
             raise InputError(None, f"CellViT expects B×{self.config.in_chans}×H×W with H, W multiples of {st}, got "
@@ -366,7 +384,7 @@ class CellViT(nn.Module):
         k = len(self.shared)
         for stage, skip in zip(self.shared, skips[:k], strict=True):
             h = stage(h, skip)
-        out = {b: self.branches[b](h, skips[k:]) for b in self.BRANCHES}
+        out = {b: self.branches[b](h, skips[k:]) for b in (self.BRANCHES if heads is None else heads)}
         if self.config.num_tissues:
             out["tissue"] = self.tissue_head(pooled)
         return out
@@ -573,11 +591,16 @@ class CellViTModel(InstanceModel):
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, tmp)
 
-    def _prepare(self, image: np.ndarray, name: str) -> Tensor:
+    def _prepare(self, image: np.ndarray, name: str, channel_names: Sequence[str] | None = None) -> Tensor:
         cfg = self.config
-        return model_input(image, cfg.in_chans, cfg.pixel_mean, cfg.pixel_std, name or None)
+        return model_input(image, cfg.in_chans, cfg.pixel_mean, cfg.pixel_std, name or None, adapter=cfg.adapter,
+                           channel_names=channel_names)
 
     def _forward(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        if self.config.binary is not None:  # NP only; HV/NT stand-ins keep the tiling code unchanged
+            p = self.net(batch.to(self.device), heads=("np",))["np"].softmax(1)[:, 1].cpu()
+            b, h, w = p.shape
+            return p, torch.zeros(b, 2, h, w), torch.zeros(b, self.config.num_classes + 1, h, w), None
         out = self.net(batch.to(self.device))
         tissue = out["tissue"].softmax(1).cpu() if "tissue" in out else None
         return (out["np"].softmax(1)[:, 1].cpu(), out["hv"].cpu(), out["nt"].softmax(1).cpu(), tissue)
@@ -628,23 +651,28 @@ class CellViTModel(InstanceModel):
                            else (tissue_sum / len(corners)).numpy())
 
     def postprocess(self, maps: CellViTMaps) -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
-        """HoVer-Net post-processing with this model's settings → (instances, classes, scores)."""
+        """HoVer-Net (or, with ``binary``, threshold + watershed) post-processing → (instances, classes, scores)."""
         cfg = self.config
+        if cfg.binary is not None:  # class 1 for every nucleus: the binary recipe trains no NT head
+            inst = binary_instances(maps.np_prob, cfg.binary)
+            scores = instance_scores(inst, maps.np_prob)
+            return inst, dict.fromkeys(scores, 1), scores
         res = hovernet_postprocess(maps.np_prob, maps.hv, maps.nt_prob, **postprocess_params(cfg))
         return res.instances, res.classes, res.scores
 
     @torch.no_grad()
     def segment(self, image: np.ndarray, *, points: Sequence[tuple[float, float]] | None = None,
                 negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,
-                name: str = "") -> SegmentationResult:
+                name: str = "", channel_names: Sequence[str] | None = None) -> SegmentationResult:
         """Segment and classify every nucleus of an H×W×C image.
 
         ``mpp`` (µm/px of the image): the image is resampled to the model's mpp first and the result back.
         ``points`` (x, y): only the nuclei containing at least one of them are kept (CellViT has no prompt input:
         the points select among the nuclei it finds; a point on background selects nothing). ``negative``:
-        nuclei containing one of these points are dropped. Kept nuclei are renumbered 1..N.
+        nuclei containing one of these points are dropped. Kept nuclei are renumbered 1..N. ``channel_names``:
+        the image's channel names, mapped onto an adapter's (:mod:`karyo.models.adapter`).
         """
-        x = self._prepare(image, name)
+        x = self._prepare(image, name, channel_names)
         h0, w0 = x.shape[2:]
         x, scale = resample_to_model(x, mpp, self.config.mpp)
         instances, classes, scores = self.postprocess(self.predict_maps(x))

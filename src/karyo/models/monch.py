@@ -60,6 +60,7 @@ from karyo.errors import InputError
 from karyo.infer.postprocess import remove_small_instances
 from karyo.infer.prepare import model_input, resample_to_model
 from karyo.infer.result import SegmentationResult
+from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.base import InstanceModel, register
 from karyo.models.layers import LayerNorm2d, MLPBlock
 from karyo.models.vit import LoadReport, ViT, ViTConfig, load_vit_weights, read_state_dict
@@ -123,7 +124,9 @@ class MONCHConfig:
 
     ``num_classes`` = N cell classes; the network outputs N + 1 masks (0 = background). The text embeddings
     (``num_classes + 1`` × ``sentences_per_class`` × ``text_dim``) are a buffer of the network, filled once from
-    the frozen text encoder and saved with the weights, so inference needs no text model.
+    the frozen text encoder and saved with the weights, so inference needs no text model. ``adapter`` (optional): a
+    channel adapter (:mod:`karyo.models.adapter`) mapping N input channels onto ``in_chans`` at the input (the input
+    normalisation is then the adapter's).
     """
 
     encoder: ViTConfig = field(default_factory=_cpu_encoder)
@@ -161,8 +164,13 @@ class MONCHConfig:
     min_area: int = 10
     marker_min_distance: int = 4
     distance_smooth: float = 1.0
+    adapter: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig(**self.adapter)
+        if self.adapter is not None and self.adapter.out_channels != self.in_chans:
+            raise ValueError(f"adapter.out_channels {self.adapter.out_channels} differs from in_chans {self.in_chans}")
         self.ppd_stages = tuple(str(s) for s in self.ppd_stages)
         self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
@@ -539,6 +547,7 @@ class MONCH(nn.Module):
         self.config = cfg
         e, d = cfg.encoder.embed_dim, cfg.dim
         k_masks = cfg.num_classes + 1
+        self.adapter = ChannelAdapter(cfg.adapter) if cfg.adapter is not None else None
         self.encoder = ViT(cfg.encoder)
         self.neck = nn.Sequential(LayerNorm2d(e), nn.Conv2d(e, d, 1))  # token map → F^m
         self.upscale = nn.Sequential(nn.ConvTranspose2d(d, d, 2, stride=2), nn.GroupNorm(_groups(d), d), nn.GELU())
@@ -598,6 +607,8 @@ class MONCH(nn.Module):
         ``F_m, F_f, F_c`` (eq. 1), ``F_h, F_v, F_t`` (MGFE), ``text`` (K·S×C tokens of F^T), ``blend``, the PPD
         stage outputs ``X_v, X_t, X_T, X_blend`` (where enabled), ``merged``, ``decoded`` (B×c×H×W), ``logits``."""
         cfg = self.config
+        if self.adapter is not None:
+            x = self.adapter(x)
         self._check_size(x)
         out: dict[str, Tensor] = {}
         enc = self.encoder.forward_features(x)
@@ -854,16 +865,18 @@ class SemanticModel(InstanceModel):
         with atomic_path(directory / self.weights_file) as tmp:
             torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, tmp)
 
-    def _prepare(self, image: np.ndarray, name: str) -> Tensor:
+    def _prepare(self, image: np.ndarray, name: str, channel_names: Sequence[str] | None = None) -> Tensor:
         cfg = self.config
-        return model_input(image, cfg.in_chans, cfg.pixel_mean, cfg.pixel_std, name or None)
+        return model_input(image, cfg.in_chans, cfg.pixel_mean, cfg.pixel_std, name or None,
+                           adapter=getattr(cfg, "adapter", None), channel_names=channel_names)
 
     @torch.no_grad()
-    def predict_probabilities(self, image: np.ndarray, mpp: float | None = None, name: str = "") -> np.ndarray:
+    def predict_probabilities(self, image: np.ndarray, mpp: float | None = None, name: str = "",
+                              channel_names: Sequence[str] | None = None) -> np.ndarray:
         """(N+1)×H×W per-class probabilities at the image's own resolution (resampled to the model's ``mpp``)."""
         cfg = self.config
         self.net.eval()
-        x = self._prepare(image, name)
+        x = self._prepare(image, name, channel_names)
         h0, w0 = x.shape[-2:]
         x, _ = resample_to_model(x, mpp, cfg.mpp)
         prob = tiled_probabilities(self.net, x.to(self.device), tile=cfg.tile_size, overlap=cfg.tile_overlap,
@@ -872,21 +885,21 @@ class SemanticModel(InstanceModel):
             prob = F.interpolate(prob[None], size=(h0, w0), mode="bilinear", align_corners=False)[0]
         return prob.float().cpu().numpy()
 
-    def segment_semantic(self, image: np.ndarray, *, mpp: float | None = None, name: str = ""
-                         ) -> SemanticSegmentation:
+    def segment_semantic(self, image: np.ndarray, *, mpp: float | None = None, name: str = "",
+                         channel_names: Sequence[str] | None = None) -> SemanticSegmentation:
         """Class map (argmax of the per-class probabilities), probabilities and area statistics of one image."""
-        prob = self.predict_probabilities(image, mpp=mpp, name=name)
+        prob = self.predict_probabilities(image, mpp=mpp, name=name, channel_names=channel_names)
         names = self.class_names or {}
         return SemanticSegmentation(prob.argmax(0).astype(np.int32), prob, dict(names),
                                     mpp=mpp if mpp else self.config.mpp, name=name, model=self.arch)
 
     def segment(self, image: np.ndarray, *, points: Sequence[tuple[float, float]] | None = None,
                 negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,
-                name: str = "") -> SegmentationResult:
+                name: str = "", channel_names: Sequence[str] | None = None) -> SegmentationResult:
         """Instances seeded from the semantic map (:func:`seed_instances`); point prompts are not supported."""
         if points is not None or negative is not None:
             raise InputError(None, f"the {self.arch} model is not promptable; run it without --points")
-        sem = self.segment_semantic(image, mpp=mpp, name=name)
+        sem = self.segment_semantic(image, mpp=mpp, name=name, channel_names=channel_names)
         cfg = self.config
         scale = 1.0 if mpp is None or mpp <= 0 else cfg.mpp / float(mpp)  # pixel parameters are at the model's mpp
         inst, classes, scores = seed_instances(sem.class_map, sem.probabilities,

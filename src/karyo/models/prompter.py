@@ -29,6 +29,7 @@ from scipy.spatial import cKDTree
 from torch import nn
 
 from karyo.errors import InputError
+from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.convnext import CONVNEXT_PRESETS, ConvNeXt, ConvNeXtConfig, WeightLoadReport, load_convnext_weights
 from karyo.models.fpn import ANCHOR_STRIDES, FPN
 
@@ -48,7 +49,9 @@ class PrompterConfig:
     coefficient, background weight in the CE, regression-loss weight. ``score_threshold`` (on the
     foreground probability 1 − p_bg) and ``nms_radius_px`` are the decoding defaults. ``pixel_mean``/
     ``pixel_std`` (one per input channel, for images scaled to [0, 1]) and ``mpp`` (µm per pixel the model
-    expects) describe the input the pipeline must produce.
+    expects) describe the input the pipeline must produce. ``adapter`` (optional): a channel adapter
+    (:mod:`karyo.models.adapter`) mapping N input channels onto ``in_chans`` before the backbone; the input is then
+    normalised with the adapter's statistics.
     """
 
     backbone: str = "atto"
@@ -72,12 +75,17 @@ class PrompterConfig:
     pixel_std: tuple[float, ...] = IMAGENET_STD
     mpp: float = 0.25
     drop_path_rate: float = 0.0
+    adapter: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
         self.pixel_std = tuple(float(v) for v in self.pixel_std)
         self.class_names = {int(k): str(v) for k, v in (self.class_names or {}).items()}
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig(**self.adapter)
         problems = []
+        if self.adapter is not None and self.adapter.out_channels != self.in_chans:
+            problems.append(f"adapter.out_channels {self.adapter.out_channels} differs from in_chans {self.in_chans}")
         if self.depths is None and self.dims is None and self.backbone not in CONVNEXT_PRESETS:
             problems.append(f"unknown backbone {self.backbone!r}; known: {sorted(CONVNEXT_PRESETS)}")
         if len(self.pixel_mean) != self.in_chans or len(self.pixel_std) != self.in_chans:
@@ -179,6 +187,7 @@ class Prompter(nn.Module):
         super().__init__()
         cfg = config if config is not None else PrompterConfig()
         self.config = cfg
+        self.adapter = ChannelAdapter(cfg.adapter) if cfg.adapter is not None else None
         self.backbone = ConvNeXt(cfg.backbone_config())
         self.fpn = FPN(self.backbone.out_channels, cfg.fpn_dim, cfg.levels, cfg.anchor_stride)
         k = cfg.anchors_per_cell
@@ -200,6 +209,8 @@ class Prompter(nn.Module):
         models built on the prompter (IVAAN) can add heads without repeating it. The K anchors of a cell share
         their cell's feature."""
         cfg = self.config
+        if self.adapter is not None:
+            images = self.adapter(images)
         if images.ndim != 4 or images.shape[1] != cfg.in_chans:
             raise InputError(None, f"Prompter expects B×{cfg.in_chans}×H×W images, got {tuple(images.shape)}")
         b, _, h, w = images.shape
@@ -221,8 +232,9 @@ class Prompter(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """B×C×H×W images scaled to [0, 1] → the normalised input :meth:`forward` expects."""
-        mean = images.new_tensor(self.config.pixel_mean).view(1, -1, 1, 1)
-        std = images.new_tensor(self.config.pixel_std).view(1, -1, 1, 1)
+        stats = self.config.adapter or self.config
+        mean = images.new_tensor(stats.pixel_mean).view(1, -1, 1, 1)
+        std = images.new_tensor(stats.pixel_std).view(1, -1, 1, 1)
         return (images - mean) / std
 
     def decode(self, outputs: dict[str, torch.Tensor]) -> list[PointPrediction]:

@@ -47,6 +47,15 @@ class PromptNucSegConfig:
     prompt_batch: int = 256
     class_names: dict[int, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Both networks read the one prepared input: with channel adapters, they must take the same channels.
+        a, b = getattr(self.prompter, "adapter", None), getattr(self.segmentor, "adapter", None)
+        if (a is None) != (b is None) or (a is not None and (a.in_channels, a.channel_names, a.pixel_mean,
+                                                              a.pixel_std) != (b.in_channels, b.channel_names,
+                                                                               b.pixel_mean, b.pixel_std)):
+            raise ValueError("the prompter's and the segmentor's channel adapters must agree (both absent, or the "
+                             "same channels and statistics)")
+
 
 def _grid(length: int, tile: int, stride: int) -> list[int]:
     if length <= tile:
@@ -89,18 +98,20 @@ class PromptNucSegModel(InstanceModel):
 
     # ------------------------------------------------------------------------------------------ inference
 
-    def _prepare(self, image: np.ndarray, name: str) -> torch.Tensor:
+    def _prepare(self, image: np.ndarray, name: str, channel_names: Sequence[str] | None = None) -> torch.Tensor:
         p = self.config.prompter
-        return model_input(image, p.in_chans, p.pixel_mean, p.pixel_std, name or None)
+        return model_input(image, p.in_chans, p.pixel_mean, p.pixel_std, name or None, adapter=p.adapter,
+                           channel_names=channel_names)
 
     @torch.no_grad()
     def segment(self, image: np.ndarray, *, points: Sequence[tuple[float, float]] | None = None,
                 negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,
-                name: str = "") -> SegmentationResult:
+                name: str = "", channel_names: Sequence[str] | None = None) -> SegmentationResult:
         """Segment and classify every nucleus; or, given ``points`` (x, y), only the nuclei at those points
-        (``negative`` points mark places that are not the nucleus, as in SAM)."""
+        (``negative`` points mark places that are not the nucleus, as in SAM). ``channel_names`` are mapped onto
+        the networks' channel adapters when they have them (:mod:`karyo.models.adapter`)."""
         cfg = self.config
-        x = self._prepare(image, name)
+        x = self._prepare(image, name, channel_names)
         h0, w0 = x.shape[2:]
         x, scale = resample_to_model(x, mpp, cfg.mpp)
         h, w = x.shape[2:]

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from karyo.errors import InputError
+from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.layers import MLP, LayerNorm2d, MLPBlock
 from karyo.models.vit import LoadReport, ViT, ViTConfig, read_state_dict
 
@@ -82,6 +83,8 @@ class SegmentorConfig:
     ``in_chans`` must equal ``encoder.in_chans``. ``pixel_mean``/``pixel_std`` are on the scale of the images given
     to :meth:`Segmentor.normalize` (SAM: ImageNet statistics ×255, i.e. uint8-scale RGB). ``decode_window`` is in
     tokens (0 = SAM's whole-embedding decoding). ``mask_threshold`` is the logit above which a pixel is foreground.
+    ``adapter`` (optional): a channel adapter (:mod:`karyo.models.adapter`) in front of the image encoder; its
+    statistics (images in [0, 1]) then replace ``pixel_mean``/``pixel_std`` in :meth:`Segmentor.normalize`.
     """
 
     encoder: ViTConfig = field(default_factory=lambda: _sam_encoder(*SAM_PRESETS["vit_b"]))
@@ -99,10 +102,15 @@ class SegmentorConfig:
     iou_head_hidden_dim: int = 256
     decode_window: int = 0
     mask_threshold: float = 0.0
+    adapter: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
         self.pixel_std = tuple(float(v) for v in self.pixel_std)
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig(**self.adapter)
+        if self.adapter is not None and self.adapter.out_channels != self.in_chans:
+            raise ValueError(f"adapter.out_channels {self.adapter.out_channels} differs from in_chans {self.in_chans}")
         if self.encoder.in_chans != self.in_chans:
             raise ValueError(f"encoder.in_chans {self.encoder.in_chans} differs from in_chans {self.in_chans}")
         if len(self.pixel_mean) != self.in_chans or len(self.pixel_std) != self.in_chans:
@@ -391,13 +399,15 @@ class Segmentor(nn.Module):
         super().__init__()
         cfg = config if config is not None else SegmentorConfig()
         self.config = cfg
+        self.adapter = ChannelAdapter(cfg.adapter) if cfg.adapter is not None else None
         self.image_encoder = ImageEncoderViT(cfg.encoder, out_chans=cfg.prompt_dim)
         self.prompt_encoder = PromptEncoder(cfg.prompt_dim, cfg.mask_in_chans)
         self.mask_decoder = MaskDecoder(cfg.prompt_dim, cfg.decoder_depth, cfg.decoder_mlp_dim, cfg.decoder_heads,
                                         cfg.attention_downsample_rate, cfg.num_multimask_outputs,
                                         cfg.iou_head_depth, cfg.iou_head_hidden_dim)
-        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
+        stats = cfg.adapter or cfg
+        self.register_buffer("pixel_mean", torch.tensor(stats.pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(stats.pixel_std).view(-1, 1, 1), persistent=False)
 
     @property
     def patch_size(self) -> int:
@@ -415,6 +425,8 @@ class Segmentor(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """Normalised B×C×H×W images → B×D×⌈H/p⌉×⌈W/p⌉ embeddings (bottom/right zero padding to a multiple of p)."""
+        if self.adapter is not None:
+            images = self.adapter(images)
         if images.ndim != 4 or images.shape[1] != self.config.in_chans:
             raise ValueError(f"expected B×{self.config.in_chans}×H×W images, got {tuple(images.shape)}")
         p = self.patch_size

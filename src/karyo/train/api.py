@@ -22,7 +22,7 @@ from karyo.train.loop import FitResult, TrainConfig, fit
 from karyo.train.prompter import PrompterTask
 from karyo.train.segmentor import SegmentorTask, SegmentorTrainSettings
 
-TASKS = ("prompter", "segmentor", "ivaan", "cellvit", "monch", "unet")
+TASKS = ("prompter", "segmentor", "ivaan", "cellvit", "monch", "unet", "stain_agnostic")
 
 
 def read_config_file(path: str | os.PathLike | None) -> dict:
@@ -58,10 +58,18 @@ def _class_names(specs: list[DataSpec]) -> dict[int, str]:
 
 def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: str | os.PathLike | None = None,
           resume: bool = False, preset: str | None = None, val_fraction: float | None = None,
-          train_overrides: dict[str, Any] | None = None, progress: bool = True) -> FitResult:
-    """Train one of :data:`TASKS` into ``out`` (see the module docstring)."""
+          train_overrides: dict[str, Any] | None = None, progress: bool = True,
+          channels: str | int | list[str] | None = None) -> FitResult:
+    """Train one of :data:`TASKS` into ``out`` (see the module docstring).
+
+    ``channels`` (``cellvit`` and ``stain_agnostic``): put a channel adapter for N channels (an int or ``"8"``) or
+    for these named channels (``"DAPI,CD45"``) in front of the network (:mod:`karyo.models.adapter`); the data are
+    mapped onto them by the adapter's rule. Ignored on resume (the saved model config holds the adapter).
+    """
     if task not in TASKS:
         raise InputError(None, f"unknown training task {task!r}; choose from {', '.join(TASKS)}")
+    if channels is not None and task not in ("cellvit", "stain_agnostic"):
+        raise InputError(None, f"--channels applies to the cellvit and stain_agnostic tasks, not {task}")
     out = Path(out)
     if resume:
         if not (out / "train_config.json").is_file():
@@ -69,7 +77,7 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         saved = load_json(out / "train_config.json")
         if saved.get("task") != task:
             raise InputError(out, f"this run trains a {saved.get('task')}, not a {task}")
-        file_cfg = {k: saved[k] for k in ("model", "train", "augment", "settings", "data", "val_fraction")
+        file_cfg = {k: saved[k] for k in ("model", "train", "augment", "settings", "data", "val_fraction", "val_ids")
                     if k in saved}
         data = None
     else:
@@ -82,12 +90,20 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     vf = val_fraction if val_fraction is not None else file_cfg.get("val_fraction", 0.15)
     class_names = _class_names(specs)
     samples = load_specs(specs, class_names or None)
-    tr_idx, va_idx = group_split(samples.ids, vf, seed=tcfg.seed)
+    # Tiles are small: hold the whole dataset in memory instead of decoding PNGs every epoch.
+    items = [samples[i] for i in range(len(samples))]
+    saved_val = file_cfg.get("val_ids") if resume else None
+    if saved_val is not None:  # a resumed run keeps exactly the split it started with
+        keep = set(saved_val)
+        va_idx = [i for i, n in enumerate(samples.ids) if n in keep]
+        tr_idx = [i for i, n in enumerate(samples.ids) if n not in keep]
+    else:
+        present = [set((s.classes or {}).values()) for s in items]
+        tr_idx, va_idx = group_split(samples.ids, vf, seed=tcfg.seed, item_classes=present)
     if not va_idx:
         raise InputError(None, "the validation split is empty: raise --val-fraction or add data")
-    # Tiles are small: hold the whole training set in memory instead of decoding PNGs every epoch.
-    train_samples = [samples[i] for i in tr_idx]
-    val_samples = [samples[i] for i in va_idx]
+    train_samples = [items[i] for i in tr_idx]
+    val_samples = [items[i] for i in va_idx]
     meta: dict[str, Any] = {"data": [str(s) for s in specs], "val_fraction": vf, "augment": augment.to_dict(),
                             "n_train": len(train_samples), "n_val": len(val_samples),
                             "val_ids": [samples.ids[i] for i in va_idx]}
@@ -110,7 +126,22 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         from karyo.train.cellvit import CellViTTask, cellvit_config
 
         model_cfg = cellvit_config(file_cfg.get("model"), preset, class_names, augment)
+        if channels is not None and not resume:
+            from karyo.train.stain_agnostic import parse_channels, with_adapter
+
+            model_cfg = with_adapter(model_cfg, parse_channels(channels), augment)
+        if model_cfg.adapter is not None:  # data onto the adapter's channels (missing ones are 0 here)
+            from karyo.train.stain_agnostic import map_samples
+
+            train_samples = map_samples(train_samples, model_cfg.adapter)[0]
+            val_samples = map_samples(val_samples, model_cfg.adapter)[0]
         t = CellViTTask(model_cfg, augment, train_samples, val_samples)
+    elif task == "stain_agnostic":
+        from karyo.train.stain_agnostic import build_stain_agnostic_task
+
+        t, model_cfg, extra = build_stain_agnostic_task(file_cfg, preset, augment, train_samples, val_samples,
+                                                        None if resume else channels)
+        meta.update(extra)
     elif task in ("monch", "unet"):
         from karyo.train.monch import build_semantic_task
 

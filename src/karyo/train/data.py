@@ -106,20 +106,48 @@ def source_group(name: str) -> str:
     return m.group(1) if m and re.search(r"_\d+$", m.group(1)) else name
 
 
-def group_split(names: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+def group_split(names: Sequence[str], val_fraction: float, seed: int = 0,
+                item_classes: Sequence[set[int]] | None = None, tries: int = 500) -> tuple[list[int], list[int]]:
     """Indices (train, val) with whole source images held out, so neighbouring patches never straddle the
-    split. Deterministic for a seed."""
+    split. Deterministic for a seed.
+
+    With ``item_classes`` (the class ids present in each item), the held-out groups are redrawn (seed, seed + 1,
+    ...) until both sides contain every class that occurs in at least two groups: a validation set without the
+    largest class cannot select a classifier. The first draw that covers most classes wins if none covers all.
+    """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
-    groups = sorted({source_group(n) for n in names})
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(groups))
+    group_of = [source_group(n) for n in names]
+    groups = sorted(set(group_of))
     n_val = round(val_fraction * len(groups))
     if val_fraction > 0 and n_val == 0 and len(groups) > 1:
         n_val = 1
-    val_groups = {groups[i] for i in order[:n_val]}
-    train = [i for i, n in enumerate(names) if source_group(n) not in val_groups]
-    val = [i for i, n in enumerate(names) if source_group(n) in val_groups]
+    group_classes: dict[str, set[int]] = {g: set() for g in groups}
+    if item_classes is not None:
+        for g, cls in zip(group_of, item_classes, strict=True):
+            group_classes[g] |= {int(c) for c in cls if c > 0}
+    counts: dict[int, int] = {}
+    for cls in group_classes.values():
+        for c in cls:
+            counts[c] = counts.get(c, 0) + 1
+    required = {c for c, k in counts.items() if k >= 2}
+
+    def draw(k: int) -> set[str]:
+        order = np.random.default_rng(seed + k).permutation(len(groups))
+        return {groups[i] for i in order[:n_val]}
+
+    best, best_cover = draw(0), -1
+    for k in range(tries if required else 1):
+        val_groups = draw(k)
+        in_val = set().union(*(group_classes[g] for g in val_groups)) if val_groups else set()
+        in_train = set().union(*(group_classes[g] for g in groups if g not in val_groups))
+        cover = len(required & in_val & in_train)
+        if cover > best_cover:
+            best, best_cover = val_groups, cover
+        if cover == len(required):
+            break
+    train = [i for i, g in enumerate(group_of) if g not in best]
+    val = [i for i, g in enumerate(group_of) if g in best]
     return train, val
 
 

@@ -56,6 +56,11 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = the whole dataset; >0 caps it (quick runs, tests)
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+    # Additions for the stain-agnostic recipe (issue 7); their defaults keep the behaviour and checkpoints above.
+    accumulate_steps: int = 1  # one optimiser step per k batches (gradients averaged): effective batch k·batch_size
+    amp: bool = False  # mixed precision: bf16 autocast on CPU (and MPS), fp16 autocast + GradScaler on CUDA
+    plateau_factor: float = 0.5  # schedule "plateau": lr × factor when the validation score stalls for more than
+    plateau_patience: int = 5  # this many validations (torch ReduceLROnPlateau, mode max, rel. threshold 1e-4)
 
 
 class Task(Protocol):
@@ -112,9 +117,68 @@ def lr_factor(epoch: float, cfg: TrainConfig) -> float:
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
     if cfg.schedule == "step":
         return cfg.step_gamma ** int(epoch // max(1, cfg.step_epochs))
-    if cfg.schedule == "constant":
+    if cfg.schedule in ("constant", "plateau"):  # plateau: the reductions are applied by fit (_Plateau)
         return 1.0
     raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+class _Plateau:
+    """ReduceLROnPlateau (mode "max") as a multiplier of the scheduled lr, so warm-up still applies and the state
+    is three numbers in the checkpoint. Same rule as torch's: an epoch improves when score > best·(1 + 1e-4)
+    (NaN never does); after more than ``patience`` non-improving validations the scale is multiplied by
+    ``factor`` and the count restarts."""
+
+    THRESHOLD = 1e-4
+
+    def __init__(self, factor: float, patience: int):
+        if not 0 < factor < 1 or patience < 0:
+            raise ValueError(f"plateau_factor must lie in (0, 1) and plateau_patience be >= 0, got {factor}, "
+                             f"{patience}")
+        self.factor, self.patience = float(factor), int(patience)
+        self.scale, self.best, self.bad = 1.0, -math.inf, 0
+
+    def step(self, score: float) -> None:
+        better = math.isfinite(score) and score > self.best * (1 + self.THRESHOLD)  # -inf·(1+t) = -inf
+        if better:
+            self.best, self.bad = score, 0
+        else:
+            self.bad += 1
+        if self.bad > self.patience:
+            self.scale *= self.factor
+            self.bad = 0
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad": self.bad}
+
+    def load(self, state: dict) -> None:
+        self.scale, self.best, self.bad = float(state["scale"]), float(state["best"]), int(state["bad"])
+
+
+def _amp(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, Any]:
+    """(autocast dtype or None, GradScaler or None): bf16 on CPU/MPS; fp16 with a gradient scaler on CUDA."""
+    if not cfg.amp:
+        return None, None
+    if device.type == "cuda":
+        return torch.float16, torch.amp.GradScaler(device.type)
+    return torch.bfloat16, None
+
+
+def _optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, scaler: Any,
+                    rescale: float = 1.0) -> None:
+    """Unscale (AMP), rescale a partial accumulation group to a mean, clip, step."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if rescale != 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(rescale)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 @dataclass
@@ -144,7 +208,13 @@ def _write_history(path: Path, history: list[dict]) -> None:
 def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         model_config: Any | None = None, progress: bool = True, meta: dict | None = None,
         on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
-    """Train ``task``'s model with ``cfg`` into ``run_dir``; returns the best validation score and history."""
+    """Train ``task``'s model with ``cfg`` into ``run_dir``; returns the best validation score and history.
+
+    ``cfg.accumulate_steps`` k > 1: the loss of each batch is divided by k and the optimiser steps every k batches
+    (a last, shorter group is rescaled to a mean), the learning rate is set per optimiser step as for one batch of
+    k·batch_size, so it equals training on the large batch (up to BatchNorm statistics). ``max_steps_per_epoch``
+    counts batches. ``cfg.amp``: the task's loss runs under autocast (validation stays float32).
+    """
     from karyo.device import pick_device
 
     run_dir = Path(run_dir)
@@ -155,6 +225,11 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     seed_everything(cfg.seed)
     model = task.model().to(device)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    acc = int(cfg.accumulate_steps)
+    if acc < 1:
+        raise ValueError(f"accumulate_steps must be >= 1, got {cfg.accumulate_steps}")
+    amp_dtype, scaler = _amp(cfg, device)
+    plateau = _Plateau(cfg.plateau_factor, cfg.plateau_patience) if cfg.schedule == "plateau" else None
     start_epoch, history = 0, []
     best_score, best_epoch = -math.inf, -1
     last = run_dir / "last.pt"
@@ -165,6 +240,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
         _set_rng_state(state["rng"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         best_score, best_epoch = state["best_score"], state["best_epoch"]
+        if plateau is not None and "plateau" in state:
+            plateau.load(state["plateau"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
     elif (run_dir / "last.pt").exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or choose a new folder")
     saved = {"task": task.name, "train": to_dict(cfg)}
@@ -185,22 +264,30 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
             if cfg.max_steps_per_epoch:
                 total = min(total or cfg.max_steps_per_epoch, cfg.max_steps_per_epoch)
             bar.start_epoch(epoch, cfg.epochs, total)
+            groups = math.ceil((total or 1) / acc)  # optimiser steps this epoch (= batches when acc is 1)
+            pending = 0
             for step, batch in enumerate(loader):
                 if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
                     break
-                frac = epoch + step / max(1, total or 1)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(frac, cfg)
-                losses = task.loss(model, batch, device)
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                if pending == 0:
+                    frac = epoch + (step // acc) / max(1, groups)
+                    for group in optimizer.param_groups:
+                        group["lr"] = cfg.lr * lr_factor(frac, cfg) * (plateau.scale if plateau else 1.0)
+                    optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                    losses = task.loss(model, batch, device)
+                loss = losses["loss"] / acc if acc > 1 else losses["loss"]
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                pending += 1
+                if pending == acc:
+                    _optimizer_step(model, optimizer, cfg, scaler)
+                    pending = 0
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
                 steps += 1
                 bar.step(sums["loss"] / steps)
+            if pending:  # a last, shorter accumulation group
+                _optimizer_step(model, optimizer, cfg, scaler, rescale=acc / pending)
             row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
             row.update({f"train_{k}": v / max(1, steps) for k, v in sums.items()})
             improved = False
@@ -210,15 +297,21 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
                     metrics = task.validate(model, device)
                 row.update({f"val_{k}": v for k, v in metrics.items()})
                 score = metrics.get(cfg.select_metric, math.nan)
+                if plateau is not None:
+                    plateau.step(score)
                 if math.isfinite(score) and score > best_score:
                     best_score, best_epoch, improved = score, epoch, True
                     _save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch,
                                                            "score": score, "metrics": metrics})
             row["seconds"] = round(time.perf_counter() - t0, 2)
             history.append(row)
-            _save_checkpoint(last, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "rng": _rng_state(), "epoch": epoch, "history": history,
-                                    "best_score": best_score, "best_epoch": best_epoch})
+            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                       "epoch": epoch, "history": history, "best_score": best_score, "best_epoch": best_epoch}
+            if plateau is not None:
+                payload["plateau"] = plateau.state()
+            if scaler is not None:
+                payload["scaler"] = scaler.state_dict()
+            _save_checkpoint(last, payload)
             _write_history(run_dir / "history.csv", history)
             bar.end_epoch(row, improved, best_score)
             if on_epoch_end is not None:
