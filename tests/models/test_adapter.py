@@ -225,7 +225,7 @@ def test_cellvit_with_adapter_is_adapter_plus_the_unchanged_backbone():
         torch.testing.assert_close(net.state_dict()[k], v, rtol=0, atol=0)
     out = net(torch.randn(1, 5, 64, 64))
     assert out["np"].shape == (1, 2, 64, 64)
-    with pytest.raises(InputError, match="adapter.out_channels"):
+    with pytest.raises(InputError, match=r"adapter\.out_channels"):
         CellViTConfig(**base, adapter=AdapterConfig(in_channels=5, out_channels=4))
 
 

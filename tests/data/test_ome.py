@@ -1,0 +1,91 @@
+"""Multi-channel (OME-)TIFF and single-channel fluorescence images: channel names and pixel size from the file,
+channel order, and the CLI's channel selection feeding an adapter model by name."""
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from karyo.cli import app
+from karyo.data.io import read_image, read_image_meta, write_image
+from karyo.infer.prepare import select_channels
+from karyo.models.adapter import AdapterConfig, ChannelWarning
+from karyo.models.cellvit import CellViTConfig, CellViTModel
+
+
+def planes(c: int, h: int = 12, w: int = 10, dtype=np.uint16) -> np.ndarray:
+    """C×Y×X stack whose channel k holds the value 1000·(k+1) plus the column index (order is checkable)."""
+    return np.stack([np.full((h, w), 1000 * (k + 1), dtype) + np.arange(w, dtype=dtype) for k in range(c)])
+
+
+def test_ome_tiff_written_by_tifffile_gives_channel_names_mpp_and_order(tmp_path):
+    path = tmp_path / "panel.ome.tif"
+    names = ["DAPI", "CD45", "PanCK", "CD8"]
+    tifffile.imwrite(path, planes(4), ome=True, photometric="minisblack",
+                     metadata={"axes": "CYX", "Channel": {"Name": names}, "PhysicalSizeX": 0.325,
+                               "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 0.325, "PhysicalSizeYUnit": "µm"})
+    img, meta = read_image_meta(path)
+    assert img.shape == (12, 10, 4) and img.dtype == np.uint16
+    assert meta["channel_names"] == tuple(names) and meta["mpp"] == pytest.approx(0.325)
+    assert img[0, 3].tolist() == [1003, 2003, 3003, 4003]
+    sel, sel_names = select_channels(img, meta["channel_names"], "cd8,DAPI")
+    assert sel_names == ("CD8", "DAPI") and sel[0, 0].tolist() == [4000, 1000]
+
+
+def test_ome_tiff_in_nanometres_and_without_names(tmp_path):
+    path = tmp_path / "nm.ome.tif"
+    tifffile.imwrite(path, planes(2), ome=True, metadata={"axes": "CYX", "PhysicalSizeX": 500.0,
+                                                          "PhysicalSizeXUnit": "nm"})
+    img, meta = read_image_meta(path)
+    assert img.shape == (12, 10, 2) and meta["channel_names"] is None and meta["mpp"] == pytest.approx(0.5)
+
+
+def test_plain_multipage_tiff_is_a_channel_stack(tmp_path):
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, planes(5))
+    img, meta = read_image_meta(path)
+    assert img.shape == (12, 10, 5) and meta["channel_names"] is None
+    assert img[0, 0].tolist() == [1000, 2000, 3000, 4000, 5000]
+
+
+def test_karyo_writer_round_trips_names(tmp_path):
+    img = np.moveaxis(planes(3), 0, 2)
+    write_image(tmp_path / "w.ome.tif", img, channel_names=("DAPI", "CD3", "CD20"), mpp=0.5)
+    back, meta = read_image_meta(tmp_path / "w.ome.tif")
+    np.testing.assert_array_equal(back, img)
+    assert meta["channel_names"] == ("DAPI", "CD3", "CD20") and meta["mpp"] == pytest.approx(0.5)
+
+
+def test_single_channel_fluorescence_png_and_tiff(tmp_path):
+    gray = (np.arange(12 * 10).reshape(12, 10) % 256).astype(np.uint8)
+    Image.fromarray(gray, mode="L").save(tmp_path / "dapi.png")
+    png = read_image(tmp_path / "dapi.png")
+    assert png.shape == (12, 10, 1) and png.dtype == np.uint8 and (png[..., 0] == gray).all()
+    g16 = gray.astype(np.uint16) * 200
+    tifffile.imwrite(tmp_path / "dapi.tif", g16)
+    tif = read_image(tmp_path / "dapi.tif")
+    assert tif.shape == (12, 10, 1) and tif.dtype == np.uint16 and (tif[..., 0] == g16).all()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_segment_cli_selects_channels_by_name_for_an_adapter_model(tmp_path):
+    """``karyo segment X.ome.tif --channels CD45,DAPI``: selected by name, then mapped by name onto the model's."""
+    model_dir = tmp_path / "model"
+    cfg = CellViTConfig(stem_dims=(8, 8), decoder_dims=(16, 16, 8, 8, 8), binary={"threshold": 0.3},
+                        adapter=AdapterConfig.for_channels(["DAPI"], hidden=4))
+    CellViTModel(cfg).save(model_dir)
+    path = tmp_path / "panel.ome.tif"
+    tifffile.imwrite(path, planes(3, 64, 64), ome=True, metadata={"axes": "CYX",
+                                                                  "Channel": {"Name": ["CD45", "DAPI", "CD8"]}})
+    res = CliRunner().invoke(app, ["segment", str(path), "--model", str(model_dir), "--out", str(tmp_path / "out"),
+                                   "--channels", "DAPI"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "instances" / "panel.png").is_file()
+    assert (tmp_path / "out" / "overlays" / "panel.png").is_file()
+    with pytest.warns(ChannelWarning, match=r"\['CD45', 'CD8'\] not used"):
+        res = CliRunner().invoke(app, ["segment", str(path), "--model", str(model_dir), "--out", str(tmp_path / "o1")])
+    assert res.exit_code == 0, res.output  # all three channels: DAPI found by name, the others ignored
+    res = CliRunner().invoke(app, ["segment", str(path), "--model", str(model_dir), "--out", str(tmp_path / "o2"),
+                                   "--channels", "Ki67"])
+    assert res.exit_code == 2 and "'Ki67' not found" in res.output
