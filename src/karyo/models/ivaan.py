@@ -43,7 +43,6 @@ from torch import nn
 from karyo.attributes import names as N
 from karyo.device import pick_device
 from karyo.errors import InputError
-from karyo.infer.prepare import pad_input, resample_to_model
 from karyo.infer.result import SegmentationResult
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, _head, anchor_points, decode_points
@@ -333,14 +332,6 @@ class IVAANModel(PromptNucSegModel):
         return out
 
     # ------------------------------------------------------------------------------------- inference
-    def _pad(self, image: np.ndarray, mpp: float | None, name: str) -> tuple[torch.Tensor, tuple, tuple, float]:
-        cfg = self.config
-        x = self._prepare(image, name)
-        h0, w0 = x.shape[2:]
-        x, scale = resample_to_model(x, mpp, cfg.mpp)
-        h, w = x.shape[2:]
-        return pad_input(x, 32, cfg.tile_size).to(self.device), (h0, w0), (h, w), scale
-
     def _anchor_outputs(self, features: torch.Tensor, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray,
                                                                               np.ndarray, np.ndarray]:
         """(embeddings N×E, levels N×n_attr, text-class ids N, similarity to that class N) of anchors idx."""
@@ -363,7 +354,7 @@ class IVAANModel(PromptNucSegModel):
         """Embeddings, attribute levels, text class and sentence of the nuclei at ``points`` (N×2, x, y in
         image pixels), read at the anchor nearest each point. No segmentor is run (e.g. to embed
         ground-truth nuclei)."""
-        xp, _, _, scale = self._pad(image, mpp, "")
+        xp, scale, _, _ = self._padded(image, mpp, "")
         _, features = self.prompter.prompter.forward_features(xp)
         idx = self._nearest_anchor(np.asarray(points, np.float64).reshape(-1, 2) * scale, xp.shape[2:])
         emb, levels, cls, sim = self._anchor_outputs(features, idx)
@@ -383,8 +374,8 @@ class IVAANModel(PromptNucSegModel):
         """As :meth:`PromptNucSegModel.segment`, with classes from text similarity and, per nucleus,
         predicted attribute levels, a sentence and the embedding (for :meth:`query`)."""
         cfg = self.config
-        xp, (h0, w0), (h, w), scale = self._pad(image, mpp, name)
-        out = self.prompter(xp)
+        prep = self.prepare(image, mpp=mpp, name=name)
+        out, (h, w), scale = prep.prompter_outputs, prep.shape, prep.scale
         det = decode_points(out, cfg.score_threshold, cfg.nms_radius_px)[0]
         all_pts = out["points"][0].detach().float().cpu().numpy()
         # decode_points returns points, not anchors: recover each kept anchor by its (exactly equal) point
@@ -396,7 +387,7 @@ class IVAANModel(PromptNucSegModel):
         if points is not None:
             user = np.asarray(list(points), np.float64).reshape(-1, 2) * scale
             hit, score = _nearest_class(user, pts, np.arange(1, len(pts) + 1), score, radius=12.0 * scale)
-            anchor_idx = self._nearest_anchor(user, xp.shape[2:])
+            anchor_idx = self._nearest_anchor(user, prep.xp.shape[2:])
             cls = np.where(hit > 0, cls[np.maximum(hit - 1, 0)] if len(pts) else 0, 0)
             pts = user.astype(np.float32)
             if negative is not None:
@@ -404,14 +395,10 @@ class IVAANModel(PromptNucSegModel):
         emb, levels, text_cls, text_sim = self._anchor_outputs(out["features"], anchor_idx)
         if cfg.ivaan.text_classification:
             cls = text_cls  # equals the decoded class (argmax of the same similarity); user points get one too
-        instances, prompt_of, scores = self._masks(xp, pts, np.arange(len(pts)), score.astype(np.float32), neg,
-                                                   (h, w))
-        if instances.shape != (h0, w0):
-            t = torch.from_numpy(instances.astype(np.float32))[None, None]
-            instances = F.interpolate(t, size=(h0, w0), mode="nearest")[0, 0].numpy().astype(np.int32)
-            present = set(np.unique(instances).tolist())
-            prompt_of = {k: v for k, v in prompt_of.items() if k in present}
-            scores = {k: v for k, v in scores.items() if k in present}
+        # classes := prompt indices, so the resolved instances map back to their anchors
+        candidates = self.mask_candidates(prep, pts, np.arange(len(pts)), score.astype(np.float32), neg)
+        resolved = self.resolve(prep, candidates, cfg.mask_threshold)
+        instances, prompt_of, scores = resolved.instances, resolved.classes, resolved.scores
         ids = np.array(sorted(prompt_of), np.int64)
         rows = np.array([prompt_of[i] for i in ids], np.int64)
         # levels and sentences only from a model trained to predict them (untrained heads would say nonsense)

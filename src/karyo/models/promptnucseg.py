@@ -111,33 +111,53 @@ class PromptNucSegModel(InstanceModel):
         (``negative`` points mark places that are not the nucleus, as in SAM). ``channel_names`` are mapped onto
         the networks' channel adapters when they have them (:mod:`karyo.models.adapter`)."""
         cfg = self.config
+        prep = self.prepare(image, mpp=mpp, name=name, channel_names=channel_names)
+        pts, cls, score = self.detect(prep, cfg.score_threshold, cfg.nms_radius_px)
+        neg = np.zeros((0, 2), np.float32)
+        if points is not None:
+            user = np.asarray(list(points), np.float64).reshape(-1, 2) * prep.scale
+            cls, score = _nearest_class(user, pts, cls, score, radius=12.0 * prep.scale)
+            pts = user.astype(np.float32)
+            if negative is not None:
+                neg = (np.asarray(list(negative), np.float64).reshape(-1, 2) * prep.scale).astype(np.float32)
+        candidates = self.mask_candidates(prep, pts, cls, score, neg)
+        return self.resolve(prep, candidates, cfg.mask_threshold, name=name)
+
+    # The three stages below are public so that threshold tuning (karyo.train.pack) can run the networks once
+    # per image and re-run only the cheap decisions for every setting.
+
+    def prepare(self, image: np.ndarray, *, mpp: float | None = None, name: str = "",
+                channel_names: Sequence[str] | None = None) -> PreparedImage:
+        """Normalise, resample to the model's mpp, pad; run the prompter once."""
+        xp, scale, shape, input_shape = self._padded(image, mpp, name, channel_names)
+        return PreparedImage(xp, scale, shape, input_shape, self.prompter(xp))
+
+    def _padded(self, image: np.ndarray, mpp: float | None, name: str, channel_names: Sequence[str] | None = None
+                ) -> tuple[torch.Tensor, float, tuple[int, int], tuple[int, int]]:
+        """(padded input, model pixels per input pixel, unpadded model shape, input shape)."""
+        cfg = self.config
         x = self._prepare(image, name, channel_names)
         h0, w0 = x.shape[2:]
         x, scale = resample_to_model(x, mpp, cfg.mpp)
         h, w = x.shape[2:]
-        xp = pad_input(x, 32, cfg.tile_size).to(self.device)
-        det = decode_points(self.prompter(xp), cfg.score_threshold, cfg.nms_radius_px)[0]
-        inside = (det.points[:, 0] >= 0) & (det.points[:, 0] < w) & (det.points[:, 1] >= 0) & (det.points[:, 1] < h)
-        pts, cls, score = det.points[inside], det.classes[inside], det.scores[inside]
-        neg = np.zeros((0, 2), np.float32)
-        if points is not None:
-            user = np.asarray(list(points), np.float64).reshape(-1, 2) * scale
-            cls, score = _nearest_class(user, pts, cls, score, radius=12.0 * scale)
-            pts = user.astype(np.float32)
-            if negative is not None:
-                neg = (np.asarray(list(negative), np.float64).reshape(-1, 2) * scale).astype(np.float32)
-        instances, classes, scores = self._masks(xp, pts, cls, score, neg, (h, w))
-        instances = resize_labels(instances, (h0, w0))
-        return SegmentationResult(instances, classes=classes, scores=scores, class_names=self.class_names,
-                                  name=name, model=self.arch)
+        return pad_input(x, 32, cfg.tile_size).to(self.device), float(scale), (int(h), int(w)), (int(h0), int(w0))
 
-    def _masks(self, xp: torch.Tensor, pts: np.ndarray, cls: np.ndarray, score: np.ndarray, neg: np.ndarray,
-               shape: tuple[int, int]) -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
+    def detect(self, prep: PreparedImage, score_threshold: float, nms_radius_px: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Points (x, y in model pixels), classes and scores of the nuclei the prompter finds inside the image."""
+        det = decode_points(prep.prompter_outputs, score_threshold, nms_radius_px)[0]
+        h, w = prep.shape
+        inside = (det.points[:, 0] >= 0) & (det.points[:, 0] < w) & (det.points[:, 1] >= 0) & (det.points[:, 1] < h)
+        return det.points[inside], det.classes[inside], det.scores[inside]
+
+    def mask_candidates(self, prep: PreparedImage, pts: np.ndarray, cls: np.ndarray, score: np.ndarray,
+                        neg: np.ndarray) -> MaskCandidates:
+        """One window mask probability per point; the point's score is multiplied by √(predicted IoU)."""
         cfg = self.config
-        h, w = shape
         n = len(pts)
+        score = np.array(score, np.float32, copy=True)
         if n == 0:
-            return np.zeros(shape, np.int32), {}, {}
+            return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls)
         # Negative prompts: the K nearest other points (and user negatives), as in training.
         pool = np.concatenate([pts, neg]) if len(neg) else pts
         k = min(cfg.negatives, len(pool) - 1)
@@ -149,6 +169,7 @@ class PromptNucSegModel(InstanceModel):
             nn_idx = np.asarray(nn_idx).reshape(n, -1)[:, 1:]
             prompts[:, 1:], labels[:, 1:] = pool[nn_idx], 0
         # Tiles of the encoder; each point goes to the tile where it is farthest from the border.
+        xp = prep.xp
         ts, stride = cfg.tile_size, cfg.tile_size - cfg.tile_overlap
         ys, xs = _grid(xp.shape[2], ts, stride), _grid(xp.shape[3], ts, stride)
         origins = np.array([(x0, y0) for y0 in ys for x0 in xs], np.float32)
@@ -157,8 +178,14 @@ class PromptNucSegModel(InstanceModel):
         tile_of = margin.argmax(1)
         used = np.unique(tile_of)
         corners = origins.astype(np.int64)
-        crops = torch.cat([xp[:, :, y0:y0 + ts, x0:x0 + ts] for x0, y0 in corners[used]])
-        emb = torch.cat([self.segmentor.embed(crops[i:i + 8]) for i in range(0, len(crops), 8)])
+        missing = [int(t) for t in used if int(t) not in prep.tile_embeddings]
+        for i in range(0, len(missing), 8):
+            batch = missing[i:i + 8]
+            crops = torch.cat([xp[:, :, corners[t, 1]:corners[t, 1] + ts, corners[t, 0]:corners[t, 0] + ts]
+                               for t in batch])
+            for t, e in zip(batch, self.segmentor.embed(crops), strict=True):
+                prep.tile_embeddings[t] = e
+        emb = torch.stack([prep.tile_embeddings[int(t)] for t in used])
         slot = np.searchsorted(used, tile_of)
         local = prompts - origins[tile_of][:, None, :]
         probs, windows = [], []
@@ -173,12 +200,49 @@ class PromptNucSegModel(InstanceModel):
             windows.append(win)
             iou = outp.iou_pred[:, 0].clamp(0, 1).cpu().numpy()
             score[sl] = score[sl] * np.sqrt(np.clip(iou, 1e-6, 1.0))
-        asm = assemble_instances(torch.cat(probs), torch.cat(windows), (h, w), score,
-                                 threshold=cfg.mask_threshold, min_area=cfg.min_area,
-                                 min_kept_fraction=cfg.min_kept_fraction)
-        classes = {i + 1: int(cls[j]) for i, j in enumerate(asm.prompt_index)}
-        scores = {i + 1: float(score[j]) for i, j in enumerate(asm.prompt_index)}
-        return asm.instances, classes, scores
+        return MaskCandidates(torch.cat(probs), torch.cat(windows), score, cls)
+
+    def resolve(self, prep: PreparedImage, candidates: MaskCandidates, mask_threshold: float, *, name: str = ""
+                ) -> SegmentationResult:
+        """Threshold and resolve the window masks into one instance map at the input's size."""
+        cfg = self.config
+        c = candidates
+        if len(c.scores) == 0:
+            instances, classes, scores = np.zeros(prep.shape, np.int32), {}, {}
+        else:
+            asm = assemble_instances(c.probs, c.windows, prep.shape, c.scores, threshold=mask_threshold,
+                                     min_area=cfg.min_area, min_kept_fraction=cfg.min_kept_fraction)
+            instances = asm.instances
+            classes = {i + 1: int(c.classes[j]) for i, j in enumerate(asm.prompt_index)}
+            scores = {i + 1: float(c.scores[j]) for i, j in enumerate(asm.prompt_index)}
+        if instances.shape != prep.input_shape:  # small nuclei can vanish when resized back
+            instances = resize_labels(instances, prep.input_shape)
+            present = set(np.unique(instances).tolist())
+            classes = {k: v for k, v in classes.items() if k in present}
+            scores = {k: v for k, v in scores.items() if k in present}
+        return SegmentationResult(instances, classes=classes, scores=scores, class_names=self.class_names,
+                                  name=name, model=self.arch)
+
+
+@dataclass
+class PreparedImage:
+    """An image as the networks see it, with the prompter's outputs and the segmentor's tile embeddings
+    (filled lazily, reused across point sets)."""
+
+    xp: torch.Tensor  # 1×C×H'×W', padded
+    scale: float  # model pixels per input pixel
+    shape: tuple[int, int]  # unpadded, in model pixels
+    input_shape: tuple[int, int]
+    prompter_outputs: dict[str, torch.Tensor]
+    tile_embeddings: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class MaskCandidates:
+    probs: torch.Tensor  # P×Hw×Ww window probabilities
+    windows: torch.Tensor  # P×4 x0, y0, x1, y1 in model pixels
+    scores: np.ndarray
+    classes: np.ndarray
 
 
 def _nearest_class(user: np.ndarray, pts: np.ndarray, cls: np.ndarray, score: np.ndarray, radius: float
