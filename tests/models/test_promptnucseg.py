@@ -1,5 +1,7 @@
 """The PromptNucSeg model object: weights round trip, prompts, tiling, mpp handling."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,29 @@ def test_grayscale_and_wrong_channels():
     assert model.segment(image()[..., :1]).instances.shape == (96, 128)
     with pytest.raises(karyo.InputError, match="3-channel"):
         model.segment(np.zeros((64, 64, 5), np.uint8))
+
+
+def test_mask_centroids_in_image_coordinates():
+    from karyo.models.promptnucseg import _mask_centroids
+
+    probs = torch.zeros(2, 16, 16)
+    probs[0, 2:7, 4:9] = 0.9  # 5×5 square, centre (x 6, y 4) in the window
+    probs[1, 0, 0] = 0.9  # one pixel: below min_area, the point stays
+    windows = torch.tensor([[10, 20, 26, 36], [0, 0, 16, 16]])
+    pts = np.array([[12.0, 22.0], [3.0, 3.0]], np.float32)
+    out = _mask_centroids(probs, windows, pts, 0.5, min_area=4)
+    np.testing.assert_allclose(out, [[16.0, 24.0], [3.0, 3.0]])
+
+
+def test_refinement_merges_points_that_meet_on_one_nucleus():
+    model = tiny_model(score_threshold=0.0, mask_threshold=0.3, min_area=1, min_kept_fraction=0.0, refine_points=2,
+                       refine_merge_px=3.0)
+    prep = model.prepare(image())
+    pts = np.array([[40.0, 40.0], [40.0, 40.0], [100.0, 70.0]], np.float32)  # a duplicate pair + one other
+    candidates = model.mask_candidates(prep, pts, np.array([1, 2, 1]), np.array([0.9, 0.8, 0.7], np.float32),
+                                       np.zeros((0, 2), np.float32))
+    assert list(candidates.classes) == [1, 1]  # the better-scored duplicate is kept, in input order
+    unmerged = dataclasses.replace(model.config, refine_merge_px=0.0)
+    model.config = unmerged
+    assert len(model.mask_candidates(prep, pts, np.array([1, 2, 1]), np.array([0.9, 0.8, 0.7], np.float32),
+                                     np.zeros((0, 2), np.float32)).scores) == 3

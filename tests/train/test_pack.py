@@ -36,16 +36,19 @@ def test_cached_tuning_equals_segment_per_setting():
     model = PromptNucSegModel(cfg)
     samples = _samples(model)
     assert samples[0].instances.max() > 0
-    grid = {"score_threshold": (0.0, 0.45), "nms_radius_px": (4.0, 12.0), "mask_threshold": (0.3, 0.5)}
+    grid = {"score_threshold": (0.0, 0.45), "nms_radius_px": (4.0, 12.0), "mask_threshold": (0.3, 0.5),
+            "refine_points": (0, 1)}
     best, rows = tune_thresholds(model, samples, grid, log=lambda _: None)
-    assert len(rows) == 8
+    assert len(rows) == 16
     assert model.config == cfg  # the model itself is left as it was
     for r in rows:
         model.config = replace(cfg, score_threshold=r["score_threshold"], nms_radius_px=r["nms_radius_px"],
-                               mask_threshold=r["mask_threshold"])
+                               mask_threshold=r["mask_threshold"], refine_points=r["refine_points"])
         assert r["val_pq"] == pytest.approx(mean_pq(model, samples), abs=1e-12)
     assert max(r["val_pq"] for r in rows) == pytest.approx(
-        next(r["val_pq"] for r in rows if (r["score_threshold"], r["nms_radius_px"], r["mask_threshold"])
-         == (best.score_threshold, best.nms_radius_px, best.mask_threshold)))
+        next(r["val_pq"] for r in rows if (r["score_threshold"], r["nms_radius_px"], r["mask_threshold"],
+                                            r["refine_points"])
+             == (best.score_threshold, best.nms_radius_px, best.mask_threshold, best.refine_points)))
     assert len({r["val_pq"] for r in rows}) > 1  # the settings matter on these images
-    assert (best.score_threshold, best.nms_radius_px, best.mask_threshold) == (0.0, 4.0, 0.3)  # PQ 1 there
+    assert (best.score_threshold, best.nms_radius_px, best.mask_threshold, best.refine_points) == (0.0, 4.0, 0.3, 0)
+    model.config = cfg

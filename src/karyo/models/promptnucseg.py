@@ -24,7 +24,7 @@ from karyo.infer.assemble import assemble_instances
 from karyo.infer.prepare import model_input, pad_input, resample_to_model, resize_labels
 from karyo.infer.result import SegmentationResult
 from karyo.models.base import InstanceModel, register
-from karyo.models.prompter import Prompter, PrompterConfig, decode_points
+from karyo.models.prompter import Prompter, PrompterConfig, decode_points, point_nms
 from karyo.models.segmentor import Segmentor, SegmentorConfig, masks_to_image, segmentor_config
 from karyo.models.vit import read_state_dict
 
@@ -44,6 +44,8 @@ class PromptNucSegConfig:
     min_kept_fraction: float = 0.35
     tile_size: int = 256
     tile_overlap: int = 64
+    refine_points: int = 0  # re-prompt at each mask's centroid this many times (see mask_candidates)
+    refine_merge_px: float = 0.0  # refined points closer than this to a better-scored one are duplicates
     prompt_batch: int = 256
     class_names: dict[int, str] = field(default_factory=dict)
 
@@ -152,12 +154,31 @@ class PromptNucSegModel(InstanceModel):
 
     def mask_candidates(self, prep: PreparedImage, pts: np.ndarray, cls: np.ndarray, score: np.ndarray,
                         neg: np.ndarray) -> MaskCandidates:
-        """One window mask probability per point; the point's score is multiplied by √(predicted IoU)."""
+        """One window mask probability per point; the point's score is multiplied by √(predicted IoU).
+
+        With ``refine_points`` > 0, each point is moved to the centroid of its mask (probability > 0.5, whatever
+        ``mask_threshold``) and decoded again, that many times: the segmentor was trained on points near nucleus
+        centres, and a prompter point off centre gives a worse mask. Refined points that land within
+        ``refine_merge_px`` of a better-scored one are dropped as duplicates of the same nucleus."""
+        cfg = self.config
+        score = np.array(score, np.float32, copy=True)
+        pts, cls = np.asarray(pts, np.float32), np.asarray(cls)
+        if len(pts) == 0:
+            return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls)
+        for _ in range(cfg.refine_points):
+            probs, windows, _ = self._decode(prep, pts, neg)
+            pts = _mask_centroids(probs, windows, pts, 0.5, cfg.min_area)
+            keep = point_nms(pts, score, cfg.refine_merge_px) if cfg.refine_merge_px > 0 else np.arange(len(pts))
+            keep = np.sort(keep)
+            pts, cls, score = pts[keep], cls[keep], score[keep]
+        probs, windows, iou = self._decode(prep, pts, neg)
+        return MaskCandidates(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)), cls)
+
+    def _decode(self, prep: PreparedImage, pts: np.ndarray, neg: np.ndarray
+                ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(window probabilities P×Hw×Ww, windows P×4 in model pixels, predicted IoU P) for points ``pts``."""
         cfg = self.config
         n = len(pts)
-        score = np.array(score, np.float32, copy=True)
-        if n == 0:
-            return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls)
         # Negative prompts: the K nearest other points (and user negatives), as in training.
         pool = np.concatenate([pts, neg]) if len(neg) else pts
         k = min(cfg.negatives, len(pool) - 1)
@@ -188,19 +209,17 @@ class PromptNucSegModel(InstanceModel):
         emb = torch.stack([prep.tile_embeddings[int(t)] for t in used])
         slot = np.searchsorted(used, tile_of)
         local = prompts - origins[tile_of][:, None, :]
-        probs, windows = [], []
+        probs, windows, ious = [], [], []
         for i in range(0, n, cfg.prompt_batch):
             sl = slice(i, i + cfg.prompt_batch)
             outp = self.segmentor.decode(emb, torch.from_numpy(slot[sl]).to(self.device),
                                          torch.from_numpy(local[sl]).to(self.device),
                                          torch.from_numpy(labels[sl]).to(self.device))
             wm = masks_to_image(outp, probabilities=True)
-            probs.append(wm.masks[:, 0].cpu())
-            win = wm.window_xyxy.cpu() + torch.from_numpy(np.tile(origins[tile_of[sl]], 2)).long()
-            windows.append(win)
-            iou = outp.iou_pred[:, 0].clamp(0, 1).cpu().numpy()
-            score[sl] = score[sl] * np.sqrt(np.clip(iou, 1e-6, 1.0))
-        return MaskCandidates(torch.cat(probs), torch.cat(windows), score, cls)
+            probs.append(wm.masks[:, 0].detach().cpu())
+            windows.append(wm.window_xyxy.cpu() + torch.from_numpy(np.tile(origins[tile_of[sl]], 2)).long())
+            ious.append(outp.iou_pred[:, 0].detach().clamp(0, 1).cpu().numpy())
+        return torch.cat(probs), torch.cat(windows), np.concatenate(ious)
 
     def resolve(self, prep: PreparedImage, candidates: MaskCandidates, mask_threshold: float, *, name: str = ""
                 ) -> SegmentationResult:
@@ -243,6 +262,22 @@ class MaskCandidates:
     windows: torch.Tensor  # P×4 x0, y0, x1, y1 in model pixels
     scores: np.ndarray
     classes: np.ndarray
+
+
+def _mask_centroids(probs: torch.Tensor, windows: torch.Tensor, pts: np.ndarray, threshold: float,
+                    min_area: int) -> np.ndarray:
+    """Centroid (x, y, model pixels) of each window mask above ``threshold``; the point itself where the mask
+    has fewer than ``min_area`` pixels."""
+    fg = (probs > threshold).float()
+    area = fg.sum((1, 2))
+    ys = torch.arange(probs.shape[1], dtype=torch.float32)
+    xs = torch.arange(probs.shape[2], dtype=torch.float32)
+    cy = (fg.sum(2) * ys).sum(1) / area.clamp(min=1) + windows[:, 1].float()
+    cx = (fg.sum(1) * xs).sum(1) / area.clamp(min=1) + windows[:, 0].float()
+    out = np.array(pts, np.float32, copy=True)
+    ok = (area >= max(min_area, 1)).numpy()
+    out[ok] = torch.stack([cx, cy], 1).numpy()[ok]
+    return out
 
 
 def _nearest_class(user: np.ndarray, pts: np.ndarray, cls: np.ndarray, score: np.ndarray, radius: float

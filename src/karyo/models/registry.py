@@ -56,9 +56,11 @@ def load(name_or_path: str | os.PathLike = "default", device: str = "cpu") -> In
     entry = resolve(str(name_or_path))
     if "folder" in entry:
         folder = Path(str(resources.files("karyo.models").joinpath(entry["folder"])))
-        if entry.get("sha256"):
-            weights = folder / entry.get("weights", "weights.pt")
-            if _sha256(weights) != entry["sha256"]:
+        for file_name, expected in (entry.get("sha256") or {}).items():
+            weights = folder / file_name
+            if not weights.is_file():
+                raise InputError(weights, "missing from the installed package; reinstall karyo")
+            if _sha256(weights) != expected:
                 raise InputError(weights, "checksum mismatch with registry.yaml; the shipped weights are damaged")
         return load_model_dir(folder, device=device)
     arch = entry["arch"]
