@@ -20,6 +20,13 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}, {platform.system()}"
 
 
+def invocation(module: str) -> str:
+    """The command line that ran this benchmark, with its arguments, for the report."""
+    import shlex
+
+    return " ".join(["python -m", module, *map(shlex.quote, sys.argv[1:])])
+
+
 def update_section(name: str, title: str, body: str, command: str) -> Path:
     """Replace (or append) the section ``name`` of docs/benchmarks.md."""
     text = DOC.read_text() if DOC.exists() else HEADER

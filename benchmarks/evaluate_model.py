@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import karyo
-from benchmarks._report import update_section
+from benchmarks._report import invocation, update_section
 from karyo.data.layout import LayoutDataset
 from karyo.metrics.evaluate import ImagePair, evaluate
 
@@ -82,7 +82,7 @@ def main() -> None:
     body = markdown(results)
     print(body)
     name = args.name or args.model
-    cmd = "python -m benchmarks.evaluate_model --model " + args.model + (f" --name {args.name}" if args.name else "")
+    cmd = invocation("benchmarks.evaluate_model")
     if args.limit is None:
         update_section(f"model_{name}", f"Model `{name}` on the test sets", body +
                        "\n\nPQ/DQ/SQ/AJI/AJI+/Dice: HoVer-Net definitions, mean over images. F1d: HoVer-Net "

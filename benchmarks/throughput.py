@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import karyo
-from benchmarks._report import update_section
+from benchmarks._report import invocation, update_section
 from karyo.data.layout import LayoutDataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -132,7 +132,7 @@ def main() -> None:
     print(body)
     if not args.no_write:
         update_section(f"throughput_{args.model}", f"Throughput of `{args.model}` vs a HoVer-Net-sized network", body,
-                       f"python -m benchmarks.throughput --model {args.model}")
+                       invocation("benchmarks.throughput"))
 
 
 if __name__ == "__main__":

@@ -383,23 +383,44 @@ def train_cmd(
 @app.command("pack")
 @friendly_errors
 def pack_cmd(
-    arch: Annotated[str, typer.Argument(help="promptnucseg")],
-    prompter: Annotated[Path, typer.Option(help="Prompter run folder (karyo train prompter --out).")],
-    segmentor: Annotated[Path, typer.Option(help="Segmentor run folder (karyo train segmentor --out).")],
+    arch: Annotated[str, typer.Argument(help="promptnucseg, cellvit or ivaan")],
     out: Annotated[Path, typer.Option(help="Model folder to write (config.json + weights).")],
-    tune: Annotated[bool, typer.Option(help="Tune inference thresholds on the prompter run's validation images.")
-                    ] = True,
+    prompter: Annotated[Path | None, typer.Option(help="promptnucseg: prompter run (karyo train prompter).")
+                        ] = None,
+    segmentor: Annotated[Path | None, typer.Option(help="promptnucseg, ivaan: segmentor run or model folder.")
+                         ] = None,
+    run: Annotated[Path | None, typer.Option(help="cellvit, ivaan: the training run folder.")] = None,
+    tune: Annotated[bool, typer.Option(help="Tune inference thresholds on the run's validation images.")] = True,
 ) -> None:
     """Build a model folder from training runs (thresholds tuned on validation data only)."""
     from karyo.errors import InputError
-    from karyo.train.pack import pack_promptnucseg
 
-    if arch != "promptnucseg":
-        raise InputError(None, f"unknown architecture {arch!r} for pack; choose promptnucseg")
-    model = pack_promptnucseg(prompter, segmentor, out, tune=tune, log=lambda m: console.print(m, highlight=False))
+    def need(value: Path | None, option: str) -> Path:
+        if value is None:
+            raise InputError(None, f"karyo pack {arch} needs {option}")
+        return value
+
+    log = lambda m: console.print(m, highlight=False)  # noqa: E731
+    if arch == "promptnucseg":
+        from karyo.train.pack import pack_promptnucseg
+
+        model = pack_promptnucseg(need(prompter, "--prompter"), need(segmentor, "--segmentor"), out, tune=tune,
+                                  log=log)
+    elif arch == "ivaan":
+        from karyo.train.ivaan import pack_ivaan
+
+        model = pack_ivaan(need(run, "--run"), need(segmentor, "--segmentor"), out, tune=tune, log=log)
+    elif arch == "cellvit":
+        from karyo.train.cellvit import export_cellvit_model
+
+        export_cellvit_model(need(run, "--run"), out)
+        console.print(f"model → {out}", highlight=False)
+        return
+    else:
+        raise InputError(None, f"unknown architecture {arch!r} for pack; choose promptnucseg, cellvit or ivaan")
     cfg = model.config
     console.print(f"model → {out} (score ≥ {cfg.score_threshold}, NMS {cfg.nms_radius_px} px, "
-                  f"mask ≥ {cfg.mask_threshold})", highlight=False)
+                  f"mask ≥ {cfg.mask_threshold}, {cfg.refine_points} point refinement(s))", highlight=False)
 
 
 def _load_ivaan(model: Path | None, segmentor: Path | None, device: str):

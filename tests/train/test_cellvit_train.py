@@ -66,6 +66,16 @@ def test_short_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path):
         torch.testing.assert_close(v, best[k], rtol=0, atol=0)
     out = model.segment(samples[6].image)
     assert out.instances.shape == (64, 64)
+    # the CLI twin: karyo pack cellvit --run RUN --out DIR
+    from typer.testing import CliRunner
+
+    from karyo.cli import app
+
+    res = CliRunner().invoke(app, ["pack", "cellvit", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "p2")])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(karyo.load(tmp_path / "p2").segment(samples[6].image).instances, out.instances)
+    res = CliRunner().invoke(app, ["pack", "cellvit", "--out", str(tmp_path / "p3")])
+    assert res.exit_code != 0 and "needs --run" in res.output
 
 
 class PerfectNet(nn.Module):

@@ -26,7 +26,7 @@ from karyo.models.segmentor import SegmentorConfig
 from karyo.models.vit import read_state_dict
 from karyo.train.data import load_specs
 
-TUNING_GRID = {"score_threshold": (0.4, 0.5, 0.6, 0.7), "nms_radius_px": (6.0, 10.0, 16.0),
+TUNING_GRID = {"score_threshold": (0.4, 0.5, 0.6, 0.7), "nms_radius_px": (10.0, 16.0, 20.0, 24.0),
                "mask_threshold": (0.4, 0.5, 0.6), "refine_points": (0, 1, 2)}
 
 

@@ -1,0 +1,64 @@
+"""The models karyo ships: registry, checksums, and the default model end to end on real data."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import karyo
+from karyo.cli import app
+from karyo.data.layout import LayoutDataset, write_layout_sample
+from karyo.models import registry
+from karyo.models.promptnucseg import PromptNucSegModel
+
+runner = CliRunner()
+PQ_FLOOR, F1D_FLOOR = 0.26, 0.55  # measured 0.322 and 0.661 on these three patches (2026-11-25)
+
+
+def test_default_is_the_shipped_promptnucseg():
+    assert registry.resolve("default")["name"] == "promptnucseg_cpu"
+    model = karyo.load("default")
+    assert isinstance(model, PromptNucSegModel)
+    assert model.class_names == {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle-shaped"}
+    # thresholds come from the validation tuning shipped beside the weights
+    folder = registry.resolve("default")["folder"]
+    tuning = json.loads((registry.resources.files("karyo.models") / folder / "tuning.json").read_text())
+    best = max(tuning["rows"], key=lambda r: r["val_pq"])
+    assert (model.config.score_threshold, model.config.nms_radius_px, model.config.mask_threshold) == (
+        best["score_threshold"], best["nms_radius_px"], best["mask_threshold"])
+
+
+def test_damaged_weights_are_refused(tmp_path, monkeypatch):
+    entry = registry.resolve("promptnucseg_cpu")
+    source = registry.resources.files("karyo.models") / entry["folder"]
+    copy = tmp_path / "pretrained" / "m"
+    shutil.copytree(str(source), copy)
+    raw = bytearray((copy / "segmentor.pt").read_bytes())
+    raw[-100] ^= 0xFF
+    (copy / "segmentor.pt").write_bytes(bytes(raw))
+    fake = {"m": {**{k: v for k, v in entry.items() if k != "name"}, "folder": str(copy)}}
+    monkeypatch.setattr(registry, "_registry", lambda: fake)
+    with pytest.raises(karyo.InputError, match="checksum mismatch"):
+        registry.load("m")
+
+
+def test_cli_default_model_on_real_consep_patches(shared_data, tmp_path, one_thread):
+    """`karyo segment` with the shipped model, then `karyo evaluate`, on three CoNSeP test patches (never used for
+    training or model selection). Floors sit below what the model measures on them (see the model card)."""
+    ids = ["test_1_005", "test_3_010", "test_7_002"]
+    truth = tmp_path / "truth"
+    for s in LayoutDataset(shared_data / "consep", ids=ids):
+        write_layout_sample(truth, s)
+    images = [str(truth / "images" / f"{i}.png") for i in ids]
+    res = runner.invoke(app, ["segment", *images, "--out", str(tmp_path / "pred")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(tmp_path / "pred")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "pred" / "evaluation.json").read_text())
+    assert report["n_images"] == 3
+    assert report["instance"]["pq"] > PQ_FLOOR
+    assert report["detection"]["f1_d"] > F1D_FLOOR
+    classes = pd.concat([pd.read_csv(p) for p in sorted((tmp_path / "pred" / "classes").glob("*.csv"))])
+    assert set(classes.class_id) <= {1, 2, 3, 4} and classes.class_id.nunique() >= 2
