@@ -80,3 +80,22 @@ def test_config_round_trip(tmp_path):
 def test_unknown_model_name_is_clear():
     with pytest.raises(karyo.InputError, match="unknown model 'nope'"):
         karyo.load("nope")
+
+
+def test_slide_calibration_ignores_glass_and_white(shared_data):
+    """Calibration tiles sampled from a slide hold glass and the white beyond its edge; the threshold must come
+    from the stained pixels only, or Otsu separates glass from tissue instead of nuclei from tissue."""
+    from karyo.data.layout import LayoutDataset
+
+    tissue = [s.image for s in LayoutDataset(shared_data / "consep", ids=["test_1_005", "test_3_010"])]
+    rng = np.random.default_rng(0)
+    glass = np.clip(rng.normal(238.0, 2.5, (256, 256, 3)), 0, 255).astype(np.uint8)
+    white = np.full((256, 256, 3), 255, np.uint8)
+    model = ClassicalModel()
+    alone = model.for_slide(tissue).config.threshold
+    mixed = model.for_slide([*tissue, glass, white, glass, white, white, glass]).config.threshold
+    assert mixed == pytest.approx(alone)
+    # all pixels (the old rule) would move the threshold a lot
+    assert ClassicalModel().for_slide([glass, white]).config.threshold != pytest.approx(alone, rel=0.2)
+    found = model.for_slide([*tissue, glass, white]).segment(tissue[0]).n_nuclei
+    assert found > 0.5 * model.segment(tissue[0]).n_nuclei

@@ -19,6 +19,7 @@ from karyo.data.io import to_uint8
 from karyo.data.sample import as_hwc
 from karyo.infer.postprocess import remove_small_instances
 from karyo.infer.result import SegmentationResult
+from karyo.infer.tissue import saturation
 from karyo.models.base import InstanceModel, register
 
 
@@ -41,6 +42,9 @@ class ClassicalConfig:
     # Absolute foreground threshold on the smoothed signal. None: Otsu of each image × threshold_scale. Set by
     # for_slide, so that a slide processed tile by tile is thresholded as one image.
     threshold: float | None = None
+
+
+CALIBRATION_MIN_SATURATION = 0.1  # stained H&E is above it; glass and white are far below (about 0.02)
 
 
 @register
@@ -110,10 +114,21 @@ class ClassicalModel(InstanceModel):
     def for_slide(self, images: Sequence[np.ndarray], mpp: float | None = None) -> ClassicalModel:
         """A copy whose threshold is fixed from ``images`` (a sample of one slide's tiles, at ``mpp``): the Otsu
         threshold of all of them together, as if the slide were one image. Whole-slide inference calls this, so
-        that tiles do not each get their own threshold (which moves outlines and invents nuclei on pale tiles)."""
+        that tiles do not each get their own threshold (which moves outlines and invents nuclei on pale tiles).
+
+        Only stained pixels count (RGB: HSV saturation > ``CALIBRATION_MIN_SATURATION``, as tissue detection):
+        sampled tissue tiles also hold glass and the white beyond the slide's edge, and with enough of those Otsu
+        splits glass from tissue instead of nuclei from tissue. Without stained pixels (fluorescence, or < 1 %
+        stained) all pixels count."""
         cfg = self.config
         scale = 1.0 if mpp is None else cfg.mpp / mpp
-        sig = np.concatenate([self._smoothed(im, scale).ravel() for im in images]) if images else np.zeros(0)
+        smoothed = [self._smoothed(im, scale).ravel() for im in images]
+        sig = np.concatenate(smoothed) if smoothed else np.zeros(0)
+        if images and all(as_hwc(im).shape[2] == 3 for im in images):
+            stained = np.concatenate([(saturation(to_uint8(as_hwc(im))) > CALIBRATION_MIN_SATURATION).ravel()
+                                      for im in images])
+            if stained.mean() >= 0.01:
+                sig = sig[stained]
         span = float(np.ptp(sig)) if sig.size else 0.0
         if span < 1e-6:
             return self
