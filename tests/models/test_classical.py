@@ -99,3 +99,14 @@ def test_slide_calibration_ignores_glass_and_white(shared_data):
     assert ClassicalModel().for_slide([glass, white]).config.threshold != pytest.approx(alone, rel=0.2)
     found = model.for_slide([*tissue, glass, white]).segment(tissue[0]).n_nuclei
     assert found > 0.5 * model.segment(tissue[0]).n_nuclei
+
+
+def test_slide_calibration_is_robust_to_a_few_very_dark_pixels(shared_data):
+    from karyo.data.layout import LayoutDataset
+
+    tissue = [s.image for s in LayoutDataset(shared_data / "consep", ids=["test_1_005", "test_3_010", "test_7_002"])]
+    inked = tissue[0].copy()
+    inked[:40, :40] = (0, 8, 52)  # a blob of ink / pigment: optical density far above any nucleus
+    model = ClassicalModel()
+    clean = model.for_slide(tissue).config.threshold
+    assert model.for_slide([*tissue, inked]).config.threshold == pytest.approx(clean, rel=0.1)

@@ -112,29 +112,34 @@ class ClassicalModel(InstanceModel):
         return filters.gaussian(sig, self.config.smooth_sigma * scale) if self.config.smooth_sigma > 0 else sig
 
     def for_slide(self, images: Sequence[np.ndarray], mpp: float | None = None) -> ClassicalModel:
-        """A copy whose threshold is fixed from ``images`` (a sample of one slide's tiles, at ``mpp``): the Otsu
-        threshold of all of them together, as if the slide were one image. Whole-slide inference calls this, so
-        that tiles do not each get their own threshold (which moves outlines and invents nuclei on pale tiles).
+        """A copy whose threshold is fixed from ``images`` (a sample of one slide's tiles, at ``mpp``). Whole-slide
+        inference calls this, so that tiles do not each get their own threshold (which moves outlines and invents
+        nuclei on pale tiles).
 
-        Only stained pixels count (RGB: HSV saturation > ``CALIBRATION_MIN_SATURATION``, as tissue detection):
-        sampled tissue tiles also hold glass and the white beyond the slide's edge, and with enough of those Otsu
-        splits glass from tissue instead of nuclei from tissue. Without stained pixels (fluorescence, or < 1 %
-        stained) all pixels count."""
+        The slide threshold is the median over the sampled tiles of each tile's Otsu threshold (× threshold_scale)
+        on its stained pixels (RGB: HSV saturation > ``CALIBRATION_MIN_SATURATION``, as in tissue detection);
+        tiles with under 1 % stained pixels are skipped. Why: sampled tissue tiles also hold glass and the white
+        beyond the slide's edge, which would make Otsu split glass from tissue, and one tile with ink or pigment
+        (optical density far above any nucleus) would dominate a pooled Otsu; the median ignores such tiles.
+        Without any RGB tile with stain (fluorescence), every pixel of every tile counts."""
         cfg = self.config
         scale = 1.0 if mpp is None else cfg.mpp / mpp
-        smoothed = [self._smoothed(im, scale).ravel() for im in images]
-        sig = np.concatenate(smoothed) if smoothed else np.zeros(0)
-        if images and all(as_hwc(im).shape[2] == 3 for im in images):
-            stained = np.concatenate([(saturation(to_uint8(as_hwc(im))) > CALIBRATION_MIN_SATURATION).ravel()
-                                      for im in images])
-            if stained.mean() >= 0.01:
-                sig = sig[stained]
-        span = float(np.ptp(sig)) if sig.size else 0.0
-        if span < 1e-6:
-            return self
-        lo = float(sig.min())
-        threshold = lo + span * float(filters.threshold_otsu((sig - lo) / span)) * cfg.threshold_scale
-        return ClassicalModel(replace(cfg, threshold=threshold))
+        thresholds, pooled = [], []
+        for im in images:
+            sig = self._smoothed(im, scale)
+            pooled.append(sig.ravel())
+            im = as_hwc(im)
+            if im.shape[2] != 3:
+                continue
+            stained = saturation(to_uint8(im)) > CALIBRATION_MIN_SATURATION
+            if stained.mean() >= 0.01 and np.ptp(sig[stained]) > 1e-6:
+                thresholds.append(float(filters.threshold_otsu(sig[stained])))
+        if not thresholds:
+            sig = np.concatenate(pooled) if pooled else np.zeros(0)
+            if not sig.size or np.ptp(sig) < 1e-6:
+                return self
+            thresholds = [float(filters.threshold_otsu(sig))]
+        return ClassicalModel(replace(cfg, threshold=float(np.median(thresholds)) * cfg.threshold_scale))
 
     def _segment_at_points(self, fg: np.ndarray, dist: np.ndarray, points, negative, min_area: int,
                            name: str) -> SegmentationResult:
