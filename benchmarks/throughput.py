@@ -123,7 +123,7 @@ def main() -> None:
         theirs = time.perf_counter() - t0
     n = len(images)
     body = (f"| | tiles/s (256², {args.threads} threads) | per tile |\n|---|---|---|\n"
-            f"| karyo `{args.model}`: `model.segment` end to end (pre-processing, both networks, mask assembly) | "
+            f"| karyo `{args.model}`: `model.segment` end to end (pre-processing, network(s), post-processing) | "
             f"{n / ours:.2f} | {1000 * ours / n:.0f} ms |\n"
             f"| HoVer-Net-sized network ({params / 1e6:.1f} M parameters), forward pass only | {n / theirs:.2f} | "
             f"{1000 * theirs / n:.0f} ms |\n\n"

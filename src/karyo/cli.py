@@ -411,9 +411,9 @@ def pack_cmd(
 
         model = pack_ivaan(need(run, "--run"), need(segmentor, "--segmentor"), out, tune=tune, log=log)
     elif arch == "cellvit":
-        from karyo.train.cellvit import export_cellvit_model
+        from karyo.train.pack import pack_cellvit
 
-        export_cellvit_model(need(run, "--run"), out)
+        pack_cellvit(need(run, "--run"), out)
         console.print(f"model → {out}", highlight=False)
         return
     else:

@@ -210,3 +210,11 @@ def test_bad_split_csv_and_duplicate_images(small):
     tifffile.imwrite(small / "images/test_1.tif", np.zeros((4, 4), np.uint8))
     with pytest.raises(InputError, match=r"two files for id 'test_1'"):
         LayoutDataset(small)
+
+
+def test_class_zero_means_unclassified():
+    inst = np.zeros((8, 8), np.int32)
+    inst[1:3, 1:3], inst[5:7, 5:7] = 1, 2
+    s = Sample(np.zeros((8, 8, 3), np.uint8), inst, classes={1: 2, 2: 0}, class_names={1: "a", 2: "b"})
+    assert s.classes == {1: 2}
+    assert s.type_map()[6, 6] == 0 and s.type_map()[2, 2] == 2

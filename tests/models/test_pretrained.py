@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 import karyo
 from karyo.cli import app
 from karyo.data.layout import LayoutDataset, write_layout_sample
+from karyo.metrics.instance import panoptic_quality
 from karyo.models import registry
+from karyo.models.cellvit import CellViTModel
 from karyo.models.promptnucseg import PromptNucSegModel
 
 runner = CliRunner()
@@ -62,3 +64,13 @@ def test_cli_default_model_on_real_consep_patches(shared_data, tmp_path, one_thr
     assert report["detection"]["f1_d"] > F1D_FLOOR
     classes = pd.concat([pd.read_csv(p) for p in sorted((tmp_path / "pred" / "classes").glob("*.csv"))])
     assert set(classes.class_id) <= {1, 2, 3, 4} and classes.class_id.nunique() >= 2
+
+
+def test_cellvit_cpu_ships_and_classifies_a_real_patch(shared_data, one_thread):
+    model = karyo.load("cellvit_cpu")
+    assert isinstance(model, CellViTModel)
+    sample = LayoutDataset(shared_data / "consep", ids=["test_1_005"])[0]
+    result = model.segment(sample.image)
+    assert panoptic_quality(sample.instances, result.instances).pq > 0.2
+    assert set(result.classes.values()) <= {1, 2, 3, 4} and len(result.classes) > 10
+    result.to_sample()  # unclassified instances (class 0 from the NT vote) are valid

@@ -73,7 +73,10 @@ def test_short_training_lowers_the_loss_and_exports_a_loadable_model(tmp_path):
 
     res = CliRunner().invoke(app, ["pack", "cellvit", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "p2")])
     assert res.exit_code == 0, res.output
-    np.testing.assert_array_equal(karyo.load(tmp_path / "p2").segment(samples[6].image).instances, out.instances)
+    packed = karyo.load(tmp_path / "p2")  # weights stored in float16, loaded as float32
+    for k, v in packed.net.state_dict().items():
+        want = best[k].half().float() if best[k].is_floating_point() else best[k]
+        torch.testing.assert_close(v, want, rtol=0, atol=0)
     res = CliRunner().invoke(app, ["pack", "cellvit", "--out", str(tmp_path / "p3")])
     assert res.exit_code != 0 and "needs --run" in res.output
 

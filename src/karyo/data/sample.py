@@ -15,8 +15,8 @@ class Sample:
     """An image with (optionally) its nucleus annotation.
 
     ``image`` is always H×W×C (C = any channel count; 3 for RGB). ``instances`` is an H×W int32 label map,
-    0 = background. ``classes`` maps instance id → class id (1..C); instance ids absent from it are
-    unclassified. ``class_names`` maps class id → name. ``source`` names where the sample came from and is
+    0 = background. ``classes`` maps instance id → class id (1..C); instance ids absent from it (or given
+    class 0) are unclassified. ``class_names`` maps class id → name. ``source`` names where the sample came from and is
     used in error messages.
     """
 
@@ -93,8 +93,11 @@ def validate_instances(instances: np.ndarray, shape: tuple[int, int] | None = No
 
 def validate_classes(classes: Mapping[int, int], instances: np.ndarray | None,
                      class_names: Mapping[int, str] | None = None, source: str | None = None) -> dict[int, int]:
-    """Check that every class id is known and every classified instance exists; return a plain dict."""
-    out = {int(k): int(v) for k, v in classes.items()}
+    """Check that every class id is known and every classified instance exists; return a plain dict.
+
+    Class id 0 means "unclassified" (as in type maps and nucleus tables) and is dropped: the instance stays,
+    without a class."""
+    out = {int(k): int(v) for k, v in classes.items() if int(v) != 0}
     if class_names:
         unknown = sorted({v for v in out.values() if v not in class_names})
         if unknown:

@@ -118,11 +118,20 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
     return model
 
 
-def _halve(folder: Path) -> None:
+def pack_cellvit(run: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A CellViT model folder from a finished ``karyo train cellvit`` run, weights in float16."""
+    from karyo.train.cellvit import WEIGHTS_FILE, export_cellvit_model
+
+    folder = Path(export_cellvit_model(run, out))
+    _halve(folder, (WEIGHTS_FILE,))
+    return folder
+
+
+def _halve(folder: Path, names: tuple[str, ...] = ("prompter.pt", "segmentor.pt")) -> None:
     """Store weights as float16 (loading casts back to the model's float32)."""
     from karyo.data.io import atomic_path
 
-    for name in ("prompter.pt", "segmentor.pt"):
+    for name in names:
         state = torch.load(folder / name, map_location="cpu", weights_only=True)
         half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         with atomic_path(folder / name) as tmp:
