@@ -4,7 +4,7 @@ resampling to the model's pixel size and padding, shared by every learned model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -106,6 +106,17 @@ def pad_input(x: torch.Tensor, multiple: int = 32, min_size: int = 0) -> torch.T
         return x
     mode = "reflect" if (pw - w < w and ph - h < h) else "constant"
     return F.pad(x, (0, pw - w, 0, ph - h), mode=mode)
+
+
+def resize_instances(instances: np.ndarray, shape: tuple[int, int], *per_instance: dict[int, Any]
+                     ) -> tuple[np.ndarray, ...]:
+    """:func:`resize_labels` of an instance map, and each per-instance dict (classes, scores ...) without the
+    instances that vanished in the resize (small nuclei can)."""
+    if instances.shape == tuple(shape):
+        return (instances, *per_instance)
+    instances = resize_labels(instances, shape)
+    present = set(np.unique(instances).tolist())
+    return (instances, *({k: v for k, v in d.items() if k in present} for d in per_instance))
 
 
 def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

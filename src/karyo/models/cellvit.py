@@ -48,7 +48,7 @@ from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.binary import BinaryConfig, binary_instances, instance_scores
 from karyo.infer.hovernet import ENERGIES, hovernet_postprocess
-from karyo.infer.prepare import model_input, resample_to_model, resize_labels
+from karyo.infer.prepare import model_input, resample_to_model, resize_instances
 from karyo.infer.result import SegmentationResult
 from karyo.infer.tiling import tile_starts
 from karyo.models.adapter import AdapterConfig, ChannelAdapter
@@ -678,11 +678,7 @@ class CellViTModel(InstanceModel):
         instances, classes, scores = self.postprocess(self.predict_maps(x))
         if points is not None or negative is not None:
             instances, classes, scores = _select(instances, classes, scores, points, negative, scale)
-        if instances.shape != (h0, w0):
-            instances = resize_labels(instances, (h0, w0))
-            present = set(np.unique(instances).tolist())
-            classes = {i: c for i, c in classes.items() if i in present}
-            scores = {i: s for i, s in scores.items() if i in present}
+        instances, classes, scores = resize_instances(instances, (h0, w0), classes, scores)
         return SegmentationResult(instances, classes=classes, scores=scores, class_names=self.class_names,
                                   name=name, model=self.arch)
 

@@ -45,7 +45,7 @@ from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.result import SegmentationResult
 from karyo.models.base import InstanceModel, register
-from karyo.models.prompter import Prompter, PrompterConfig, _head, anchor_points, decode_points
+from karyo.models.prompter import Prompter, PrompterConfig, _head, anchor_points
 from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, _nearest_class
 from karyo.models.segmentor import Segmentor
 from karyo.models.vit import read_state_dict
@@ -375,14 +375,12 @@ class IVAANModel(PromptNucSegModel):
         predicted attribute levels, a sentence and the embedding (for :meth:`query`)."""
         cfg = self.config
         prep = self.prepare(image, mpp=mpp, name=name)
-        out, (h, w), scale = prep.prompter_outputs, prep.shape, prep.scale
-        det = decode_points(out, cfg.score_threshold, cfg.nms_radius_px)[0]
+        out, scale = prep.prompter_outputs, prep.scale
+        pts, cls, score = self.detect(prep, cfg.score_threshold, cfg.nms_radius_px)
         all_pts = out["points"][0].detach().float().cpu().numpy()
-        # decode_points returns points, not anchors: recover each kept anchor by its (exactly equal) point
-        anchor_idx = (np.asarray(cKDTree(all_pts).query(det.points, k=1)[1], np.int64).reshape(-1)
-                      if len(det) else np.zeros(0, np.int64))
-        inside = (det.points[:, 0] >= 0) & (det.points[:, 0] < w) & (det.points[:, 1] >= 0) & (det.points[:, 1] < h)
-        pts, cls, score, anchor_idx = det.points[inside], det.classes[inside], det.scores[inside], anchor_idx[inside]
+        # detect returns points, not anchors: recover each kept anchor by its (exactly equal) point
+        anchor_idx = (np.asarray(cKDTree(all_pts).query(pts, k=1)[1], np.int64).reshape(-1)
+                      if len(pts) else np.zeros(0, np.int64))
         neg = np.zeros((0, 2), np.float32)
         if points is not None:
             user = np.asarray(list(points), np.float64).reshape(-1, 2) * scale

@@ -21,7 +21,7 @@ from scipy.spatial import cKDTree
 
 from karyo.device import pick_device
 from karyo.infer.assemble import assemble_instances
-from karyo.infer.prepare import model_input, pad_input, resample_to_model, resize_labels
+from karyo.infer.prepare import model_input, pad_input, resample_to_model, resize_instances
 from karyo.infer.result import SegmentationResult
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, decode_points, point_nms
@@ -153,19 +153,20 @@ class PromptNucSegModel(InstanceModel):
         return det.points[inside], det.classes[inside], det.scores[inside]
 
     def mask_candidates(self, prep: PreparedImage, pts: np.ndarray, cls: np.ndarray, score: np.ndarray,
-                        neg: np.ndarray) -> MaskCandidates:
+                        neg: np.ndarray, refine_points: int | None = None) -> MaskCandidates:
         """One window mask probability per point; the point's score is multiplied by √(predicted IoU).
 
-        With ``refine_points`` > 0, each point is moved to the centroid of its mask (probability > 0.5, whatever
-        ``mask_threshold``) and decoded again, that many times: the segmentor was trained on points near nucleus
-        centres, and a prompter point off centre gives a worse mask. Refined points that land within
-        ``refine_merge_px`` of a better-scored one are dropped as duplicates of the same nucleus."""
+        With ``refine_points`` (default: the config's) > 0, each point is moved to the centroid of its mask
+        (probability > 0.5, whatever ``mask_threshold``) and decoded again, that many times: the segmentor was
+        trained on points near nucleus centres, and a prompter point off centre gives a worse mask. Refined
+        points that land within ``refine_merge_px`` of a better-scored one are dropped as duplicates of the same
+        nucleus."""
         cfg = self.config
         score = np.array(score, np.float32, copy=True)
         pts, cls = np.asarray(pts, np.float32), np.asarray(cls)
         if len(pts) == 0:
             return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls)
-        for _ in range(cfg.refine_points):
+        for _ in range(cfg.refine_points if refine_points is None else refine_points):
             probs, windows, _ = self._decode(prep, pts, neg)
             pts = _mask_centroids(probs, windows, pts, 0.5, cfg.min_area)
             keep = point_nms(pts, score, cfg.refine_merge_px) if cfg.refine_merge_px > 0 else np.arange(len(pts))
@@ -234,11 +235,7 @@ class PromptNucSegModel(InstanceModel):
             instances = asm.instances
             classes = {i + 1: int(c.classes[j]) for i, j in enumerate(asm.prompt_index)}
             scores = {i + 1: float(c.scores[j]) for i, j in enumerate(asm.prompt_index)}
-        if instances.shape != prep.input_shape:  # small nuclei can vanish when resized back
-            instances = resize_labels(instances, prep.input_shape)
-            present = set(np.unique(instances).tolist())
-            classes = {k: v for k, v in classes.items() if k in present}
-            scores = {k: v for k, v in scores.items() if k in present}
+        instances, classes, scores = resize_instances(instances, prep.input_shape, classes, scores)
         return SegmentationResult(instances, classes=classes, scores=scores, class_names=self.class_names,
                                   name=name, model=self.arch)
 

@@ -66,31 +66,27 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
     point_settings = list(itertools.product(grid["refine_points"], grid["score_threshold"], grid["nms_radius_px"]))
     pq: dict[tuple, list[float]] = {}
     no_neg = np.zeros((0, 2), np.float32)
-    base = model.config
-    try:
-        with torch.no_grad():
-            for sample in samples:
-                if sample.instances is None or sample.instances.max() == 0:
-                    continue
-                prep = model.prepare(sample.image, mpp=None)
-                for refine, score_threshold, nms in point_settings:
-                    model.config = replace(base, refine_points=int(refine))
-                    candidates = model.mask_candidates(prep, *model.detect(prep, score_threshold, nms), no_neg)
-                    for mask_threshold in grid["mask_threshold"]:
-                        pred = model.resolve(prep, candidates, mask_threshold).instances
-                        key = (score_threshold, nms, mask_threshold, int(refine))
-                        pq.setdefault(key, []).append(panoptic_quality(sample.instances, pred).pq)
-    finally:
-        model.config = base
+    with torch.no_grad():
+        for sample in samples:
+            if sample.instances is None or sample.instances.max() == 0:
+                continue
+            prep = model.prepare(sample.image, mpp=None)
+            for refine, score_threshold, nms in point_settings:
+                candidates = model.mask_candidates(prep, *model.detect(prep, score_threshold, nms), no_neg,
+                                                   refine_points=int(refine))
+                for mask_threshold in grid["mask_threshold"]:
+                    pred = model.resolve(prep, candidates, mask_threshold).instances
+                    key = (score_threshold, nms, mask_threshold, int(refine))
+                    pq.setdefault(key, []).append(panoptic_quality(sample.instances, pred).pq)
     keys = ("score_threshold", "nms_radius_px", "mask_threshold", "refine_points")
     rows = [{**dict(zip(keys, k, strict=True)), "val_pq": float(np.mean(v))} for k, v in pq.items()]
     for r in rows:
         log(f"  score {r['score_threshold']}, nms {r['nms_radius_px']} px, mask {r['mask_threshold']}, "
             f"refine {r['refine_points']}: PQ {r['val_pq']:.4f}")
     if not rows:
-        return base, rows
+        return model.config, rows
     best = max(rows, key=lambda r: r["val_pq"])
-    return replace(base, **{k: best[k] for k in keys}), rows
+    return replace(model.config, **{k: best[k] for k in keys}), rows
 
 
 def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.PathLike,
