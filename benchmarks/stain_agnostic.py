@@ -223,8 +223,9 @@ def train_run(key: str, runs: str, epochs: int | None, smoke: bool, progress: bo
 def time_epoch(task, tcfg, reps: int = 3) -> dict:
     """CPU seconds of one training step (median of ``reps`` after a warm-up, real batches, the run's AMP setting)
     and of one full validation pass; ``time.process_time`` so a busy machine does not inflate them."""
+    from karyo.train.channels import mark_missing
     from karyo.train.loop import make_optimizer
-    from karyo.train.stain_agnostic import mark_missing, stain_agnostic_loss
+    from karyo.train.stain_agnostic import stain_agnostic_loss
 
     torch.manual_seed(0)
     model = task.model()

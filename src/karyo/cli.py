@@ -363,9 +363,9 @@ def train_cmd(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, mps or auto.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint.")
                       ] = False,
-    channels: Annotated[str | None, typer.Option(help="cellvit / stain_agnostic: a channel adapter for N input "
-                                                      "channels (e.g. 8) or for these named channels (DAPI,CD45).")
-                        ] = None,
+    channels: Annotated[str | None, typer.Option(help="prompter / segmentor / cellvit / monch / stain_agnostic: a "
+                                                      "channel adapter for N input channels (e.g. 8) or for these "
+                                                      "named channels (DAPI,CD45).")] = None,
 ) -> None:
     """Train a model (PromptNucSeg prompter or segmentor, CellViT, IVAAN, MONCH, U-Net): seeded, resumable, best
     checkpoint chosen on the validation split."""

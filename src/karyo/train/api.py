@@ -23,6 +23,8 @@ from karyo.train.prompter import PrompterTask
 from karyo.train.segmentor import SegmentorTask, SegmentorTrainSettings
 
 TASKS = ("prompter", "segmentor", "ivaan", "cellvit", "monch", "unet", "stain_agnostic")
+# Tasks whose networks take a channel adapter (karyo.models.adapter) in front of the backbone.
+CHANNEL_TASKS = ("prompter", "segmentor", "cellvit", "monch", "stain_agnostic")
 
 
 def read_config_file(path: str | os.PathLike | None) -> dict:
@@ -62,14 +64,17 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
           channels: str | int | list[str] | None = None) -> FitResult:
     """Train one of :data:`TASKS` into ``out`` (see the module docstring).
 
-    ``channels`` (``cellvit`` and ``stain_agnostic``): put a channel adapter for N channels (an int or ``"8"``) or
-    for these named channels (``"DAPI,CD45"``) in front of the network (:mod:`karyo.models.adapter`); the data are
-    mapped onto them by the adapter's rule. Ignored on resume (the saved model config holds the adapter).
+    ``channels`` (the :data:`CHANNEL_TASKS`): put a channel adapter for N channels (an int or ``"8"``) or for these
+    named channels (``"DAPI,CD45"``) in front of the network (:mod:`karyo.models.adapter`); the data are mapped
+    onto them by the adapter's rule. Ignored on resume (the saved model config holds the adapter). A prompter and a
+    segmentor trained with the same ``channels`` and augmentation pack into one multi-channel PromptNucSeg model.
     """
     if task not in TASKS:
         raise InputError(None, f"unknown training task {task!r}; choose from {', '.join(TASKS)}")
-    if channels is not None and task not in ("cellvit", "stain_agnostic"):
-        raise InputError(None, f"--channels applies to the cellvit and stain_agnostic tasks, not {task}")
+    if channels is not None and task not in CHANNEL_TASKS:
+        raise InputError(None, f"--channels applies to the {', '.join(CHANNEL_TASKS)} tasks, not {task}")
+    if resume:
+        channels = None
     out = Path(out)
     if resume:
         if not (out / "train_config.json").is_file():
@@ -115,7 +120,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             name = base.get("preset", preset or "cpu")
             model_cfg = PrompterConfig.preset(name, **_prompter_classes(kw, class_names))
         else:
-            model_cfg = from_dict(PrompterConfig, base)
+            model_cfg = from_dict(PrompterConfig, _prompter_classes(base, class_names))
+        model_cfg, train_samples, val_samples = _adapt(model_cfg, channels, augment, train_samples, val_samples)
         t = PrompterTask(model_cfg, augment, train_samples, val_samples)
     elif task == "ivaan":
         from karyo.train.ivaan import IVAANTask, ivaan_config
@@ -126,27 +132,19 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         from karyo.train.cellvit import CellViTTask, cellvit_config
 
         model_cfg = cellvit_config(file_cfg.get("model"), preset, class_names, augment)
-        if channels is not None and not resume:
-            from karyo.train.stain_agnostic import parse_channels, with_adapter
-
-            model_cfg = with_adapter(model_cfg, parse_channels(channels), augment)
-        if model_cfg.adapter is not None:  # data onto the adapter's channels (missing ones are 0 here)
-            from karyo.train.stain_agnostic import map_samples
-
-            train_samples = map_samples(train_samples, model_cfg.adapter)[0]
-            val_samples = map_samples(val_samples, model_cfg.adapter)[0]
+        model_cfg, train_samples, val_samples = _adapt(model_cfg, channels, augment, train_samples, val_samples)
         t = CellViTTask(model_cfg, augment, train_samples, val_samples)
     elif task == "stain_agnostic":
         from karyo.train.stain_agnostic import build_stain_agnostic_task
 
         t, model_cfg, extra = build_stain_agnostic_task(file_cfg, preset, augment, train_samples, val_samples,
-                                                        None if resume else channels)
+                                                        channels)
         meta.update(extra)
     elif task in ("monch", "unet"):
         from karyo.train.monch import build_semantic_task
 
         t, model_cfg, extra = build_semantic_task(task, file_cfg, preset, augment, class_names, train_samples,
-                                                  val_samples)
+                                                  val_samples, channels)
         meta.update(extra)
     else:
         base = dict(file_cfg.get("model") or {})
@@ -154,10 +152,25 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             model_cfg = from_dict(SegmentorConfig, base)
         else:
             model_cfg = segmentor_config(base.pop("preset", preset or "small"), **base)
+        model_cfg, train_samples, val_samples = _adapt(model_cfg, channels, augment, train_samples, val_samples)
         settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
         meta["settings"] = to_dict(settings)
         t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
     return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta)
+
+
+def _adapt(model_cfg: Any, channels: str | int | list[str] | None, augment: AugmentConfig,
+           train_samples: list, val_samples: list) -> tuple[Any, list, list]:
+    """A new channel adapter for ``channels`` (fresh runs), then the data brought onto the model's adapter channels
+    (missing ones hold 0, the adapter's training convention)."""
+    from karyo.train.channels import map_samples, parse_channels, with_adapter
+
+    if channels is not None:
+        model_cfg = with_adapter(model_cfg, parse_channels(channels), augment)
+    # Without an adapter this checks that the data have the network's channel count (a clear error if not).
+    train_samples = map_samples(train_samples, model_cfg.adapter, model_cfg.in_chans)[0]
+    val_samples = map_samples(val_samples, model_cfg.adapter, model_cfg.in_chans)[0]
+    return model_cfg, train_samples, val_samples
 
 
 def _prompter_classes(kw: dict, class_names: dict[int, str]) -> dict:

@@ -34,6 +34,7 @@ from karyo.errors import InputError
 from karyo.metrics.semantic import SemanticMetrics, SemanticResult
 from karyo.models.monch import MONCH, MONCHConfig, MONCHModel, per_class_bce
 from karyo.models.unet import UNet, UNetConfig, UNetModel
+from karyo.train.channels import map_samples, parse_channels, with_adapter
 from karyo.train.loop import TrainConfig
 from karyo.train.prompter import seeded_loader
 
@@ -227,9 +228,11 @@ def _model_config(task: str, base: Mapping[str, Any], preset: str | None, class_
 
 def build_semantic_task(task: str, file_cfg: Mapping[str, Any], preset: str | None, augment: AugmentConfig,
                         class_names: dict[int, str], train_samples: Sequence[Sample],
-                        val_samples: Sequence[Sample]) -> tuple[SemanticTask, MONCHConfig | UNetConfig, dict]:
+                        val_samples: Sequence[Sample], channels: str | int | Sequence[str] | None = None
+                        ) -> tuple[SemanticTask, MONCHConfig | UNetConfig, dict]:
     """The ``monch`` / ``unet`` branch of :func:`karyo.train.api.train`: model config (classes from the data), text
-    embeddings (MONCH), normalisation matched to the model; returns (task, model config, meta to save)."""
+    embeddings (MONCH), normalisation matched to the model, a channel adapter for ``channels`` (MONCH only; the
+    data are mapped onto its channels); returns (task, model config, meta to save)."""
     settings = from_dict(SemanticTrainSettings, dict(file_cfg.get("settings") or {}))
     cfg = _model_config(task, file_cfg.get("model") or {}, preset, class_names)
     names = cfg.class_names or {c: f"class {c}" for c in range(1, cfg.num_classes + 1)}
@@ -240,5 +243,13 @@ def build_semantic_task(task: str, file_cfg: Mapping[str, Any], preset: str | No
         cfg = dataclasses.replace(cfg, prompt_set=prompt_set, text_encoder=settings.text_encoder,
                                   text_dim=int(emb.shape[2]), sentences_per_class=int(emb.shape[1]))
     augment = dataclasses.replace(augment, mean=cfg.pixel_mean, std=cfg.pixel_std)
+    adapter = getattr(cfg, "adapter", None)
+    if channels is not None:
+        if not isinstance(cfg, MONCHConfig):
+            raise InputError(None, f"--channels needs a network with a channel adapter; {task} has none")
+        cfg = with_adapter(cfg, parse_channels(channels), augment)
+        adapter = cfg.adapter
+    train_samples = map_samples(train_samples, adapter, cfg.in_chans)[0]
+    val_samples = map_samples(val_samples, adapter, cfg.in_chans)[0]
     t = SemanticTask(task, cfg, augment, train_samples, val_samples, text_embeddings=emb, settings=settings)
     return t, cfg, {"settings": to_dict(settings), "augment": augment.to_dict()}

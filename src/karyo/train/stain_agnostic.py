@@ -18,8 +18,8 @@ cross-entropy, instances by threshold + watershed (issue 7; the seed is Kontarou
   of the foreground pixels; mAP over IoU 0.5:0.05:0.95, F1@0.5, F1-mean, SQ, PQ of the instances. ``score`` (best
   checkpoint, plateau schedule) is F1-mean by default — the curve the seed follows (its Fig. 8).
 
-Samples are brought to the adapter's channels (:func:`map_samples`, the adapter's channel-invariance rule); a
-channel a sample lacks is NaN in the batch and filled by the adapter, as at inference.
+Samples are brought to the adapter's channels (:func:`karyo.train.channels.map_samples`, the adapter's
+channel-invariance rule); a channel a sample lacks is NaN in the batch and filled by the adapter, as at inference.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from karyo.infer.binary import BinaryConfig, binary_instances
 from karyo.metrics.instance import contingency, pq_from_contingency, pq_from_counts
 from karyo.metrics.matching import IOU_THRESHOLDS, ThresholdMatching, matching_from_contingency
 from karyo.metrics.semantic import SemanticMetrics
-from karyo.models.adapter import AdapterConfig, map_channels
 from karyo.models.cellvit import CellViT, CellViTConfig, CellViTModel
 from karyo.train.cellvit import _same_shape_batches
+from karyo.train.channels import map_samples, mark_missing, parse_channels, with_adapter
 from karyo.train.loop import TrainConfig
 from karyo.train.prompter import seeded_loader
 
@@ -60,13 +60,9 @@ __all__ = [
     "hash_split",
     "lovasz_grad",
     "lovasz_hinge",
-    "map_samples",
-    "mark_missing",
-    "parse_channels",
     "stain_agnostic_config",
     "stain_agnostic_loss",
     "validate_foreground",
-    "with_adapter",
 ]
 
 log = logging.getLogger(__name__)
@@ -155,82 +151,6 @@ class SeedMetrics:
         return {"pixel_accuracy": px.pixel_accuracy, "f1": px.f1[1], "precision": px.precision[1],
                 "recall": px.recall[1], "map": tm.map, "f1_05": float(tm.f1[0]), "f1_mean": tm.f1_mean, "sq": sq,
                 "pq": pq, "n_true": float(tm.n_true), "n_pred": float(tm.n_pred)}
-
-
-# ----------------------------------------------------------------------------------------------------- channels
-
-
-def parse_channels(spec: str | int | Sequence[str] | None) -> int | tuple[str, ...] | None:
-    """``--channels`` of ``karyo train``: ``"8"`` / 8 → 8 unnamed channels; ``"DAPI,CD45"`` → those names."""
-    if spec is None or isinstance(spec, int):
-        return spec
-    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    items = [s for s in items if s]
-    if len(items) == 1 and items[0].isdigit():
-        return int(items[0])
-    if not items:
-        raise InputError(None, "--channels needs a channel count or comma-separated channel names")
-    return tuple(items)
-
-
-def with_adapter(config: CellViTConfig, channels: int | Sequence[str] | None, augment: AugmentConfig | None = None
-                 ) -> CellViTConfig:
-    """``config`` with an adapter for ``channels`` (keeping the other settings of an adapter it already has) and
-    the pixel statistics the training data will be normalised with (``augment``)."""
-    adapter = config.adapter
-    if channels is not None:
-        base = dataclasses.asdict(adapter) if adapter is not None else {}
-        for k in ("in_channels", "channel_names", "pixel_mean", "pixel_std"):
-            base.pop(k, None)
-        adapter = AdapterConfig.for_channels(channels if isinstance(channels, int) else tuple(channels), **base)
-    if augment is not None:
-        if adapter is not None:
-            mean, std = _stats(augment, adapter.in_channels)
-            adapter = dataclasses.replace(adapter, pixel_mean=mean, pixel_std=std)
-        mean, std = _stats(augment, config.in_chans)
-        config = dataclasses.replace(config, pixel_mean=mean, pixel_std=std)
-    return dataclasses.replace(config, adapter=adapter)
-
-
-def _stats(augment: AugmentConfig, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if not augment.normalize:
-        return (0.0,) * n, (1.0,) * n
-    mean, std = augment.channel_stats(n)
-    return tuple(mean), tuple(std)
-
-
-def map_samples(samples: Sequence[Sample], adapter: AdapterConfig | None, in_chans: int = 3
-                ) -> tuple[list[Sample], np.ndarray | None]:
-    """Samples brought to the adapter's channels by its rule (in memory; missing channels hold 0 and are marked
-    in the returned S×N ``present`` table). Without an adapter the samples must already have ``in_chans``."""
-    out: list[Sample] = []
-    if adapter is None:
-        for s in samples:
-            if s.image.shape[2] != in_chans:
-                raise InputError(s.source or s.name, f"has {s.image.shape[2]} channels, the model takes {in_chans}: "
-                                                     "give it a channel adapter (--channels)")
-            out.append(s)
-        return out, None
-    present = np.ones((len(samples), adapter.in_channels), bool)
-    names = adapter.channel_names or None
-    for i, s in enumerate(samples):
-        image, present[i] = map_channels(s.image, adapter, s.channel_names, s.source or s.name, warn=False)
-        out.append(dataclasses.replace(s, image=image, channel_names=names))
-    if not present.all():
-        log.info("%d of %d samples lack some adapter channels (filled by the '%s' rule)",
-                 int((~present).any(1).sum()), len(samples), adapter.missing)
-    return out, present
-
-
-def mark_missing(images: Tensor, present: np.ndarray | Tensor | None) -> Tensor:
-    """B×N×H×W normalised batch with the channels absent from each sample (``present`` B×N False) set to NaN,
-    which the adapter fills (the inference convention of :func:`karyo.infer.prepare.model_input`)."""
-    if present is None:
-        return images
-    p = torch.as_tensor(np.asarray(present), dtype=torch.bool, device=images.device)
-    if bool(p.all()):
-        return images
-    return images.masked_fill(~p[:, :, None, None], float("nan"))
 
 
 def hash_split(ids: Sequence[str], val: float = 0.2, test: float = 0.2) -> dict[str, str]:

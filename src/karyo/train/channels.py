@@ -1,0 +1,98 @@
+"""Channel adapters in training: ``--channels`` parsing, an adapter added to any network config that takes one,
+and the training data brought onto the adapter's channels by its channel-invariance rule (the stain-agnostic issue;
+:mod:`karyo.models.adapter` has the rule and the module). Shared by every task of :data:`karyo.train.api.CHANNEL_TASKS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from karyo.data.augment import AugmentConfig
+from karyo.data.sample import Sample
+from karyo.errors import InputError
+from karyo.models.adapter import AdapterConfig, map_channels
+
+log = logging.getLogger(__name__)
+
+__all__ = ["map_samples", "mark_missing", "parse_channels", "with_adapter"]
+
+
+
+def parse_channels(spec: str | int | Sequence[str] | None) -> int | tuple[str, ...] | None:
+    """``--channels`` of ``karyo train``: ``"8"`` / 8 → 8 unnamed channels; ``"DAPI,CD45"`` → those names."""
+    if spec is None or isinstance(spec, int):
+        return spec
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    items = [s for s in items if s]
+    if len(items) == 1 and items[0].isdigit():
+        return int(items[0])
+    if not items:
+        raise InputError(None, "--channels needs a channel count or comma-separated channel names")
+    return tuple(items)
+
+
+def with_adapter(config: Any, channels: int | Sequence[str] | None, augment: AugmentConfig | None = None) -> Any:
+    """A network config (any dataclass with ``adapter``, ``in_chans``, ``pixel_mean``, ``pixel_std``: CellViT,
+    prompter, segmentor, MONCH) with an adapter for ``channels`` (keeping the other settings of an adapter it
+    already has) and the pixel statistics the training data will be normalised with (``augment``)."""
+    adapter = config.adapter
+    if channels is not None:
+        base = dataclasses.asdict(adapter) if adapter is not None else {}
+        for k in ("in_channels", "channel_names", "pixel_mean", "pixel_std"):
+            base.pop(k, None)
+        adapter = AdapterConfig.for_channels(channels if isinstance(channels, int) else tuple(channels), **base)
+    if augment is not None:
+        if adapter is not None:
+            mean, std = _stats(augment, adapter.in_channels)
+            adapter = dataclasses.replace(adapter, pixel_mean=mean, pixel_std=std)
+        mean, std = _stats(augment, config.in_chans)
+        config = dataclasses.replace(config, pixel_mean=mean, pixel_std=std)
+    return dataclasses.replace(config, adapter=adapter)
+
+
+def _stats(augment: AugmentConfig, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if not augment.normalize:
+        return (0.0,) * n, (1.0,) * n
+    mean, std = augment.channel_stats(n)
+    return tuple(mean), tuple(std)
+
+
+def map_samples(samples: Sequence[Sample], adapter: AdapterConfig | None, in_chans: int = 3
+                ) -> tuple[list[Sample], np.ndarray | None]:
+    """Samples brought to the adapter's channels by its rule (in memory; missing channels hold 0 and are marked
+    in the returned S×N ``present`` table). Without an adapter the samples must already have ``in_chans``."""
+    out: list[Sample] = []
+    if adapter is None:
+        for s in samples:
+            if s.image.shape[2] != in_chans:
+                raise InputError(s.source or s.name, f"has {s.image.shape[2]} channels, the model takes {in_chans}: "
+                                                     "give it a channel adapter (--channels)")
+            out.append(s)
+        return out, None
+    present = np.ones((len(samples), adapter.in_channels), bool)
+    names = adapter.channel_names or None
+    for i, s in enumerate(samples):
+        image, present[i] = map_channels(s.image, adapter, s.channel_names, s.source or s.name, warn=False)
+        out.append(dataclasses.replace(s, image=image, channel_names=names))
+    if not present.all():
+        log.info("%d of %d samples lack some adapter channels (filled by the '%s' rule)",
+                 int((~present).any(1).sum()), len(samples), adapter.missing)
+    return out, present
+
+
+def mark_missing(images: Tensor, present: np.ndarray | Tensor | None) -> Tensor:
+    """B×N×H×W normalised batch with the channels absent from each sample (``present`` B×N False) set to NaN,
+    which the adapter fills (the inference convention of :func:`karyo.infer.prepare.model_input`)."""
+    if present is None:
+        return images
+    p = torch.as_tensor(np.asarray(present), dtype=torch.bool, device=images.device)
+    if bool(p.all()):
+        return images
+    return images.masked_fill(~p[:, :, None, None], float("nan"))

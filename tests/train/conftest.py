@@ -1,0 +1,46 @@
+"""Fixtures of the training tests: small multi-channel (fluorescence-like) tiles and an OME-TIFF layout folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from karyo.data.layout import write_layout_sample
+from karyo.data.sample import Sample
+
+CONSEP_NAMES = {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle-shaped"}
+
+
+def fluorescence_discs(n: int, channels: int = 1, size: int = 64) -> list[Sample]:
+    """Fluorescence-like tiles: bright discs on a dark background in channel 0, noise in the others; the discs are
+    CoNSeP "inflammatory" (2) or "epithelial" (3) nuclei so semantic tasks have classes too."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for k in range(n):
+        inst = np.zeros((size, size), np.int32)
+        for i, (cy, cx) in enumerate([(16, 16), (16, 44), (46, 20), (44, 46)], 1):
+            inst[((yy - cy - rng.integers(-3, 4)) ** 2 + (xx - cx - rng.integers(-3, 4)) ** 2 <= 64) & (inst == 0)] = i
+        img = rng.integers(0, 40, (size, size, channels)).astype(np.uint8)
+        img[..., 0] = np.where(inst > 0, 200, 20) + rng.integers(0, 30, (size, size))
+        classes = {i: 2 + (i + k) % 2 for i in range(1, 5)}
+        out.append(Sample(image=img, instances=inst, classes=classes, class_names=CONSEP_NAMES, name=f"syn{k}"))
+    return out
+
+
+@pytest.fixture
+def make_fluorescence_discs() -> Callable[..., list[Sample]]:
+    return fluorescence_discs
+
+
+@pytest.fixture
+def ome_layout(tmp_path):
+    """6 two-channel OME-TIFF tiles named (CD45, DAPI) in a karyo layout folder (nuclei bright in DAPI)."""
+    root = tmp_path / "data"
+    for s in fluorescence_discs(6, channels=2):
+        write_layout_sample(root, Sample(image=s.image[..., ::-1].copy(), instances=s.instances, classes=s.classes,
+                                         class_names=s.class_names, name=s.name, channel_names=("CD45", "DAPI")),
+                            split="train")
+    return root

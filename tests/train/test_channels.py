@@ -1,0 +1,125 @@
+"""Channel adapters in training (``karyo train TASK --channels``): the helpers, and every adapter-capable task
+trained on two-channel OME-TIFF data (CD45, DAPI) with an adapter for DAPI alone, then run on images by name."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import karyo
+from karyo.data.augment import AugmentConfig
+from karyo.data.layout import LayoutDataset
+from karyo.errors import InputError
+from karyo.models.cellvit import CellViTConfig
+from karyo.models.monch import MONCHConfig
+from karyo.models.prompter import PrompterConfig
+from karyo.models.segmentor import segmentor_config
+from karyo.train.api import train
+from karyo.train.channels import map_samples, mark_missing, parse_channels, with_adapter
+from karyo.train.pack import pack_promptnucseg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ONE_STEP = {"epochs": 1, "batch_size": 2, "max_steps_per_epoch": 1, "warmup_epochs": 0}
+SMALL_AUG = {"crop_size": 64, "p_elastic": 0.0, "p_grid_shuffle": 0.0}
+
+
+def _config(tmp_path, name: str, model: dict, **extra) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"model": model, "train": ONE_STEP, "augment": SMALL_AUG, "val_fraction": 0.34,
+                                    **extra}))
+    return str(path)
+
+
+def test_parse_channels_and_mark_missing():
+    assert parse_channels("8") == 8 and parse_channels(8) == 8 and parse_channels(None) is None
+    assert parse_channels("DAPI, CD45") == ("DAPI", "CD45") and parse_channels(["DAPI"]) == ("DAPI",)
+    with pytest.raises(InputError, match="channel count or comma-separated"):
+        parse_channels(" , ")
+    x = torch.zeros(2, 3, 2, 2)
+    marked = mark_missing(x, np.array([[True, False, True], [True, True, True]]))
+    assert torch.isnan(marked[0, 1]).all() and not torch.isnan(marked[1]).any() and not torch.isnan(marked[0, 0]).any()
+
+
+@pytest.mark.parametrize("config", [PrompterConfig(), segmentor_config("tiny"), CellViTConfig(),
+                                    MONCHConfig(num_classes=2)], ids=["prompter", "segmentor", "cellvit", "monch"])
+def test_with_adapter_fits_every_adapter_network(config):
+    aug = AugmentConfig(mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5), fallback_mean=0.25, fallback_std=0.125)
+    cfg = with_adapter(config, ("DAPI", "CD45"), aug)
+    assert cfg.adapter.channel_names == ("DAPI", "CD45") and cfg.adapter.in_channels == 2
+    assert cfg.in_chans == 3 and cfg.adapter.out_channels == 3
+    # the adapter normalises with the statistics the training data get (2 channels: the fallback), the backbone
+    # input statistics are the 3-channel ones
+    assert cfg.adapter.pixel_mean == (0.25, 0.25) and cfg.adapter.pixel_std == (0.125, 0.125)
+    assert cfg.pixel_mean == (0.1, 0.2, 0.3)
+    assert with_adapter(cfg, 4).adapter.in_channels == 4  # re-targeting keeps the adapter's other settings
+    assert with_adapter(cfg, 4).adapter.hidden == cfg.adapter.hidden
+
+
+def test_map_samples_by_name_and_refuses_mismatched_data_without_adapter(ome_layout):
+    samples = [s for s in LayoutDataset(ome_layout, split="train")]
+    cfg = with_adapter(PrompterConfig(), ("DAPI",), AugmentConfig())
+    mapped, present = map_samples(samples, cfg.adapter)
+    assert mapped[0].image.shape[2] == 1 and present.all() and mapped[0].channel_names == ("DAPI",)
+    np.testing.assert_array_equal(mapped[0].image[..., 0], samples[0].image[..., 1])  # DAPI is the 2nd channel
+    with pytest.raises(InputError, match="has 2 channels, the model takes 3"):
+        map_samples(samples, None, 3)
+
+
+def test_prompter_and_segmentor_with_channels_pack_into_a_dapi_promptnucseg(ome_layout, tmp_path):
+    """Both networks of PromptNucSeg take an adapter for the DAPI channel; the packed model segments OME-TIFF tiles
+    whose channels come in another order (mapped by name)."""
+    data = [f"{ome_layout}:train"]
+    tiny_prompter = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "fpn_dim": 16, "head_hidden": 16,
+                     "dropout": 0.0}
+    train("prompter", data, tmp_path / "p", config=_config(tmp_path, "p", tiny_prompter), channels="DAPI",
+          progress=False)
+    train("segmentor", data, tmp_path / "s", config=_config(tmp_path, "s", {"preset": "tiny"},
+                                                             settings={"nuclei_per_image": 4}),
+          channels="DAPI", progress=False)
+    for run, name in ((tmp_path / "p", "prompter"), (tmp_path / "s", "segmentor")):
+        saved = json.loads((run / "train_config.json").read_text())
+        assert saved["task"] == name and saved["model"]["adapter"]["channel_names"] == ["DAPI"]
+    model = pack_promptnucseg(tmp_path / "p", tmp_path / "s", tmp_path / "model", tune=False)
+    assert model.prompter.adapter is not None and model.segmentor.adapter is not None
+    loaded = karyo.load(tmp_path / "model")
+    sample = LayoutDataset(ome_layout, split="train")[0]
+    assert sample.channel_names == ("CD45", "DAPI")
+    result = loaded.segment(sample.image, channel_names=sample.channel_names)
+    assert result.instances.shape == sample.image.shape[:2]
+    # the same pixels with the channels swapped (named accordingly) are the same input to the networks
+    swapped = loaded.segment(sample.image[..., ::-1].copy(), channel_names=("DAPI", "CD45"))
+    np.testing.assert_array_equal(result.instances, swapped.instances)
+    # resuming keeps the adapter from the saved config (no --channels needed)
+    resumed = train("prompter", None, tmp_path / "p", resume=True, train_overrides={"epochs": 2}, progress=False)
+    assert [r["epoch"] for r in resumed.history] == [0, 1]
+
+
+def test_monch_with_channels_runs_semantic_segmentation_on_named_channels(ome_layout, tmp_path):
+    encoder = dict(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=3, class_token=True, pre_norm=True,
+                   final_norm=True, act="quick_gelu", norm_eps=1e-5, patch_embed="stem")
+    model_section = {"encoder": encoder, "dim": 32, "heads": 4, "decoder_channels": [16, 16], "detail_channels": 8}
+    train("monch", [f"{ome_layout}:train"], tmp_path / "m", channels="DAPI", progress=False,
+          config=_config(tmp_path, "m", model_section, settings={"text_encoder": "random"}))
+    model = karyo.load(tmp_path / "m" / "model")
+    assert model.config.adapter.channel_names == ("DAPI",) and model.config.num_classes == 4
+    sample = LayoutDataset(ome_layout, split="train")[0]
+    sem = model.segment_semantic(sample.image, channel_names=sample.channel_names)
+    assert sem.probabilities.shape == (5, 64, 64) and sem.class_map.shape == (64, 64)
+    assert sem.probabilities.min() >= 0.0 and sem.probabilities.max() <= 1.0  # per-class sigmoids (MONCH §3.4)
+    swapped = model.segment_semantic(sample.image[..., ::-1].copy(), channel_names=("DAPI", "CD45"))
+    np.testing.assert_array_equal(sem.probabilities, swapped.probabilities)
+
+
+def test_channels_refused_where_no_adapter_fits(ome_layout, tmp_path):
+    with pytest.raises(InputError, match="--channels applies to the prompter, segmentor, cellvit, monch"):
+        train("ivaan", [f"{ome_layout}:train"], tmp_path / "i", channels="DAPI", progress=False)
+    with pytest.raises(InputError, match="not unet"):
+        train("unet", [f"{ome_layout}:train"], tmp_path / "u", channels="DAPI", progress=False,
+              config=_config(tmp_path, "u", {"width": 4, "depth": 3}))
+    with pytest.raises(InputError, match="has 2 channels, the model takes 3: give it a channel adapter"):
+        train("prompter", [f"{ome_layout}:train"], tmp_path / "p", progress=False,
+              config=_config(tmp_path, "p", {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "fpn_dim": 16,
+                                              "head_hidden": 16}))
