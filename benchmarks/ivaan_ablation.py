@@ -57,13 +57,23 @@ def _lock(path: Path) -> bool:
         try:
             pid = int(path.read_text().strip() or 0)
             os.kill(pid, 0)
-            return False  # alive
+            if _is_ablation(pid):
+                return False  # alive
         except (ValueError, ProcessLookupError, PermissionError):
-            path.unlink(missing_ok=True)  # stale lock of a killed run
-            return _lock(path)
+            pass
+        path.unlink(missing_ok=True)  # stale lock of a killed run (its pid dead or reused by another program)
+        return _lock(path)
     with os.fdopen(fd, "w") as fh:
         fh.write(str(os.getpid()))
     return True
+
+
+def _is_ablation(pid: int) -> bool:
+    """Whether process ``pid`` runs this benchmark (where /proc tells; elsewhere any live pid counts)."""
+    try:
+        return b"ivaan_ablation" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return not Path("/proc").is_dir()
 
 
 def finished(run: Path) -> bool:
