@@ -106,15 +106,54 @@ def _test_samples(spec: str, limit: int | None):
 
 
 def evaluate_variant(run_dir: Path, samples, class_names: dict[int, str]) -> dict:
-    """Semantic metrics (overall and per tissue) and seeded-instance metrics of one trained run."""
-    from karyo.data.sample import type_map
-    from karyo.metrics.evaluate import ImagePair, evaluate
+    """Semantic metrics (overall and per tissue) and seeded-instance metrics of one trained run.
+
+    The confusion matrices and instance scores are cached in ``RUN/eval_test.json``, keyed by the test images
+    and the model's weights file, so the report can be rebuilt (or runs evaluated while others still train)
+    without predicting again."""
     from karyo.metrics.semantic import SemanticMetrics
     from karyo.models import load
-    from karyo.models.monch import seed_instances
     from karyo.train.monch import semantic_scores
 
     model = load(run_dir / "model")
+    n_cls = model.config.num_classes
+    weights = sorted((run_dir / "model").glob("*.pt"))
+    key = {"images": [s.name for s in samples], "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns)
+                                                            for w in weights]}
+    cache = run_dir / "eval_test.json"
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    if saved.get("key") != json.loads(json.dumps(key)):
+        saved = {"key": key, **_predict_and_score(model, samples, class_names)}
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(saved) + "\n")
+        tmp.replace(cache)
+
+    def metrics(confusion) -> SemanticMetrics:
+        m = SemanticMetrics(num_classes=n_cls, ignore_index=IGNORE)
+        m.confusion = np.asarray(confusion, dtype=np.int64)
+        return m
+
+    res = metrics(saved["confusion"]).compute()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    hist = _history(run_dir)
+    return {
+        "scores": semantic_scores(res), "result": res,
+        "tissues": {t: semantic_scores(metrics(c).compute()) for t, c in sorted(saved["tissues"].items())},
+        "pq": saved["pq"], "aji": saved["aji"], "f1d": saved["f1d"], "mpq": saved["mpq"],
+        "params": sum(p.numel() for p in model.net.parameters()),
+        "best_epoch": summary["best_epoch"] + 1, "val_score": summary["best_score"],
+        "epochs": len(hist), "epoch_seconds": statistics.mean(r["seconds"] for r in hist) if hist else math.nan,
+        "model": model,
+    }
+
+
+def _predict_and_score(model, samples, class_names: dict[int, str]) -> dict:
+    """Confusion matrices (all test pixels, and per tissue) and seeded-instance PQ / AJI / F1d / mPQ."""
+    from karyo.data.sample import type_map
+    from karyo.metrics.evaluate import ImagePair, evaluate
+    from karyo.metrics.semantic import SemanticMetrics
+    from karyo.models.monch import seed_instances
+
     n_cls = model.config.num_classes
     overall = SemanticMetrics(num_classes=n_cls, ignore_index=IGNORE)
     tissues: dict[str, SemanticMetrics] = {}
@@ -132,20 +171,10 @@ def evaluate_variant(run_dir: Path, samples, class_names: dict[int, str]) -> dic
                                           min_distance=cfg.marker_min_distance, distance_smooth=cfg.distance_smooth)
         pairs.append(ImagePair(name=s.name, true_inst=s.instances, pred_inst=inst, true_type=tm,
                                pred_type=type_map(inst, classes), tissue=s.tissue))
-    res = overall.compute()
     rep = evaluate(pairs, class_names=class_names)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    hist = _history(run_dir)
-    return {
-        "scores": semantic_scores(res), "result": res,
-        "tissues": {t: semantic_scores(m.compute()) for t, m in sorted(tissues.items())},
-        "pq": rep.instance["pq"], "aji": rep.instance["aji"], "f1d": rep.detection.f1_d,
-        "mpq": rep.pannuke.mpq if rep.pannuke is not None else math.nan,
-        "params": sum(p.numel() for p in model.net.parameters()),
-        "best_epoch": summary["best_epoch"] + 1, "val_score": summary["best_score"],
-        "epochs": len(hist), "epoch_seconds": statistics.mean(r["seconds"] for r in hist) if hist else math.nan,
-        "model": model,
-    }
+    return {"confusion": overall.confusion.tolist(), "tissues": {t: m.confusion.tolist() for t, m in tissues.items()},
+            "pq": float(rep.instance["pq"]), "aji": float(rep.instance["aji"]), "f1d": float(rep.detection.f1_d),
+            "mpq": float(rep.pannuke.mpq) if rep.pannuke is not None else math.nan}
 
 
 def _history(run_dir: Path) -> list[dict]:
