@@ -16,8 +16,9 @@ from karyo.models.cellvit import CellViTConfig
 from karyo.models.monch import MONCHConfig
 from karyo.models.prompter import PrompterConfig
 from karyo.models.segmentor import segmentor_config
+from karyo.models.unet import UNetConfig
 from karyo.train.api import train
-from karyo.train.channels import map_samples, mark_missing, parse_channels, with_adapter
+from karyo.train.channels import adapt_training_data, map_samples, mark_missing, parse_channels, with_adapter
 from karyo.train.pack import pack_promptnucseg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,6 +117,8 @@ def test_monch_with_channels_runs_semantic_segmentation_on_named_channels(ome_la
 def test_channels_refused_where_no_adapter_fits(ome_layout, tmp_path):
     with pytest.raises(InputError, match="--channels applies to the prompter, segmentor, cellvit, monch"):
         train("ivaan", [f"{ome_layout}:train"], tmp_path / "i", channels="DAPI", progress=False)
+    with pytest.raises(InputError, match="UNetConfig has none"):
+        adapt_training_data(UNetConfig(), "DAPI", AugmentConfig(), [], [])
     with pytest.raises(InputError, match="not unet"):
         train("unet", [f"{ome_layout}:train"], tmp_path / "u", channels="DAPI", progress=False,
               config=_config(tmp_path, "u", {"width": 4, "depth": 3}))

@@ -17,6 +17,7 @@ from karyo.data.augment import AugmentConfig
 from karyo.errors import InputError
 from karyo.models.prompter import PrompterConfig
 from karyo.models.segmentor import SegmentorConfig, segmentor_config
+from karyo.train.channels import adapt_training_data
 from karyo.train.data import DataSpec, group_split, load_specs
 from karyo.train.loop import FitResult, TrainConfig, fit
 from karyo.train.prompter import PrompterTask
@@ -73,10 +74,9 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         raise InputError(None, f"unknown training task {task!r}; choose from {', '.join(TASKS)}")
     if channels is not None and task not in CHANNEL_TASKS:
         raise InputError(None, f"--channels applies to the {', '.join(CHANNEL_TASKS)} tasks, not {task}")
-    if resume:
-        channels = None
     out = Path(out)
     if resume:
+        channels = None  # the saved model config holds the adapter
         if not (out / "train_config.json").is_file():
             raise InputError(out, "nothing to resume: no train_config.json here")
         saved = load_json(out / "train_config.json")
@@ -121,7 +121,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             model_cfg = PrompterConfig.preset(name, **_prompter_classes(kw, class_names))
         else:
             model_cfg = from_dict(PrompterConfig, _prompter_classes(base, class_names))
-        model_cfg, train_samples, val_samples = _adapt(model_cfg, channels, augment, train_samples, val_samples)
+        model_cfg, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment, train_samples,
+                                                                    val_samples)
         t = PrompterTask(model_cfg, augment, train_samples, val_samples)
     elif task == "ivaan":
         from karyo.train.ivaan import IVAANTask, ivaan_config
@@ -132,7 +133,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         from karyo.train.cellvit import CellViTTask, cellvit_config
 
         model_cfg = cellvit_config(file_cfg.get("model"), preset, class_names, augment)
-        model_cfg, train_samples, val_samples = _adapt(model_cfg, channels, augment, train_samples, val_samples)
+        model_cfg, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment, train_samples,
+                                                                    val_samples)
         t = CellViTTask(model_cfg, augment, train_samples, val_samples)
     elif task == "stain_agnostic":
         from karyo.train.stain_agnostic import build_stain_agnostic_task
@@ -152,25 +154,12 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             model_cfg = from_dict(SegmentorConfig, base)
         else:
             model_cfg = segmentor_config(base.pop("preset", preset or "small"), **base)
-        model_cfg, train_samples, val_samples = _adapt(model_cfg, channels, augment, train_samples, val_samples)
+        model_cfg, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment, train_samples,
+                                                                    val_samples)
         settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
         meta["settings"] = to_dict(settings)
         t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
     return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta)
-
-
-def _adapt(model_cfg: Any, channels: str | int | list[str] | None, augment: AugmentConfig,
-           train_samples: list, val_samples: list) -> tuple[Any, list, list]:
-    """A new channel adapter for ``channels`` (fresh runs), then the data brought onto the model's adapter channels
-    (missing ones hold 0, the adapter's training convention)."""
-    from karyo.train.channels import map_samples, parse_channels, with_adapter
-
-    if channels is not None:
-        model_cfg = with_adapter(model_cfg, parse_channels(channels), augment)
-    # Without an adapter this checks that the data have the network's channel count (a clear error if not).
-    train_samples = map_samples(train_samples, model_cfg.adapter, model_cfg.in_chans)[0]
-    val_samples = map_samples(val_samples, model_cfg.adapter, model_cfg.in_chans)[0]
-    return model_cfg, train_samples, val_samples
 
 
 def _prompter_classes(kw: dict, class_names: dict[int, str]) -> dict:

@@ -21,7 +21,7 @@ from karyo.models.adapter import AdapterConfig, map_channels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["map_samples", "mark_missing", "parse_channels", "with_adapter"]
+__all__ = ["adapt_training_data", "map_samples", "mark_missing", "parse_channels", "with_adapter"]
 
 
 
@@ -96,3 +96,19 @@ def mark_missing(images: Tensor, present: np.ndarray | Tensor | None) -> Tensor:
     if bool(p.all()):
         return images
     return images.masked_fill(~p[:, :, None, None], float("nan"))
+
+
+def adapt_training_data(config: Any, channels: str | int | Sequence[str] | None, augment: AugmentConfig,
+                        train_samples: Sequence[Sample], val_samples: Sequence[Sample]
+                        ) -> tuple[Any, list[Sample], list[Sample]]:
+    """``karyo train --channels`` for any network config: a new adapter for ``channels`` (fresh runs), then the
+    training and validation data brought onto the config's adapter channels (missing ones hold 0). Without an
+    adapter this checks that the data have the network's channel count (a clear error if not)."""
+    if channels is not None:
+        if not hasattr(config, "adapter"):
+            raise InputError(None, f"--channels needs a network with a channel adapter; {type(config).__name__} "
+                                   "has none")
+        config = with_adapter(config, parse_channels(channels), augment)
+    adapter = getattr(config, "adapter", None)
+    return (config, map_samples(train_samples, adapter, config.in_chans)[0],
+            map_samples(val_samples, adapter, config.in_chans)[0])

@@ -34,7 +34,7 @@ from karyo.errors import InputError
 from karyo.metrics.semantic import SemanticMetrics, SemanticResult
 from karyo.models.monch import MONCH, MONCHConfig, MONCHModel, per_class_bce
 from karyo.models.unet import UNet, UNetConfig, UNetModel
-from karyo.train.channels import map_samples, parse_channels, with_adapter
+from karyo.train.channels import adapt_training_data
 from karyo.train.loop import TrainConfig
 from karyo.train.prompter import seeded_loader
 
@@ -243,13 +243,6 @@ def build_semantic_task(task: str, file_cfg: Mapping[str, Any], preset: str | No
         cfg = dataclasses.replace(cfg, prompt_set=prompt_set, text_encoder=settings.text_encoder,
                                   text_dim=int(emb.shape[2]), sentences_per_class=int(emb.shape[1]))
     augment = dataclasses.replace(augment, mean=cfg.pixel_mean, std=cfg.pixel_std)
-    adapter = getattr(cfg, "adapter", None)
-    if channels is not None:
-        if not isinstance(cfg, MONCHConfig):
-            raise InputError(None, f"--channels needs a network with a channel adapter; {task} has none")
-        cfg = with_adapter(cfg, parse_channels(channels), augment)
-        adapter = cfg.adapter
-    train_samples = map_samples(train_samples, adapter, cfg.in_chans)[0]
-    val_samples = map_samples(val_samples, adapter, cfg.in_chans)[0]
+    cfg, train_samples, val_samples = adapt_training_data(cfg, channels, augment, train_samples, val_samples)
     t = SemanticTask(task, cfg, augment, train_samples, val_samples, text_embeddings=emb, settings=settings)
     return t, cfg, {"settings": to_dict(settings), "augment": augment.to_dict()}
