@@ -224,10 +224,11 @@ def time_epoch(task, tcfg, reps: int = 3) -> dict:
     """CPU seconds of one training step (median of ``reps`` after a warm-up, real batches, the run's AMP setting)
     and of one full validation pass; ``time.process_time`` so a busy machine does not inflate them."""
     from karyo.train.channels import mark_missing
-    from karyo.train.loop import make_optimizer
+    from karyo.train.loop import amp_settings, make_optimizer
     from karyo.train.stain_agnostic import stain_agnostic_loss
 
     torch.manual_seed(0)
+    amp_dtype = amp_settings(tcfg, torch.device("cpu"))[0]
     model = task.model()
     opt = make_optimizer(model.parameters(), tcfg)
     loader = iter(task.train_loader(0, tcfg))
@@ -239,7 +240,7 @@ def time_epoch(task, tcfg, reps: int = 3) -> dict:
         x = batch["image"]
         if task.train_present is not None:
             x = mark_missing(x, task.train_present[batch["index"].numpy()])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.amp):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp_dtype is not None):
             logits = model(x, heads=("np",))["np"]
         loss = stain_agnostic_loss(logits, batch["instances"] > 0)["loss"]
         opt.zero_grad()
@@ -433,8 +434,11 @@ def main() -> None:
              "over the same thresholds, SQ and PQ at IoU > 0.5. Every run: CellViT CPU preset (ConvNeXt-atto, from "
              "scratch) + binary post-processing (threshold 0.3, 32 px clean-up, distance-transform watershed), "
              "λ·Lovász-hinge + (1−λ)·CE with λ = 0.7, Adam 1e-3, ReduceLROnPlateau ×0.5 / patience 5 on the "
-             "validation F1-mean, batch 3 × 4 accumulation steps, bf16 autocast, random 256 crops with karyo's "
-             "Table S1 augmentation (colour steps on RGB uint8 inputs only). The best epoch is chosen on validation; "
+             "validation F1-mean, batch 3 × 4 accumulation steps, `amp: auto` (bf16 autocast only on CPUs with native "
+             "bf16, else float32), random 256 crops with karyo's Table S1 augmentation (colour steps on RGB uint8 "
+             "inputs only). he8 only (its config): λ ramps 0 → 0.7 over the first 3 epochs (cross-entropy first) and "
+             "each channel is normalised by its 1–99th percentile range on the training images (`fit_stats`). "
+             "The best epoch is chosen on validation; "
              "test images never influence training or selection. he8 invariance rows: the same adapter model given "
              "the test channels reversed (mapped back by name: identical by construction), without the 5 noise "
              "channels, or without hematoxylin (filled by the learned missing-channel embedding). "

@@ -11,6 +11,7 @@ import yaml
 import karyo
 from karyo.data.augment import AugmentConfig
 from karyo.data.layout import LayoutDataset
+from karyo.data.sample import Sample
 from karyo.errors import InputError
 from karyo.models.cellvit import CellViTConfig
 from karyo.models.monch import MONCHConfig
@@ -18,7 +19,14 @@ from karyo.models.prompter import PrompterConfig
 from karyo.models.segmentor import segmentor_config
 from karyo.models.unet import UNetConfig
 from karyo.train.api import train
-from karyo.train.channels import adapt_training_data, map_samples, mark_missing, parse_channels, with_adapter
+from karyo.train.channels import (
+    adapt_training_data,
+    fit_channel_stats,
+    map_samples,
+    mark_missing,
+    parse_channels,
+    with_adapter,
+)
 from karyo.train.pack import pack_promptnucseg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,6 +65,49 @@ def test_with_adapter_fits_every_adapter_network(config):
     assert cfg.pixel_mean == (0.1, 0.2, 0.3)
     assert with_adapter(cfg, 4).adapter.in_channels == 4  # re-targeting keeps the adapter's other settings
     assert with_adapter(cfg, 4).adapter.hidden == cfg.adapter.hidden
+
+
+def test_fit_channel_stats_per_channel_skipping_absent_channels():
+    """Each channel's 1–99th percentile range (on the pipeline's [0, 1] scale) → [−1, 1]; a channel a sample lacks
+    does not count, one no sample has keeps the fallback."""
+    a = np.zeros((4, 4, 2), np.uint8)
+    a[..., 0], a[:2, :, 1] = 51, 255  # channel 0 ≡ 0.2; channel 1: half 1.0, half 0.0
+    b = np.full((4, 4, 2), 255, np.uint8)  # its channel 1 is marked absent (held 0/NaN by the mapping)
+    samples = [Sample(image=a, instances=np.zeros((4, 4), np.int32)),
+               Sample(image=b, instances=np.zeros((4, 4), np.int32))]
+    fitted = fit_channel_stats(AugmentConfig(fit_stats=True), samples, np.array([[True, True], [True, False]]))
+    np.testing.assert_allclose(fitted.mean, (0.6, 0.5))
+    np.testing.assert_allclose(fitted.std, (0.4, 0.5))
+    assert fitted.channel_stats(2) == (fitted.mean, fitted.std)
+    lacking = fit_channel_stats(AugmentConfig(fit_stats=True, fallback_mean=0.25, fallback_std=0.125), samples,
+                                np.array([[True, False], [True, False]]))
+    assert lacking.mean[1] == 0.25 and lacking.std[1] == 0.125
+    # 16-bit images scale by their dtype maximum, as prepare_image does
+    c = Sample(image=np.full((4, 4, 2), 65535 // 5, np.uint16), instances=np.zeros((4, 4), np.int32))
+    on = AugmentConfig(fit_stats=True)
+    np.testing.assert_allclose(fit_channel_stats(on, [c]).mean, (0.2, 0.2), atol=1e-4)
+    np.testing.assert_allclose(fit_channel_stats(on, [c]).std, (1e-3, 1e-3))  # floor, no 0 division
+    # statistics that fit the channel count (RGB with ImageNet's), or fitting switched off: unchanged
+    rgb = Sample(image=np.zeros((4, 4, 3), np.uint8), instances=np.zeros((4, 4), np.int32))
+    assert fit_channel_stats(on, [rgb]) == on
+    assert fit_channel_stats(AugmentConfig(), samples) == AugmentConfig()  # off by default
+
+
+def test_adapter_training_normalises_with_the_data_statistics(ome_layout):
+    """With ``fit_stats`` the adapter (and the returned augmentation) carry the training data's statistics; without,
+    the fallback as before."""
+    samples = list(LayoutDataset(ome_layout, split="train"))
+    cfg, aug, train_s, _ = adapt_training_data(PrompterConfig(), "DAPI", AugmentConfig(fit_stats=True), samples,
+                                               samples[:1])
+    assert train_s[0].image.shape[2] == 1
+    dapi = np.concatenate([s.image[..., 1].ravel() for s in samples]) / 255.0
+    lo, hi = np.percentile(dapi, (1, 99))
+    np.testing.assert_allclose(cfg.adapter.pixel_mean, ((lo + hi) / 2,), rtol=1e-5)
+    np.testing.assert_allclose(cfg.adapter.pixel_std, ((hi - lo) / 2,), rtol=1e-5)
+    assert aug.channel_stats(1) == (cfg.adapter.pixel_mean, cfg.adapter.pixel_std)
+    assert cfg.pixel_mean == AugmentConfig().mean  # the backbone's 3-channel statistics are untouched
+    plain = adapt_training_data(PrompterConfig(), "DAPI", AugmentConfig(), samples, samples[:1])[0]
+    assert plain.adapter.pixel_mean == (0.5,) and plain.adapter.pixel_std == (0.5,)
 
 
 def test_map_samples_by_name_and_refuses_mismatched_data_without_adapter(ome_layout):

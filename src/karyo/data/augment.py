@@ -138,12 +138,14 @@ class AugmentConfig:
     superpixels_n_segments: int = 200
     superpixels_max_size: int = 128
     # normalisation: mean/std apply when their length matches the channel count (or is 1); otherwise
-    # fallback_mean/fallback_std are used for every channel (e.g. fluorescence with the ImageNet defaults).
+    # fallback_mean/fallback_std are used for every channel (e.g. fluorescence with the ImageNet defaults), or, with
+    # fit_stats, each channel's percentile range over the training images (karyo.train.channels.fit_channel_stats).
     normalize: bool = True
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     fallback_mean: float = 0.5
     fallback_std: float = 0.5
+    fit_stats: bool = False
     # instance clean-up after the geometric steps
     split_fragments: bool = True
     min_fragment_area: int = 4

@@ -121,8 +121,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             model_cfg = PrompterConfig.preset(name, **_prompter_classes(kw, class_names))
         else:
             model_cfg = from_dict(PrompterConfig, _prompter_classes(base, class_names))
-        model_cfg, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment, train_samples,
-                                                                    val_samples)
+        model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
+                                                                             train_samples, val_samples)
         t = PrompterTask(model_cfg, augment, train_samples, val_samples)
     elif task == "ivaan":
         from karyo.train.ivaan import IVAANTask, ivaan_config
@@ -133,8 +133,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         from karyo.train.cellvit import CellViTTask, cellvit_config
 
         model_cfg = cellvit_config(file_cfg.get("model"), preset, class_names, augment)
-        model_cfg, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment, train_samples,
-                                                                    val_samples)
+        model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
+                                                                             train_samples, val_samples)
         t = CellViTTask(model_cfg, augment, train_samples, val_samples)
     elif task == "stain_agnostic":
         from karyo.train.stain_agnostic import build_stain_agnostic_task
@@ -154,8 +154,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             model_cfg = from_dict(SegmentorConfig, base)
         else:
             model_cfg = segmentor_config(base.pop("preset", preset or "small"), **base)
-        model_cfg, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment, train_samples,
-                                                                    val_samples)
+        model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
+                                                                             train_samples, val_samples)
         settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
         meta["settings"] = to_dict(settings)
         t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)

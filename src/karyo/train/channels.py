@@ -21,9 +21,8 @@ from karyo.models.adapter import AdapterConfig, map_channels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["adapt_training_data", "map_samples", "mark_missing", "parse_channels", "with_adapter"]
-
-
+__all__ = ["adapt_training_data", "fit_channel_stats", "map_samples", "mark_missing", "parse_channels",
+           "with_adapter"]
 
 def parse_channels(spec: str | int | Sequence[str] | None) -> int | tuple[str, ...] | None:
     """``--channels`` of ``karyo train``: ``"8"`` / 8 → 8 unnamed channels; ``"DAPI,CD45"`` → those names."""
@@ -52,8 +51,9 @@ def with_adapter(config: Any, channels: int | Sequence[str] | None, augment: Aug
         if adapter is not None:
             mean, std = _stats(augment, adapter.in_channels)
             adapter = dataclasses.replace(adapter, pixel_mean=mean, pixel_std=std)
-        mean, std = _stats(augment, config.in_chans)
-        config = dataclasses.replace(config, pixel_mean=mean, pixel_std=std)
+        if adapter is None or len(augment.mean) == config.in_chans:  # else the statistics are the adapter's
+            mean, std = _stats(augment, config.in_chans)
+            config = dataclasses.replace(config, pixel_mean=mean, pixel_std=std)
     return dataclasses.replace(config, adapter=adapter)
 
 
@@ -87,6 +87,52 @@ def map_samples(samples: Sequence[Sample], adapter: AdapterConfig | None, in_cha
     return out, present
 
 
+def fit_channel_stats(augment: AugmentConfig, samples: Sequence[Sample], present: np.ndarray | None = None,
+                      percentiles: tuple[float, float] = (1.0, 99.0), max_pixels: int = 1_000_000) -> AugmentConfig:
+    """``augment`` with per-channel statistics from the training images, where its own do not fit their channel
+    count (anything but 3 channels with the ImageNet defaults, or one value for all): each channel's 1st–99th
+    percentile range of the training pixels is mapped to [−1, 1] (mean = mid-range, std = half-range).
+
+    Why: the fixed 0.5/0.5 fallback leaves a dim stain or marker channel (hematoxylin optical density, a sparse
+    fluorescence marker) squeezed into a small part of [−1, 1] next to full-range channels. Percentiles, not
+    mean/std, because fluorescence is heavy-tailed (DSB2018: mean 0.036, std 0.035 puts nuclei at z ≈ 10–25) —
+    the dataset-level analogue of the per-image percentile normalisation of StarDist and Cellpose; a channel
+    spanning 0..1 keeps exactly the 0.5/0.5 of the fallback. Opt-in (``AugmentConfig.fit_stats``): on DSB2018
+    (one bright channel) short runs scored lower with it (docs/benchmarks.md, stain-agnostic section). Pixels are
+    scaled as the pipeline scales them (uint8 / 255, other integers / dtype max) and subsampled on a grid to about
+    ``max_pixels`` per channel; channels a sample lacks (``present`` False) do not count. The model stores the
+    statistics, so inference needs no data.
+    """
+    if not (augment.normalize and augment.fit_stats and samples):
+        return augment
+    n = samples[0].image.shape[2]
+    if len(augment.mean) in (1, n):
+        return augment
+    total = sum(s.image.shape[0] * s.image.shape[1] for s in samples)
+    step = max(1, int(np.ceil(np.sqrt(total / max_pixels))))  # the same grid stride in y and x
+    values: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for i, s in enumerate(samples):
+        image = s.image[::step, ::step]
+        scale = 255.0 if image.dtype == np.uint8 else (
+            float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 1.0)
+        x = image.reshape(-1, n).astype(np.float32) / np.float32(scale)
+        for c in range(n):
+            if present is None or present[i][c]:
+                values[c].append(x[:, c])
+    mean, std = [], []
+    for c in range(n):
+        if not values[c]:  # no training image has this channel: nothing to learn from
+            mean.append(augment.fallback_mean)
+            std.append(augment.fallback_std)
+            continue
+        lo, hi = np.percentile(np.concatenate(values[c]), percentiles)
+        mean.append(float(lo + hi) / 2.0)
+        std.append(max(float(hi - lo) / 2.0, 1e-3))  # a constant channel must not divide by zero
+    log.info("channel statistics from %d training images (%g–%g percentile range → [-1, 1]): mean %s, std %s",
+             len(samples), *percentiles, np.round(mean, 4).tolist(), np.round(std, 4).tolist())
+    return dataclasses.replace(augment, mean=tuple(mean), std=tuple(std))
+
+
 def mark_missing(images: Tensor, present: np.ndarray | Tensor | None) -> Tensor:
     """B×N×H×W normalised batch with the channels absent from each sample (``present`` B×N False) set to NaN,
     which the adapter fills (the inference convention of :func:`karyo.infer.prepare.model_input`)."""
@@ -100,15 +146,20 @@ def mark_missing(images: Tensor, present: np.ndarray | Tensor | None) -> Tensor:
 
 def adapt_training_data(config: Any, channels: str | int | Sequence[str] | None, augment: AugmentConfig,
                         train_samples: Sequence[Sample], val_samples: Sequence[Sample]
-                        ) -> tuple[Any, list[Sample], list[Sample]]:
-    """``karyo train --channels`` for any network config: a new adapter for ``channels`` (fresh runs), then the
-    training and validation data brought onto the config's adapter channels (missing ones hold 0). Without an
-    adapter this checks that the data have the network's channel count (a clear error if not)."""
+                        ) -> tuple[Any, AugmentConfig, list[Sample], list[Sample]]:
+    """``karyo train --channels`` for any network config: a new adapter for ``channels`` (fresh runs), the
+    training and validation data brought onto the config's adapter channels (missing ones hold 0), and the
+    normalisation fitted to them (:func:`fit_channel_stats`; the returned ``augment`` is the one to train with).
+    Without an adapter this checks that the data have the network's channel count (a clear error if not)."""
     if channels is not None:
         if not hasattr(config, "adapter"):
             raise InputError(None, f"--channels needs a network with a channel adapter; {type(config).__name__} "
                                    "has none")
-        config = with_adapter(config, parse_channels(channels), augment)
+        config = with_adapter(config, parse_channels(channels))
     adapter = getattr(config, "adapter", None)
-    return (config, map_samples(train_samples, adapter, config.in_chans)[0],
-            map_samples(val_samples, adapter, config.in_chans)[0])
+    train, present = map_samples(train_samples, adapter, config.in_chans)
+    val = map_samples(val_samples, adapter, config.in_chans)[0]
+    if adapter is not None:
+        augment = fit_channel_stats(augment, train, present)
+        config = with_adapter(config, None, augment)
+    return config, augment, train, val

@@ -243,6 +243,6 @@ def build_semantic_task(task: str, file_cfg: Mapping[str, Any], preset: str | No
         cfg = dataclasses.replace(cfg, prompt_set=prompt_set, text_encoder=settings.text_encoder,
                                   text_dim=int(emb.shape[2]), sentences_per_class=int(emb.shape[1]))
     augment = dataclasses.replace(augment, mean=cfg.pixel_mean, std=cfg.pixel_std)
-    cfg, train_samples, val_samples = adapt_training_data(cfg, channels, augment, train_samples, val_samples)
+    cfg, augment, train_samples, val_samples = adapt_training_data(cfg, channels, augment, train_samples, val_samples)
     t = SemanticTask(task, cfg, augment, train_samples, val_samples, text_embeddings=emb, settings=settings)
     return t, cfg, {"settings": to_dict(settings), "augment": augment.to_dict()}
