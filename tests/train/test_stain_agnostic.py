@@ -151,6 +151,8 @@ def test_lovasz_warmup_starts_from_cross_entropy(make_fluorescence_discs):
     assert StainAgnosticSettings().lovasz_weight_at(0) == 0.7
     with pytest.raises(ValueError, match="lovasz_warmup_epochs"):
         StainAgnosticSettings(lovasz_warmup_epochs=-1)
+    with pytest.raises(ValueError, match="score must be one of"):
+        StainAgnosticSettings(score="accuracy")
     samples = make_fluorescence_discs(3, channels=1)
     task = StainAgnosticTask(_tiny_config(AdapterConfig(in_channels=1, hidden=4)), AUG, samples[:2], samples[2:],
                              settings)

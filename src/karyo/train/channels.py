@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from karyo.data.augment import AugmentConfig
+from karyo.data.augment import AugmentConfig, prepare_image
 from karyo.data.sample import Sample
 from karyo.errors import InputError
 from karyo.models.adapter import AdapterConfig, map_channels
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["adapt_training_data", "fit_channel_stats", "map_samples", "mark_missing", "parse_channels",
            "with_adapter"]
+
 
 def parse_channels(spec: str | int | Sequence[str] | None) -> int | tuple[str, ...] | None:
     """``--channels`` of ``karyo train``: ``"8"`` / 8 → 8 unnamed channels; ``"DAPI,CD45"`` → those names."""
@@ -112,10 +113,8 @@ def fit_channel_stats(augment: AugmentConfig, samples: Sequence[Sample], present
     step = max(1, int(np.ceil(np.sqrt(total / max_pixels))))  # the same grid stride in y and x
     values: list[list[np.ndarray]] = [[] for _ in range(n)]
     for i, s in enumerate(samples):
-        image = s.image[::step, ::step]
-        scale = 255.0 if image.dtype == np.uint8 else (
-            float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 1.0)
-        x = image.reshape(-1, n).astype(np.float32) / np.float32(scale)
+        image = prepare_image(s.image[::step, ::step], s.source or s.name)  # the pipeline's own scaling
+        x = image.reshape(-1, n).astype(np.float32) / (np.float32(255) if image.dtype == np.uint8 else 1)
         for c in range(n):
             if present is None or present[i][c]:
                 values[c].append(x[:, c])

@@ -186,14 +186,14 @@ class StainAgnosticSettings:
             raise ValueError(f"lovasz_weight must lie in [0, 1], got {self.lovasz_weight}")
         if self.lovasz_warmup_epochs < 0:
             raise ValueError(f"lovasz_warmup_epochs must be >= 0, got {self.lovasz_warmup_epochs}")
+        if self.score not in SeedMetrics.KEYS:
+            raise ValueError(f"score must be one of {SeedMetrics.KEYS}, got {self.score!r}")
 
     def lovasz_weight_at(self, epoch: int) -> float:
         """λ in (0-based) training epoch ``epoch``: the linear warm-up from pure cross-entropy."""
         if self.lovasz_warmup_epochs <= 0:
             return self.lovasz_weight
         return self.lovasz_weight * min(1.0, epoch / self.lovasz_warmup_epochs)
-        if self.score not in SeedMetrics.KEYS:
-            raise ValueError(f"score must be one of {SeedMetrics.KEYS}, got {self.score!r}")
 
 
 def stain_agnostic_config(model: dict[str, Any] | None, preset: str | None = None,
