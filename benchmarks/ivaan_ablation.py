@@ -2,7 +2,7 @@
 
     python -m benchmarks.ivaan_ablation                              # 3 variants × 3 seeds, resumable
     python -m benchmarks.ivaan_ablation --seeds 1 2                  # e.g. in a second process (runs are locked)
-    python -m benchmarks.ivaan_ablation --variants textcls align_attr_b2   # follow-up variants
+    python -m benchmarks.ivaan_ablation --variants align_attr_b2 textcls align_attr_b2_w1   # follow-ups
     python -m benchmarks.ivaan_ablation --smoke --runs /tmp/ivaan_smoke    # 1 seed, 1 epoch, 3 steps, 8 test images
 
 Every variant trains with ``karyo train ivaan --config configs/ivaan_ablation_<variant>.yaml --seed S`` into
@@ -38,7 +38,8 @@ SHARED = REPO.parent / "shared" / "data"
 VARIANTS = {"prompter": "prompter alone", "align": "+ alignment (classes through text)",
             "align_attr": "+ alignment + attribute prediction (IVAAN)",
             "textcls": "classes through text, no alignment (follow-up)",
-            "align_attr_b2": "IVAAN with CoNSeP's B.2 attributes (follow-up)"}
+            "align_attr_b2": "IVAAN with CoNSeP's B.2 attributes (follow-up)",
+            "align_attr_b2_w1": "align_attr_b2 with alignment and attribute loss weights 1.0 (follow-up)"}
 DEFAULT_VARIANTS = ("prompter", "align", "align_attr")
 DEFAULT_SEEDS = (0, 1, 2)
 CLASS_NAMES = {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle-shaped"}
@@ -215,7 +216,7 @@ def markdown(results: dict[str, dict[int, dict]], masks: Path | None, epochs: in
              "(PanNuke style); PQ, AJI: mean over images. Cells: mean ± sample std (ddof = 1) over seeds "
              "(min–max). " + (f"Mean training time per epoch (1 thread, from history.csv): {timing}." if timing
                               else ""))
-    return "\n\n".join([notes, body, "\n".join(diff) if diff else "", "Per run:", "\n".join(per_seed)])
+    return "\n\n".join(part for part in (notes, body, "\n".join(diff), "Per run:", "\n".join(per_seed)) if part)
 
 
 def _rel(path: Path) -> str:
