@@ -81,6 +81,10 @@ def finished(run: Path) -> bool:
     return (run / "summary.json").is_file() and (run / "model" / "ivaan.pt").is_file()
 
 
+def config_path(configs: Path, variant: str) -> Path:
+    return configs / f"ivaan_ablation_{variant}.yaml"
+
+
 def train_run(variant: str, seed: int, runs: Path, overrides: dict, configs: Path) -> Path | None:
     """Train (or resume) one run; None when another process is training it."""
     from karyo.train.api import train
@@ -96,7 +100,7 @@ def train_run(variant: str, seed: int, runs: Path, overrides: dict, configs: Pat
     try:
         resume = (run / "last.pt").is_file()
         print(f"{run.name}: {'resuming' if resume else 'training'}", flush=True)
-        train("ivaan", None, run, config=configs / f"ivaan_ablation_{variant}.yaml", resume=resume,
+        train("ivaan", None, run, config=config_path(configs, variant), resume=resume,
               train_overrides={"seed": seed, **overrides}, progress=True)
     finally:
         lock.unlink(missing_ok=True)
@@ -305,9 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def configured_epochs(configs: Path, variants: list[str]) -> int | None:
     """The epochs the variants' configs ask for (to flag a run shortened by --epochs in the report)."""
-    import yaml
+    from karyo.train.api import read_config_file
 
-    values = {yaml.safe_load((configs / f"ivaan_ablation_{v}.yaml").read_text())["train"]["epochs"] for v in variants}
+    values = {read_config_file(config_path(configs, v))["train"]["epochs"] for v in variants}
     return values.pop() if len(values) == 1 else None
 
 
