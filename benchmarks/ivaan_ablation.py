@@ -3,6 +3,7 @@
     python -m benchmarks.ivaan_ablation                              # 3 variants × 3 seeds, resumable
     python -m benchmarks.ivaan_ablation --seeds 1 2                  # e.g. in a second process (runs are locked)
     python -m benchmarks.ivaan_ablation --variants align_attr_b2 textcls align_attr_b2_w1   # follow-ups
+    python -m benchmarks.ivaan_ablation --variants align_attr_pc align_tau001   # level fitting, temperature
     python -m benchmarks.ivaan_ablation --smoke --runs /tmp/ivaan_smoke    # 1 seed, 1 epoch, 3 steps, 8 test images
 
 Every variant trains with ``karyo train ivaan --config configs/ivaan_ablation_<variant>.yaml --seed S`` into
@@ -39,7 +40,9 @@ VARIANTS = {"prompter": "prompter alone", "align": "+ alignment (classes through
             "align_attr": "+ alignment + attribute prediction (IVAAN)",
             "textcls": "classes through text, no alignment (follow-up)",
             "align_attr_b2": "IVAAN with CoNSeP's B.2 attributes (follow-up)",
-            "align_attr_b2_w1": "align_attr_b2 with alignment and attribute loss weights 1.0 (follow-up)"}
+            "align_attr_b2_w1": "align_attr_b2 with alignment and attribute loss weights 1.0 (follow-up)",
+            "align_attr_pc": "IVAAN with attribute levels fitted per class (follow-up)",
+            "align_tau001": "+ alignment, temperature started at 0.01 instead of 0.07 (follow-up)"}
 DEFAULT_VARIANTS = ("prompter", "align", "align_attr")
 DEFAULT_SEEDS = (0, 1, 2)
 CLASS_NAMES = {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle-shaped"}
