@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.runs is not None:
         temps = learned_temperatures(args.runs)
         if temps:
-            body += ("\nAlignment temperature at the last logged epoch (learnable, initialised at 0.07):\n\n"
+            body += ("\nAlignment temperature at the last logged epoch (learnable; initialised at each config's "
+                     "temperature_init: 0.07, align_tau001 0.01):\n\n"
                      "| run | epochs | τ |\n|---|---|---|\n"
                      + "\n".join(f"| {n} | {e} | {t:.4f} |" for n, t, e in temps) + "\n")
     print(body)
