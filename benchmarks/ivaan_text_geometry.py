@@ -67,9 +67,7 @@ def sentence_targets(variant: str, data: Path, encoder):
     train = LayoutDataset(data / "consep", split="train")
     cfg = ivaan_config(read_config_file(config_path(REPO / "configs", variant))["model"], train.class_names)
     targets = AttributeTargets(train, cfg, encoder=encoder)
-    idx = np.concatenate([s[1] for s in targets._per_sample])
-    counts = np.bincount(idx[idx >= 0], minlength=len(targets.sentences)).astype(np.float64)
-    return targets.sentence_embeddings.numpy(), counts, cfg
+    return targets.sentence_embeddings.numpy(), targets.sentence_counts().astype(np.float64), cfg
 
 
 def learned_temperatures(runs: Path) -> list[tuple[str, float, int]]:

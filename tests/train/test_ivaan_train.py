@@ -80,6 +80,10 @@ def test_text_embeddings_are_computed_once_and_cached(consep, tmp_path, one_thre
     sent, levels = task.targets.lookup(0, np.arange(1, 200))
     assert (sent >= -1).all() and sent.max() < len(sentences) and levels.shape == (199, 4)
     assert (task.targets.table["_sample"] < 4).all()  # validation patches are never measured for targets
+    counts = task.targets.sentence_counts()  # every sentence describes ≥ 1 nucleus; all targets are counted
+    with_target = sum(int((task.targets.lookup(i, task.targets.table.index[task.targets.table["_sample"] == i])[0]
+                           >= 0).sum()) for i in range(4))
+    assert counts.shape == (len(sentences),) and counts.min() >= 1 and counts.sum() == with_target
     assert (tmp_path / "run" / "model" / "levels.json").is_file()
 
 

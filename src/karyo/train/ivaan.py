@@ -138,6 +138,11 @@ class AttributeTargets:
         self.table = table
         self.n_attributes = len(config.attributes)
 
+    def sentence_counts(self) -> np.ndarray:
+        """How many training nuclei each sentence of :attr:`sentences` describes (its weight in the data)."""
+        idx = np.concatenate([sent for _, sent, _ in self._per_sample]) if self._per_sample else np.zeros(0, int)
+        return np.bincount(idx[idx >= 0], minlength=len(self.sentences))
+
     def lookup(self, sample_index: int, instance_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sentence index, levels n×n_attr) of instances of a sample; −1 where there is no target (unknown
         id, e.g. a fragment split off by augmentation, or a nucleus left out by ``valid_only``)."""
