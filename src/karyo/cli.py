@@ -366,6 +366,8 @@ def train_cmd(
     channels: Annotated[str | None, typer.Option(help="prompter / segmentor / cellvit / monch / stain_agnostic: a "
                                                       "channel adapter for N input channels (e.g. 8) or for these "
                                                       "named channels (DAPI,CD45).")] = None,
+    init: Annotated[Path | None, typer.Option(help="Start from these weights: a checkpoint, a run folder or a "
+                                                   "packed model folder (fine-tuning).")] = None,
 ) -> None:
     """Train a model (PromptNucSeg prompter or segmentor, CellViT, IVAAN, MONCH, U-Net): seeded, resumable, best
     checkpoint chosen on the validation split."""
@@ -375,7 +377,7 @@ def train_cmd(
                                    "threads": threads, "max_steps_per_epoch": max_steps, "device": device}.items()
                  if v is not None}
     result = train(task, data, out, config=config, resume=resume, preset=preset, val_fraction=val_fraction,
-                   train_overrides=overrides, progress=True, channels=channels)
+                   train_overrides=overrides, progress=True, channels=channels, init=init)
     console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1}; "
                   f"model → {result.run_dir / 'model'}", highlight=False)
 

@@ -52,3 +52,23 @@ def test_cached_tuning_equals_segment_per_setting():
     assert len({r["val_pq"] for r in rows}) > 1  # the settings matter on these images
     assert (best.score_threshold, best.nms_radius_px, best.mask_threshold, best.refine_points) == (0.0, 4.0, 0.3, 0)
     model.config = cfg
+
+
+def test_load_segmentor_reads_a_packed_model_folder(tmp_path):
+    """Re-packing with a new prompter keeps a shipped model's segmentor: config, K and weights come back."""
+    from karyo.errors import InputError
+    from karyo.train.pack import load_segmentor
+
+    torch.manual_seed(0)
+    cfg = PromptNucSegConfig(prompter=PrompterConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), fpn_dim=16,
+                                                     head_hidden=16, num_classes=1, class_names={1: "n"}),
+                             segmentor=segmentor_config("tiny"), negatives=2)
+    model = PromptNucSegModel(cfg)
+    model.save(tmp_path / "packed")
+    s_cfg, negatives, state = load_segmentor(tmp_path / "packed")
+    assert s_cfg == cfg.segmentor and negatives == 2
+    expected = model.segmentor.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no segmentor here"):
+        load_segmentor(tmp_path / "empty")

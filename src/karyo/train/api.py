@@ -30,7 +30,8 @@ CHANNEL_TASKS = ("prompter", "segmentor", "cellvit", "monch", "stain_agnostic")
 
 def read_config_file(path: str | os.PathLike | None) -> dict:
     """A run config (JSON or YAML) with optional sections ``model``, ``train``, ``augment``, ``settings``,
-    ``data`` (list of specs), ``val_fraction``, ``preset``."""
+    ``data`` (list of specs), ``val_fraction``, ``preset``, ``init`` (starting weights) and ``val_ids`` (the
+    validation images by id, instead of a drawn split)."""
     if path is None:
         return {}
     path = Path(path)
@@ -42,9 +43,14 @@ def read_config_file(path: str | os.PathLike | None) -> dict:
         raise InputError(path, f"invalid YAML/JSON ({exc})") from None
     if not isinstance(data, dict):
         raise InputError(path, "config must be a mapping with sections model/train/augment/data")
-    unknown = set(data) - {"model", "train", "augment", "settings", "data", "val_fraction", "preset", "task"}
+    unknown = set(data) - {"model", "train", "augment", "settings", "data", "val_fraction", "preset", "task", "init",
+                           "val_ids"}
     if unknown:
         raise InputError(path, f"unknown config section(s) {sorted(unknown)}")
+    val_ids = data.get("val_ids")
+    if val_ids is not None and (not isinstance(val_ids, list) or not val_ids
+                                or not all(isinstance(i, str) for i in val_ids)):
+        raise InputError(path, "val_ids must be a non-empty list of image ids (quote numeric ids: '00000068')")
     return data
 
 
@@ -62,13 +68,18 @@ def _class_names(specs: list[DataSpec]) -> dict[int, str]:
 def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: str | os.PathLike | None = None,
           resume: bool = False, preset: str | None = None, val_fraction: float | None = None,
           train_overrides: dict[str, Any] | None = None, progress: bool = True,
-          channels: str | int | list[str] | None = None) -> FitResult:
+          channels: str | int | list[str] | None = None, init: str | os.PathLike | None = None) -> FitResult:
     """Train one of :data:`TASKS` into ``out`` (see the module docstring).
 
     ``channels`` (the :data:`CHANNEL_TASKS`): put a channel adapter for N channels (an int or ``"8"``) or for these
     named channels (``"DAPI,CD45"``) in front of the network (:mod:`karyo.models.adapter`); the data are mapped
     onto them by the adapter's rule. Ignored on resume (the saved model config holds the adapter). A prompter and a
     segmentor trained with the same ``channels`` and augmentation pack into one multi-channel PromptNucSeg model.
+
+    ``init`` (or the config's ``init:``): start from these weights instead of a random initialisation — fine-tuning a
+    shipped model on new data, or a second schedule after a finished run (see :func:`init_weights`). The model
+    config must build the same network. A config may also fix the validation images (``val_ids:``), so that a
+    continued run is selected on exactly the images its starting point never saw.
     """
     if task not in TASKS:
         raise InputError(None, f"unknown training task {task!r}; choose from {', '.join(TASKS)}")
@@ -97,11 +108,15 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     samples = load_specs(specs, class_names or None)
     # Tiles are small: hold the whole dataset in memory instead of decoding PNGs every epoch.
     items = [samples[i] for i in range(len(samples))]
-    saved_val = file_cfg.get("val_ids") if resume else None
+    saved_val = file_cfg.get("val_ids")
     if saved_val is not None:  # a resumed run keeps exactly the split it started with
         keep = set(saved_val)
         va_idx = [i for i, n in enumerate(samples.ids) if n in keep]
         tr_idx = [i for i, n in enumerate(samples.ids) if n not in keep]
+        if len(va_idx) != len(keep):
+            unknown = sorted(keep - set(samples.ids))
+            raise InputError(config, f"val_ids names {len(unknown)} image(s) not in the training data, e.g. "
+                                     f"{unknown[:3]}")
     else:
         present = [set((s.classes or {}).values()) for s in items]
         tr_idx, va_idx = group_split(samples.ids, vf, seed=tcfg.seed, item_classes=present)
@@ -112,6 +127,13 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     meta: dict[str, Any] = {"data": [str(s) for s in specs], "val_fraction": vf, "augment": augment.to_dict(),
                             "n_train": len(train_samples), "n_val": len(val_samples),
                             "val_ids": [samples.ids[i] for i in va_idx]}
+    init = init if init is not None else (None if resume else file_cfg.get("init"))
+    init_state = None
+    if init is not None and not resume:
+        init_state = init_weights(task, init)
+        meta["init"] = str(init)
+    elif resume and file_cfg.get("init"):
+        meta["init"] = file_cfg["init"]
     model_cfg: Any
     if task == "prompter":
         base = file_cfg.get("model") or {}
@@ -159,7 +181,28 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
         meta["settings"] = to_dict(settings)
         t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
-    return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta)
+    if init_state is not None:  # fail here, naming the file, rather than deep inside the training loop
+        try:
+            t.model().load_state_dict(init_state)
+        except RuntimeError as exc:
+            raise InputError(init, "these weights do not fit the model the config builds: "
+                                   f"{str(exc).splitlines()[-1].strip()[:300]}") from None
+    return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta,
+               init_state=init_state)
+
+
+def init_weights(task: str, path: str | os.PathLike) -> dict:
+    """The state dict to start ``task``'s network from: a checkpoint file, a run folder (its ``best.pt``), or a
+    packed model folder holding ``<task>.pt`` (e.g. ``prompter.pt`` of ``promptnucseg_cpu``)."""
+    from karyo.models.vit import read_state_dict
+
+    p = Path(path)
+    if p.is_dir():
+        for candidate in (p / "best.pt", p / f"{task}.pt"):
+            if candidate.is_file():
+                return read_state_dict(candidate)
+        raise InputError(p, f"no initial weights here: expected best.pt (a run folder) or {task}.pt (a packed model)")
+    return read_state_dict(p)
 
 
 def _prompter_classes(kw: dict, class_names: dict[int, str]) -> dict:

@@ -299,31 +299,17 @@ def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: 
     """An :class:`~karyo.models.ivaan.IVAANModel` from an IVAAN run and a segmentor (a segmentor run, its
     ``model`` folder, or a PromptNucSeg/IVAAN model folder); saved to ``out`` when given. ``tune`` grid-searches
     the inference thresholds on the IVAAN run's validation images (``karyo.train.pack.tune_thresholds``)."""
-    from karyo.config import load_json
     from karyo.models.ivaan import IVAANModel, IVAANModelConfig
-    from karyo.models.segmentor import SegmentorConfig
-    from karyo.models.vit import read_state_dict
+    from karyo.train.pack import load_segmentor
 
     net, levels = load_ivaan_run(ivaan_run)
-    seg_dir = Path(segmentor)
-    if (seg_dir / "model" / "segmentor.json").is_file():
-        seg_dir = seg_dir / "model"
-    if (seg_dir / "segmentor.json").is_file():
-        s_meta = load_json(seg_dir / "segmentor.json")
-        s_cfg = from_dict(SegmentorConfig, s_meta["config"])
-        negatives = int(s_meta.get("settings", {}).get("negatives", 1))
-    elif (seg_dir / "config.json").is_file() and (seg_dir / "segmentor.pt").is_file():
-        data = load_json(seg_dir / "config.json")["config"]
-        s_cfg = from_dict(SegmentorConfig, data["segmentor"])
-        negatives = int(data.get("negatives", 1))
-    else:
-        raise InputError(seg_dir, "no segmentor here (segmentor.json + segmentor.pt, or a model folder)")
+    s_cfg, negatives, s_state = load_segmentor(segmentor)
     pc = net.config.prompter
     cfg = IVAANModelConfig(ivaan=net.config, segmentor=s_cfg, mpp=pc.mpp, class_names=dict(pc.class_names),
                            negatives=negatives)
     model = IVAANModel(cfg)
     model.prompter.load_state_dict(net.state_dict())
-    model.segmentor.load_state_dict(read_state_dict(seg_dir / "segmentor.pt"))
+    model.segmentor.load_state_dict(s_state)
     model.level_model = levels
     if tune:
         from karyo.train.pack import tune_thresholds, validation_samples

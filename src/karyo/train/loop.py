@@ -228,13 +228,14 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         model_config: Any | None = None, progress: bool = True, meta: dict | None = None,
-        on_epoch_end: Callable[[dict], None] | None = None) -> FitResult:
+        on_epoch_end: Callable[[dict], None] | None = None, init_state: dict | None = None) -> FitResult:
     """Train ``task``'s model with ``cfg`` into ``run_dir``; returns the best validation score and history.
 
     ``cfg.accumulate_steps`` k > 1: the loss of each batch is divided by k and the optimiser steps every k batches
     (a last, shorter group is rescaled to a mean), the learning rate is set per optimiser step as for one batch of
     k·batch_size, so it equals training on the large batch (up to BatchNorm statistics). ``max_steps_per_epoch``
-    counts batches. ``cfg.amp``: the task's loss runs under autocast (validation stays float32).
+    counts batches. ``cfg.amp``: the task's loss runs under autocast (validation stays float32). ``init_state``:
+    weights the model starts from (a fresh run only; a resumed run continues from its checkpoint).
     """
     from karyo.device import pick_device
 
@@ -245,6 +246,12 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     model = task.model().to(device)
+    if init_state is not None and not (resume and (run_dir / "last.pt").exists()):
+        try:
+            model.load_state_dict(init_state)
+        except RuntimeError as exc:
+            raise ValueError(f"the initial weights do not fit this model config: {str(exc).splitlines()[0]}"
+                             ) from None
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     acc = int(cfg.accumulate_steps)
     if acc < 1:

@@ -38,6 +38,26 @@ def _run_model(run: str | os.PathLike, name: str) -> tuple[dict, dict]:
     return load_json(meta_path), read_state_dict(folder / f"{name}.pt")
 
 
+def load_segmentor(source: str | os.PathLike) -> tuple[SegmentorConfig, int, dict]:
+    """(config, K negatives, weights) of a segmentor: a ``karyo train segmentor`` run, its ``model`` folder, or a
+    packed PromptNucSeg/IVAAN model folder (re-packing a shipped model with a new prompter keeps its segmentor)."""
+    folder = Path(source)
+    if (folder / "model" / "segmentor.json").is_file():
+        folder = folder / "model"
+    if (folder / "segmentor.json").is_file():
+        meta = load_json(folder / "segmentor.json")
+        cfg, negatives = meta["config"], meta.get("settings", {}).get("negatives", 1)
+    elif (folder / "config.json").is_file() and (folder / "segmentor.pt").is_file():
+        data = load_json(folder / "config.json").get("config", {})
+        if "segmentor" not in data:
+            raise InputError(folder, "config.json holds no segmentor (is this a PromptNucSeg/IVAAN model folder?)")
+        cfg, negatives = data["segmentor"], data.get("negatives", 1)
+    else:
+        raise InputError(folder, "no segmentor here (a segmentor run, segmentor.json + segmentor.pt, or a model "
+                                 "folder)")
+    return from_dict(SegmentorConfig, cfg), int(negatives), read_state_dict(folder / "segmentor.pt")
+
+
 def validation_samples(run: str | os.PathLike) -> list:
     """The validation images of a training run, exactly as it held them out."""
     saved = load_json(Path(run) / "train_config.json")
@@ -91,13 +111,13 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
 
 def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.PathLike,
                       out: str | os.PathLike, *, tune: bool = True, log=print) -> PromptNucSegModel:
-    """Build a PromptNucSeg model folder from a prompter run and a segmentor run."""
+    """Build a PromptNucSeg model folder from a prompter run and a segmentor (run or model folder, see
+    :func:`load_segmentor`)."""
     p_meta, p_state = _run_model(prompter_run, "prompter")
-    s_meta, s_state = _run_model(segmentor_run, "segmentor")
+    s_cfg, negatives, s_state = load_segmentor(segmentor_run)
     p_cfg = from_dict(PrompterConfig, p_meta["config"])
-    s_cfg = from_dict(SegmentorConfig, s_meta["config"])
     cfg = PromptNucSegConfig(prompter=p_cfg, segmentor=s_cfg, mpp=p_cfg.mpp, class_names=dict(p_cfg.class_names),
-                             negatives=int(s_meta.get("settings", {}).get("negatives", 1)))
+                             negatives=negatives)
     model = PromptNucSegModel(cfg)
     model.prompter.load_state_dict(p_state)
     model.segmentor.load_state_dict(s_state)

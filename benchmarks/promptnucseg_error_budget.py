@@ -1,0 +1,132 @@
+"""Where PromptNucSeg loses PQ: the prompter's points against oracle-corrected points, on validation images.
+
+    python -m benchmarks.promptnucseg_error_budget --model promptnucseg_cpu \
+        --val-config configs/default_prompter_continue.yaml
+
+The segmentor, overlap resolution and inference settings stay fixed; only the prompts change:
+
+* prompter — the model's own points (as ``segment``);
+* + centred — every prompter point paired with a nucleus (HoVer-Net pairing, ≤ 12 px) moved onto that nucleus'
+  centroid: what perfect localisation would give;
+* − false positives — unpaired prompter points removed: perfect precision;
+* + missed nuclei — the centroids of unpaired nuclei added: perfect recall;
+* ground-truth centroids — all three at once (the segmentor's ceiling).
+
+The gap between rows says which part of the prompter to improve. Validation images only (the ``val_ids`` of a run
+config): test splits are never used to choose what to work on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import karyo
+from benchmarks._report import invocation, update_section
+from karyo.metrics.detection import instance_points, pair_coordinates
+from karyo.metrics.evaluate import ImagePair, evaluate
+from karyo.train.api import read_config_file
+from karyo.train.data import DataSpec, load_specs
+
+CONDITIONS = ("prompter", "+ centred", "− false positives", "+ missed nuclei", "ground-truth centroids")
+
+
+def prompts(condition: str, pts: np.ndarray, cls: np.ndarray, score: np.ndarray, gt_xy: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The prompt points (x, y), classes and scores of one condition (see the module docstring)."""
+    if condition == "ground-truth centroids":
+        n = len(gt_xy)
+        return gt_xy.astype(np.float32), np.zeros(n, np.int64), np.ones(n, np.float32)
+    pairing = pair_coordinates(gt_xy, pts)
+    gt_i, pred_i = pairing.paired[:, 0], pairing.paired[:, 1]
+    if condition == "prompter":
+        return pts, cls, score
+    if condition == "+ centred":
+        moved = pts.copy()
+        moved[pred_i] = gt_xy[gt_i]
+        return moved, cls, score
+    if condition == "− false positives":
+        keep = np.sort(pred_i)
+        return pts[keep], cls[keep], score[keep]
+    if condition == "+ missed nuclei":
+        missed = gt_xy[pairing.unpaired_a].astype(np.float32)
+        fill = float(np.median(score)) if len(score) else 1.0
+        return (np.concatenate([pts, missed]), np.concatenate([cls, np.zeros(len(missed), cls.dtype)]),
+                np.concatenate([score, np.full(len(missed), fill, np.float32)]))
+    raise ValueError(f"unknown condition {condition!r}")
+
+
+def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
+    cfg = read_config_file(val_config)
+    if not cfg.get("val_ids"):
+        raise SystemExit(f"{val_config}: no val_ids (the validation images to diagnose on)")
+    samples = load_specs([DataSpec.parse(s) for s in cfg["data"]])
+    keep = set(cfg["val_ids"])
+    index = [i for i, n in enumerate(samples.ids) if n in keep][:limit]
+    model = karyo.load(model_name)
+    mc = model.config
+    pairs: dict[str, list[ImagePair]] = {c: [] for c in CONDITIONS}
+    offsets: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    for i in index:
+        sample = samples[i]
+        with torch.no_grad():
+            prep = model.prepare(sample.image, mpp=sample.mpp, name=sample.name)
+            pts, cls, score = model.detect(prep, mc.score_threshold, mc.nms_radius_px)
+            gt_xy = instance_points(sample.instances).xy * prep.scale
+            pairing = pair_coordinates(gt_xy, pts)
+            offsets.append(np.linalg.norm(pts[pairing.paired[:, 1]] - gt_xy[pairing.paired[:, 0]], axis=1))
+            for c in CONDITIONS:
+                p, k, s = prompts(c, pts, cls, score, gt_xy)
+                res = model.resolve(prep, model.mask_candidates(prep, p, k, s, np.zeros((0, 2), np.float32)),
+                                    mc.mask_threshold, name=sample.name)
+                pairs[c].append(ImagePair(name=sample.name, true_inst=sample.instances, pred_inst=res.instances))
+    rows = {}
+    for c in CONDITIONS:
+        rep = evaluate(pairs[c])
+        rows[c] = {**{k: rep.instance[k] for k in ("pq", "dq", "sq", "aji")}, "f1_d": rep.detection.f1_d}
+    dist = np.concatenate(offsets) if offsets else np.zeros(0)
+    return {"rows": rows, "images": len(index), "seconds": time.perf_counter() - t0,
+            "offset_px": {"mean": float(dist.mean()) if len(dist) else float("nan"),
+                          "median": float(np.median(dist)) if len(dist) else float("nan"),
+                          "p90": float(np.percentile(dist, 90)) if len(dist) else float("nan")},
+            "settings": {k: getattr(mc, k) for k in ("score_threshold", "nms_radius_px", "mask_threshold",
+                                                      "refine_points")}}
+
+
+def markdown(model_name: str, result: dict) -> str:
+    lines = [f"Model `{model_name}`, {result['images']} validation images, inference settings {result['settings']}.",
+             "", "| prompts | PQ | DQ | SQ | AJI | F1d |", "|---|---|---|---|---|---|"]
+    for c, r in result["rows"].items():
+        lines.append(f"| {c} | {r['pq']:.4f} | {r['dq']:.4f} | {r['sq']:.4f} | {r['aji']:.4f} | {r['f1_d']:.4f} |")
+    o = result["offset_px"]
+    lines += ["", f"Distance of paired prompter points from their nucleus' centroid: mean {o['mean']:.2f} px, "
+                  f"median {o['median']:.2f} px, 90th percentile {o['p90']:.2f} px (model pixels)."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="promptnucseg_cpu")
+    ap.add_argument("--val-config", type=Path, default=Path("configs/default_prompter_continue.yaml"))
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    result = run(args.model, args.val_config, args.limit)
+    body = markdown(args.model, result)
+    print(body)
+    print(f"({result['seconds']:.0f} s)")
+    if not args.no_docs:
+        update_section(f"promptnucseg_error_budget_{Path(args.model).name}",
+                       f"PromptNucSeg error budget (validation): {Path(args.model).name}", body,
+                       invocation("benchmarks.promptnucseg_error_budget"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Starting a run from given weights (``--init`` / ``init:``) and fixing its validation images (``val_ids:``)."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import yaml
+from tests.train.test_train import AUG, disc_samples, tiny_prompter
+
+from karyo.data.layout import write_layout_sample
+from karyo.errors import InputError
+from karyo.models.prompter import Prompter
+from karyo.train.api import init_weights, train
+
+
+@pytest.fixture
+def disc_layout(tmp_path):
+    """8 synthetic H&E-like tiles from 4 source images (syn_0 … syn_3) in a karyo layout folder."""
+    root = tmp_path / "data"
+    for s in disc_samples(8):
+        write_layout_sample(root, s, split="train")
+    return root
+
+
+def _config(tmp_path, data, **extra) -> str:
+    model = {k: v for k, v in dataclasses.asdict(tiny_prompter()).items() if k != "adapter"}
+    cfg = {"task": "prompter", "data": [f"{data}:train"], "model": model,
+           "augment": {k: getattr(AUG, k) for k in ("crop_size", "p_grid_shuffle", "p_elastic", "p_superpixels")},
+           "train": {"epochs": 1, "batch_size": 2, "lr": 3e-3, "warmup_epochs": 0, "threads": 1}, **extra}
+    path = tmp_path / f"config_{len(list(tmp_path.glob('config_*')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _exported(run) -> dict:
+    return torch.load(run / "model" / "prompter.pt", map_location="cpu", weights_only=True)
+
+
+def test_init_weights_reads_a_file_a_run_and_a_packed_model(tmp_path):
+    state = Prompter(tiny_prompter()).state_dict()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "packed").mkdir()
+    torch.save({"model": state, "epoch": 3}, tmp_path / "run" / "best.pt")
+    torch.save(state, tmp_path / "packed" / "prompter.pt")
+    for source in (tmp_path / "run" / "best.pt", tmp_path / "run", tmp_path / "packed"):
+        got = init_weights("prompter", source)
+        assert got.keys() == state.keys()
+        assert all(torch.equal(got[k], state[k]) for k in state)
+    with pytest.raises(InputError, match=r"segmentor\.pt"):
+        init_weights("segmentor", tmp_path / "packed")
+
+
+def test_run_starts_from_init_weights_on_the_given_validation_images(tmp_path, disc_layout, one_thread):
+    first = tmp_path / "first"
+    train("prompter", None, first, config=_config(tmp_path, disc_layout), progress=False)
+    start = _exported(first)
+    # Learning rate 0: the weights cannot move, so the second run must export exactly what it started from.
+    cfg = _config(tmp_path, disc_layout, init=str(first), val_ids=["syn_3_000", "syn_3_001"])
+    second = tmp_path / "second"
+    train("prompter", None, second, config=cfg, progress=False, train_overrides={"lr": 0.0})
+    end = _exported(second)
+    assert all(torch.equal(end[k], start[k]) for k in start)
+    saved = json.loads((second / "train_config.json").read_text())
+    assert saved["val_ids"] == ["syn_3_000", "syn_3_001"] and saved["init"] == str(first)
+    # Without init the same settings give other (random) weights: the equality above is not trivial.
+    third = tmp_path / "third"
+    train("prompter", None, third, config=_config(tmp_path, disc_layout, train={"epochs": 1, "lr": 0.0, "seed": 5}),
+          progress=False)
+    fresh = _exported(third)
+    assert not all(torch.equal(fresh[k], start[k]) for k in start)
+
+
+def test_init_weights_of_another_network_are_refused_naming_the_file(tmp_path, disc_layout):
+    other = Prompter(dataclasses.replace(tiny_prompter(), fpn_dim=24)).state_dict()
+    torch.save(other, tmp_path / "other.pt")
+    cfg = _config(tmp_path, disc_layout, init=str(tmp_path / "other.pt"))
+    with pytest.raises(InputError, match=r"other\.pt.*do not fit"):
+        train("prompter", None, tmp_path / "run", config=cfg, progress=False)
+
+
+def test_unknown_validation_ids_are_refused(tmp_path, disc_layout):
+    with pytest.raises(InputError, match="not in the training data"):
+        train("prompter", None, tmp_path / "run", config=_config(tmp_path, disc_layout, val_ids=["syn_9_000"]),
+              progress=False)
+    with pytest.raises(InputError, match="quote numeric ids"):
+        train("prompter", None, tmp_path / "run", config=_config(tmp_path, disc_layout, val_ids=[68]),
+              progress=False)
