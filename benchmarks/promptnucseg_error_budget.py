@@ -27,7 +27,7 @@ import torch
 
 import karyo
 from benchmarks._report import invocation, update_section
-from karyo.metrics.detection import instance_points, pair_coordinates
+from karyo.metrics.detection import CoordinatePairing, instance_points, pair_coordinates
 from karyo.metrics.evaluate import ImagePair, evaluate
 from karyo.train.api import read_config_file
 from karyo.train.data import DataSpec, load_specs
@@ -35,13 +35,13 @@ from karyo.train.data import DataSpec, load_specs
 CONDITIONS = ("prompter", "+ centred", "− false positives", "+ missed nuclei", "ground-truth centroids")
 
 
-def prompts(condition: str, pts: np.ndarray, cls: np.ndarray, score: np.ndarray, gt_xy: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The prompt points (x, y), classes and scores of one condition (see the module docstring)."""
+def prompts(condition: str, pts: np.ndarray, cls: np.ndarray, score: np.ndarray, gt_xy: np.ndarray,
+            pairing: CoordinatePairing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The prompt points (x, y), classes and scores of one condition (see the module docstring); ``pairing`` is
+    ``pair_coordinates(gt_xy, pts)``."""
     if condition == "ground-truth centroids":
         n = len(gt_xy)
         return gt_xy.astype(np.float32), np.zeros(n, np.int64), np.ones(n, np.float32)
-    pairing = pair_coordinates(gt_xy, pts)
     gt_i, pred_i = pairing.paired[:, 0], pairing.paired[:, 1]
     if condition == "prompter":
         return pts, cls, score
@@ -81,7 +81,7 @@ def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
             pairing = pair_coordinates(gt_xy, pts)
             offsets.append(np.linalg.norm(pts[pairing.paired[:, 1]] - gt_xy[pairing.paired[:, 0]], axis=1))
             for c in CONDITIONS:
-                p, k, s = prompts(c, pts, cls, score, gt_xy)
+                p, k, s = prompts(c, pts, cls, score, gt_xy, pairing)
                 res = model.resolve(prep, model.mask_candidates(prep, p, k, s, np.zeros((0, 2), np.float32)),
                                     mc.mask_threshold, name=sample.name)
                 pairs[c].append(ImagePair(name=sample.name, true_inst=sample.instances, pred_inst=res.instances))

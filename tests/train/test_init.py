@@ -77,6 +77,7 @@ def test_init_weights_of_another_network_are_refused_naming_the_file(tmp_path, d
     cfg = _config(tmp_path, disc_layout, init=str(tmp_path / "other.pt"))
     with pytest.raises(InputError, match=r"other\.pt.*do not fit"):
         train("prompter", None, tmp_path / "run", config=cfg, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_unknown_validation_ids_are_refused(tmp_path, disc_layout):

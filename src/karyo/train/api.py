@@ -109,7 +109,7 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     # Tiles are small: hold the whole dataset in memory instead of decoding PNGs every epoch.
     items = [samples[i] for i in range(len(samples))]
     saved_val = file_cfg.get("val_ids")
-    if saved_val is not None:  # a resumed run keeps exactly the split it started with
+    if saved_val is not None:  # a resumed run keeps exactly the split it started with; a config may fix one
         keep = set(saved_val)
         va_idx = [i for i, n in enumerate(samples.ids) if n in keep]
         tr_idx = [i for i, n in enumerate(samples.ids) if n not in keep]
@@ -127,13 +127,13 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     meta: dict[str, Any] = {"data": [str(s) for s in specs], "val_fraction": vf, "augment": augment.to_dict(),
                             "n_train": len(train_samples), "n_val": len(val_samples),
                             "val_ids": [samples.ids[i] for i in va_idx]}
-    init = init if init is not None else (None if resume else file_cfg.get("init"))
     init_state = None
-    if init is not None and not resume:
+    if resume:  # a resumed run continues from its checkpoint; only the record of its starting point is kept
+        if file_cfg.get("init"):
+            meta["init"] = file_cfg["init"]
+    elif (init := init if init is not None else file_cfg.get("init")) is not None:
         init_state = init_weights(task, init)
         meta["init"] = str(init)
-    elif resume and file_cfg.get("init"):
-        meta["init"] = file_cfg["init"]
     model_cfg: Any
     if task == "prompter":
         base = file_cfg.get("model") or {}
@@ -181,14 +181,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
         meta["settings"] = to_dict(settings)
         t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
-    if init_state is not None:  # fail here, naming the file, rather than deep inside the training loop
-        try:
-            t.model().load_state_dict(init_state)
-        except RuntimeError as exc:
-            raise InputError(init, "these weights do not fit the model the config builds: "
-                                   f"{str(exc).splitlines()[-1].strip()[:300]}") from None
     return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta,
-               init_state=init_state)
+               init_state=init_state, init_source=init)
 
 
 def init_weights(task: str, path: str | os.PathLike) -> dict:

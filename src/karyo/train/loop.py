@@ -33,6 +33,7 @@ import torch
 
 from karyo.config import save_json, to_dict
 from karyo.data.io import atomic_path, write_text
+from karyo.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -228,19 +229,20 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         model_config: Any | None = None, progress: bool = True, meta: dict | None = None,
-        on_epoch_end: Callable[[dict], None] | None = None, init_state: dict | None = None) -> FitResult:
+        on_epoch_end: Callable[[dict], None] | None = None, init_state: dict | None = None,
+        init_source: str | os.PathLike | None = None) -> FitResult:
     """Train ``task``'s model with ``cfg`` into ``run_dir``; returns the best validation score and history.
 
     ``cfg.accumulate_steps`` k > 1: the loss of each batch is divided by k and the optimiser steps every k batches
     (a last, shorter group is rescaled to a mean), the learning rate is set per optimiser step as for one batch of
     k·batch_size, so it equals training on the large batch (up to BatchNorm statistics). ``max_steps_per_epoch``
     counts batches. ``cfg.amp``: the task's loss runs under autocast (validation stays float32). ``init_state``:
-    weights the model starts from (a fresh run only; a resumed run continues from its checkpoint).
+    weights the model starts from (a fresh run only; a resumed run continues from its checkpoint); weights that do
+    not fit the model raise :class:`InputError` naming ``init_source``, the file they came from.
     """
     from karyo.device import pick_device
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -250,8 +252,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
         try:
             model.load_state_dict(init_state)
         except RuntimeError as exc:
-            raise ValueError(f"the initial weights do not fit this model config: {str(exc).splitlines()[0]}"
-                             ) from None
+            raise InputError(init_source, "these weights do not fit the model the config builds: "
+                                          f"{str(exc).splitlines()[-1].strip()[:300]}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run leaves no folder behind
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     acc = int(cfg.accumulate_steps)
     if acc < 1:
