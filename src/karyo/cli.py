@@ -421,8 +421,9 @@ def pack_cmd(
     else:
         raise InputError(None, f"unknown architecture {arch!r} for pack; choose promptnucseg, cellvit or ivaan")
     cfg = model.config
-    console.print(f"model → {out} (score ≥ {cfg.score_threshold}, NMS {cfg.nms_radius_px} px, "
-                  f"mask ≥ {cfg.mask_threshold}, {cfg.refine_points} point refinement(s))", highlight=False)
+    console.print(f"model → {out} (score ≥ {cfg.score_threshold}, NMS {cfg.nms_radius_px} px, mask NMS "
+                  f"{cfg.mask_nms_overlap}, {cfg.refine_points} point refinement(s), mask ≥ {cfg.mask_threshold})",
+                  highlight=False)
 
 
 def _load_ivaan(model: Path | None, segmentor: Path | None, device: str):

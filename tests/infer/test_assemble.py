@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from karyo.infer.assemble import assemble_instances, largest_piece
+from karyo.infer.assemble import assemble_instances, largest_piece, suppress_duplicate_masks
 from karyo.infer.postprocess import remove_small_instances
 
 
@@ -46,3 +46,46 @@ def test_largest_piece_and_small_removal():
     out = largest_piece(lab)
     assert out[0, 3] == 0 and out[0, 0] == 1 and out[3, 0] == 3
     assert remove_small_instances(out, 2).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [0, 2, 2, 0], [0, 0, 2, 0]]
+
+
+def _greedy_mask_nms_reference(probs, windows, scores, threshold, max_overlap):
+    """The definition, pixel by pixel on a canvas: slow and obvious."""
+    off = -int(windows[:, :2].min())
+    size = int(windows[:, 2:].max()) + off
+    canvas = np.zeros((len(probs), size, size), bool)
+    for k, (x0, y0, x1, y1) in enumerate(windows.tolist()):
+        canvas[k, y0 + off:y1 + off, x0 + off:x1 + off] = probs[k].numpy() > threshold
+    kept = []
+    for i in np.argsort(-scores, kind="stable"):
+        if all((canvas[i] & canvas[j]).sum() <= max_overlap * max(min(canvas[i].sum(), canvas[j].sum()), 1)
+               for j in kept):
+            kept.append(int(i))
+    return sorted(kept)
+
+
+def test_mask_nms_matches_its_definition_on_random_windows():
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        p = int(rng.integers(2, 25))
+        probs = torch.from_numpy(rng.random((p, 12, 12)).astype(np.float32))
+        probs[:, :, :3] = 0  # uneven shapes
+        xy = rng.integers(-5, 30, size=(p, 2))
+        windows = torch.from_numpy(np.c_[xy, xy + 12])
+        scores = rng.random(p)
+        for max_overlap in (0.2, 0.5, 0.8):
+            got = suppress_duplicate_masks(probs, windows, scores, threshold=0.6, max_overlap=max_overlap)
+            assert got.tolist() == _greedy_mask_nms_reference(probs, windows, scores, 0.6, max_overlap), trial
+
+
+def test_mask_nms_drops_the_lower_scored_duplicate_only():
+    probs = torch.zeros(4, 10, 10)
+    probs[0, 2:8, 2:8] = 0.9  # A
+    probs[1, 3:8, 3:8] = 0.8  # B: inside A
+    probs[2, 2:8, 2:8] = 0.9  # C: A's shape, in a window far away
+    probs[3, 2:8, 2:8] = 0.9  # D: A's shape shifted 4 px right: overlap 2/6 of it
+    win = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [40, 0, 50, 10], [4, 0, 14, 10]])
+    scores = np.array([0.5, 0.9, 0.1, 0.3])
+    keep = suppress_duplicate_masks(probs, win, scores, max_overlap=0.5)
+    assert keep.tolist() == [1, 2, 3]  # A lies around the better-scored B; C and D are other nuclei
+    assert suppress_duplicate_masks(probs, win, scores, max_overlap=1.0).tolist() == [0, 1, 2, 3]
+    assert suppress_duplicate_masks(probs[:1], win[:1], np.ones(1)).tolist() == [0]

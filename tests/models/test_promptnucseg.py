@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import karyo
+from karyo.infer.assemble import suppress_duplicate_masks
 from karyo.models.prompter import PrompterConfig
 from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel
 from karyo.models.segmentor import segmentor_config
@@ -85,3 +86,47 @@ def test_refinement_merges_points_that_meet_on_one_nucleus():
     model.config = unmerged
     assert len(model.mask_candidates(prep, pts, np.array([1, 2, 1]), np.array([0.9, 0.8, 0.7], np.float32),
                                      np.zeros((0, 2), np.float32)).scores) == 3
+
+
+def _prompts_used(model: PromptNucSegModel, pts: np.ndarray, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """(negative − positive offsets P×2, negative labels P) that ``_decode`` hands the segmentor."""
+    seen = []
+    decode = model.segmentor.decode
+
+    def spy(emb, slot, coords, labels):
+        seen.append((coords.numpy().copy(), labels.numpy().copy()))
+        return decode(emb, slot, coords, labels)
+
+    model.segmentor.decode = spy
+    try:
+        model._decode(model.prepare(image()), pts, np.zeros((0, 2), np.float32), **kw)
+    finally:
+        model.segmentor.decode = decode
+    coords = np.concatenate([c for c, _ in seen])
+    labels = np.concatenate([lab for _, lab in seen])
+    return coords[:, 1] - coords[:, 0], labels[:, 1]
+
+
+def test_negative_prompt_is_the_nearest_other_point_or_padding():
+    pts = np.array([[40.0, 40.0], [44.0, 40.0], [100.0, 70.0]], np.float32)
+    offsets, labels = _prompts_used(tiny_model(), pts)
+    assert labels.tolist() == [0, 0, 0]
+    np.testing.assert_allclose(offsets, [[4, 0], [-4, 0], [-56, -30]])
+    _, labels = _prompts_used(tiny_model(), pts, negatives=False)
+    assert labels.tolist() == [-1, -1, -1]  # SAM's "not a point"
+
+
+def test_mask_nms_removes_a_duplicate_point_before_negatives_are_chosen():
+    model = tiny_model(score_threshold=0.0, mask_threshold=0.3, min_area=1, min_kept_fraction=0.0)
+    prep = model.prepare(image())
+    # A duplicate pair (1 px apart) and a point far away; the tiny random network's masks are blobs around
+    # each point, so the pair's masks coincide.
+    pts = np.array([[40.0, 40.0], [41.0, 40.0], [100.0, 70.0]], np.float32)
+    args = (np.array([1, 2, 1]), np.array([0.9, 0.8, 0.7], np.float32), np.zeros((0, 2), np.float32))
+    assert len(model.mask_candidates(prep, pts, *args).scores) == 3
+    probs, windows, _ = model._decode(prep, pts[:2], np.zeros((0, 2), np.float32), negatives=False)
+    assert len(suppress_duplicate_masks(probs, windows, np.array([0.9, 0.8]), max_overlap=0.5)) == 1
+    model.config = dataclasses.replace(model.config, mask_nms_overlap=0.5)
+    kept = model.mask_candidates(prep, pts, *args)
+    assert list(kept.classes) == [1, 1]  # the better-scored duplicate and the far point
+    assert len(model.mask_candidates(prep, pts[[0, 2]], args[0][[0, 2]], args[1][[0, 2]], args[2]).scores) == 2

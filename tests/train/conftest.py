@@ -1,4 +1,5 @@
-"""Fixtures of the training tests: small multi-channel (fluorescence-like) tiles and an OME-TIFF layout folder."""
+"""Fixtures of the training tests: small multi-channel (fluorescence-like) tiles, an OME-TIFF layout folder and
+a layout folder of synthetic H&E-like tiles."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from tests.train.test_train import disc_samples
 
 from karyo.data.layout import write_layout_sample
 from karyo.data.sample import Sample
@@ -43,4 +45,13 @@ def ome_layout(tmp_path):
         write_layout_sample(root, Sample(image=s.image[..., ::-1].copy(), instances=s.instances, classes=s.classes,
                                          class_names=s.class_names, name=s.name, channel_names=("CD45", "DAPI")),
                             split="train")
+    return root
+
+
+@pytest.fixture
+def disc_layout(tmp_path):
+    """8 synthetic H&E-like tiles from 4 source images (syn_0 … syn_3) in a karyo layout folder."""
+    root = tmp_path / "data"
+    for s in disc_samples(8):
+        write_layout_sample(root, s, split="train")
     return root

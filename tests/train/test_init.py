@@ -6,21 +6,11 @@ import json
 import pytest
 import torch
 import yaml
-from tests.train.test_train import AUG, disc_samples, tiny_prompter
+from tests.train.test_train import AUG, tiny_prompter
 
-from karyo.data.layout import write_layout_sample
 from karyo.errors import InputError
 from karyo.models.prompter import Prompter
 from karyo.train.api import init_weights, train
-
-
-@pytest.fixture
-def disc_layout(tmp_path):
-    """8 synthetic H&E-like tiles from 4 source images (syn_0 … syn_3) in a karyo layout folder."""
-    root = tmp_path / "data"
-    for s in disc_samples(8):
-        write_layout_sample(root, s, split="train")
-    return root
 
 
 def _config(tmp_path, data, **extra) -> str:

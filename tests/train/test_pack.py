@@ -36,22 +36,40 @@ def test_cached_tuning_equals_segment_per_setting():
     model = PromptNucSegModel(cfg)
     samples = _samples(model)
     assert samples[0].instances.max() > 0
-    grid = {"score_threshold": (0.0, 0.45), "nms_radius_px": (4.0, 12.0), "mask_threshold": (0.3, 0.5),
-            "refine_points": (0, 1)}
+    grid = {"score_threshold": (0.0, 0.45), "nms_radius_px": (4.0, 12.0), "mask_nms_overlap": (None, 0.3),
+            "refine_points": (0, 1), "mask_threshold": (0.3, 0.5)}
     best, rows = tune_thresholds(model, samples, grid, log=lambda _: None)
-    assert len(rows) == 16
+    assert len(rows) == 32
     assert model.config == cfg  # the model itself is left as it was
-    for r in rows:
-        model.config = replace(cfg, score_threshold=r["score_threshold"], nms_radius_px=r["nms_radius_px"],
-                               mask_threshold=r["mask_threshold"], refine_points=r["refine_points"])
+    keys = list(grid)
+    best_row = max(rows, key=lambda r: r["val_pq"])
+    for r in [best_row, *rows[::5]]:  # every fifth setting, and the best, recomputed with segment()
+        model.config = replace(cfg, **{k: r[k] for k in keys})
         assert r["val_pq"] == pytest.approx(mean_pq(model, samples), abs=1e-12)
-    assert max(r["val_pq"] for r in rows) == pytest.approx(
-        next(r["val_pq"] for r in rows if (r["score_threshold"], r["nms_radius_px"], r["mask_threshold"],
-                                            r["refine_points"])
-             == (best.score_threshold, best.nms_radius_px, best.mask_threshold, best.refine_points)))
-    assert len({r["val_pq"] for r in rows}) > 1  # the settings matter on these images
-    assert (best.score_threshold, best.nms_radius_px, best.mask_threshold, best.refine_points) == (0.0, 4.0, 0.3, 0)
     model.config = cfg
+    assert all(getattr(best, k) == best_row[k] for k in keys)
+    assert len({r["val_pq"] for r in rows}) > 1  # the settings matter on these images
+    # The truth was made with score 0, NMS 4, mask 0.3, no refinement, no duplicate handling.
+    assert (best.score_threshold, best.nms_radius_px, best.mask_threshold, best.refine_points) == (0.0, 4.0, 0.3, 0)
+    capped, capped_rows = tune_thresholds(model, samples[:1], grid, log=lambda _: None, max_nms_radius_px=8.0)
+    assert {r["nms_radius_px"] for r in capped_rows} == {4.0} and capped.nms_radius_px == 4.0
+    _, floor_rows = tune_thresholds(model, samples[:1], grid, log=lambda _: None, max_nms_radius_px=1.0)
+    assert {r["nms_radius_px"] for r in floor_rows} == {4.0}  # the grid's smallest radius always stays
+
+
+def test_nms_radius_limit_is_a_quantile_of_nearest_neighbour_spacing():
+    from karyo.train.pack import nms_radius_limit
+
+    inst = np.zeros((60, 100), np.int32)
+    # Centres at x = 10, 20, 50, 90 (nearest-neighbour distances 10, 10, 30, 40), 3×3 squares.
+    for k, x in enumerate((10, 20, 50, 90), start=1):
+        inst[29:32, x - 1:x + 2] = k
+    samples = [Sample(np.zeros((60, 100, 3), np.uint8), inst, name="a", mpp=0.5),
+               Sample(np.zeros((60, 100, 3), np.uint8), np.zeros((60, 100), np.int32), name="empty")]
+    # At 0.25 µm/px model pixels the 0.5 µm/px distances double: 20, 20, 60, 80.
+    assert nms_radius_limit(samples, mpp=0.25, quantile=0.5) == pytest.approx(40.0)
+    assert nms_radius_limit(samples, mpp=0.5, quantile=0.0) == pytest.approx(10.0)
+    assert nms_radius_limit(samples[1:], mpp=0.25) == float("inf")
 
 
 def test_load_segmentor_reads_a_packed_model_folder(tmp_path):
@@ -72,3 +90,36 @@ def test_load_segmentor_reads_a_packed_model_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no segmentor here"):
         load_segmentor(tmp_path / "empty")
+
+
+def test_cli_pack_promptnucseg_tunes_under_the_spacing_cap(tmp_path, disc_layout, one_thread, monkeypatch):
+    """karyo pack promptnucseg end to end: a prompter run + a model folder's segmentor → a loadable model whose
+    NMS radius respects the cap measured on the run's training annotations."""
+    import json
+
+    from tests.train.test_init import _config
+    from typer.testing import CliRunner
+
+    import karyo
+    from karyo.cli import app
+    from karyo.train import pack
+    from karyo.train.api import train
+
+    run = tmp_path / "prompter_run"
+    train("prompter", None, run, config=_config(tmp_path, disc_layout, val_ids=["syn_3_000", "syn_3_001"]),
+          progress=False)
+    seg = PromptNucSegModel(PromptNucSegConfig(segmentor=segmentor_config("tiny")))
+    seg.save(tmp_path / "seg")
+    monkeypatch.setattr(pack, "TUNING_GRID", {"score_threshold": (0.3,), "nms_radius_px": (2.0, 4.0, 500.0),
+                                              "mask_nms_overlap": (None, 0.3), "refine_points": (0,),
+                                              "mask_threshold": (0.5,)})
+    res = CliRunner().invoke(app, ["pack", "promptnucseg", "--prompter", str(run), "--segmentor", str(tmp_path / "seg"),
+                                   "--out", str(tmp_path / "model")])
+    assert res.exit_code == 0, res.output
+    assert "model →" in res.output
+    tuning = json.loads((tmp_path / "model" / "tuning.json").read_text())
+    limit = pack.nms_radius_limit(pack.training_samples(run), 0.25)
+    assert tuning["max_nms_radius_px"] == pytest.approx(limit) and 4.0 < limit < 500.0
+    assert {r["nms_radius_px"] for r in tuning["rows"]} == {2.0, 4.0}  # 500 px is above the cap
+    model = karyo.load(tmp_path / "model")
+    assert model.config.nms_radius_px in (2.0, 4.0) and model.config.score_threshold == 0.3

@@ -20,7 +20,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from karyo.device import pick_device
-from karyo.infer.assemble import assemble_instances
+from karyo.infer.assemble import assemble_instances, suppress_duplicate_masks
 from karyo.infer.prepare import model_input, pad_input, resample_to_model, resize_instances
 from karyo.infer.result import SegmentationResult
 from karyo.models.base import InstanceModel, register
@@ -42,6 +42,10 @@ class PromptNucSegConfig:
     mask_threshold: float = 0.5  # on the segmentor's mask probability
     min_area: int = 10
     min_kept_fraction: float = 0.35
+    # Duplicate prompts on one nucleus: before negatives are chosen, each point is decoded alone and a mask is
+    # dropped when more than this fraction of the smaller of it and a better-scored mask is their intersection
+    # (None: off; see mask_candidates and suppress_duplicate_masks).
+    mask_nms_overlap: float | None = None
     tile_size: int = 256
     tile_overlap: int = 64
     refine_points: int = 0  # re-prompt at each mask's centroid this many times (see mask_candidates)
@@ -160,12 +164,23 @@ class PromptNucSegModel(InstanceModel):
         (probability > 0.5, whatever ``mask_threshold``) and decoded again, that many times: the segmentor was
         trained on points near nucleus centres, and a prompter point off centre gives a worse mask. Refined
         points that land within ``refine_merge_px`` of a better-scored one are dropped as duplicates of the same
-        nucleus."""
+        nucleus.
+
+        With ``mask_nms_overlap`` set, duplicate points are removed first. Each point's nearest other point is its
+        negative prompt, and for two points on one nucleus that negative cuts the nucleus in two; decoded without
+        negatives, both give the whole nucleus, and the lower-scored of two mostly overlapping masks is dropped.
+        Real neighbours stay, and serve as each other's negatives from then on. This is why the point NMS radius
+        can stay below the spacing of touching nuclei."""
         cfg = self.config
         score = np.array(score, np.float32, copy=True)
         pts, cls = np.asarray(pts, np.float32), np.asarray(cls)
         if len(pts) == 0:
             return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls)
+        if cfg.mask_nms_overlap is not None and len(pts) > 1:
+            probs, windows, iou = self._decode(prep, pts, neg, negatives=False)
+            keep = suppress_duplicate_masks(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)),
+                                            threshold=0.5, max_overlap=cfg.mask_nms_overlap)
+            pts, cls, score = pts[keep], cls[keep], score[keep]
         for _ in range(cfg.refine_points if refine_points is None else refine_points):
             probs, windows, _ = self._decode(prep, pts, neg)
             pts = _mask_centroids(probs, windows, pts, 0.5, cfg.min_area)
@@ -175,9 +190,10 @@ class PromptNucSegModel(InstanceModel):
         probs, windows, iou = self._decode(prep, pts, neg)
         return MaskCandidates(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)), cls)
 
-    def _decode(self, prep: PreparedImage, pts: np.ndarray, neg: np.ndarray
+    def _decode(self, prep: PreparedImage, pts: np.ndarray, neg: np.ndarray, negatives: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """(window probabilities P×Hw×Ww, windows P×4 in model pixels, predicted IoU P) for points ``pts``."""
+        """(window probabilities P×Hw×Ww, windows P×4 in model pixels, predicted IoU P) for points ``pts``;
+        without ``negatives`` the negative prompt slots are padding (SAM's "not a point")."""
         cfg = self.config
         n = len(pts)
         # Negative prompts: the K nearest other points (and user negatives), as in training.
@@ -186,7 +202,7 @@ class PromptNucSegModel(InstanceModel):
         prompts = np.zeros((n, 1 + max(k, 0), 2), np.float32)
         labels = np.full((n, 1 + max(k, 0)), -1, np.int64)
         prompts[:, 0], labels[:, 0] = pts, 1
-        if k > 0:
+        if k > 0 and negatives:
             _, nn_idx = cKDTree(pool).query(pts, k=k + 1)
             nn_idx = np.asarray(nn_idx).reshape(n, -1)[:, 1:]
             prompts[:, 1:], labels[:, 1:] = pool[nn_idx], 0

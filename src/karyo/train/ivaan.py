@@ -312,11 +312,12 @@ def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: 
     model.segmentor.load_state_dict(s_state)
     model.level_model = levels
     if tune:
-        from karyo.train.pack import tune_thresholds, validation_samples
+        from karyo.train.pack import nms_radius_limit, training_samples, tune_thresholds, validation_samples
 
         samples = validation_samples(ivaan_run)
         log(f"tuning thresholds on {len(samples)} validation images of {ivaan_run}")
-        model.config, _ = tune_thresholds(model, samples, log=log)
+        model.config, _ = tune_thresholds(model, samples, log=log,
+                                          max_nms_radius_px=nms_radius_limit(training_samples(ivaan_run), cfg.mpp))
     if out is not None:
         model.save(out)
     return model

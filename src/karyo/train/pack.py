@@ -1,9 +1,11 @@
 """Turn training runs into a model folder: ``karyo pack promptnucseg --prompter RUN --segmentor RUN --out DIR``.
 
-Inference thresholds (prompter score, point NMS radius, mask probability) are tuned on the prompter run's
-*validation* images and shipped in the model's config (as StarDist ships ``thresholds.json``); test data are
-never used. Weights are stored in float16 (half the size, no measurable change in output) and loaded as
-float32.
+Inference thresholds (prompter score, point NMS radius, duplicate handling, mask probability) are tuned on the
+prompter run's *validation* images and shipped in the model's config (as StarDist ships ``thresholds.json``);
+test data are never used. The point NMS radius is capped by the spacing of nuclei in the run's *training*
+annotations (:func:`nms_radius_limit`): a radius that removes true neighbours in dense tissue can still win on a
+validation split that happens to be sparse, and the cap keeps the choice valid for dense tissue too.
+Weights are stored in float16 (half the size, no measurable change in output) and loaded as float32.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from karyo.config import from_dict, load_json
 from karyo.errors import InputError
+from karyo.metrics.detection import instance_points
 from karyo.metrics.instance import panoptic_quality
 from karyo.models.prompter import PrompterConfig
 from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel
@@ -26,8 +30,12 @@ from karyo.models.segmentor import SegmentorConfig
 from karyo.models.vit import read_state_dict
 from karyo.train.data import load_specs
 
-TUNING_GRID = {"score_threshold": (0.4, 0.5, 0.6, 0.7), "nms_radius_px": (10.0, 16.0, 20.0, 24.0),
-               "mask_threshold": (0.4, 0.5, 0.6), "refine_points": (0, 1, 2)}
+TUNING_GRID = {"score_threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "nms_radius_px": (6.0, 8.0, 10.0, 12.0, 16.0, 20.0),
+               "mask_nms_overlap": (None, 0.2, 0.3, 0.5), "refine_points": (0, 1, 2), "mask_threshold": (0.4, 0.5, 0.6)}
+# Settings that change only how the masks are resolved: one set of masks serves all their values.
+RESOLVE_KEYS = ("mask_threshold",)
+# The NMS radius may suppress at most this fraction of true nearest neighbours in the training annotations.
+NEIGHBOUR_QUANTILE = 0.1
 
 
 def _run_model(run: str | os.PathLike, name: str) -> tuple[dict, dict]:
@@ -60,11 +68,38 @@ def load_segmentor(source: str | os.PathLike) -> tuple[SegmentorConfig, int, dic
 
 def validation_samples(run: str | os.PathLike) -> list:
     """The validation images of a training run, exactly as it held them out."""
+    return _run_samples(run, validation=True)
+
+
+def training_samples(run: str | os.PathLike) -> list:
+    """The images a training run trained on (all but its validation images)."""
+    return _run_samples(run, validation=False)
+
+
+def _run_samples(run: str | os.PathLike, validation: bool) -> list:
     saved = load_json(Path(run) / "train_config.json")
     names = {int(k): v for k, v in (saved.get("model", {}).get("class_names") or {}).items()}
     samples = load_specs(saved["data"], names or None)
-    index = {n: i for i, n in enumerate(samples.ids)}
-    return [samples[index[i]] for i in saved["val_ids"] if i in index]
+    if validation:
+        index = {n: i for i, n in enumerate(samples.ids)}
+        return [samples[index[i]] for i in saved["val_ids"] if i in index]
+    held_out = set(saved["val_ids"])
+    return [samples[i] for i, n in enumerate(samples.ids) if n not in held_out]
+
+
+def nms_radius_limit(samples: list, mpp: float, quantile: float = NEIGHBOUR_QUANTILE) -> float:
+    """The ``quantile`` of the distance from each annotated nucleus to its nearest neighbour (model pixels at
+    ``mpp``): a point NMS radius up to it suppresses at most that fraction of true neighbours."""
+    nearest = []
+    for s in samples:
+        if s.instances is None:
+            continue
+        xy = instance_points(s.instances).xy * ((s.mpp or mpp) / mpp)
+        if len(xy) > 1:
+            nearest.append(cKDTree(xy).query(xy, k=2)[0][:, 1])
+    if not nearest:
+        return float("inf")
+    return float(np.quantile(np.concatenate(nearest), quantile))
 
 
 def mean_pq(model: PromptNucSegModel, samples: list) -> float:
@@ -76,37 +111,50 @@ def mean_pq(model: PromptNucSegModel, samples: list) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None = None,
-                    log=print) -> tuple[PromptNucSegConfig, list[dict]]:
-    """Grid search of the inference thresholds on validation images; returns the best config and all rows
-    (mean PQ over images with nuclei). Each image's networks run once: the prompter's outputs and the
-    segmentor's tile embeddings are reused for every (score threshold, NMS radius), whose masks are reused for
-    every mask threshold; results equal :func:`mean_pq` with each setting."""
+def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None = None, log=print, *,
+                    max_nms_radius_px: float | None = None) -> tuple[PromptNucSegConfig, list[dict]]:
+    """Grid search of the inference settings on validation images; returns the best config and all rows (mean
+    PQ over images with nuclei). NMS radii above ``max_nms_radius_px`` are left out (the smallest radius of the
+    grid always stays). Each image's networks run once: the prompter's outputs and the segmentor's tile embeddings are
+    reused for every point setting, whose masks are reused for every :data:`RESOLVE_KEYS` setting; results
+    equal :func:`mean_pq` with each setting."""
     grid = {**TUNING_GRID, **(grid or {})}
-    point_settings = list(itertools.product(grid["refine_points"], grid["score_threshold"], grid["nms_radius_px"]))
+    base = model.config
+    point_keys = [k for k in grid if k not in RESOLVE_KEYS]
+    radii = sorted(grid["nms_radius_px"])
+    if max_nms_radius_px is not None:
+        radii = [r for r in radii if r <= max_nms_radius_px] or radii[:1]
+    point_settings = [dict(zip(point_keys, v, strict=True))
+                      for v in itertools.product(*(radii if k == "nms_radius_px" else grid[k] for k in point_keys))]
+    resolve_settings = [dict(zip(RESOLVE_KEYS, v, strict=True))
+                        for v in itertools.product(*(grid[k] for k in RESOLVE_KEYS))]
     pq: dict[tuple, list[float]] = {}
     no_neg = np.zeros((0, 2), np.float32)
-    with torch.no_grad():
-        for sample in samples:
-            if sample.instances is None or sample.instances.max() == 0:
-                continue
-            prep = model.prepare(sample.image, mpp=None)
-            for refine, score_threshold, nms in point_settings:
-                candidates = model.mask_candidates(prep, *model.detect(prep, score_threshold, nms), no_neg,
-                                                   refine_points=int(refine))
-                for mask_threshold in grid["mask_threshold"]:
-                    pred = model.resolve(prep, candidates, mask_threshold).instances
-                    key = (score_threshold, nms, mask_threshold, int(refine))
-                    pq.setdefault(key, []).append(panoptic_quality(sample.instances, pred).pq)
-    keys = ("score_threshold", "nms_radius_px", "mask_threshold", "refine_points")
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                if sample.instances is None or sample.instances.max() == 0:
+                    continue
+                prep = model.prepare(sample.image, mpp=None)
+                for ps in point_settings:
+                    model.config = replace(base, **ps)
+                    candidates = model.mask_candidates(prep, *model.detect(prep, ps["score_threshold"],
+                                                                           ps["nms_radius_px"]), no_neg)
+                    for rs in resolve_settings:
+                        model.config = replace(base, **ps, **rs)
+                        pred = model.resolve(prep, candidates, rs["mask_threshold"]).instances
+                        key = tuple(ps.values()) + tuple(rs.values())
+                        pq.setdefault(key, []).append(panoptic_quality(sample.instances, pred).pq)
+    finally:
+        model.config = base
+    keys = (*point_keys, *RESOLVE_KEYS)
     rows = [{**dict(zip(keys, k, strict=True)), "val_pq": float(np.mean(v))} for k, v in pq.items()]
     for r in rows:
-        log(f"  score {r['score_threshold']}, nms {r['nms_radius_px']} px, mask {r['mask_threshold']}, "
-            f"refine {r['refine_points']}: PQ {r['val_pq']:.4f}")
+        log("  " + ", ".join(f"{k} {r[k]}" for k in keys) + f": PQ {r['val_pq']:.4f}")
     if not rows:
-        return model.config, rows
+        return base, rows
     best = max(rows, key=lambda r: r["val_pq"])
-    return replace(model.config, **{k: best[k] for k in keys}), rows
+    return replace(base, **{k: best[k] for k in keys}), rows
 
 
 def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.PathLike,
@@ -123,14 +171,17 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
     model.segmentor.load_state_dict(s_state)
     rows: list[dict] = []
     if tune:
+        limit = nms_radius_limit(training_samples(prompter_run), cfg.mpp)
         samples = validation_samples(prompter_run)
-        log(f"tuning thresholds on {len(samples)} validation images of {prompter_run}")
-        model.config, rows = tune_thresholds(model, samples, log=log)
+        log(f"tuning thresholds on {len(samples)} validation images of {prompter_run} (NMS radius ≤ {limit:.1f} px: "
+            f"{NEIGHBOUR_QUANTILE:.0%} of training nuclei have a neighbour nearer)")
+        model.config, rows = tune_thresholds(model, samples, log=log, max_nms_radius_px=limit)
     out = Path(out)
     model.save(out)
     _halve(out)
     if rows:
-        (out / "tuning.json").write_text(json.dumps({"grid": TUNING_GRID, "rows": rows}, indent=1) + "\n")
+        (out / "tuning.json").write_text(json.dumps({"grid": TUNING_GRID, "max_nms_radius_px": limit,
+                                                     "rows": rows}, indent=1) + "\n")
     return model
 
 

@@ -1,0 +1,114 @@
+"""Does a PromptNucSeg inference setting chosen on validation images hold in dense tissue?
+
+    python -m benchmarks.promptnucseg_density --model promptnucseg_cpu --run runs/default_prompter_continue
+
+Threshold tuning (``karyo pack``) can only use a prompter run's validation images. When those are sparser than
+the tissue a model meets, a point NMS radius that deletes touching neighbours costs little there and wins. This
+report puts numbers on that:
+
+* nucleus spacing: quantiles of the distance from each annotated nucleus to its nearest neighbour (model pixels),
+  on the run's validation images and on its training images;
+* mean PQ of a few inference settings on the validation images and on a dense sample of the *training* images
+  (every ``--every``-th CoNSeP training patch). The networks trained on those, so their absolute PQ is
+  optimistic; only the differences between settings are read, and no setting is chosen on them.
+
+Test splits are not used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+import karyo
+from benchmarks._report import invocation, update_section
+from karyo.metrics.detection import instance_points
+from karyo.train.pack import mean_pq, training_samples, validation_samples
+
+# Each row: a name and the inference settings it changes from the model's own config.
+SETTINGS = {
+    "NMS 20 px, no mask NMS (the 2026-12-06 morning settings)": {"nms_radius_px": 20.0, "mask_nms_overlap": None},
+    "NMS 8 px, no mask NMS": {"nms_radius_px": 8.0, "mask_nms_overlap": None},
+    "NMS 16 px, mask NMS 0.2 (best on validation without the radius cap)": {"nms_radius_px": 16.0,
+                                                                            "mask_nms_overlap": 0.2},
+    "the model's own settings": {},
+}
+
+
+def spacing(samples: list, mpp: float) -> np.ndarray:
+    """Distance (model pixels at ``mpp``) from each annotated nucleus to its nearest neighbour."""
+    out = []
+    for s in samples:
+        xy = instance_points(s.instances).xy * ((s.mpp or mpp) / mpp)
+        if len(xy) > 1:
+            out.append(cKDTree(xy).query(xy, k=2)[0][:, 1])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def run(model_name: str, run_dir: Path, every: int) -> dict:
+    model = karyo.load(model_name)
+    base = model.config
+    val = validation_samples(run_dir)
+    train = training_samples(run_dir)
+    dense = [s for s in train if s.name.startswith("train_")][::every]
+    t0 = time.perf_counter()
+    quantiles = (0.05, 0.1, 0.25, 0.5)
+    result = {"spacing": {name: (len(d), np.quantile(d, quantiles).tolist())
+                          for name, d in (("validation", spacing(val, base.mpp)),
+                                          ("training", spacing(train, base.mpp)),
+                                          ("dense training sample", spacing(dense, base.mpp)))},
+              "quantiles": quantiles, "rows": {}, "n_val": len(val), "n_dense": len(dense),
+              "own": {k: getattr(base, k) for k in ("score_threshold", "nms_radius_px", "mask_nms_overlap",
+                                                    "refine_points", "mask_threshold")}}
+    with torch.no_grad():
+        for name, change in SETTINGS.items():
+            model.config = replace(base, **change)
+            result["rows"][name] = (mean_pq(model, val), mean_pq(model, dense))
+    model.config = base
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def markdown(model_name: str, r: dict) -> str:
+    q = " | ".join(f"{int(v * 100)}%" for v in r["quantiles"])
+    lines = [f"Model `{model_name}`; its own settings: {r['own']}.", "",
+             "Distance from each annotated nucleus to its nearest neighbour (model pixels):", "",
+             f"| images | nuclei | {q} |", "|---|---|" + "---|" * len(r["quantiles"])]
+    for name, (n, values) in r["spacing"].items():
+        lines.append(f"| {name} | {n} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+    lines += ["", f"Mean PQ ({r['n_val']} validation images; {r['n_dense']} CoNSeP training patches, trained on: "
+                  "read the differences only):", "", "| settings | validation PQ | dense training sample PQ |",
+              "|---|---|---|"]
+    for name, (pv, pd) in r["rows"].items():
+        lines.append(f"| {name} | {pv:.4f} | {pd:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="promptnucseg_cpu")
+    ap.add_argument("--run", type=Path, default=Path("runs/default_prompter_continue"),
+                    help="the prompter run whose validation/training images to use (its train_config.json)")
+    ap.add_argument("--every", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    result = run(args.model, args.run, args.every)
+    body = markdown(args.model, result)
+    print(body)
+    print(f"({result['seconds']:.0f} s)")
+    if not args.no_docs:
+        update_section(f"promptnucseg_density_{Path(args.model).name}",
+                       f"PromptNucSeg inference settings in dense tissue: {Path(args.model).name}", body,
+                       invocation("benchmarks.promptnucseg_density"))
+
+
+if __name__ == "__main__":
+    main()
