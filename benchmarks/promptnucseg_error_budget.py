@@ -94,8 +94,8 @@ def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
             "offset_px": {"mean": float(dist.mean()) if len(dist) else float("nan"),
                           "median": float(np.median(dist)) if len(dist) else float("nan"),
                           "p90": float(np.percentile(dist, 90)) if len(dist) else float("nan")},
-            "settings": {k: getattr(mc, k) for k in ("score_threshold", "nms_radius_px", "mask_threshold",
-                                                      "refine_points")}}
+            "settings": {k: getattr(mc, k) for k in ("score_threshold", "nms_radius_px", "mask_nms_overlap",
+                                                      "refine_points", "mask_threshold")}}
 
 
 def markdown(model_name: str, result: dict) -> str:
