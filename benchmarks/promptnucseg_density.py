@@ -24,12 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 import karyo
 from benchmarks._report import invocation, update_section
-from karyo.metrics.detection import instance_points
-from karyo.train.pack import mean_pq, training_samples, validation_samples
+from karyo.train.pack import mean_pq, nearest_neighbour_distances, training_samples, validation_samples
 
 # Each row: a name and the inference settings it changes from the model's own config.
 SETTINGS = {
@@ -41,16 +39,6 @@ SETTINGS = {
 }
 
 
-def spacing(samples: list, mpp: float) -> np.ndarray:
-    """Distance (model pixels at ``mpp``) from each annotated nucleus to its nearest neighbour."""
-    out = []
-    for s in samples:
-        xy = instance_points(s.instances).xy * ((s.mpp or mpp) / mpp)
-        if len(xy) > 1:
-            out.append(cKDTree(xy).query(xy, k=2)[0][:, 1])
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 def run(model_name: str, run_dir: Path, every: int) -> dict:
     model = karyo.load(model_name)
     base = model.config
@@ -60,9 +48,9 @@ def run(model_name: str, run_dir: Path, every: int) -> dict:
     t0 = time.perf_counter()
     quantiles = (0.05, 0.1, 0.25, 0.5)
     result = {"spacing": {name: (len(d), np.quantile(d, quantiles).tolist())
-                          for name, d in (("validation", spacing(val, base.mpp)),
-                                          ("training", spacing(train, base.mpp)),
-                                          ("dense training sample", spacing(dense, base.mpp)))},
+                          for name, d in (("validation", nearest_neighbour_distances(val, base.mpp)),
+                                          ("training", nearest_neighbour_distances(train, base.mpp)),
+                                          ("dense training sample", nearest_neighbour_distances(dense, base.mpp)))},
               "quantiles": quantiles, "rows": {}, "n_val": len(val), "n_dense": len(dense),
               "own": {k: getattr(base, k) for k in ("score_threshold", "nms_radius_px", "mask_nms_overlap",
                                                     "refine_points", "mask_threshold")}}

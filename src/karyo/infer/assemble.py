@@ -5,10 +5,10 @@ probability there (among those above the threshold): one scatter-max over all wi
 prompts. An instance that keeps less than ``min_kept_fraction`` of its own mask lost it to a neighbour that
 claimed the same nucleus (a duplicate prompt) and is dropped; each instance keeps its largest connected piece.
 
-Two prompts on one nucleus split it between them by probability, so neither half may survive that test:
-``suppress_duplicate_masks`` first removes, best score first, every mask that mostly lies inside a better-scored
-one (mask-level non-maximum suppression, as SAM's automatic mask generator does with boxes). It lets the point NMS
-radius stay below the spacing of touching nuclei, where a large radius deletes real neighbours in dense tissue.
+``suppress_duplicate_masks`` is mask-level non-maximum suppression, as SAM's automatic mask generator does with
+boxes: best score first, every mask that mostly lies inside a better-scored one is removed. PromptNucSeg runs it on
+masks decoded without negatives, before it chooses negative prompts (``PromptNucSegModel.mask_candidates``), so a
+second point on a nucleus is dropped instead of cutting the nucleus in two.
 """
 
 from __future__ import annotations

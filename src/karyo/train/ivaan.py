@@ -298,7 +298,7 @@ def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: 
                *, tune: bool = False, log=print):
     """An :class:`~karyo.models.ivaan.IVAANModel` from an IVAAN run and a segmentor (a segmentor run, its
     ``model`` folder, or a PromptNucSeg/IVAAN model folder); saved to ``out`` when given. ``tune`` grid-searches
-    the inference thresholds on the IVAAN run's validation images (``karyo.train.pack.tune_thresholds``)."""
+    the inference thresholds on the IVAAN run's validation images (``karyo.train.pack.tune_on_run``)."""
     from karyo.models.ivaan import IVAANModel, IVAANModelConfig
     from karyo.train.pack import load_segmentor
 
@@ -312,12 +312,9 @@ def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: 
     model.segmentor.load_state_dict(s_state)
     model.level_model = levels
     if tune:
-        from karyo.train.pack import nms_radius_limit, training_samples, tune_thresholds, validation_samples
+        from karyo.train.pack import tune_on_run
 
-        samples = validation_samples(ivaan_run)
-        log(f"tuning thresholds on {len(samples)} validation images of {ivaan_run}")
-        model.config, _ = tune_thresholds(model, samples, log=log,
-                                          max_nms_radius_px=nms_radius_limit(training_samples(ivaan_run), cfg.mpp))
+        model.config, _, _ = tune_on_run(model, ivaan_run, log)
     if out is not None:
         model.save(out)
     return model

@@ -87,9 +87,8 @@ def _run_samples(run: str | os.PathLike, validation: bool) -> list:
     return [samples[i] for i, n in enumerate(samples.ids) if n not in held_out]
 
 
-def nms_radius_limit(samples: list, mpp: float, quantile: float = NEIGHBOUR_QUANTILE) -> float:
-    """The ``quantile`` of the distance from each annotated nucleus to its nearest neighbour (model pixels at
-    ``mpp``): a point NMS radius up to it suppresses at most that fraction of true neighbours."""
+def nearest_neighbour_distances(samples: list, mpp: float) -> np.ndarray:
+    """Distance (model pixels at ``mpp``) from each annotated nucleus to its nearest neighbour, over ``samples``."""
     nearest = []
     for s in samples:
         if s.instances is None:
@@ -97,9 +96,14 @@ def nms_radius_limit(samples: list, mpp: float, quantile: float = NEIGHBOUR_QUAN
         xy = instance_points(s.instances).xy * ((s.mpp or mpp) / mpp)
         if len(xy) > 1:
             nearest.append(cKDTree(xy).query(xy, k=2)[0][:, 1])
-    if not nearest:
-        return float("inf")
-    return float(np.quantile(np.concatenate(nearest), quantile))
+    return np.concatenate(nearest) if nearest else np.zeros(0)
+
+
+def nms_radius_limit(samples: list, mpp: float, quantile: float = NEIGHBOUR_QUANTILE) -> float:
+    """The ``quantile`` of :func:`nearest_neighbour_distances`: a point NMS radius up to it suppresses at most that
+    fraction of true neighbours (infinite when no image has two nuclei)."""
+    nearest = nearest_neighbour_distances(samples, mpp)
+    return float(np.quantile(nearest, quantile)) if len(nearest) else float("inf")
 
 
 def mean_pq(model: PromptNucSegModel, samples: list) -> float:
@@ -157,6 +161,18 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
     return replace(base, **{k: best[k] for k in keys}), rows
 
 
+def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log=print
+                ) -> tuple[PromptNucSegConfig, list[dict], float]:
+    """(best config, all rows, NMS radius cap): :func:`tune_thresholds` on a training run's validation images,
+    with the NMS radius capped by :func:`nms_radius_limit` of the run's training images."""
+    limit = nms_radius_limit(training_samples(run), model.config.mpp)
+    samples = validation_samples(run)
+    log(f"tuning thresholds on {len(samples)} validation images of {run} (NMS radius ≤ {limit:.1f} px: "
+        f"{NEIGHBOUR_QUANTILE:.0%} of training nuclei have a neighbour nearer)")
+    config, rows = tune_thresholds(model, samples, log=log, max_nms_radius_px=limit)
+    return config, rows, limit
+
+
 def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.PathLike,
                       out: str | os.PathLike, *, tune: bool = True, log=print) -> PromptNucSegModel:
     """Build a PromptNucSeg model folder from a prompter run and a segmentor (run or model folder, see
@@ -171,11 +187,7 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
     model.segmentor.load_state_dict(s_state)
     rows: list[dict] = []
     if tune:
-        limit = nms_radius_limit(training_samples(prompter_run), cfg.mpp)
-        samples = validation_samples(prompter_run)
-        log(f"tuning thresholds on {len(samples)} validation images of {prompter_run} (NMS radius ≤ {limit:.1f} px: "
-            f"{NEIGHBOUR_QUANTILE:.0%} of training nuclei have a neighbour nearer)")
-        model.config, rows = tune_thresholds(model, samples, log=log, max_nms_radius_px=limit)
+        model.config, rows, limit = tune_on_run(model, prompter_run, log)
     out = Path(out)
     model.save(out)
     _halve(out)
