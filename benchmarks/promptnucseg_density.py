@@ -33,8 +33,8 @@ from karyo.train.pack import mean_pq, nearest_neighbour_distances, training_samp
 SETTINGS = {
     "NMS 20 px, no mask NMS (the 2026-12-06 morning settings)": {"nms_radius_px": 20.0, "mask_nms_overlap": None},
     "NMS 8 px, no mask NMS": {"nms_radius_px": 8.0, "mask_nms_overlap": None},
-    "NMS 16 px, mask NMS 0.2 (best on validation without the radius cap)": {"nms_radius_px": 16.0,
-                                                                            "mask_nms_overlap": 0.2},
+    "NMS 16 px, mask NMS 0.2 (validation's pick without the radius cap, 2026-12-06)": {"nms_radius_px": 16.0,
+                                                                                          "mask_nms_overlap": 0.2},
     "the model's own settings": {},
 }
 

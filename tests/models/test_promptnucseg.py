@@ -9,7 +9,7 @@ import torch
 import karyo
 from karyo.infer.assemble import suppress_duplicate_masks
 from karyo.models.prompter import PrompterConfig
-from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel
+from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, _mask_centroids
 from karyo.models.segmentor import segmentor_config
 
 
@@ -130,3 +130,26 @@ def test_mask_nms_removes_a_duplicate_point_before_negatives_are_chosen():
     kept = model.mask_candidates(prep, pts, *args)
     assert list(kept.classes) == [1, 1]  # the better-scored duplicate and the far point
     assert len(model.mask_candidates(prep, pts[[0, 2]], args[0][[0, 2]], args[1][[0, 2]], args[2]).scores) == 2
+
+
+def test_mask_nms_masks_serve_as_the_first_refinement():
+    model = tiny_model(score_threshold=0.0, mask_threshold=0.3, min_area=1, min_kept_fraction=0.0,
+                       mask_nms_overlap=0.5, refine_points=1)
+    prep = model.prepare(image())
+    pts = np.array([[40.0, 40.0], [41.0, 40.0], [100.0, 70.0]], np.float32)
+    no_neg = np.zeros((0, 2), np.float32)
+    calls = []
+    decode = model._decode
+
+    def spy(prep_, pts_, neg_, negatives=True):
+        calls.append((pts_.copy(), negatives))
+        return decode(prep_, pts_, neg_, negatives)
+
+    model._decode = spy
+    kept = model.mask_candidates(prep, pts, np.array([1, 2, 1]), np.array([0.9, 0.8, 0.7], np.float32), no_neg)
+    assert [neg for _, neg in calls] == [False, True]  # duplicate removal, then the final decode: no extra pass
+    assert list(kept.classes) == [1, 1]
+    probs, windows, _ = decode(prep, pts[[0, 2]], no_neg, negatives=False)
+    centroids = _mask_centroids(probs, windows, pts[[0, 2]], 0.5, 1)
+    np.testing.assert_allclose(calls[1][0], centroids, atol=1e-4)  # prompts moved to the alone-decoded masks
+    assert not np.allclose(centroids, pts[[0, 2]])

