@@ -179,20 +179,25 @@ class PromptNucSegModel(InstanceModel):
         if len(pts) == 0:
             return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls)
         refine = cfg.refine_points if refine_points is None else refine_points
+
+        def move_to_centroids(probs: torch.Tensor, windows: torch.Tensor, pts: np.ndarray, cls: np.ndarray,
+                              score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            pts = _mask_centroids(probs, windows, pts, 0.5, cfg.min_area)
+            keep = point_nms(pts, score, cfg.refine_merge_px) if cfg.refine_merge_px > 0 else np.arange(len(pts))
+            keep = np.sort(keep)
+            return pts[keep], cls[keep], score[keep]
+
         if cfg.mask_nms_overlap is not None and len(pts) > 1:
             probs, windows, iou = self._decode(prep, pts, neg, negatives=False)
             keep = suppress_duplicate_masks(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)),
                                             threshold=0.5, max_overlap=cfg.mask_nms_overlap)
             pts, cls, score = pts[keep], cls[keep], score[keep]
             if refine > 0:  # these masks serve as the first refinement: one decode pass fewer
-                pts = _mask_centroids(probs[keep], windows[keep], pts, 0.5, cfg.min_area)
+                pts, cls, score = move_to_centroids(probs[keep], windows[keep], pts, cls, score)
                 refine -= 1
         for _ in range(refine):
             probs, windows, _ = self._decode(prep, pts, neg)
-            pts = _mask_centroids(probs, windows, pts, 0.5, cfg.min_area)
-            keep = point_nms(pts, score, cfg.refine_merge_px) if cfg.refine_merge_px > 0 else np.arange(len(pts))
-            keep = np.sort(keep)
-            pts, cls, score = pts[keep], cls[keep], score[keep]
+            pts, cls, score = move_to_centroids(probs, windows, pts, cls, score)
         probs, windows, iou = self._decode(prep, pts, neg)
         return MaskCandidates(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)), cls)
 
