@@ -353,6 +353,22 @@ def test_sample_prompts_pads_when_no_neighbour_exists():
     assert batch.image_index.tolist() == [0, 2] and batch.points.dtype == torch.float32
 
 
+
+def test_negative_dropout_trains_some_prompts_without_negatives():
+    centres = [(12 + 16 * i, 12 + 16 * j) for i in range(6) for j in range(6)]
+    inst = _discs((104, 104), centres, 5)
+    plain = sample_prompts(inst, z=36, k_neg=1, jitter_px=1.0, rng=3)
+    same = sample_prompts(inst, z=36, k_neg=1, jitter_px=1.0, rng=3, negative_dropout=0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same, strict=True))  # off: the same random stream
+    assert (plain[1][:, 1] == 0).all()
+    points, labels, _ = sample_prompts(inst, z=36, k_neg=1, jitter_px=1.0, rng=3, negative_dropout=0.5)
+    dropped = labels[:, 1] == -1
+    assert 8 <= dropped.sum() <= 28 and (labels[:, 0] == 1).all()
+    assert (points[dropped, 1] == 0).all()  # padding points sit at (0, 0), as for a missing neighbour
+    assert (sample_prompts(inst, z=36, rng=0, negative_dropout=1.0)[1][:, 1] == -1).all()
+    with pytest.raises(ValueError, match="negative_dropout"):
+        sample_prompts(inst, negative_dropout=1.5)
+
 def test_crop_targets_area_downsamples_inside_the_window():
     inst = torch.zeros(1, 16, 16, dtype=torch.int64)
     inst[0, 4:8, 6:12] = 3

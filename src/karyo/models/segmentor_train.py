@@ -41,7 +41,8 @@ def _nucleus_anchor(ys: np.ndarray, xs: np.ndarray, cy: float, cx: float) -> tup
 
 
 def sample_prompts(instances: np.ndarray, z: int = 25, k_neg: int = 1, jitter_px: float = 2.0,
-                   rng: np.random.Generator | int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   rng: np.random.Generator | int | None = None, negative_dropout: float = 0.0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sample PromptNucSeg training prompts from an H×W instance map (0 = background).
 
     Returns ``points`` Z'×(1+K)×2 float32 (x, y in pixel-index coordinates), ``labels`` Z'×(1+K) int64 (1 for the
@@ -50,7 +51,14 @@ def sample_prompts(instances: np.ndarray, z: int = 25, k_neg: int = 1, jitter_px
     The positive is the nucleus' centroid (or its nearest in-mask pixel) plus uniform jitter in
     [−jitter_px, jitter_px]² that is kept only when the jittered point still lies in the nucleus (8 tries);
     negatives are the anchors of the K nuclei whose centroids are nearest.
+
+    ``negative_dropout`` (a karyo addition, not in the paper): the share of prompts whose negatives are all
+    replaced by padding. Inference decodes every point once *without* negatives to find duplicates (mask NMS)
+    and to re-centre points; a segmentor that never saw such prompts lets those masks bleed into neighbours.
+    At 0 no extra random numbers are drawn, so earlier runs replay exactly.
     """
+    if not 0.0 <= negative_dropout <= 1.0:
+        raise ValueError(f"negative_dropout must lie in [0, 1], got {negative_dropout}")
     inst = np.asarray(instances)
     if inst.ndim != 2:
         raise ValueError(f"instances must be an H×W label map, got shape {inst.shape}")
@@ -92,7 +100,7 @@ def sample_prompts(instances: np.ndarray, z: int = 25, k_neg: int = 1, jitter_px
                     break
         points[row, 0] = (x, y)
         labels[row, 0] = 1
-        if k_neg > 0 and n > 1:
+        if k_neg > 0 and n > 1 and not (negative_dropout > 0 and rng.random() < negative_dropout):
             dist = (cx - cx[j]) ** 2 + (cy - cy[j]) ** 2
             dist[j] = np.inf
             for col, other in enumerate(np.argsort(dist, kind="stable")[: min(k_neg, n - 1)], start=1):
@@ -111,10 +119,11 @@ class PromptBatch(NamedTuple):
 
 
 def sample_prompt_batch(instances: np.ndarray | Sequence[np.ndarray], z: int = 25, k_neg: int = 1,
-                        jitter_px: float = 2.0, rng: np.random.Generator | int | None = None) -> PromptBatch:
+                        jitter_px: float = 2.0, rng: np.random.Generator | int | None = None,
+                        negative_dropout: float = 0.0) -> PromptBatch:
     """:func:`sample_prompts` for each H×W map of a B×H×W batch, concatenated with the image index of each."""
     rng = np.random.default_rng(rng)
-    parts = [sample_prompts(inst, z, k_neg, jitter_px, rng) for inst in instances]
+    parts = [sample_prompts(inst, z, k_neg, jitter_px, rng, negative_dropout) for inst in instances]
     points = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 1 + k_neg, 2), np.float32)
     labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 1 + k_neg), np.int64)
     ids = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)

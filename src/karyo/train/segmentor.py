@@ -32,6 +32,7 @@ class SegmentorTrainSettings:
     negatives: int = 1
     omega: float = 20.0
     jitter_px: float = 3.0
+    negative_dropout: float = 0.0  # share of prompts trained without negatives (see sample_prompts)
 
 
 class SegmentorTask:
@@ -59,7 +60,7 @@ class SegmentorTask:
         self.step += 1
         inst = batch["instances"]
         pb = sample_prompt_batch(inst.numpy(), z=st.nuclei_per_image, k_neg=st.negatives, jitter_px=st.jitter_px,
-                                 rng=rng)
+                                 rng=rng, negative_dropout=st.negative_dropout)
         out = model(batch["image"].to(device), pb.image_index, pb.points, pb.labels)
         target = crop_targets(inst.to(device), pb.image_index, pb.instance_ids, out.window_xyxy, out.stride_out)
         return segmentor_loss(out.mask_logits, target, out.iou_pred, omega=st.omega)
