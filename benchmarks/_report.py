@@ -40,3 +40,10 @@ def update_section(name: str, title: str, body: str, command: str) -> Path:
     tmp.write_text(text)
     tmp.replace(DOC)
     return DOC
+
+
+def publish(body: str, name: str, title: str, module: str, write: bool = True) -> None:
+    """Print a benchmark's report and, unless ``write`` is off (smoke runs), put it in its docs section."""
+    print(body)
+    if write:
+        update_section(name, title, body, invocation(module))

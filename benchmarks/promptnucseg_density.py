@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import karyo
-from benchmarks._report import invocation, update_section
+from benchmarks._report import publish
 from karyo.train.pack import mean_pq, nearest_neighbour_distances, training_samples, validation_samples
 
 # Each row: a name and the inference settings it changes from the model's own config.
@@ -89,13 +89,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.model, args.run, args.every)
-    body = markdown(args.model, result)
-    print(body)
+    publish(markdown(args.model, result), f"promptnucseg_density_{Path(args.model).name}",
+            f"PromptNucSeg inference settings in dense tissue: {Path(args.model).name}",
+            "benchmarks.promptnucseg_density", write=not args.no_docs)
     print(f"({result['seconds']:.0f} s)")
-    if not args.no_docs:
-        update_section(f"promptnucseg_density_{Path(args.model).name}",
-                       f"PromptNucSeg inference settings in dense tissue: {Path(args.model).name}", body,
-                       invocation("benchmarks.promptnucseg_density"))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import karyo
-from benchmarks._report import invocation, update_section
+from benchmarks._report import publish
 from karyo.metrics.detection import CoordinatePairing, instance_points, pair_coordinates
 from karyo.metrics.evaluate import ImagePair, evaluate
 from karyo.train.api import read_config_file
@@ -120,12 +120,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     result = run(args.model, args.val_config, args.limit)
     body = markdown(args.model, result)
-    print(body)
+    publish(body, f"promptnucseg_error_budget_{Path(args.model).name}",
+            f"PromptNucSeg error budget (validation): {Path(args.model).name}",
+            "benchmarks.promptnucseg_error_budget", write=not args.no_docs)
     print(f"({result['seconds']:.0f} s)")
-    if not args.no_docs:
-        update_section(f"promptnucseg_error_budget_{Path(args.model).name}",
-                       f"PromptNucSeg error budget (validation): {Path(args.model).name}", body,
-                       invocation("benchmarks.promptnucseg_error_budget"))
 
 
 if __name__ == "__main__":

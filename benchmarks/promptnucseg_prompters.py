@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import karyo
-from benchmarks._report import invocation, update_section
+from benchmarks._report import publish
 from karyo.metrics.detection import instance_points, pair_coordinates
 from karyo.metrics.instance import aggregated_jaccard_index, panoptic_quality
 from karyo.train.pack import (
@@ -53,14 +53,16 @@ def compare(models: list[str], run: Path, limit: int | None = None) -> dict:
                 fp += len(pairing.unpaired_b)
         setting = {k: getattr(model.config, k) for k in TUNING_GRID if k not in RESOLVE_KEYS}
         setting.update({k: getattr(model.config, k) for k in RESOLVE_KEYS})
-        rows[name] = {"pq": float(np.mean(pq)), "aji": float(np.mean(aji)), "f1d": 2 * tp / max(2 * tp + fp + fn, 1),
+        rows[name] = {"pq": float(np.mean(pq)), "aji": float(np.nanmean(aji)), "f1d": 2 * tp / max(2 * tp + fp + fn, 1),
                       "setting": setting, "nms_cap": cap, "seconds": time.perf_counter() - t0}
     return {"n_images": len(samples), "rows": rows}
 
 
 def markdown(run: Path, r: dict) -> str:
     lines = [f"Each model tuned (grid of `karyo pack`, NMS radius capped at the 10% quantile of nearest-neighbour "
-             f"spacing in the run's training images) on the {r['n_images']} validation images of `{run}`:", "",
+             f"spacing in the run's training images) on the {r['n_images']} validation images of `{run}`. AJI skips "
+             f"images with no predicted nucleus (NaN, as the reference and `karyo evaluate`). Only models none of "
+             f"whose networks trained on these images compare fairly here.", "",
              "| model | PQ | AJI | F1d | best setting |", "|---|---|---|---|---|"]
     for name, row in r["rows"].items():
         setting = ", ".join(f"{k} {v}" for k, v in row["setting"].items())
@@ -78,12 +80,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result = compare(args.models, args.run, args.limit)
-    body = markdown(args.run, result)
-    print(body)
-    if not args.no_docs:
-        update_section(f"promptnucseg_prompters_{args.run.name}",
-                       f"PromptNucSeg models on the validation images of {args.run.name}", body,
-                       invocation("benchmarks.promptnucseg_prompters"))
+    publish(markdown(args.run, result), f"promptnucseg_prompters_{args.run.name}",
+            f"PromptNucSeg models on the validation images of {args.run.name}", "benchmarks.promptnucseg_prompters",
+            write=not args.no_docs)
 
 
 if __name__ == "__main__":
