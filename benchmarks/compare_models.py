@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks._report import invocation, update_section
+from benchmarks._report import publish
 
 
 def table(reports: dict[str, dict], throughput: dict[str, str]) -> str:
@@ -45,10 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     throughput = dict(t.split("=", 1) for t in args.throughput)
     body = (table(reports, throughput) + "\n\nCoNSeP test: 224 patches; MoNuSeg test: 14 images, zero-shot. "
             "Metric definitions as in the models' own sections.")
-    print(body)
-    if not args.no_write:
-        update_section("compare_models", "Trained models side by side (CoNSeP test, MoNuSeg test)", body,
-                       invocation("benchmarks.compare_models"))
+    publish(body, "compare_models", "Trained models side by side (CoNSeP test, MoNuSeg test)",
+            "benchmarks.compare_models", write=not args.no_write)
     return 0
 
 

@@ -353,7 +353,6 @@ def test_sample_prompts_pads_when_no_neighbour_exists():
     assert batch.image_index.tolist() == [0, 2] and batch.points.dtype == torch.float32
 
 
-
 def test_negative_dropout_trains_some_prompts_without_negatives():
     centres = [(12 + 16 * i, 12 + 16 * j) for i in range(6) for j in range(6)]
     inst = _discs((104, 104), centres, 5)
@@ -368,6 +367,7 @@ def test_negative_dropout_trains_some_prompts_without_negatives():
     assert (sample_prompts(inst, z=36, rng=0, negative_dropout=1.0)[1][:, 1] == -1).all()
     with pytest.raises(ValueError, match="negative_dropout"):
         sample_prompts(inst, negative_dropout=1.5)
+
 
 def test_crop_targets_area_downsamples_inside_the_window():
     inst = torch.zeros(1, 16, 16, dtype=torch.int64)
