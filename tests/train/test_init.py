@@ -70,6 +70,24 @@ def test_init_weights_of_another_network_are_refused_naming_the_file(tmp_path, d
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_init_without_the_optional_mask_head_trains_it_fresh(tmp_path):
+    from karyo.train.loop import load_init_state
+
+    plain = Prompter(tiny_prompter()).state_dict()
+    with_head = Prompter(dataclasses.replace(tiny_prompter(), mask_loss_weight=1.0))
+    fresh_head = {k: v.clone() for k, v in with_head.state_dict().items() if k.startswith("mask_head.")}
+    load_init_state(with_head, plain, tmp_path / "plain.pt")
+    state = with_head.state_dict()
+    assert all(torch.equal(state[k], plain[k]) for k in plain)
+    assert all(torch.equal(state[k], fresh_head[k]) for k in fresh_head)
+    # Only the optional head may be missing; other gaps and extra keys are still refused, naming the file.
+    gap = {k: v for k, v in plain.items() if not k.startswith("cls_head.")}
+    with pytest.raises(InputError, match=r"gap\.pt.*missing cls_head"):
+        load_init_state(Prompter(tiny_prompter()), gap, tmp_path / "gap.pt")
+    with pytest.raises(InputError, match=r"extra\.pt.*unexpected mask_head"):
+        load_init_state(Prompter(tiny_prompter()), with_head.state_dict(), tmp_path / "extra.pt")
+
+
 def test_unknown_validation_ids_are_refused(tmp_path, disc_layout):
     with pytest.raises(InputError, match="not in the training data"):
         train("prompter", None, tmp_path / "run", config=_config(tmp_path, disc_layout, val_ids=["syn_9_000"]),

@@ -67,7 +67,10 @@ class FPN(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Fused B×dim×(H/λ)×(W/λ) feature; cell (i, j) describes the anchor at ((j+0.5)λ, (i+0.5)λ)."""
-        levels = self.pyramid(features)
+        return self.fuse_levels(self.pyramid(features))
+
+    def fuse_levels(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Step 3 on the output of :meth:`pyramid` (callers that also read a level themselves run it once)."""
         s0 = self.level_strides[0]
         h, w = levels[0].shape[-2] * s0 // self.anchor_stride, levels[0].shape[-1] * s0 // self.anchor_stride
         sampled = [lv if lv.shape[-2:] == (h, w) else

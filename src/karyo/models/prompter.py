@@ -12,8 +12,10 @@ counting and localization in crowds: a purely point-based framework"):
   weight β and ``γ·MSE`` on the matched points (P2PNet's loss).
 
 Deviations from the released PromptNucSeg prompter, stated once here: no deformable-proposal step (features
-are read at the fixed anchors, see :mod:`karyo.models.fpn`), no auxiliary mask head, and the background
-class is index 0 (theirs is the last index).
+are read at the fixed anchors, see :mod:`karyo.models.fpn`), and the background class is index 0 (theirs is
+the last index). Its auxiliary nucleus-mask head (a binary focal loss on the foreground, weight 1 in the released
+configs) is optional here (``mask_loss_weight``, off in the presets) and reads the stride-4 level of the shared FPN
+instead of a second FPN; it only trains the encoder and is not computed at inference.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class PrompterConfig:
     ``pixel_std`` (one per input channel, for images scaled to [0, 1]) and ``mpp`` (µm per pixel the model
     expects) describe the input the pipeline must produce. ``adapter`` (optional): a channel adapter
     (:mod:`karyo.models.adapter`) mapping N input channels onto ``in_chans`` before the backbone; the input is then
-    normalised with the adapter's statistics.
+    normalised with the adapter's statistics. ``mask_loss_weight`` > 0 adds the released prompter's auxiliary
+    nucleus-mask head and its loss with this weight (dense supervision for the encoder).
     """
 
     backbone: str = "atto"
@@ -76,6 +79,7 @@ class PrompterConfig:
     mpp: float = 0.25
     drop_path_rate: float = 0.0
     adapter: AdapterConfig | None = None
+    mask_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
@@ -111,6 +115,8 @@ class PrompterConfig:
                             f"{self.score_threshold}, {self.nms_radius_px}, {self.mpp}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.mask_loss_weight < 0:
+            problems.append(f"mask_loss_weight must be >= 0, got {self.mask_loss_weight}")
         if self.beta <= 0 or self.alpha < 0 or self.gamma < 0:
             problems.append(f"need beta > 0, alpha >= 0, gamma >= 0; got {self.beta}, {self.alpha}, {self.gamma}")
         if problems:
@@ -200,6 +206,14 @@ class Prompter(nn.Module):
                     nn.init.zeros_(layer.bias)
         # Offsets start at exactly 0 (points = anchors), so early matching is driven by the anchor grid.
         nn.init.zeros_(self.reg_head[-1].weight)
+        self.mask_head = None
+        if cfg.mask_loss_weight > 0:  # released prompter: conv3×3-BN-ReLU-conv1×1 on a stride-4 FPN map
+            d = cfg.fpn_dim
+            self.mask_head = nn.Sequential(nn.Conv2d(d, d, 3, padding=1), nn.BatchNorm2d(d), nn.ReLU(),
+                                           nn.Conv2d(d, 1, 1))
+
+    #: Parameters a checkpoint without the optional mask head may lack (``init`` from such weights trains it fresh).
+    optional_init_prefixes = ("mask_head.",)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_features(images)[0]
@@ -207,7 +221,8 @@ class Prompter(nn.Module):
     def forward_features(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """:meth:`forward`'s outputs plus the B×A×D per-anchor features the heads read (FPN width D), so
         models built on the prompter (IVAAN) can add heads without repeating it. The K anchors of a cell share
-        their cell's feature."""
+        their cell's feature. In training mode a model with the mask head also returns ``mask_logits``
+        (B×1×H/4×W/4, before the sigmoid)."""
         cfg = self.config
         if self.adapter is not None:
             images = self.adapter(images)
@@ -216,7 +231,8 @@ class Prompter(nn.Module):
         b, _, h, w = images.shape
         if h % 32 or w % 32:
             raise InputError(None, f"Prompter input H and W must be multiples of 32 (pad first), got {h}×{w}")
-        feat = self.fpn(self.backbone(images)).permute(0, 2, 3, 1)  # B, H/λ, W/λ, D
+        levels = self.fpn.pyramid(self.backbone(images))
+        feat = self.fpn.fuse_levels(levels).permute(0, 2, 3, 1)  # B, H/λ, W/λ, D
         k = cfg.anchors_per_cell
         offsets = self.reg_head(feat).reshape(b, -1, 2)
         logits = self.cls_head(feat).reshape(b, -1, cfg.num_classes + 1)
@@ -224,7 +240,10 @@ class Prompter(nn.Module):
         per_anchor = feat.reshape(b, -1, feat.shape[-1])
         if k > 1:
             per_anchor = per_anchor.repeat_interleave(k, dim=1)
-        return {"points": anchors + offsets, "logits": logits}, per_anchor
+        out = {"points": anchors + offsets, "logits": logits}
+        if self.mask_head is not None and self.training:
+            out["mask_logits"] = self.mask_head(levels[0])
+        return out, per_anchor
 
     def load_backbone_weights(self, path: str | os.PathLike) -> WeightLoadReport:
         """Initialise the ConvNeXt from a local ImageNet checkpoint (official or timm layout), e.g. ConvNeXt-S."""
@@ -286,17 +305,27 @@ def hungarian_match(points: torch.Tensor, logits: torch.Tensor, gt_points: torch
             torch.as_tensor(cols, dtype=torch.long, device=device))
 
 
+def binary_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Mean over pixels of ``−(1 − p_t)^γ · log p_t`` (Lin et al. 2017, without the α balance), the loss of the
+    released prompter's mask head."""
+    logits, target = logits.float(), target.float()
+    log_pt = -torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (-(1.0 - log_pt.exp()) ** gamma * log_pt).mean()
+
+
 def prompter_loss(outputs: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]],
                   cfg: PrompterConfig) -> dict[str, torch.Tensor | int]:
-    """P2PNet's loss with PromptNucSeg's weights: ``loss = cls + γ·reg``.
+    """P2PNet's loss with PromptNucSeg's weights: ``loss = cls + γ·reg`` (+ ``mask_loss_weight · mask``).
 
     ``cls``: cross entropy over every anchor of the batch; targets are the matched GT class or background
     (0), per-anchor weights β for background targets and 1 otherwise, averaged with those weights (PyTorch's
     weighted-CE mean, as in P2PNet). A matched anchor whose GT class is unknown (0) gets the foreground-only
     term −log(1 − p_bg) instead of a class CE. ``reg``: squared error in pixels² summed over x and y,
     averaged over matched points (the released code divides by the GT count, the same when A ≥ G); 0 with
-    no match. Images without GT contribute background terms only. Returns ``loss``, ``cls``, ``reg``
-    (unweighted) and ``n_matched`` (int).
+    no match. Images without GT contribute background terms only. ``mask`` (when the outputs hold
+    ``mask_logits`` and every target a H×W ``foreground``): :func:`binary_focal_loss` of the logits upsampled
+    bilinearly to the input size, as the released prompter does. Returns ``loss``, ``cls``, ``reg``, ``mask``
+    (unweighted; 0 without the head) and ``n_matched`` (int).
     """
     points, logits = outputs["points"], outputs["logits"]
     b, a, _ = logits.shape
@@ -325,7 +354,17 @@ def prompter_loss(outputs: dict[str, torch.Tensor], targets: list[dict[str, torc
     src, tgt = torch.cat(src_pts), torch.cat(tgt_pts)
     n_matched = int(src.shape[0])
     reg = ((src.float() - tgt.float()) ** 2).sum(-1).mean() if n_matched else points.sum() * 0.0
-    return {"loss": cls_loss + cfg.gamma * reg, "cls": cls_loss, "reg": reg, "n_matched": n_matched}
+    loss = cls_loss + cfg.gamma * reg
+    mask = cls_loss.new_zeros(())
+    if "mask_logits" in outputs and cfg.mask_loss_weight > 0:
+        if any("foreground" not in t for t in targets):
+            raise InputError(None, "the prompter's mask head needs a 'foreground' map in every target")
+        foreground = torch.stack([t["foreground"] for t in targets]).to(logits.device)
+        upsampled = torch.nn.functional.interpolate(outputs["mask_logits"].float(), size=foreground.shape[-2:],
+                                                    mode="bilinear", align_corners=False)[:, 0]
+        mask = binary_focal_loss(upsampled, foreground)
+        loss = loss + cfg.mask_loss_weight * mask
+    return {"loss": loss, "cls": cls_loss, "reg": reg, "mask": mask, "n_matched": n_matched}
 
 
 # --------------------------------------------------------------------------------------------- decoding

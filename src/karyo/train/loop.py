@@ -227,6 +227,22 @@ def _write_history(path: Path, history: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
+def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLike | None) -> None:
+    """Load starting weights strictly, except parameters under the model's ``optional_init_prefixes`` (heads a
+    config may add to an older network), which keep their fresh initialisation when the weights lack them."""
+    optional = tuple(getattr(model, "optional_init_prefixes", ()))
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches are raised even when not strict
+        raise InputError(source, "these weights do not fit the model the config builds: "
+                                 f"{str(exc).splitlines()[-1].strip()[:300]}") from None
+    missing = [k for k in result.missing_keys if not k.startswith(optional)]
+    problems = ([f"missing {', '.join(missing[:5])}"] if missing else []) + \
+        ([f"unexpected {', '.join(result.unexpected_keys[:5])}"] if result.unexpected_keys else [])
+    if problems:
+        raise InputError(source, "these weights do not fit the model the config builds: " + "; ".join(problems))
+
+
 def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         model_config: Any | None = None, progress: bool = True, meta: dict | None = None,
         on_epoch_end: Callable[[dict], None] | None = None, init_state: dict | None = None,
@@ -249,11 +265,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     seed_everything(cfg.seed)
     model = task.model().to(device)
     if init_state is not None and not (resume and (run_dir / "last.pt").exists()):
-        try:
-            model.load_state_dict(init_state)
-        except RuntimeError as exc:
-            raise InputError(init_source, "these weights do not fit the model the config builds: "
-                                          f"{str(exc).splitlines()[-1].strip()[:300]}") from None
+        load_init_state(model, init_state, init_source)
     run_dir.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run leaves no folder behind
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     acc = int(cfg.accumulate_steps)

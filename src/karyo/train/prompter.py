@@ -28,9 +28,14 @@ def seeded_loader(dataset: NucleusDataset, cfg: TrainConfig, epoch: int, batch_s
                       persistent_workers=False)
 
 
-def point_targets(batch: dict, device: torch.device) -> list[dict[str, torch.Tensor]]:
-    return [{"points": c.to(device), "classes": k.to(device)}
-            for c, k in zip(batch["centroids"], batch["classes"], strict=True)]
+def point_targets(batch: dict, device: torch.device, foreground: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Per image: GT centroids and classes, and with ``foreground`` the nucleus mask (for the mask head)."""
+    targets = [{"points": c.to(device), "classes": k.to(device)}
+               for c, k in zip(batch["centroids"], batch["classes"], strict=True)]
+    if foreground:
+        for target, instances in zip(targets, batch["instances"], strict=True):
+            target["foreground"] = (instances > 0).to(device)
+    return targets
 
 
 def predict_points(model: Prompter, images: torch.Tensor) -> list:
@@ -59,8 +64,12 @@ class PrompterTask:
 
     def loss(self, model: Prompter, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
         out = model(batch["image"].to(device))
-        losses = prompter_loss(out, point_targets(batch, device), self.config)
-        return {"loss": losses["loss"], "cls": losses["cls"], "reg": losses["reg"]}
+        targets = point_targets(batch, device, foreground="mask_logits" in out)
+        losses = prompter_loss(out, targets, self.config)
+        parts = {"loss": losses["loss"], "cls": losses["cls"], "reg": losses["reg"]}
+        if "mask_logits" in out:
+            parts["mask"] = losses["mask"]
+        return parts
 
     def validate(self, model: Prompter, device: torch.device) -> dict[str, float]:
         return validate_points(model, self.val_set, device)
