@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from karyo.config import from_dict, to_dict
 from karyo.errors import InputError
 from karyo.models.fpn import FPN
+from karyo.models.losses import binary_focal
 from karyo.models.prompter import (
     PROMPTER_PRESETS,
     Prompter,
     PrompterConfig,
     anchor_points,
-    binary_focal_loss,
     decode_points,
     hungarian_match,
     point_nms,
@@ -225,16 +225,6 @@ def test_loss_background_weight_and_regression_units():
     assert out2["cls"].item() == pytest.approx((-math.log(0.5) - math.log(0.3) - math.log(0.7)) / 3, rel=1e-5)
 
 
-def test_binary_focal_loss_values():
-    # p = 0.5 everywhere: (1 − 0.5)² · ln 2 per pixel, whatever the target
-    assert binary_focal_loss(torch.zeros(3, 4), torch.ones(3, 4)).item() == pytest.approx(0.25 * math.log(2))
-    # a confident right pixel costs almost nothing, a confident wrong one ≈ its cross entropy
-    logits, target = torch.tensor([8.0, 8.0]), torch.tensor([1.0, 0.0])
-    p = 1 / (1 + math.exp(-8.0))
-    expected = ((1 - p) ** 2 * -math.log(p) + p ** 2 * -math.log(1 - p)) / 2
-    assert binary_focal_loss(logits, target).item() == pytest.approx(expected, rel=1e-5)
-
-
 def test_mask_head_trains_only_in_training_mode_and_adds_its_weighted_loss():
     torch.manual_seed(0)
     cfg = PrompterConfig(**TINY, num_classes=2, class_names={1: "a", 2: "b"}, mask_loss_weight=0.5)
@@ -246,7 +236,7 @@ def test_mask_head_trains_only_in_training_mode_and_adds_its_weighted_loss():
     targets = [{"points": torch.tensor([[20.0, 30.0]]), "classes": torch.tensor([1]), "foreground": foreground}] * 2
     losses = prompter_loss(out, targets, cfg)
     upsampled = F.interpolate(out["mask_logits"], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
-    mask = binary_focal_loss(upsampled, foreground.expand(2, 64, 64))
+    mask = binary_focal(upsampled, foreground.expand(2, 64, 64).float()).mean()
     assert losses["mask"].item() == pytest.approx(mask.item(), rel=1e-6) and mask.item() > 0
     assert losses["loss"].item() == pytest.approx(
         (losses["cls"] + cfg.gamma * losses["reg"] + 0.5 * mask).item(), rel=1e-6)

@@ -34,6 +34,7 @@ from karyo.errors import InputError
 from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.convnext import CONVNEXT_PRESETS, ConvNeXt, ConvNeXtConfig, WeightLoadReport, load_convnext_weights
 from karyo.models.fpn import ANCHOR_STRIDES, FPN
+from karyo.models.losses import binary_focal
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -305,14 +306,6 @@ def hungarian_match(points: torch.Tensor, logits: torch.Tensor, gt_points: torch
             torch.as_tensor(cols, dtype=torch.long, device=device))
 
 
-def binary_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Mean over pixels of ``−(1 − p_t)^γ · log p_t`` (Lin et al. 2017, without the α balance), the loss of the
-    released prompter's mask head."""
-    logits, target = logits.float(), target.float()
-    log_pt = -torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return (-(1.0 - log_pt.exp()) ** gamma * log_pt).mean()
-
-
 def prompter_loss(outputs: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]],
                   cfg: PrompterConfig) -> dict[str, torch.Tensor | int]:
     """P2PNet's loss with PromptNucSeg's weights: ``loss = cls + γ·reg`` (+ ``mask_loss_weight · mask``).
@@ -323,9 +316,10 @@ def prompter_loss(outputs: dict[str, torch.Tensor], targets: list[dict[str, torc
     term −log(1 − p_bg) instead of a class CE. ``reg``: squared error in pixels² summed over x and y,
     averaged over matched points (the released code divides by the GT count, the same when A ≥ G); 0 with
     no match. Images without GT contribute background terms only. ``mask`` (when the outputs hold
-    ``mask_logits`` and every target a H×W ``foreground``): :func:`binary_focal_loss` of the logits upsampled
-    bilinearly to the input size, as the released prompter does. Returns ``loss``, ``cls``, ``reg``, ``mask``
-    (unweighted; 0 without the head) and ``n_matched`` (int).
+    ``mask_logits`` and every target a H×W ``foreground``): the pixel mean of
+    :func:`karyo.models.losses.binary_focal` (γ = 2, no α) of the logits upsampled bilinearly to the input size,
+    as the released prompter does. Returns ``loss``, ``cls``, ``reg``, ``mask`` (unweighted; 0 without the head)
+    and ``n_matched`` (int).
     """
     points, logits = outputs["points"], outputs["logits"]
     b, a, _ = logits.shape
@@ -362,7 +356,7 @@ def prompter_loss(outputs: dict[str, torch.Tensor], targets: list[dict[str, torc
         foreground = torch.stack([t["foreground"] for t in targets]).to(logits.device)
         upsampled = torch.nn.functional.interpolate(outputs["mask_logits"].float(), size=foreground.shape[-2:],
                                                     mode="bilinear", align_corners=False)[:, 0]
-        mask = binary_focal_loss(upsampled, foreground)
+        mask = binary_focal(upsampled, foreground.float()).mean()
         loss = loss + cfg.mask_loss_weight * mask
     return {"loss": loss, "cls": cls_loss, "reg": reg, "mask": mask, "n_matched": n_matched}
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from karyo.models.losses import binary_focal
+
 __all__ = ["PromptBatch", "crop_targets", "sample_prompt_batch", "sample_prompts", "segmentor_loss"]
 
 
@@ -176,12 +178,7 @@ def segmentor_loss(mask_logits: Tensor, target: Tensor, iou_pred: Tensor, omega:
         return {"loss": zero, "focal": zero.detach(), "dice": zero.detach(), "iou": zero.detach()}
     t = target[:, None].to(mask_logits.dtype).expand_as(mask_logits)
     prob = torch.sigmoid(mask_logits)
-    ce = F.binary_cross_entropy_with_logits(mask_logits, t, reduction="none")
-    p_t = prob * t + (1 - prob) * (1 - t)
-    focal = ce * (1 - p_t) ** gamma
-    if alpha is not None:
-        focal = focal * (alpha * t + (1 - alpha) * (1 - t))
-    focal = focal.mean(dim=(2, 3))
+    focal = binary_focal(mask_logits, t, gamma, alpha).mean(dim=(2, 3))
     dice = 1 - (2 * (prob * t).sum(dim=(2, 3)) + 1) / (prob.sum(dim=(2, 3)) + t.sum(dim=(2, 3)) + 1)
     with torch.no_grad():
         pred = mask_logits > 0

@@ -230,17 +230,17 @@ def _write_history(path: Path, history: list[dict]) -> None:
 def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLike | None) -> None:
     """Load starting weights strictly, except parameters under the model's ``optional_init_prefixes`` (heads a
     config may add to an older network), which keep their fresh initialisation when the weights lack them."""
+    refused = "these weights do not fit the model the config builds: "
     optional = tuple(getattr(model, "optional_init_prefixes", ()))
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even when not strict
-        raise InputError(source, "these weights do not fit the model the config builds: "
-                                 f"{str(exc).splitlines()[-1].strip()[:300]}") from None
+        raise InputError(source, refused + str(exc).splitlines()[-1].strip()[:300]) from None
     missing = [k for k in result.missing_keys if not k.startswith(optional)]
     problems = ([f"missing {', '.join(missing[:5])}"] if missing else []) + \
         ([f"unexpected {', '.join(result.unexpected_keys[:5])}"] if result.unexpected_keys else [])
     if problems:
-        raise InputError(source, "these weights do not fit the model the config builds: " + "; ".join(problems))
+        raise InputError(source, refused + "; ".join(problems))
 
 
 def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
