@@ -253,6 +253,75 @@ def test_local_window_decode_equals_decoding_the_cropped_embedding(tiny):
             torch.testing.assert_close(out.iou_pred[i], iou[0, :1])
 
 
+def test_detail_branch_starts_from_the_masks_of_weights_without_it(tiny):
+    """Warm-started from a segmentor without the branch, the zero-initialised fusion leaves every output as it was."""
+    from karyo.train.loop import load_init_state
+
+    detailed = Segmentor(dataclasses.replace(tiny.config, detail_dim=4)).eval()
+    load_init_state(detailed, tiny.state_dict(), "tiny.pt")
+    torch.manual_seed(4)
+    images = torch.randn(2, 3, 64, 64)
+    pts = torch.tensor([[[10.0, 12.0], [30.0, 12.0]], [[50.0, 40.0], [0.0, 0.0]]])
+    lab = torch.tensor([[1, 0], [1, -1]])
+    with torch.no_grad():
+        emb = detailed.embed(images)
+        a, b = tiny(images, torch.tensor([0, 1]), pts, lab), detailed(images, torch.tensor([0, 1]), pts, lab)
+    assert emb.shape == (2, 32 + 4 * 16, 8, 8)  # 4 channels of 4×4 detail pixels per token
+    torch.testing.assert_close(a.mask_logits, b.mask_logits)
+    torch.testing.assert_close(a.iou_pred, b.iou_pred)
+    with pytest.raises(InputError, match="missing"):  # anything else missing is still refused
+        load_init_state(detailed, {k: v for k, v in tiny.state_dict().items() if "iou_token" not in k}, "tiny.pt")
+    with pytest.raises(ValueError, match="detail_dim"):
+        dataclasses.replace(tiny.config, detail_dim=-1)
+
+
+def test_detail_branch_decodes_each_window_with_the_detail_under_it(tiny):
+    """The detail folded into the embedding's channels must come back, per window, as the detail map's own pixels."""
+    torch.manual_seed(5)
+    model = Segmentor(dataclasses.replace(tiny.config, detail_dim=4)).eval()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)  # fusion no longer zero
+        images = torch.randn(2, 3, 64, 64)
+        pts = torch.tensor([[[5.0, 60.0], [20.0, 50.0]], [[40.0, 30.0], [45.0, 30.0]]])
+        lab = torch.tensor([[1, 0], [0, 1]])
+        out = model.decode(model.embed(images), torch.tensor([0, 1]), pts, lab)
+        vit = model.image_encoder(images)
+        detail = model.detail_encoder(images)  # stride 2: 32×32 for 64×64 pixels
+        pe = model.prompt_encoder.dense_pe(8, 8)
+        sparse = model.prompt_encoder.embed_points(pts, lab, (64, 64))
+        dense = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        for i, (x0, y0, x1, y1) in enumerate(out.window_xyxy.tolist()):
+            t = slice(y0 // 8, y1 // 8), slice(x0 // 8, x1 // 8)
+            masks, _ = model.mask_decoder(vit[i:i + 1, :, t[0], t[1]] + dense, pe[None, :, t[0], t[1]],
+                                          sparse[i:i + 1], detail[i:i + 1, :, y0 // 2:y1 // 2, x0 // 2:x1 // 2])
+            torch.testing.assert_close(out.mask_logits[i], masks[0, :1])
+        plain = tiny.decode(tiny.embed(images), torch.tensor([0, 1]), pts, lab)
+    assert not torch.allclose(out.mask_logits, plain.mask_logits)
+
+
+def test_detail_branch_trains(one_thread):
+    """Gradients reach the zero-initialised fusion at once and the detail stem after one step."""
+    torch.manual_seed(6)
+    model = Segmentor(segmentor_config("tiny", detail_dim=4))
+    inst = _discs((64, 64), [(20, 20), (40, 40)], 6)
+    image = torch.randn(1, 3, 64, 64)
+    points, labels, ids = (torch.from_numpy(a) for a in sample_prompts(inst, z=2, k_neg=1, jitter_px=0.0, rng=0))
+    idx = torch.zeros(len(ids), dtype=torch.long)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    grads = []
+    for _ in range(2):
+        out = model(image, idx, points, labels)
+        target = crop_targets(torch.from_numpy(inst)[None].long(), idx, ids, out.window_xyxy, out.stride_out)
+        opt.zero_grad()
+        segmentor_loss(out.mask_logits, target, out.iou_pred)["loss"].backward()
+        grads.append((model.mask_decoder.detail_fuse.weight.grad.abs().sum().item(),
+                      model.detail_encoder[0].weight.grad.abs().sum().item()))
+        opt.step()
+    assert grads[0][0] > 0 and grads[0][1] == 0  # fusion weights zero: no gradient through them yet
+    assert grads[1][1] > 0
+
+
 def test_prompts_of_several_images_decode_in_one_batch(tiny):
     torch.manual_seed(3)
     with torch.no_grad():

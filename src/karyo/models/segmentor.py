@@ -22,6 +22,12 @@ Deviations from SAM, all behaviour-preserving for SAM's weights unless noted:
   in SAM; :meth:`Segmentor.embed` expects normalised images.
 * Mask prompts (SAM's dense ``mask_downscaling`` input) are not exposed by :meth:`Segmentor.decode`; the module is
   kept so checkpoints load, and :meth:`PromptEncoder.embed_masks` computes it.
+* Optional image detail for the mask head (``detail_dim`` > 0; off in every preset, so SAM's layout is unchanged):
+  a two-convolution stem reads the normalised image at the mask resolution (``stride_out`` px), and a
+  zero-initialised 3×3 convolution adds it to the decoder's upscaled features before the hypernetwork product
+  (HQ-SAM, Ke et al. 2023, fuses early encoder features there for the same reason). With patch-8 tokens, thin
+  nuclei (≤ 2 µm wide) fall between tokens; the detail gives the mask head their edges. Zero initialisation makes
+  a model warm-started from weights without the branch compute exactly their masks until it trains.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ class SegmentorConfig:
     tokens (0 = SAM's whole-embedding decoding). ``mask_threshold`` is the logit above which a pixel is foreground.
     ``adapter`` (optional): a channel adapter (:mod:`karyo.models.adapter`) in front of the image encoder; its
     statistics (images in [0, 1]) then replace ``pixel_mean``/``pixel_std`` in :meth:`Segmentor.normalize`.
+    ``detail_dim`` > 0 adds the image-detail branch of the mask head (module docstring) with that many channels.
     """
 
     encoder: ViTConfig = field(default_factory=lambda: _sam_encoder(*SAM_PRESETS["vit_b"]))
@@ -103,6 +110,7 @@ class SegmentorConfig:
     decode_window: int = 0
     mask_threshold: float = 0.0
     adapter: AdapterConfig | None = None
+    detail_dim: int = 0
 
     def __post_init__(self) -> None:
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
@@ -124,6 +132,8 @@ class SegmentorConfig:
                              f"multiple of decoder_heads {self.decoder_heads}")
         if self.decode_window < 0:
             raise ValueError(f"decode_window must be ≥ 0, got {self.decode_window}")
+        if self.detail_dim < 0:
+            raise ValueError(f"detail_dim must be ≥ 0, got {self.detail_dim}")
 
 
 def segmentor_config(name: str = "small", **overrides) -> SegmentorConfig:
@@ -343,7 +353,7 @@ class MaskDecoder(nn.Module):
 
     def __init__(self, transformer_dim: int = 256, depth: int = 2, mlp_dim: int = 2048, num_heads: int = 8,
                  downsample_rate: int = 2, num_multimask_outputs: int = 3, iou_head_depth: int = 3,
-                 iou_head_hidden_dim: int = 256):
+                 iou_head_hidden_dim: int = 256, detail_dim: int = 0):
         super().__init__()
         self.transformer = TwoWayTransformer(depth, transformer_dim, num_heads, mlp_dim, downsample_rate)
         self.num_mask_tokens = num_multimask_outputs + 1
@@ -359,15 +369,26 @@ class MaskDecoder(nn.Module):
         self.output_hypernetworks_mlps = nn.ModuleList(
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens))
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
+        self.detail_fuse = None
+        if detail_dim > 0:
+            self.detail_fuse = nn.Conv2d(transformer_dim // 8 + detail_dim, transformer_dim // 8, 3, padding=1)
+            nn.init.zeros_(self.detail_fuse.weight)
+            nn.init.zeros_(self.detail_fuse.bias)
 
-    def forward(self, src: Tensor, pos: Tensor, sparse: Tensor) -> tuple[Tensor, Tensor]:
-        """P×D×h×w (image embedding + dense prompt), (1|P)×D×h×w positions, P×T×D sparse prompts →
-        all ``num_mask_tokens`` mask logits P×(M+1)×4h×4w and IoU predictions P×(M+1)."""
+    def forward(self, src: Tensor, pos: Tensor, sparse: Tensor, detail: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """P×D×h×w (image embedding + dense prompt), (1|P)×D×h×w positions, P×T×D sparse prompts (and, with the
+        detail branch, P×detail_dim×4h×4w image detail) → all ``num_mask_tokens`` mask logits P×(M+1)×4h×4w and
+        IoU predictions P×(M+1)."""
         p, d, h, w = src.shape
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(p, -1, -1), sparse], dim=1)
         hs, keys = self.transformer(src, pos, tokens)
         upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(p, d, h, w))
+        if self.detail_fuse is not None:
+            if detail is None:
+                raise ValueError("this mask decoder has the detail branch: pass the image detail")
+            upscaled = upscaled + self.detail_fuse(torch.cat([upscaled, detail.to(upscaled.dtype)], dim=1))
         hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
         c, uh, uw = upscaled.shape[1:]
         masks = (hyper @ upscaled.reshape(p, c, uh * uw)).reshape(p, self.num_mask_tokens, uh, uw)
@@ -404,10 +425,19 @@ class Segmentor(nn.Module):
         self.prompt_encoder = PromptEncoder(cfg.prompt_dim, cfg.mask_in_chans)
         self.mask_decoder = MaskDecoder(cfg.prompt_dim, cfg.decoder_depth, cfg.decoder_mlp_dim, cfg.decoder_heads,
                                         cfg.attention_downsample_rate, cfg.num_multimask_outputs,
-                                        cfg.iou_head_depth, cfg.iou_head_hidden_dim)
+                                        cfg.iou_head_depth, cfg.iou_head_hidden_dim, cfg.detail_dim)
+        self.detail_encoder = None
+        if cfg.detail_dim > 0:
+            s = cfg.encoder.patch_size // 4
+            self.detail_encoder = nn.Sequential(
+                nn.Conv2d(cfg.in_chans, cfg.detail_dim, 3, padding=1), nn.GELU(),
+                nn.Conv2d(cfg.detail_dim, cfg.detail_dim, 3, stride=s, padding=1), nn.GELU())
         stats = cfg.adapter or cfg
         self.register_buffer("pixel_mean", torch.tensor(stats.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(stats.pixel_std).view(-1, 1, 1), persistent=False)
+
+    #: Parameters that weights without the detail branch lack (:func:`karyo.train.loop.load_init_state`).
+    optional_init_prefixes = ("detail_encoder.", "mask_decoder.detail_fuse.")
 
     @property
     def patch_size(self) -> int:
@@ -424,7 +454,10 @@ class Segmentor(nn.Module):
         return (images.float() - self.pixel_mean) / self.pixel_std
 
     def embed(self, images: Tensor) -> Tensor:
-        """Normalised B×C×H×W images → B×D×⌈H/p⌉×⌈W/p⌉ embeddings (bottom/right zero padding to a multiple of p)."""
+        """Normalised B×C×H×W images → B×D×⌈H/p⌉×⌈W/p⌉ embeddings (bottom/right zero padding to a multiple of p).
+
+        With the detail branch the image detail follows the D channels, each token's 4×4 detail pixels folded into
+        channels (``pixel_unshuffle``), so :meth:`decode` crops its windows with the same token indices."""
         if self.adapter is not None:
             images = self.adapter(images)
         if images.ndim != 4 or images.shape[1] != self.config.in_chans:
@@ -433,7 +466,11 @@ class Segmentor(nn.Module):
         pad_h, pad_w = (-images.shape[2]) % p, (-images.shape[3]) % p
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
-        return self.image_encoder(images)
+        embedding = self.image_encoder(images)
+        if self.detail_encoder is None:
+            return embedding
+        detail = F.pixel_unshuffle(self.detail_encoder(images), 4)
+        return torch.cat([embedding, detail.to(embedding.dtype)], dim=1)
 
     def decode(self, embeddings: Tensor, image_index: Tensor, points: Tensor, labels: Tensor,
                multimask: bool = False) -> DecodeOutput:
@@ -447,7 +484,8 @@ class Segmentor(nn.Module):
         if points.ndim != 3 or points.shape[-1] != 2 or labels.shape != points.shape[:2]:
             raise ValueError(f"points must be P×K×2 and labels P×K, got {tuple(points.shape)} and "
                              f"{tuple(labels.shape)}")
-        _, d, h, w = embeddings.shape
+        _, _, h, w = embeddings.shape
+        d = self.config.prompt_dim
         p = self.patch_size
         n = points.shape[0]
         device = embeddings.device
@@ -460,7 +498,7 @@ class Segmentor(nn.Module):
         if win <= 0 or (win >= h and win >= w):
             wh, ww = h, w
             x0 = y0 = torch.zeros(n, dtype=torch.long, device=device)
-            src = embeddings.index_select(0, image_index) + dense
+            src = embeddings.index_select(0, image_index)
             pos = pe.unsqueeze(0)
         else:
             wh, ww = min(win, h), min(win, w)
@@ -469,9 +507,10 @@ class Segmentor(nn.Module):
             y0 = torch.round(anchor[:, 1] - wh / 2).clamp(0, h - wh).long()
             rows = (y0[:, None] + torch.arange(wh, device=y0.device))[:, :, None]
             cols = (x0[:, None] + torch.arange(ww, device=x0.device))[:, None, :]
-            src = embeddings.permute(0, 2, 3, 1)[image_index[:, None, None], rows, cols].permute(0, 3, 1, 2) + dense
+            src = embeddings.permute(0, 2, 3, 1)[image_index[:, None, None], rows, cols].permute(0, 3, 1, 2)
             pos = pe.permute(1, 2, 0)[rows, cols].permute(0, 3, 1, 2)
-        masks, iou = self.mask_decoder(src, pos, sparse)
+        detail = F.pixel_shuffle(src[:, d:], 4) if self.detail_encoder is not None else None
+        masks, iou = self.mask_decoder(src[:, :d] + dense, pos, sparse, detail)
         keep = slice(1, None) if multimask else slice(0, 1)
         window = torch.stack([x0 * p, y0 * p, (x0 + ww) * p, (y0 + wh) * p], dim=1)
         return DecodeOutput(masks[:, keep], iou[:, keep], window, self.stride_out)
