@@ -95,3 +95,33 @@ def test_unknown_validation_ids_are_refused(tmp_path, disc_layout):
     with pytest.raises(InputError, match="quote numeric ids"):
         train("prompter", None, tmp_path / "run", config=_config(tmp_path, disc_layout, val_ids=[68]),
               progress=False)
+
+
+def test_optional_modules_train_at_their_own_learning_rate(tmp_path, disc_layout, one_thread):
+    """``optional_lr_mult`` scales the lr of the modules under ``optional_init_prefixes`` only, and a resumed run
+    rebuilds the same optimiser groups from the config."""
+    from karyo.train.loop import TrainConfig, parameter_groups
+
+    model = Prompter(dataclasses.replace(tiny_prompter(), mask_loss_weight=1.0))
+    head = {id(p) for p in model.mask_head.parameters()}
+    base, added = parameter_groups(model, TrainConfig(optional_lr_mult=10.0))
+    assert {id(p) for p in added["params"]} == head and added["lr_mult"] == 10.0
+    assert not head & {id(p) for p in base["params"]} and base["lr_mult"] == 1.0
+    assert len(base["params"]) + len(added["params"]) == len(list(model.parameters()))
+    assert len(parameter_groups(model, TrainConfig())) == 1  # the default keeps one group
+    assert len(parameter_groups(Prompter(tiny_prompter()), TrainConfig(optional_lr_mult=10.0))) == 1  # no head
+    with pytest.raises(ValueError, match="optional_lr_mult"):
+        parameter_groups(model, TrainConfig(optional_lr_mult=0.0))
+    train_cfg = {"epochs": 2, "batch_size": 2, "lr": 1e-3, "warmup_epochs": 0, "threads": 1,
+                 "schedule": "constant", "optional_lr_mult": 10.0, "max_steps_per_epoch": 2}
+    cfg = _config(tmp_path, disc_layout, train=train_cfg)
+    with open(cfg) as f:
+        doc = yaml.safe_load(f)
+    doc["model"]["mask_loss_weight"] = 1.0
+    with open(cfg, "w") as f:
+        yaml.safe_dump(doc, f)
+    run = tmp_path / "run"
+    train("prompter", None, run, config=cfg, progress=False, train_overrides={"epochs": 1})
+    train("prompter", None, run, config=cfg, progress=False, resume=True)
+    groups = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])

@@ -68,6 +68,10 @@ class TrainConfig:
     amp: bool | str = False
     plateau_factor: float = 0.5  # schedule "plateau": lr × factor when the validation score stalls for more than
     plateau_patience: int = 5  # this many validations (torch ReduceLROnPlateau, mode max, rel. threshold 1e-4)
+    # lr × this for the modules a config adds to an older network (the model's ``optional_init_prefixes``: the
+    # prompter's mask head, the segmentor's detail branch): warm-started from weights without them, they start from
+    # scratch (or from zero) while the rest only needs a gentle restart.
+    optional_lr_mult: float = 1.0
 
 
 class Task(Protocol):
@@ -104,6 +108,21 @@ def _set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
+
+
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in optimiser groups, each with its ``lr_mult``: those under the model's
+    ``optional_init_prefixes`` get ``cfg.optional_lr_mult``, all others 1. Depends only on the model and the config,
+    so a resumed run rebuilds the same groups its checkpoint saved."""
+    if cfg.optional_lr_mult <= 0:
+        raise ValueError(f"optional_lr_mult must be > 0, got {cfg.optional_lr_mult}")
+    optional = tuple(getattr(model, "optional_init_prefixes", ()))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    added = [p for n, p in named if optional and n.startswith(optional)]
+    if cfg.optional_lr_mult == 1.0 or not added:
+        return [{"params": [p for _, p in named], "lr_mult": 1.0}]
+    return [{"params": [p for n, p in named if not n.startswith(optional)], "lr_mult": 1.0},
+            {"params": added, "lr_mult": float(cfg.optional_lr_mult)}]
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -267,7 +286,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     if init_state is not None and not (resume and (run_dir / "last.pt").exists()):
         load_init_state(model, init_state, init_source)
     run_dir.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run leaves no folder behind
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    optimizer = make_optimizer(parameter_groups(model, cfg), cfg)
     acc = int(cfg.accumulate_steps)
     if acc < 1:
         raise ValueError(f"accumulate_steps must be >= 1, got {cfg.accumulate_steps}")
@@ -315,7 +334,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
                 if pending == 0:
                     frac = epoch + (step // acc) / max(1, groups)
                     for group in optimizer.param_groups:
-                        group["lr"] = cfg.lr * lr_factor(frac, cfg) * (plateau.scale if plateau else 1.0)
+                        group["lr"] = (cfg.lr * lr_factor(frac, cfg) * (plateau.scale if plateau else 1.0)
+                                       * group.get("lr_mult", 1.0))
                     optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                     losses = task.loss(model, batch, device)
