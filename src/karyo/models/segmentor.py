@@ -428,10 +428,9 @@ class Segmentor(nn.Module):
                                         cfg.iou_head_depth, cfg.iou_head_hidden_dim, cfg.detail_dim)
         self.detail_encoder = None
         if cfg.detail_dim > 0:
-            s = cfg.encoder.patch_size // 4
             self.detail_encoder = nn.Sequential(
                 nn.Conv2d(cfg.in_chans, cfg.detail_dim, 3, padding=1), nn.GELU(),
-                nn.Conv2d(cfg.detail_dim, cfg.detail_dim, 3, stride=s, padding=1), nn.GELU())
+                nn.Conv2d(cfg.detail_dim, cfg.detail_dim, 3, stride=self.stride_out, padding=1), nn.GELU())
         stats = cfg.adapter or cfg
         self.register_buffer("pixel_mean", torch.tensor(stats.pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(stats.pixel_std).view(-1, 1, 1), persistent=False)

@@ -118,7 +118,7 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str,
         raise ValueError(f"optional_lr_mult must be > 0, got {cfg.optional_lr_mult}")
     optional = tuple(getattr(model, "optional_init_prefixes", ()))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    added = [p for n, p in named if optional and n.startswith(optional)]
+    added = [p for n, p in named if n.startswith(optional)]  # an empty tuple matches nothing
     if cfg.optional_lr_mult == 1.0 or not added:
         return [{"params": [p for _, p in named], "lr_mult": 1.0}]
     return [{"params": [p for n, p in named if not n.startswith(optional)], "lr_mult": 1.0},
