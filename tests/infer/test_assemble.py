@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 import torch
 
-from karyo.infer.assemble import assemble_instances, largest_piece, suppress_duplicate_masks
+from karyo.infer.assemble import assemble_instances, largest_piece, stability_scores, suppress_duplicate_masks
 from karyo.infer.postprocess import remove_small_instances
 
 
@@ -89,3 +90,17 @@ def test_mask_nms_drops_the_lower_scored_duplicate_only():
     assert keep.tolist() == [1, 2, 3]  # A lies around the better-scored B; C and D are other nuclei
     assert suppress_duplicate_masks(probs, win, scores, max_overlap=1.0).tolist() == [0, 1, 2, 3]
     assert suppress_duplicate_masks(probs[:1], win[:1], np.ones(1)).tolist() == [0]
+
+
+def test_stability_is_the_iou_of_the_masks_a_logit_above_and_below_the_threshold():
+    probs = torch.full((3, 8, 8), 0.1)
+    probs[0, :2] = 0.95  # 16 px certain
+    probs[0, 2:4] = 0.6  # 16 px between sigmoid(-1) = 0.27 and sigmoid(1) = 0.73: unstable
+    probs[1, :4] = 0.8  # 32 px, all certain at threshold 0.5
+    # mask 2 stays empty
+    np.testing.assert_allclose(stability_scores(probs, 0.5), [0.5, 1.0, 0.0])
+    # around threshold 0.7 (logit 0.85) the band is (0.46, 0.86): 0.8 is no longer certain
+    np.testing.assert_allclose(stability_scores(probs, 0.7), [0.5, 0.0, 0.0])
+    np.testing.assert_allclose(stability_scores(probs, 0.5, offset=0.3), [1.0, 1.0, 0.0])  # band (0.43, 0.57)
+    with pytest.raises(ValueError, match="mask threshold"):
+        stability_scores(probs, 1.0)

@@ -9,7 +9,7 @@ import torch
 import karyo
 from karyo.infer.assemble import suppress_duplicate_masks
 from karyo.models.prompter import PrompterConfig
-from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, _mask_centroids
+from karyo.models.promptnucseg import MaskCandidates, PromptNucSegConfig, PromptNucSegModel, _mask_centroids
 from karyo.models.segmentor import segmentor_config
 
 
@@ -153,3 +153,30 @@ def test_mask_nms_masks_serve_as_the_first_refinement():
     centroids = _mask_centroids(probs, windows, pts[[0, 2]], 0.5, 1)
     np.testing.assert_allclose(calls[1][0], centroids, atol=1e-4)  # prompts moved to the alone-decoded masks
     assert not np.allclose(centroids, pts[[0, 2]])
+
+
+def test_resolve_drops_unstable_masks_of_detected_points_only():
+    model = tiny_model(min_area=1, min_kept_fraction=0.0, min_stability=0.6)
+    prep = model.prepare(image())
+    probs = torch.zeros(2, 12, 12)
+    probs[0, 2:8, 2:8] = 0.99  # a confident nucleus
+    probs[1, 2:8, 2:8] = 0.55  # a faint blob on background: nothing survives a one-logit shift up
+    probs[1, 4:6, 4:6] = 0.99
+    windows = torch.tensor([[10, 10, 22, 22], [60, 40, 72, 52]])
+    candidates = MaskCandidates(probs, windows, np.array([0.9, 0.8], np.float32), np.array([1, 2]))
+    kept = model.resolve(prep, candidates, 0.5, min_stability=0.6)
+    assert kept.n_nuclei == 1 and list(kept.classes.values()) == [1]
+    assert model.resolve(prep, candidates, 0.5, min_stability=0.1).n_nuclei == 2  # 4 / 36 = 0.11 passes
+    assert model.resolve(prep, candidates, 0.5).n_nuclei == 2  # off by default
+
+    calls = []
+    resolve = model.resolve
+
+    def spy(*args, **kw):
+        calls.append(kw.get("min_stability"))
+        return resolve(*args, **kw)
+
+    model.resolve = spy
+    model.segment(image())
+    model.segment(image(), points=[(20, 20)])
+    assert calls == [0.6, None]  # the user vouches for the nuclei they point at

@@ -37,9 +37,9 @@ def test_cached_tuning_equals_segment_per_setting():
     samples = _samples(model)
     assert samples[0].instances.max() > 0
     grid = {"score_threshold": (0.0, 0.45), "nms_radius_px": (4.0, 12.0), "mask_nms_overlap": (None, 0.3),
-            "refine_points": (0, 1), "mask_threshold": (0.3, 0.5)}
+            "refine_points": (0, 1), "mask_threshold": (0.3, 0.5), "min_stability": (None, 0.5)}
     best, rows = tune_thresholds(model, samples, grid, log=lambda _: None)
-    assert len(rows) == 32
+    assert len(rows) == 64
     assert model.config == cfg  # the model itself is left as it was
     keys = list(grid)
     best_row = max(rows, key=lambda r: r["val_pq"])
@@ -49,8 +49,11 @@ def test_cached_tuning_equals_segment_per_setting():
     model.config = cfg
     assert all(getattr(best, k) == best_row[k] for k in keys)
     assert len({r["val_pq"] for r in rows}) > 1  # the settings matter on these images
-    # The truth was made with score 0, NMS 4, mask 0.3, no refinement, no duplicate handling.
-    assert (best.score_threshold, best.nms_radius_px, best.mask_threshold, best.refine_points) == (0.0, 4.0, 0.3, 0)
+    # The truth was made with score 0, NMS 4, mask 0.3, no refinement, no duplicate handling, no stability filter.
+    assert (best.score_threshold, best.nms_radius_px, best.mask_threshold, best.refine_points,
+            best.min_stability) == (0.0, 4.0, 0.3, 0, None)
+    assert {r["val_pq"] for r in rows if r["min_stability"] == 0.5} != {r["val_pq"] for r in rows
+                                                                          if r["min_stability"] is None}
     capped, capped_rows = tune_thresholds(model, samples[:1], grid, log=lambda _: None, max_nms_radius_px=8.0)
     assert {r["nms_radius_px"] for r in capped_rows} == {4.0} and capped.nms_radius_px == 4.0
     _, floor_rows = tune_thresholds(model, samples[:1], grid, log=lambda _: None, max_nms_radius_px=1.0)

@@ -9,6 +9,10 @@ claimed the same nucleus (a duplicate prompt) and is dropped; each instance keep
 boxes: best score first, every mask that mostly lies inside a better-scored one is removed. PromptNucSeg runs it on
 masks decoded without negatives, before it chooses negative prompts (``PromptNucSegModel.mask_candidates``), so a
 second point on a nucleus is dropped instead of cutting the nucleus in two.
+
+``stability_scores`` is SAM's mask stability (Kirillov et al. 2023, §"automatic mask generation"; its
+``calculate_stability_score``): a mask that hardly changes when the threshold moves is confident. PromptNucSeg
+drops prompts whose masks are unstable, most of them points on no nucleus.
 """
 
 from __future__ import annotations
@@ -116,6 +120,20 @@ def suppress_duplicate_masks(probs: torch.Tensor, windows: torch.Tensor, scores:
             for j in neighbours.get(i, ()):
                 dropped[j] = True
     return np.flatnonzero(~dropped)
+
+
+def stability_scores(probs: torch.Tensor, threshold: float = 0.5, offset: float = 1.0) -> np.ndarray:
+    """Per mask (``probs`` P×H×W in [0, 1]): area above the threshold raised by ``offset`` in logit space, over the
+    area above it lowered by ``offset`` (the IoU of the two nested masks; SAM's offset is 1.0). An empty mask
+    scores 0."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"mask threshold must lie in (0, 1), got {threshold}")
+    logit = float(np.log(threshold / (1.0 - threshold)))
+    hi, lo = (1.0 / (1.0 + np.exp(-(logit + d))) for d in (offset, -offset))
+    probs = probs.detach().float().cpu().flatten(1)
+    inner = (probs > hi).sum(1).double()
+    outer = (probs > lo).sum(1).double()
+    return (inner / outer.clamp(min=1)).numpy()
 
 
 def largest_piece(labels: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from karyo.device import pick_device
-from karyo.infer.assemble import assemble_instances, suppress_duplicate_masks
+from karyo.infer.assemble import assemble_instances, stability_scores, suppress_duplicate_masks
 from karyo.infer.prepare import model_input, pad_input, resample_to_model, resize_instances
 from karyo.infer.result import SegmentationResult
 from karyo.models.base import InstanceModel, register
@@ -42,6 +42,9 @@ class PromptNucSegConfig:
     mask_threshold: float = 0.5  # on the segmentor's mask probability
     min_area: int = 10
     min_kept_fraction: float = 0.35
+    # Detected points whose final mask has a SAM stability score below this are dropped (None: off); user-given
+    # points are always kept (see resolve).
+    min_stability: float | None = None
     # Duplicate prompts on one nucleus: before negatives are chosen, each point is decoded alone and a mask is
     # dropped when more than this fraction of the smaller of it and a better-scored mask is their intersection
     # (None: off; see mask_candidates and suppress_duplicate_masks).
@@ -127,7 +130,8 @@ class PromptNucSegModel(InstanceModel):
             if negative is not None:
                 neg = (np.asarray(list(negative), np.float64).reshape(-1, 2) * prep.scale).astype(np.float32)
         candidates = self.mask_candidates(prep, pts, cls, score, neg)
-        return self.resolve(prep, candidates, cfg.mask_threshold, name=name)
+        min_stability = cfg.min_stability if points is None else None  # the user vouches for their points
+        return self.resolve(prep, candidates, cfg.mask_threshold, min_stability=min_stability, name=name)
 
     # The three stages below are public so that threshold tuning (karyo.train.pack) can run the networks once
     # per image and re-run only the cheap decisions for every setting.
@@ -249,11 +253,17 @@ class PromptNucSegModel(InstanceModel):
             ious.append(outp.iou_pred[:, 0].detach().clamp(0, 1).cpu().numpy())
         return torch.cat(probs), torch.cat(windows), np.concatenate(ious)
 
-    def resolve(self, prep: PreparedImage, candidates: MaskCandidates, mask_threshold: float, *, name: str = ""
-                ) -> SegmentationResult:
-        """Threshold and resolve the window masks into one instance map at the input's size."""
+    def resolve(self, prep: PreparedImage, candidates: MaskCandidates, mask_threshold: float, *,
+                min_stability: float | None = None, name: str = "") -> SegmentationResult:
+        """Threshold and resolve the window masks into one instance map at the input's size, after dropping the
+        masks whose stability score (:func:`~karyo.infer.assemble.stability_scores` around ``mask_threshold``) is
+        below ``min_stability``. On the validation images most masks dropped so lie on no nucleus: a prompter
+        point on background gives a faint, threshold-sensitive mask."""
         cfg = self.config
         c = candidates
+        if min_stability is not None and len(c.scores):
+            keep = np.flatnonzero(stability_scores(c.probs, mask_threshold) >= min_stability)
+            c = MaskCandidates(c.probs[keep], c.windows[keep], c.scores[keep], c.classes[keep])
         if len(c.scores) == 0:
             instances, classes, scores = np.zeros(prep.shape, np.int32), {}, {}
         else:

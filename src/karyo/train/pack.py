@@ -31,9 +31,10 @@ from karyo.models.vit import read_state_dict
 from karyo.train.data import load_specs
 
 TUNING_GRID = {"score_threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "nms_radius_px": (6.0, 8.0, 10.0, 12.0, 16.0, 20.0),
-               "mask_nms_overlap": (None, 0.2, 0.3, 0.5), "refine_points": (0, 1, 2), "mask_threshold": (0.4, 0.5, 0.6)}
+               "mask_nms_overlap": (None, 0.2, 0.3, 0.5), "refine_points": (0, 1, 2), "mask_threshold": (0.4, 0.5, 0.6),
+               "min_stability": (None, 0.3, 0.4, 0.5, 0.6)}
 # Settings that change only how the masks are resolved: one set of masks serves all their values.
-RESOLVE_KEYS = ("mask_threshold",)
+RESOLVE_KEYS = ("mask_threshold", "min_stability")
 # The NMS radius may suppress at most this fraction of true nearest neighbours in the training annotations.
 NEIGHBOUR_QUANTILE = 0.1
 
@@ -122,8 +123,8 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
     grid always stays). Each image's networks run once: the prompter's outputs and the segmentor's tile embeddings are
     reused for every point setting, whose masks are reused for every :data:`RESOLVE_KEYS` setting; results
     equal :func:`mean_pq` with each setting."""
-    grid = {**TUNING_GRID, **(grid or {})}
     base = model.config
+    grid = {k: (getattr(base, k),) for k in RESOLVE_KEYS} | TUNING_GRID | (grid or {})  # unlisted: the model's
     point_keys = [k for k in grid if k not in RESOLVE_KEYS]
     radii = sorted(grid["nms_radius_px"])
     if max_nms_radius_px is not None:
@@ -146,7 +147,8 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
                                                                            ps["nms_radius_px"]), no_neg)
                     for rs in resolve_settings:
                         model.config = replace(base, **ps, **rs)
-                        pred = model.resolve(prep, candidates, rs["mask_threshold"]).instances
+                        pred = model.resolve(prep, candidates, rs["mask_threshold"],
+                                             min_stability=rs["min_stability"]).instances
                         key = tuple(ps.values()) + tuple(rs.values())
                         pq.setdefault(key, []).append(panoptic_quality(sample.instances, pred).pq)
     finally:
