@@ -14,6 +14,7 @@ from karyo.metrics.instance import panoptic_quality
 from karyo.models import registry
 from karyo.models.cellvit import CellViTModel
 from karyo.models.promptnucseg import PromptNucSegModel
+from karyo.train.pack import read_tuning
 
 runner = CliRunner()
 PQ_FLOOR, F1D_FLOOR = 0.26, 0.55  # measured 0.322 and 0.661 on these three patches (2026-11-25)
@@ -26,10 +27,10 @@ def test_default_is_the_shipped_promptnucseg():
     assert model.class_names == {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle-shaped"}
     # thresholds come from the validation tuning shipped beside the weights
     folder = registry.resolve("default")["folder"]
-    tuning = json.loads((registry.resources.files("karyo.models") / folder / "tuning.json").read_text())
-    best = max(tuning["rows"], key=lambda r: r["val_pq"])
-    assert (model.config.score_threshold, model.config.nms_radius_px, model.config.mask_threshold) == (
-        best["score_threshold"], best["nms_radius_px"], best["mask_threshold"])
+    _, rows = read_tuning(registry.resources.files("karyo.models") / folder / "tuning.json")
+    best = max(rows, key=lambda r: r["val_pq"])
+    assert {k: getattr(model.config, k) for k in best if k != "val_pq"} == {k: v for k, v in best.items()
+                                                                             if k != "val_pq"}
 
 
 def test_damaged_weights_are_refused(tmp_path, monkeypatch):

@@ -98,7 +98,6 @@ def test_load_segmentor_reads_a_packed_model_folder(tmp_path):
 def test_cli_pack_promptnucseg_tunes_under_the_spacing_cap(tmp_path, disc_layout, one_thread, monkeypatch):
     """karyo pack promptnucseg end to end: a prompter run + a model folder's segmentor → a loadable model whose
     NMS radius respects the cap measured on the run's training annotations."""
-    import json
 
     from tests.train.test_init import _config
     from typer.testing import CliRunner
@@ -120,9 +119,10 @@ def test_cli_pack_promptnucseg_tunes_under_the_spacing_cap(tmp_path, disc_layout
                                    "--out", str(tmp_path / "model")])
     assert res.exit_code == 0, res.output
     assert "model →" in res.output
-    tuning = json.loads((tmp_path / "model" / "tuning.json").read_text())
+    header, rows = pack.read_tuning(tmp_path / "model" / "tuning.json")
     limit = pack.nms_radius_limit(pack.training_samples(run), 0.25)
-    assert tuning["max_nms_radius_px"] == pytest.approx(limit) and 4.0 < limit < 500.0
-    assert {r["nms_radius_px"] for r in tuning["rows"]} == {2.0, 4.0}  # 500 px is above the cap
+    assert header["max_nms_radius_px"] == pytest.approx(limit) and 4.0 < limit < 500.0
+    assert {r["nms_radius_px"] for r in rows} == {2.0, 4.0}  # 500 px is above the cap
+    assert {r["mask_nms_overlap"] for r in rows} == {None, 0.3} and all(0 <= r["val_pq"] <= 1 for r in rows)
     model = karyo.load(tmp_path / "model")
     assert model.config.nms_radius_px in (2.0, 4.0) and model.config.score_threshold == 0.3

@@ -257,8 +257,9 @@ class PromptNucSegModel(InstanceModel):
                 min_stability: float | None = None, name: str = "") -> SegmentationResult:
         """Threshold and resolve the window masks into one instance map at the input's size, after dropping the
         masks whose stability score (:func:`~karyo.infer.assemble.stability_scores` around ``mask_threshold``) is
-        below ``min_stability``. On the validation images most masks dropped so lie on no nucleus: a prompter
-        point on background gives a faint, threshold-sensitive mask."""
+        below ``min_stability``. A prompter point on background gives a faint, threshold-sensitive mask: of the
+        233 instances the shipped setting (0.5) drops on its 54 validation images, 99 lie on background, 73 overlap
+        a nucleus at IoU ≤ 0.5 and 61 match one."""
         cfg = self.config
         c = candidates
         if min_stability is not None and len(c.scores):

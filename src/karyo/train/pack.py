@@ -194,9 +194,29 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
     model.save(out)
     _halve(out)
     if rows:
-        (out / "tuning.json").write_text(json.dumps({"grid": TUNING_GRID, "max_nms_radius_px": limit,
-                                                     "rows": rows}, indent=1) + "\n")
+        write_tuning(out / "tuning.json", rows, {"grid": TUNING_GRID, "max_nms_radius_px": limit})
     return model
+
+
+def write_tuning(path: Path, rows: list[dict], header: dict) -> None:
+    """The tuning rows as a table (``columns`` + one list per row, a line each): thousands of settings stay a
+    small, diffable file beside the weights."""
+    from karyo.data.io import atomic_path
+
+    columns = list(rows[0])
+    body = ",\n".join(json.dumps([r[c] for c in columns]) for r in rows)
+    text = json.dumps({**header, "columns": columns})[:-1] + f', "rows": [\n{body}\n]}}\n'
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def read_tuning(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """(header, rows as dicts) of a ``tuning.json`` written by :func:`write_tuning` (or by older karyo, whose rows
+    were dicts already)."""
+    data = load_json(Path(path))
+    rows = data.pop("rows")
+    columns = data.pop("columns", None)
+    return data, [dict(zip(columns, r, strict=True)) for r in rows] if columns else rows
 
 
 def pack_cellvit(run: str | os.PathLike, out: str | os.PathLike) -> Path:
