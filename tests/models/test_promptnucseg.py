@@ -93,9 +93,9 @@ def _prompts_used(model: PromptNucSegModel, pts: np.ndarray, **kw) -> tuple[np.n
     seen = []
     decode = model.segmentor.decode
 
-    def spy(emb, slot, coords, labels):
+    def spy(emb, slot, coords, labels, **kw):
         seen.append((coords.numpy().copy(), labels.numpy().copy()))
-        return decode(emb, slot, coords, labels)
+        return decode(emb, slot, coords, labels, **kw)
 
     model.segmentor.decode = spy
     try:
@@ -141,9 +141,9 @@ def test_mask_nms_masks_serve_as_the_first_refinement():
     calls = []
     decode = model._decode
 
-    def spy(prep_, pts_, neg_, negatives=True):
+    def spy(prep_, pts_, neg_, negatives=True, detail=True):
         calls.append((pts_.copy(), negatives))
-        return decode(prep_, pts_, neg_, negatives)
+        return decode(prep_, pts_, neg_, negatives, detail)
 
     model._decode = spy
     kept = model.mask_candidates(prep, pts, np.array([1, 2, 1]), np.array([0.9, 0.8, 0.7], np.float32), no_neg)
@@ -180,3 +180,25 @@ def test_resolve_drops_unstable_masks_of_detected_points_only():
     model.segment(image())
     model.segment(image(), points=[(20, 20)])
     assert calls == [0.6, None]  # the user vouches for the nuclei they point at
+
+
+@pytest.mark.parametrize("every_pass", [False, True])
+def test_detail_branch_fuses_in_the_final_pass_unless_every_pass(every_pass):
+    model = tiny_model(score_threshold=0.0, mask_threshold=0.3, min_area=1, min_kept_fraction=0.0,
+                       mask_nms_overlap=0.5, refine_points=2, detail_every_pass=every_pass)
+    model.config = dataclasses.replace(model.config,
+                                       segmentor=dataclasses.replace(model.config.segmentor, detail_dim=4))
+    model.segmentor = type(model.segmentor)(model.config.segmentor).eval()
+    flags = []
+    decode = model.segmentor.decode
+
+    def spy(*args, **kw):
+        flags.append(kw["detail"])
+        return decode(*args, **kw)
+
+    model.segmentor.decode = spy
+    pts = np.array([[40.0, 40.0], [41.0, 40.0], [100.0, 70.0]], np.float32)
+    model.mask_candidates(model.prepare(image()), pts, np.array([1, 2, 1]), np.array([0.9, 0.8, 0.7], np.float32),
+                          np.zeros((0, 2), np.float32))
+    # duplicate removal (also the first refinement), the second refinement, the final decode
+    assert flags == ([True] * 3 if every_pass else [False, False, True])

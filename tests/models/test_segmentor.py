@@ -297,7 +297,14 @@ def test_detail_branch_decodes_each_window_with_the_detail_under_it(tiny):
                                           sparse[i:i + 1], detail[i:i + 1, :, y0 // 2:y1 // 2, x0 // 2:x1 // 2])
             torch.testing.assert_close(out.mask_logits[i], masks[0, :1])
         plain = tiny.decode(tiny.embed(images), torch.tensor([0, 1]), pts, lab)
+        skipped = model.decode(model.embed(images), torch.tensor([0, 1]), pts, lab, detail=False)
+        torch.nn.init.zeros_(model.mask_decoder.detail_fuse.weight)
+        torch.nn.init.zeros_(model.mask_decoder.detail_fuse.bias)
+        zero_fusion = model.decode(model.embed(images), torch.tensor([0, 1]), pts, lab)
     assert not torch.allclose(out.mask_logits, plain.mask_logits)
+    assert not torch.allclose(out.mask_logits, skipped.mask_logits)
+    torch.testing.assert_close(skipped.mask_logits, zero_fusion.mask_logits)  # detail=False: no fusion at all
+    torch.testing.assert_close(skipped.iou_pred, zero_fusion.iou_pred)
 
 
 def test_detail_branch_trains(one_thread):

@@ -378,16 +378,14 @@ class MaskDecoder(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, sparse: Tensor, detail: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
         """P×D×h×w (image embedding + dense prompt), (1|P)×D×h×w positions, P×T×D sparse prompts (and, with the
-        detail branch, P×detail_dim×4h×4w image detail) → all ``num_mask_tokens`` mask logits P×(M+1)×4h×4w and
-        IoU predictions P×(M+1)."""
+        detail branch, P×detail_dim×4h×4w image detail; None skips the fusion) → all ``num_mask_tokens`` mask
+        logits P×(M+1)×4h×4w and IoU predictions P×(M+1)."""
         p, d, h, w = src.shape
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(p, -1, -1), sparse], dim=1)
         hs, keys = self.transformer(src, pos, tokens)
         upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(p, d, h, w))
-        if self.detail_fuse is not None:
-            if detail is None:
-                raise ValueError("this mask decoder has the detail branch: pass the image detail")
+        if self.detail_fuse is not None and detail is not None:
             upscaled = upscaled + self.detail_fuse(torch.cat([upscaled, detail.to(upscaled.dtype)], dim=1))
         hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
         c, uh, uw = upscaled.shape[1:]
@@ -472,13 +470,14 @@ class Segmentor(nn.Module):
         return torch.cat([embedding, detail.to(embedding.dtype)], dim=1)
 
     def decode(self, embeddings: Tensor, image_index: Tensor, points: Tensor, labels: Tensor,
-               multimask: bool = False) -> DecodeOutput:
+               multimask: bool = False, detail: bool = True) -> DecodeOutput:
         """Decode P prompts (of any images in the batch) in one pass.
 
         ``image_index`` P (which embedding each prompt belongs to), ``points`` P×K×2 (x, y) in input-pixel
         coordinates (pixel indices, SAM convention), ``labels`` P×K (1 positive, 0 negative, −1 padding).
         With ``decode_window`` w > 0 each prompt sees a w×w-token window around its first positive point (first
-        valid point when there is none), clamped inside the embedding; see the module docstring.
+        valid point when there is none), clamped inside the embedding; see the module docstring. ``detail=False``
+        skips the detail branch's fusion (its cost, and its edges), for masks that only need to be roughly right.
         """
         if points.ndim != 3 or points.shape[-1] != 2 or labels.shape != points.shape[:2]:
             raise ValueError(f"points must be P×K×2 and labels P×K, got {tuple(points.shape)} and "
@@ -508,8 +507,8 @@ class Segmentor(nn.Module):
             cols = (x0[:, None] + torch.arange(ww, device=x0.device))[:, None, :]
             src = embeddings.permute(0, 2, 3, 1)[image_index[:, None, None], rows, cols].permute(0, 3, 1, 2)
             pos = pe.permute(1, 2, 0)[rows, cols].permute(0, 3, 1, 2)
-        detail = F.pixel_shuffle(src[:, d:], 4) if self.detail_encoder is not None else None
-        masks, iou = self.mask_decoder(src[:, :d] + dense, pos, sparse, detail)
+        fine = F.pixel_shuffle(src[:, d:], 4) if self.detail_encoder is not None and detail else None
+        masks, iou = self.mask_decoder(src[:, :d] + dense, pos, sparse, fine)
         keep = slice(1, None) if multimask else slice(0, 1)
         window = torch.stack([x0 * p, y0 * p, (x0 + ww) * p, (y0 + wh) * p], dim=1)
         return DecodeOutput(masks[:, keep], iou[:, keep], window, self.stride_out)
