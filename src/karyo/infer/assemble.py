@@ -12,7 +12,8 @@ second point on a nucleus is dropped instead of cutting the nucleus in two.
 
 ``stability_scores`` is SAM's mask stability (Kirillov et al. 2023, §"automatic mask generation"; its
 ``calculate_stability_score``): a mask that hardly changes when the threshold moves is confident. PromptNucSeg
-drops prompts whose masks are unstable, most of them points on no nucleus.
+can drop detected points whose masks are unstable (``PromptNucSegConfig.min_stability``, off by default: faint
+nuclei in dense tissue are unstable too).
 """
 
 from __future__ import annotations
