@@ -394,7 +394,8 @@ def pack_cmd(
     run: Annotated[Path | None, typer.Option(help="cellvit, ivaan: the training run folder.")] = None,
     tune: Annotated[bool, typer.Option(help="Tune inference thresholds on the run's validation images.")] = True,
 ) -> None:
-    """Build a model folder from training runs (thresholds tuned on validation data only)."""
+    """Build a model folder from training runs (thresholds tuned on validation data only; of the settings within one
+    standard error of the best, the fastest ships)."""
     from karyo.errors import InputError
 
     def need(value: Path | None, option: str) -> Path:

@@ -14,7 +14,7 @@ from karyo.metrics.instance import panoptic_quality
 from karyo.models import registry
 from karyo.models.cellvit import CellViTModel
 from karyo.models.promptnucseg import PromptNucSegModel
-from karyo.train.pack import read_tuning
+from karyo.train.pack import read_tuning, select_setting
 
 runner = CliRunner()
 PQ_FLOOR, F1D_FLOOR = 0.26, 0.55  # measured 0.322 and 0.661 on these three patches (2026-11-25)
@@ -28,9 +28,9 @@ def test_default_is_the_shipped_promptnucseg():
     # thresholds come from the validation tuning shipped beside the weights
     folder = registry.resolve("default")["folder"]
     _, rows = read_tuning(registry.resources.files("karyo.models") / folder / "tuning.json")
-    best = max(rows, key=lambda r: r["val_pq"])
-    assert {k: getattr(model.config, k) for k in best if k != "val_pq"} == {k: v for k, v in best.items()
-                                                                             if k != "val_pq"}
+    chosen = select_setting(rows)
+    settings = {k: v for k, v in chosen.items() if k not in ("val_pq", "se_vs_best", "prompts")}
+    assert {k: getattr(model.config, k) for k in settings} == settings
 
 
 def test_damaged_weights_are_refused(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from karyo.data.sample import Sample
 from karyo.models.prompter import PrompterConfig
 from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel
 from karyo.models.segmentor import segmentor_config
-from karyo.train.pack import mean_pq, tune_thresholds
+from karyo.train.pack import mean_pq, select_setting, tune_thresholds
 
 
 def _samples(model: PromptNucSegModel) -> list[Sample]:
@@ -47,17 +47,50 @@ def test_cached_tuning_equals_segment_per_setting():
         model.config = replace(cfg, **{k: r[k] for k in keys})
         assert r["val_pq"] == pytest.approx(mean_pq(model, samples), abs=1e-12)
     model.config = cfg
-    assert all(getattr(best, k) == best_row[k] for k in keys)
+    chosen = select_setting(rows)
+    assert all(getattr(best, k) == chosen[k] for k in keys)
     assert len({r["val_pq"] for r in rows}) > 1  # the settings matter on these images
     # The truth was made with score 0, NMS 4, mask 0.3, no refinement, no duplicate handling, no stability filter.
-    assert (best.score_threshold, best.nms_radius_px, best.mask_threshold, best.refine_points,
-            best.min_stability) == (0.0, 4.0, 0.3, 0, None)
+    assert (best_row["score_threshold"], best_row["nms_radius_px"], best_row["mask_threshold"],
+            best_row["refine_points"], best_row["min_stability"]) == (0.0, 4.0, 0.3, 0, None)
+    assert best_row["se_vs_best"] == 0.0
+    # prompts: the points decoded over all passes, counted here by hand for two settings
+    counted = []
+    decode = model._decode
+    model._decode = lambda prep, pts, *a, **k: counted.append(len(pts)) or decode(prep, pts, *a, **k)
+    try:
+        for r in (best_row, next(r for r in rows if r["refine_points"] == 1 and r["mask_nms_overlap"] == 0.3)):
+            counted.clear()
+            model.config = replace(cfg, **{k: r[k] for k in keys})
+            per_image = []
+            for s in samples[:2]:
+                model.segment(s.image)
+                per_image.append(sum(counted))
+                counted.clear()
+            assert r["prompts"] == pytest.approx(np.mean(per_image))
+            assert r["prompts"] > 0
+    finally:
+        model._decode = decode
+        model.config = cfg
     assert {r["val_pq"] for r in rows if r["min_stability"] == 0.5} != {r["val_pq"] for r in rows
                                                                           if r["min_stability"] is None}
     capped, capped_rows = tune_thresholds(model, samples[:1], grid, log=lambda _: None, max_nms_radius_px=8.0)
     assert {r["nms_radius_px"] for r in capped_rows} == {4.0} and capped.nms_radius_px == 4.0
     _, floor_rows = tune_thresholds(model, samples[:1], grid, log=lambda _: None, max_nms_radius_px=1.0)
     assert {r["nms_radius_px"] for r in floor_rows} == {4.0}  # the grid's smallest radius always stays
+
+
+def test_select_setting_takes_the_fewest_prompts_within_one_standard_error():
+    rows = [dict(a=1, val_pq=0.50, se_vs_best=0.0, prompts=80.0),
+            dict(a=2, val_pq=0.49, se_vs_best=0.012, prompts=60.0),  # tied: 0.01 ≤ 0.012
+            dict(a=3, val_pq=0.48, se_vs_best=0.015, prompts=60.0),  # tied, same prompts, lower PQ
+            dict(a=4, val_pq=0.47, se_vs_best=0.035, prompts=50.0),  # tied (0.03 ≤ 0.035), fewest prompts
+            dict(a=5, val_pq=0.46, se_vs_best=0.03, prompts=40.0)]  # 0.04 > 0.03: worse, however fast
+    assert select_setting(rows)["a"] == 4
+    assert select_setting([r for r in rows if r["a"] != 4])["a"] == 2
+    assert select_setting(rows[:1])["a"] == 1
+    old_layout = [{"a": r["a"], "val_pq": r["val_pq"]} for r in rows]  # tuning.json before these columns
+    assert select_setting(old_layout)["a"] == 1
 
 
 def test_nms_radius_limit_is_a_quantile_of_nearest_neighbour_spacing():

@@ -190,7 +190,7 @@ class PromptNucSegModel(InstanceModel):
         score = np.array(score, np.float32, copy=True)
         pts, cls = np.asarray(pts, np.float32), np.asarray(cls)
         if len(pts) == 0:
-            return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls)
+            return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls, 0)
         refine = cfg.refine_points if refine_points is None else refine_points
 
         def move_to_centroids(probs: torch.Tensor, windows: torch.Tensor, pts: np.ndarray, cls: np.ndarray,
@@ -201,7 +201,9 @@ class PromptNucSegModel(InstanceModel):
             return pts[keep], cls[keep], score[keep]
 
         rough = cfg.detail_every_pass  # detail fusion in the passes before the final one
+        decoded = 0  # prompts decoded, over all passes: the work that sets the speed
         if cfg.mask_nms_overlap is not None and len(pts) > 1:
+            decoded += len(pts)
             probs, windows, iou = self._decode(prep, pts, neg, negatives=False, detail=rough)
             keep = suppress_duplicate_masks(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)),
                                             threshold=0.5, max_overlap=cfg.mask_nms_overlap)
@@ -210,10 +212,12 @@ class PromptNucSegModel(InstanceModel):
                 pts, cls, score = move_to_centroids(probs[keep], windows[keep], pts, cls, score)
                 refine -= 1
         for _ in range(refine):
+            decoded += len(pts)
             probs, windows, _ = self._decode(prep, pts, neg, detail=rough)
             pts, cls, score = move_to_centroids(probs, windows, pts, cls, score)
+        decoded += len(pts)
         probs, windows, iou = self._decode(prep, pts, neg)
-        return MaskCandidates(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)), cls)
+        return MaskCandidates(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)), cls, decoded)
 
     def _decode(self, prep: PreparedImage, pts: np.ndarray, neg: np.ndarray, negatives: bool = True,
                 detail: bool = True) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -308,6 +312,7 @@ class MaskCandidates:
     windows: torch.Tensor  # P×4 x0, y0, x1, y1 in model pixels
     scores: np.ndarray
     classes: np.ndarray
+    decoded: int = 0  # prompts the segmentor decoded to make them, over all passes
 
 
 def _mask_centroids(probs: torch.Tensor, windows: torch.Tensor, pts: np.ndarray, threshold: float,

@@ -4,7 +4,8 @@ Inference thresholds (prompter score, point NMS radius, duplicate handling, mask
 prompter run's *validation* images and shipped in the model's config (as StarDist ships ``thresholds.json``);
 test data are never used. The point NMS radius is capped by the spacing of nuclei in the run's *training*
 annotations (:func:`nms_radius_limit`): a radius that removes true neighbours in dense tissue can still win on a
-validation split that happens to be sparse, and the cap keeps the choice valid for dense tissue too.
+validation split that happens to be sparse, and the cap keeps the choice valid for dense tissue too. Of the
+settings the validation images cannot tell from the best, the fastest ships (:func:`select_setting`).
 Weights are stored in float16 (half the size, no measurable change in output) and loaded as float32.
 """
 
@@ -36,6 +37,7 @@ TUNING_GRID = {"score_threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "nms_radius_px": (6
 # −0.013 PQ and −0.048 AJI on dense CoNSeP training patches (docs/benchmarks.md). Pass it in ``grid`` to tune it.
 # Settings that change only how the masks are resolved: one set of masks serves all their values.
 RESOLVE_KEYS = ("mask_threshold", "min_stability")
+SELECTION_RULE = "fewest prompts per image within one standard error of the best val_pq (select_setting)"
 # The NMS radius may suppress at most this fraction of true nearest neighbours in the training annotations.
 NEIGHBOUR_QUANTILE = 0.1
 
@@ -119,11 +121,13 @@ def mean_pq(model: PromptNucSegModel, samples: list) -> float:
 
 def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None = None, log=print, *,
                     max_nms_radius_px: float | None = None) -> tuple[PromptNucSegConfig, list[dict]]:
-    """Grid search of the inference settings on validation images; returns the best config and all rows (mean
-    PQ over images with nuclei). NMS radii above ``max_nms_radius_px`` are left out (the smallest radius of the
-    grid always stays). Each image's networks run once: the prompter's outputs and the segmentor's tile embeddings are
-    reused for every point setting, whose masks are reused for every :data:`RESOLVE_KEYS` setting; results
-    equal :func:`mean_pq` with each setting."""
+    """Grid search of the inference settings on validation images; returns the chosen config
+    (:func:`select_setting`) and all rows: mean PQ over images with nuclei (``val_pq``), the standard error of
+    its paired difference to the best row (``se_vs_best``) and the prompts decoded per image (``prompts``). NMS
+    radii above ``max_nms_radius_px`` are left out (the smallest radius of the grid always stays). Each image's
+    networks run once: the prompter's outputs and the segmentor's tile embeddings are reused for every point
+    setting, whose masks are reused for every :data:`RESOLVE_KEYS` setting; results equal :func:`mean_pq` with
+    each setting."""
     base = model.config
     grid = {k: (getattr(base, k),) for k in RESOLVE_KEYS} | TUNING_GRID | (grid or {})  # unlisted: the model's
     point_keys = [k for k in grid if k not in RESOLVE_KEYS]
@@ -135,6 +139,7 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
     resolve_settings = [dict(zip(RESOLVE_KEYS, v, strict=True))
                         for v in itertools.product(*(grid[k] for k in RESOLVE_KEYS))]
     pq: dict[tuple, list[float]] = {}
+    prompts: dict[tuple, list[int]] = {}
     no_neg = np.zeros((0, 2), np.float32)
     try:
         with torch.no_grad():
@@ -152,16 +157,42 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
                                              min_stability=rs["min_stability"]).instances
                         key = tuple(ps.values()) + tuple(rs.values())
                         pq.setdefault(key, []).append(panoptic_quality(sample.instances, pred).pq)
+                        prompts.setdefault(key, []).append(candidates.decoded)
     finally:
         model.config = base
+    if not pq:
+        return base, []
     keys = (*point_keys, *RESOLVE_KEYS)
-    rows = [{**dict(zip(keys, k, strict=True)), "val_pq": float(np.mean(v))} for k, v in pq.items()]
+    best = max(pq, key=lambda k: np.mean(pq[k]))
+    rows = [{**dict(zip(keys, k, strict=True)), "val_pq": float(np.mean(v)),
+             "se_vs_best": _standard_error(np.subtract(pq[best], v)), "prompts": float(np.mean(prompts[k]))}
+            for k, v in pq.items()]
     for r in rows:
-        log("  " + ", ".join(f"{k} {r[k]}" for k in keys) + f": PQ {r['val_pq']:.4f}")
-    if not rows:
-        return base, rows
+        log("  " + ", ".join(f"{k} {r[k]}" for k in keys) + f": PQ {r['val_pq']:.4f} ± {r['se_vs_best']:.4f}, "
+            f"{r['prompts']:.1f} prompts")
+    chosen = select_setting(rows)
+    log("chosen (the fewest prompts within one standard error of the best): "
+        + ", ".join(f"{k} {chosen[k]}" for k in keys) + f": PQ {chosen['val_pq']:.4f}")
+    return replace(base, **{k: chosen[k] for k in keys}), rows
+
+
+def _standard_error(differences: np.ndarray) -> float:
+    n = len(differences)
+    return float(np.std(differences, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+
+
+def select_setting(rows: list[dict]) -> dict:
+    """The tuning row to ship: of the rows whose validation PQ is within one standard error (``se_vs_best``, of
+    the per-image difference) of the best row's, the one that decodes the fewest prompts per image (then the
+    higher PQ). The one-standard-error rule (as CART prunes trees, Breiman et al. 1984) treats differences the
+    validation images cannot resolve as ties; decoding is most of the time per image (84 % with the shipped
+    model), so ties go to the faster setting. Rows of older ``tuning.json`` files, without these columns, give
+    the best PQ."""
     best = max(rows, key=lambda r: r["val_pq"])
-    return replace(base, **{k: best[k] for k in keys}), rows
+    if "se_vs_best" not in best or "prompts" not in best:
+        return best
+    tied = [r for r in rows if best["val_pq"] - r["val_pq"] <= r["se_vs_best"]]
+    return min(tied, key=lambda r: (r["prompts"], -r["val_pq"]))
 
 
 def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log=print
@@ -195,7 +226,8 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
     model.save(out)
     _halve(out)
     if rows:
-        write_tuning(out / "tuning.json", rows, {"grid": TUNING_GRID, "max_nms_radius_px": limit})
+        write_tuning(out / "tuning.json", rows, {"grid": TUNING_GRID, "max_nms_radius_px": limit,
+                                                 "selection": SELECTION_RULE})
     return model
 
 
