@@ -35,6 +35,11 @@ SETTINGS = {
     "NMS 8 px, no mask NMS": {"nms_radius_px": 8.0, "mask_nms_overlap": None},
     "NMS 16 px, mask NMS 0.2 (validation's pick without the radius cap, 2026-12-06)": {"nms_radius_px": 16.0,
                                                                                           "mask_nms_overlap": 0.2},
+    "score 0.5, NMS 8 px, mask NMS 0.3 (the 2026-12-06 evening settings)": {"score_threshold": 0.5,
+                                                                            "nms_radius_px": 8.0,
+                                                                            "mask_nms_overlap": 0.3},
+    "score 0.4, NMS 6 px, mask NMS 0.2 (the detail model's best validation row, 2026-12-07)": {
+        "score_threshold": 0.4, "nms_radius_px": 6.0, "mask_nms_overlap": 0.2},
     "the model's own settings": {},
 }
 
