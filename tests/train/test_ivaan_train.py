@@ -173,3 +173,14 @@ def test_karyo_train_ivaan_exports_a_model(consep, shared_data, tmp_path, one_th
     assert out.n_nuclei > 0
     assert all("sharp boundary" in p["description"] or "blurred boundary" in p["description"]
                for p in out.properties.values())
+    # tuned on the run's validation images: the chosen setting is the rule's pick of the rows saved beside it
+    import karyo.train.pack as pack
+
+    monkeypatch.setattr(pack, "TUNING_GRID", {"score_threshold": (0.05, 0.5), "nms_radius_px": (6.0,),
+                                              "mask_nms_overlap": (None,), "refine_points": (0,),
+                                              "mask_threshold": (0.5,)})
+    tuned = pack_ivaan(run, tmp_path / "seg", tmp_path / "ivaan_tuned", tune=True, log=lambda _: None)
+    header, rows = pack.read_tuning(tmp_path / "ivaan_tuned" / "tuning.json")
+    assert len(rows) == 2 and header["selection"] == pack.SELECTION_RULE
+    assert {r["score_threshold"] for r in rows} == {0.05, 0.5}
+    assert tuned.config.score_threshold == pack.select_setting(rows)["score_threshold"]

@@ -298,7 +298,8 @@ def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: 
                *, tune: bool = False, log=print):
     """An :class:`~karyo.models.ivaan.IVAANModel` from an IVAAN run and a segmentor (a segmentor run, its
     ``model`` folder, or a PromptNucSeg/IVAAN model folder); saved to ``out`` when given. ``tune`` grid-searches
-    the inference thresholds on the IVAAN run's validation images (``karyo.train.pack.tune_on_run``)."""
+    the inference thresholds on the IVAAN run's validation images (``karyo.train.pack.tune_on_run``; the rows go to
+    ``tuning.json`` in ``out``)."""
     from karyo.models.ivaan import IVAANModel, IVAANModelConfig
     from karyo.train.pack import load_segmentor
 
@@ -311,12 +312,17 @@ def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: 
     model.prompter.load_state_dict(net.state_dict())
     model.segmentor.load_state_dict(s_state)
     model.level_model = levels
+    rows: list[dict] = []
     if tune:
         from karyo.train.pack import tune_on_run
 
-        model.config, _, _ = tune_on_run(model, ivaan_run, log)
+        model.config, rows, limit = tune_on_run(model, ivaan_run, log)
     if out is not None:
         model.save(out)
+        if rows:
+            from karyo.train.pack import save_tuning
+
+            save_tuning(out, rows, limit)
     return model
 
 

@@ -226,9 +226,14 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
     model.save(out)
     _halve(out)
     if rows:
-        write_tuning(out / "tuning.json", rows, {"grid": TUNING_GRID, "max_nms_radius_px": limit,
-                                                 "selection": SELECTION_RULE})
+        save_tuning(out, rows, limit)
     return model
+
+
+def save_tuning(folder: str | os.PathLike, rows: list[dict], max_nms_radius_px: float) -> None:
+    """``tuning.json`` beside a packed model's weights: every setting tried, so the choice can be audited."""
+    write_tuning(Path(folder) / "tuning.json", rows, {"grid": TUNING_GRID, "max_nms_radius_px": max_nms_radius_px,
+                                                      "selection": SELECTION_RULE})
 
 
 def write_tuning(path: Path, rows: list[dict], header: dict) -> None:
