@@ -231,25 +231,20 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
 
 
 def save_tuning(folder: str | os.PathLike, rows: list[dict], max_nms_radius_px: float) -> None:
-    """``tuning.json`` beside a packed model's weights: every setting tried, so the choice can be audited."""
-    write_tuning(Path(folder) / "tuning.json", rows, {"grid": TUNING_GRID, "max_nms_radius_px": max_nms_radius_px,
-                                                      "selection": SELECTION_RULE})
-
-
-def write_tuning(path: Path, rows: list[dict], header: dict) -> None:
-    """The tuning rows as a table (``columns`` + one list per row, a line each): thousands of settings stay a
-    small, diffable file beside the weights."""
+    """``tuning.json`` beside a packed model's weights: every setting tried, so the choice can be audited. Written
+    as a table (``columns`` + one list per row, a line each): thousands of settings stay a small, diffable file."""
     from karyo.data.io import atomic_path
 
+    header = {"grid": TUNING_GRID, "max_nms_radius_px": max_nms_radius_px, "selection": SELECTION_RULE}
     columns = list(rows[0])
     body = ",\n".join(json.dumps([r[c] for c in columns]) for r in rows)
     text = json.dumps({**header, "columns": columns})[:-1] + f', "rows": [\n{body}\n]}}\n'
-    with atomic_path(path) as tmp:
+    with atomic_path(Path(folder) / "tuning.json") as tmp:
         Path(tmp).write_text(text)
 
 
 def read_tuning(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """(header, rows as dicts) of a ``tuning.json`` written by :func:`write_tuning` (or by older karyo, whose rows
+    """(header, rows as dicts) of a ``tuning.json`` written by :func:`save_tuning` (or by older karyo, whose rows
     were dicts already)."""
     data = load_json(Path(path))
     rows = data.pop("rows")
