@@ -135,8 +135,13 @@ class PromptNucSegModel(InstanceModel):
             if negative is not None:
                 neg = (np.asarray(list(negative), np.float64).reshape(-1, 2) * prep.scale).astype(np.float32)
         candidates = self.mask_candidates(prep, pts, cls, score, neg)
-        min_stability = cfg.min_stability if points is None else None  # the user vouches for their points
-        return self.resolve(prep, candidates, cfg.mask_threshold, min_stability=min_stability, name=name)
+        return self.resolve(prep, candidates, cfg.mask_threshold, min_stability=self._stability_floor(points),
+                            name=name)
+
+    def _stability_floor(self, points: Sequence[tuple[float, float]] | None) -> float | None:
+        """The ``min_stability`` :meth:`resolve` applies: the config's for detected points, none for user-given
+        ones (the user vouches for their points)."""
+        return self.config.min_stability if points is None else None
 
     # The three stages below are public so that threshold tuning (karyo.train.pack) can run the networks once
     # per image and re-run only the cheap decisions for every setting.
