@@ -83,7 +83,8 @@ def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
             for c in CONDITIONS:
                 p, k, s = prompts(c, pts, cls, score, gt_xy, pairing)
                 res = model.resolve(prep, model.mask_candidates(prep, p, k, s, np.zeros((0, 2), np.float32)),
-                                    mc.mask_threshold, min_stability=mc.min_stability, name=sample.name)
+                                    mc.mask_threshold, min_stability=mc.min_stability,
+                                    min_verified=mc.min_verified, name=sample.name)
                 pairs[c].append(ImagePair(name=sample.name, true_inst=sample.instances, pred_inst=res.instances))
     rows = {}
     for c in CONDITIONS:
@@ -95,7 +96,8 @@ def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
                           "median": float(np.median(dist)) if len(dist) else float("nan"),
                           "p90": float(np.percentile(dist, 90)) if len(dist) else float("nan")},
             "settings": {k: getattr(mc, k) for k in ("score_threshold", "nms_radius_px", "mask_nms_overlap",
-                                                      "refine_points", "mask_threshold", "min_stability")}}
+                                                      "refine_points", "mask_threshold", "min_stability",
+                                                      "min_verified")}}
 
 
 def markdown(model_name: str, result: dict) -> str:

@@ -152,6 +152,7 @@ def test_cli_pack_promptnucseg_tunes_under_the_spacing_cap(tmp_path, disc_layout
                                    "--out", str(tmp_path / "model")])
     assert res.exit_code == 0, res.output
     assert "model →" in res.output
+    assert "verifier fitted on 6 images" in res.output  # the run's training images with nuclei
     header, rows = pack.read_tuning(tmp_path / "model" / "tuning.json")
     limit = pack.nms_radius_limit(pack.training_samples(run), 0.25)
     assert header["max_nms_radius_px"] == pytest.approx(limit) and 4.0 < limit < 500.0
@@ -159,3 +160,38 @@ def test_cli_pack_promptnucseg_tunes_under_the_spacing_cap(tmp_path, disc_layout
     assert {r["mask_nms_overlap"] for r in rows} == {None, 0.3} and all(0 <= r["val_pq"] <= 1 for r in rows)
     model = karyo.load(tmp_path / "model")
     assert model.config.nms_radius_px in (2.0, 4.0) and model.config.score_threshold == 0.3
+    assert model.config.verifier is not None and model.config.verifier.fit["images"] == 6
+
+    def cannot_fit(*args, **kwargs):
+        raise pack.VerifierFitError("the verifier needs candidates that are nuclei and candidates that are not")
+
+    monkeypatch.setattr(pack, "fit_verifier", cannot_fit)
+    logs = []
+    plain = pack.pack_promptnucseg(run, tmp_path / "seg", tmp_path / "model2", log=logs.append)
+    assert plain.config.verifier is None and plain.config.min_verified is None
+    assert any(m.startswith("no verifier: the verifier needs") for m in logs)  # packed all the same
+
+
+def test_cached_tuning_with_a_verifier_equals_segment():
+    from karyo.models.verifier import VerifierConfig
+
+    torch.manual_seed(0)
+    verifier = VerifierConfig(mean=[0, 0, 0, 0, 0.5, 0], scale=[1, 1, 1, 1, 0.05, 1], weights=[0, 0, 0, 0, 1, 0])
+    cfg = PromptNucSegConfig(prompter=PrompterConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), fpn_dim=16,
+                                                     head_hidden=16, num_classes=1, class_names={1: "n"}),
+                             segmentor=segmentor_config("tiny"), tile_size=64, tile_overlap=16, min_area=1,
+                             min_kept_fraction=0.0, verifier=verifier)
+    model = PromptNucSegModel(cfg)
+    samples = _samples(model)
+    grid = {"score_threshold": (0.0,), "nms_radius_px": (4.0,), "mask_nms_overlap": (None,), "refine_points": (0,),
+            "mask_threshold": (0.3,), "min_verified": (None, 0.4, 0.6)}
+    _, rows = tune_thresholds(model, samples, grid, log=lambda _: None)
+    assert [r["min_verified"] for r in rows] == [None, 0.4, 0.6]
+    for r in rows:
+        model.config = replace(cfg, min_verified=r["min_verified"], mask_threshold=0.3, score_threshold=0.0,
+                               nms_radius_px=4.0, mask_nms_overlap=None, refine_points=0)
+        assert r["val_pq"] == pytest.approx(mean_pq(model, samples), abs=1e-12)
+    assert len({r["val_pq"] for r in rows}) > 1  # the verifier removes instances here
+    model.config = replace(cfg, verifier=None)
+    _, plain = tune_thresholds(model, samples, grid, log=lambda _: None)
+    assert [r["min_verified"] for r in plain] == [None]  # without a verifier there is nothing to tune

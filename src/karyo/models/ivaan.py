@@ -395,7 +395,7 @@ class IVAANModel(PromptNucSegModel):
             cls = text_cls  # equals the decoded class (argmax of the same similarity); user points get one too
         # classes := prompt indices, so the resolved instances map back to their anchors
         candidates = self.mask_candidates(prep, pts, np.arange(len(pts)), score.astype(np.float32), neg)
-        resolved = self.resolve(prep, candidates, cfg.mask_threshold, min_stability=self._stability_floor(points))
+        resolved = self.resolve(prep, candidates, cfg.mask_threshold, **self._detection_filters(points))
         instances, prompt_of, scores = resolved.instances, resolved.classes, resolved.scores
         ids = np.array(sorted(prompt_of), np.int64)
         rows = np.array([prompt_of[i] for i in ids], np.int64)

@@ -26,6 +26,7 @@ from karyo.infer.result import SegmentationResult
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, decode_points, point_nms
 from karyo.models.segmentor import Segmentor, SegmentorConfig, masks_to_image, segmentor_config
+from karyo.models.verifier import VerifierConfig, candidate_features
 from karyo.models.vit import read_state_dict
 
 
@@ -46,6 +47,10 @@ class PromptNucSegConfig:
     # points are always kept (see resolve). Helps sparse tissue, hurts dense tissue with faint nuclei: off in
     # the shipped model, not in karyo pack's default grid.
     min_stability: float | None = None
+    # Detected points whose mask the verifier (karyo.models.verifier, fitted by karyo pack on the training images)
+    # gives a probability of being a nucleus below this are dropped (None: off); user-given points are kept.
+    verifier: VerifierConfig | None = None
+    min_verified: float | None = None
     # Duplicate prompts on one nucleus: before negatives are chosen, each point is decoded alone and a mask is
     # dropped when more than this fraction of the smaller of it and a better-scored mask is their intersection
     # (None: off; see mask_candidates and suppress_duplicate_masks).
@@ -69,6 +74,8 @@ class PromptNucSegConfig:
                                                                                b.pixel_mean, b.pixel_std)):
             raise ValueError("the prompter's and the segmentor's channel adapters must agree (both absent, or the "
                              "same channels and statistics)")
+        if self.min_verified is not None and self.verifier is None:
+            raise ValueError("min_verified needs a fitted verifier (karyo pack fits one)")
 
 
 def _grid(length: int, tile: int, stride: int) -> list[int]:
@@ -135,13 +142,15 @@ class PromptNucSegModel(InstanceModel):
             if negative is not None:
                 neg = (np.asarray(list(negative), np.float64).reshape(-1, 2) * prep.scale).astype(np.float32)
         candidates = self.mask_candidates(prep, pts, cls, score, neg)
-        return self.resolve(prep, candidates, cfg.mask_threshold, min_stability=self._stability_floor(points),
-                            name=name)
+        return self.resolve(prep, candidates, cfg.mask_threshold, **self._detection_filters(points), name=name)
 
-    def _stability_floor(self, points: Sequence[tuple[float, float]] | None) -> float | None:
-        """The ``min_stability`` :meth:`resolve` applies: the config's for detected points, none for user-given
-        ones (the user vouches for their points)."""
-        return self.config.min_stability if points is None else None
+    def _detection_filters(self, points: Sequence[tuple[float, float]] | None) -> dict[str, float | None]:
+        """The filters :meth:`resolve` applies (``min_stability``, ``min_verified``): the config's for detected
+        points, none for user-given ones (the user vouches for their points)."""
+        cfg = self.config
+        if points is not None:
+            return {"min_stability": None, "min_verified": None}
+        return {"min_stability": cfg.min_stability, "min_verified": cfg.min_verified}
 
     # The three stages below are public so that threshold tuning (karyo.train.pack) can run the networks once
     # per image and re-run only the cheap decisions for every setting.
@@ -195,7 +204,8 @@ class PromptNucSegModel(InstanceModel):
         score = np.array(score, np.float32, copy=True)
         pts, cls = np.asarray(pts, np.float32), np.asarray(cls)
         if len(pts) == 0:
-            return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls, 0)
+            return MaskCandidates(torch.zeros(0, 1, 1), torch.zeros(0, 4, dtype=torch.long), score, cls, 0,
+                                  score, np.zeros(0, np.float32))
         refine = cfg.refine_points if refine_points is None else refine_points
 
         def move_to_centroids(probs: torch.Tensor, windows: torch.Tensor, pts: np.ndarray, cls: np.ndarray,
@@ -222,7 +232,7 @@ class PromptNucSegModel(InstanceModel):
             pts, cls, score = move_to_centroids(probs, windows, pts, cls, score)
         decoded += len(pts)
         probs, windows, iou = self._decode(prep, pts, neg)
-        return MaskCandidates(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)), cls, decoded)
+        return MaskCandidates(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)), cls, decoded, score, iou)
 
     def _decode(self, prep: PreparedImage, pts: np.ndarray, neg: np.ndarray, negatives: bool = True,
                 detail: bool = True) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -274,17 +284,23 @@ class PromptNucSegModel(InstanceModel):
         return torch.cat(probs), torch.cat(windows), np.concatenate(ious)
 
     def resolve(self, prep: PreparedImage, candidates: MaskCandidates, mask_threshold: float, *,
-                min_stability: float | None = None, name: str = "") -> SegmentationResult:
+                min_stability: float | None = None, min_verified: float | None = None, name: str = ""
+                ) -> SegmentationResult:
         """Threshold and resolve the window masks into one instance map at the input's size, after dropping the
         masks whose stability score (:func:`~karyo.infer.assemble.stability_scores` around ``mask_threshold``) is
-        below ``min_stability``. A prompter point on background gives a faint, threshold-sensitive mask, but so
-        does a faint nucleus: of the 194 instances that 0.5 drops from the shipped model's output on its 54
-        validation images, 64 lie on background, 74 overlap a nucleus at IoU ≤ 0.5 and 56 match one."""
+        below ``min_stability`` and those the config's verifier (:mod:`karyo.models.verifier`) gives a
+        probability below ``min_verified``. A prompter point on background gives a faint, threshold-sensitive
+        mask, but so does a faint nucleus: of the 194 instances that stability 0.5 drops from the third-schedule
+        model's output on its 54 validation images, 64 lie on background, 74 overlap a nucleus at IoU ≤ 0.5 and
+        56 match one. The verifier weighs stability with the mask's other numbers instead."""
         cfg = self.config
         c = candidates
+        if min_verified is not None and len(c.scores):
+            if cfg.verifier is None:
+                raise ValueError("min_verified needs a fitted verifier in the model's config (karyo pack fits one)")
+            c = c.subset(np.flatnonzero(cfg.verifier.probability(c.features()) >= min_verified))
         if min_stability is not None and len(c.scores):
-            keep = np.flatnonzero(stability_scores(c.probs, mask_threshold) >= min_stability)
-            c = MaskCandidates(c.probs[keep], c.windows[keep], c.scores[keep], c.classes[keep])
+            c = c.subset(np.flatnonzero(stability_scores(c.probs, mask_threshold) >= min_stability))
         if len(c.scores) == 0:
             instances, classes, scores = np.zeros(prep.shape, np.int32), {}, {}
         else:
@@ -318,6 +334,22 @@ class MaskCandidates:
     scores: np.ndarray
     classes: np.ndarray
     decoded: int = 0  # prompts the segmentor decoded to make them, over all passes
+    prompter_scores: np.ndarray | None = None  # before the predicted IoU entered ``scores``
+    predicted_iou: np.ndarray | None = None
+
+    def subset(self, keep: np.ndarray) -> MaskCandidates:
+        """These candidates at indices ``keep`` (``decoded`` stays: the work was done)."""
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[keep]
+
+        return MaskCandidates(self.probs[keep], self.windows[keep], self.scores[keep], self.classes[keep],
+                              self.decoded, pick(self.prompter_scores), pick(self.predicted_iou))
+
+    def features(self) -> np.ndarray:
+        """The verifier's features (:func:`karyo.models.verifier.candidate_features`) of every candidate."""
+        if self.prompter_scores is None or self.predicted_iou is None:
+            raise ValueError("these mask candidates carry no prompter scores / predicted IoU (made by hand?)")
+        return candidate_features(self.probs, self.scores, self.prompter_scores, self.predicted_iou)
 
 
 def _mask_centroids(probs: torch.Tensor, windows: torch.Tensor, pts: np.ndarray, threshold: float,

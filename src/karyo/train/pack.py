@@ -30,13 +30,15 @@ from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel
 from karyo.models.segmentor import SegmentorConfig
 from karyo.models.vit import read_state_dict
 from karyo.train.data import load_specs
+from karyo.train.verifier import VerifierFitError, fit_verifier
 
 TUNING_GRID = {"score_threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "nms_radius_px": (6.0, 8.0, 10.0, 12.0, 16.0, 20.0),
-               "mask_nms_overlap": (None, 0.2, 0.3, 0.5), "refine_points": (0, 1, 2), "mask_threshold": (0.4, 0.5, 0.6)}
+               "mask_nms_overlap": (None, 0.2, 0.3, 0.5), "refine_points": (0, 1, 2), "mask_threshold": (0.4, 0.5, 0.6),
+               "min_verified": (None, 0.3, 0.4, 0.5)}
 # min_stability is left out: tuned on the sparse validation images it picks 0.5 (+0.010 PQ there), which costs
 # −0.013 PQ and −0.048 AJI on dense CoNSeP training patches (docs/benchmarks.md). Pass it in ``grid`` to tune it.
 # Settings that change only how the masks are resolved: one set of masks serves all their values.
-RESOLVE_KEYS = ("mask_threshold", "min_stability")
+RESOLVE_KEYS = ("mask_threshold", "min_stability", "min_verified")
 SELECTION_RULE = "fewest prompts per image within one standard error of the best val_pq (select_setting)"
 # The NMS radius may suppress at most this fraction of true nearest neighbours in the training annotations.
 NEIGHBOUR_QUANTILE = 0.1
@@ -130,6 +132,8 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
     each setting."""
     base = model.config
     grid = {k: (getattr(base, k),) for k in RESOLVE_KEYS} | TUNING_GRID | (grid or {})  # unlisted: the model's
+    if base.verifier is None:
+        grid["min_verified"] = (None,)  # nothing to filter with
     point_keys = [k for k in grid if k not in RESOLVE_KEYS]
     radii = sorted(grid["nms_radius_px"])
     if max_nms_radius_px is not None:
@@ -153,8 +157,8 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
                                                                            ps["nms_radius_px"]), no_neg)
                     for rs in resolve_settings:
                         model.config = replace(base, **ps, **rs)
-                        pred = model.resolve(prep, candidates, rs["mask_threshold"],
-                                             min_stability=rs["min_stability"]).instances
+                        pred = model.resolve(prep, candidates, rs["mask_threshold"], min_stability=rs["min_stability"],
+                                             min_verified=rs["min_verified"]).instances
                         key = tuple(ps.values()) + tuple(rs.values())
                         pq.setdefault(key, []).append(panoptic_quality(sample.instances, pred).pq)
                         prompts.setdefault(key, []).append(candidates.decoded)
@@ -208,9 +212,12 @@ def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log=print
 
 
 def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.PathLike,
-                      out: str | os.PathLike, *, tune: bool = True, log=print) -> PromptNucSegModel:
+                      out: str | os.PathLike, *, tune: bool = True, verifier: bool = True, log=print
+                      ) -> PromptNucSegModel:
     """Build a PromptNucSeg model folder from a prompter run and a segmentor (run or model folder, see
-    :func:`load_segmentor`)."""
+    :func:`load_segmentor`). With ``tune``, the inference settings are tuned on the prompter run's validation
+    images; with ``verifier`` too, a mask verifier is first fitted on its training images
+    (:func:`karyo.train.verifier.fit_verifier`) and the tuning decides whether and how strictly to use it."""
     p_meta, p_state = _run_model(prompter_run, "prompter")
     s_cfg, negatives, s_state = load_segmentor(segmentor_run)
     p_cfg = from_dict(PrompterConfig, p_meta["config"])
@@ -220,6 +227,11 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
     model.prompter.load_state_dict(p_state)
     model.segmentor.load_state_dict(s_state)
     rows: list[dict] = []
+    if tune and verifier:
+        try:
+            model.config = replace(model.config, verifier=fit_verifier(model, training_samples(prompter_run), log))
+        except VerifierFitError as err:  # e.g. networks too weak for any candidate to match a nucleus
+            log(f"no verifier: {err}")
     if tune:
         model.config, rows, limit = tune_on_run(model, prompter_run, log)
     out = Path(out)

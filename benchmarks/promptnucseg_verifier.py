@@ -1,0 +1,99 @@
+"""Which masks should PromptNucSeg's verifier learn to call nuclei? Validation and dense tissue, per label.
+
+    python -m benchmarks.promptnucseg_verifier --model promptnucseg_cpu --run runs/default_prompter_continue
+
+The verifier (:mod:`karyo.models.verifier`) is fitted on a prompter run's training images; a mask is labelled a
+nucleus when it overlaps an annotated one at IoU above a threshold (``--labels``). For each threshold this report
+fits a verifier on the training images *without* a dense sample (every ``--every``-th CoNSeP training patch, as
+in ``benchmarks.promptnucseg_density``), then scores the model's own point settings with each ``min_verified``
+on the run's validation images and on that dense sample (out of sample for the verifier; the networks trained on
+it, so read only differences). HoVer-Net metrics: PQ and AJI averaged over images, F1d pooled.
+
+Test splits are not used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import karyo
+from benchmarks._report import publish
+from karyo.metrics.evaluate import ImagePair, evaluate
+from karyo.train.pack import training_samples, validation_samples
+from karyo.train.verifier import fit_verifier
+
+
+def _scores(model, samples: list) -> tuple[float, float, float]:
+    rep = evaluate([ImagePair(name=s.name, true_inst=s.instances, pred_inst=model.segment(s.image).instances)
+                    for s in samples])
+    return rep.instance["pq"], rep.instance["aji"], rep.detection.f1_d
+
+
+def run(model_name: str, run_dir: Path, every: int, labels: list[float], levels: list[float]) -> dict:
+    model = karyo.load(model_name)
+    base = model.config
+    train = training_samples(run_dir)
+    dense = [s for s in train if s.name.startswith("train_")][::every]
+    held_out = {s.name for s in dense}
+    fit_on = [s for s in train if s.name not in held_out]
+    has_nuclei = lambda s: s.instances is not None and s.instances.max() > 0  # noqa: E731
+    val = [s for s in validation_samples(run_dir) if has_nuclei(s)]
+    dense = [s for s in dense if has_nuclei(s)]
+    t0 = time.perf_counter()
+    rows = []
+    with torch.no_grad():
+        model.config = replace(base, min_verified=None)
+        rows.append({"label": None, "min_verified": None, "val": _scores(model, val), "dense": _scores(model, dense)})
+        for label in labels:
+            verifier = fit_verifier(model, fit_on, log=lambda _: None, match_iou=label)
+            for level in levels:
+                model.config = replace(base, verifier=verifier, min_verified=level)
+                rows.append({"label": label, "min_verified": level, "val": _scores(model, val),
+                             "dense": _scores(model, dense)})
+    model.config = base
+    own = {k: getattr(base, k) for k in ("score_threshold", "nms_radius_px", "mask_nms_overlap", "refine_points",
+                                         "mask_threshold")}
+    return {"rows": rows, "own": own, "n_val": len(val), "n_dense": len(dense), "n_fit": len(fit_on),
+            "seconds": time.perf_counter() - t0}
+
+
+def markdown(model_name: str, r: dict) -> str:
+    lines = [f"Model `{model_name}`, point settings {r['own']}. Each verifier fitted on {r['n_fit']} training images "
+             f"(without the dense sample); scored on {r['n_val']} validation images and {r['n_dense']} dense CoNSeP "
+             "training patches (out of sample for the verifier, trained on by the networks: read differences).", "",
+             "| label: mask IoU with a nucleus > | `min_verified` | validation PQ | AJI | F1d | dense PQ | AJI | F1d |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        head = "(no verifier) | " if row["label"] is None else f"{row['label']} | {row['min_verified']}"
+        cells = " | ".join(f"{v:.4f}" for v in (*row["val"], *row["dense"]))
+        lines.append(f"| {head} | {cells} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="promptnucseg_cpu")
+    ap.add_argument("--run", type=Path, default=Path("runs/default_prompter_continue"),
+                    help="the prompter run whose validation/training images to use (its train_config.json)")
+    ap.add_argument("--every", type=int, default=6)
+    ap.add_argument("--labels", default="0.5,0.3,0.1", help="IoU thresholds that label a mask a nucleus")
+    ap.add_argument("--min-verified", default="0.3,0.4,0.5", help="verifier probability floors to score")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    parse = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
+    result = run(args.model, args.run, args.every, parse(args.labels), parse(args.min_verified))
+    publish(markdown(args.model, result), f"promptnucseg_verifier_{Path(args.model).name}",
+            f"PromptNucSeg mask verifier: which masks to call nuclei ({Path(args.model).name})",
+            "benchmarks.promptnucseg_verifier", write=not args.no_docs)
+    print(f"({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
