@@ -49,12 +49,29 @@ SETTINGS = {name: {"min_verified": None, **change} for name, change in SETTINGS.
 SETTINGS["the model's own settings"] = {}
 
 
+def dense_sample(train: list, every: int) -> list:
+    """Every ``every``-th CoNSeP patch of a run's training images: the dense tissue these reports check."""
+    return [s for s in train if s.name.startswith("train_")][::every]
+
+
+def report_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the reports that read a prompter run's validation images and its dense training sample."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default="promptnucseg_cpu")
+    ap.add_argument("--run", type=Path, default=Path("runs/default_prompter_continue"),
+                    help="the prompter run whose validation/training images to use (its train_config.json)")
+    ap.add_argument("--every", type=int, default=6, help="the dense sample: every n-th CoNSeP training patch")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-docs", action="store_true")
+    return ap
+
+
 def run(model_name: str, run_dir: Path, every: int) -> dict:
     model = karyo.load(model_name)
     base = model.config
     val = validation_samples(run_dir)
     train = training_samples(run_dir)
-    dense = [s for s in train if s.name.startswith("train_")][::every]
+    dense = dense_sample(train, every)
     t0 = time.perf_counter()
     quantiles = (0.05, 0.1, 0.25, 0.5)
     result = {"spacing": {name: (len(d), np.quantile(d, quantiles).tolist())
@@ -89,14 +106,7 @@ def markdown(model_name: str, r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="promptnucseg_cpu")
-    ap.add_argument("--run", type=Path, default=Path("runs/default_prompter_continue"),
-                    help="the prompter run whose validation/training images to use (its train_config.json)")
-    ap.add_argument("--every", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-docs", action="store_true")
-    args = ap.parse_args()
+    args = report_arguments(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.model, args.run, args.every)
     publish(markdown(args.model, result), f"promptnucseg_density_{Path(args.model).name}",

@@ -14,7 +14,6 @@ Test splits are not used.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 import karyo
 from benchmarks._report import publish
+from benchmarks.promptnucseg_density import dense_sample, report_arguments
 from karyo.metrics.evaluate import ImagePair, evaluate
 from karyo.train.pack import training_samples, validation_samples
 from karyo.train.verifier import fit_verifier
@@ -38,7 +38,7 @@ def run(model_name: str, run_dir: Path, every: int, labels: list[float], levels:
     model = karyo.load(model_name)
     base = model.config
     train = training_samples(run_dir)
-    dense = [s for s in train if s.name.startswith("train_")][::every]
+    dense = dense_sample(train, every)
     held_out = {s.name for s in dense}
     fit_on = [s for s in train if s.name not in held_out]
     has_nuclei = lambda s: s.instances is not None and s.instances.max() > 0  # noqa: E731
@@ -76,15 +76,9 @@ def markdown(model_name: str, r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="promptnucseg_cpu")
-    ap.add_argument("--run", type=Path, default=Path("runs/default_prompter_continue"),
-                    help="the prompter run whose validation/training images to use (its train_config.json)")
-    ap.add_argument("--every", type=int, default=6)
+    ap = report_arguments(__doc__.splitlines()[0])
     ap.add_argument("--labels", default="0.5,0.3,0.1", help="IoU thresholds that label a mask a nucleus")
     ap.add_argument("--min-verified", default="0.3,0.4,0.5", help="verifier probability floors to score")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     parse = lambda text: [float(v) for v in text.split(",")]  # noqa: E731

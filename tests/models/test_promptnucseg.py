@@ -27,6 +27,24 @@ def image(h=96, w=128):
     return rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
 
 
+def filter_given_to_resolve(model: PromptNucSegModel, name: str) -> list:
+    """The ``name`` filter that segment() hands resolve(): for detected points, then for user-given points."""
+    calls = []
+    resolve = model.resolve
+
+    def spy(*args, **kw):
+        calls.append(kw.get(name))
+        return resolve(*args, **kw)
+
+    model.resolve = spy
+    try:
+        model.segment(image())
+        model.segment(image(), points=[(20, 20)])
+    finally:
+        del model.resolve
+    return calls
+
+
 def test_weights_round_trip_gives_same_output(tmp_path):
     model = tiny_model(score_threshold=0.0, mask_threshold=0.3, min_area=1, min_kept_fraction=0.0)
     res = model.segment(image())
@@ -169,17 +187,7 @@ def test_resolve_drops_unstable_masks_of_detected_points_only():
     assert model.resolve(prep, candidates, 0.5, min_stability=0.1).n_nuclei == 2  # 4 / 36 = 0.11 passes
     assert model.resolve(prep, candidates, 0.5).n_nuclei == 2  # off by default
 
-    calls = []
-    resolve = model.resolve
-
-    def spy(*args, **kw):
-        calls.append(kw.get("min_stability"))
-        return resolve(*args, **kw)
-
-    model.resolve = spy
-    model.segment(image())
-    model.segment(image(), points=[(20, 20)])
-    assert calls == [0.6, None]  # the user vouches for the nuclei they point at
+    assert filter_given_to_resolve(model, "min_stability") == [0.6, None]  # the user vouches for their nuclei
 
 
 @pytest.mark.parametrize("every_pass", [False, True])

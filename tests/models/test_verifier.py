@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from tests.models.test_promptnucseg import image, tiny_model
+from tests.models.test_promptnucseg import filter_given_to_resolve, image, tiny_model
 
 from karyo.models.promptnucseg import MaskCandidates
 from karyo.models.verifier import FEATURES, VerifierConfig, candidate_features
@@ -61,17 +61,7 @@ def test_resolve_drops_masks_the_verifier_rejects_for_detected_points_only():
     with pytest.raises(ValueError, match="no prompter scores"):
         model.resolve(prep, hand_made, 0.5, min_verified=0.5)
 
-    calls = []
-    resolve = model.resolve
-
-    def spy(*args, **kw):
-        calls.append(kw.get("min_verified"))
-        return resolve(*args, **kw)
-
-    model.resolve = spy
-    model.segment(image())
-    model.segment(image(), points=[(20, 20)])
-    assert calls == [0.5, None]  # the user vouches for the nuclei they point at
+    assert filter_given_to_resolve(model, "min_verified") == [0.5, None]  # the user vouches for their nuclei
 
 
 def test_min_verified_needs_a_verifier():
