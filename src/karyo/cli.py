@@ -393,8 +393,8 @@ def pack_cmd(
                          ] = None,
     run: Annotated[Path | None, typer.Option(help="cellvit, ivaan: the training run folder.")] = None,
     tune: Annotated[bool, typer.Option(help="Tune inference thresholds on the run's validation images.")] = True,
-    verifier: Annotated[bool, typer.Option(help="promptnucseg: fit a mask verifier on the run's training images "
-                                                "and let the tuning decide whether to use it.")] = True,
+    verifier: Annotated[bool, typer.Option(help="promptnucseg, ivaan: fit a mask verifier on the run's training "
+                                                "images and let the tuning decide whether to use it.")] = True,
 ) -> None:
     """Build a model folder from training runs (thresholds tuned on validation data only; of the settings within one
     standard error of the best, the fastest ships)."""
@@ -414,7 +414,8 @@ def pack_cmd(
     elif arch == "ivaan":
         from karyo.train.ivaan import pack_ivaan
 
-        model = pack_ivaan(need(run, "--run"), need(segmentor, "--segmentor"), out, tune=tune, log=log)
+        model = pack_ivaan(need(run, "--run"), need(segmentor, "--segmentor"), out, tune=tune, verifier=verifier,
+                           log=log)
     elif arch == "cellvit":
         from karyo.train.pack import pack_cellvit
 

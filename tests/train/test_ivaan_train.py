@@ -179,7 +179,11 @@ def test_karyo_train_ivaan_exports_a_model(consep, shared_data, tmp_path, one_th
     monkeypatch.setattr(pack, "TUNING_GRID", {"score_threshold": (0.05, 0.5), "nms_radius_px": (6.0,),
                                               "mask_nms_overlap": (None,), "refine_points": (0,),
                                               "mask_threshold": (0.5,)})
-    tuned = pack_ivaan(run, tmp_path / "seg", tmp_path / "ivaan_tuned", tune=True, log=lambda _: None)
+    logs = []
+    tuned = pack_ivaan(run, tmp_path / "seg", tmp_path / "ivaan_tuned", tune=True, log=logs.append)
+    fitted = [m for m in logs if m.startswith("verifier fitted on")]
+    assert len(fitted) + sum(m.startswith("no verifier:") for m in logs) == 1  # the verifier step ran once
+    assert (tuned.config.verifier is not None) == bool(fitted)
     header, rows = pack.read_tuning(tmp_path / "ivaan_tuned" / "tuning.json")
     assert len(rows) == 2 and header["selection"] == pack.SELECTION_RULE
     assert {r["score_threshold"] for r in rows} == {0.05, 0.5}

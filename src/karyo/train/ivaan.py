@@ -295,11 +295,12 @@ def load_ivaan_run(run: str | os.PathLike) -> tuple[IVAANPrompter, Any]:
 
 
 def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: str | os.PathLike | None = None,
-               *, tune: bool = False, log=print):
+               *, tune: bool = False, verifier: bool = True, log=print):
     """An :class:`~karyo.models.ivaan.IVAANModel` from an IVAAN run and a segmentor (a segmentor run, its
     ``model`` folder, or a PromptNucSeg/IVAAN model folder); saved to ``out`` when given. ``tune`` grid-searches
     the inference thresholds on the IVAAN run's validation images (``karyo.train.pack.tune_on_run``; the rows go to
-    ``tuning.json`` in ``out``)."""
+    ``tuning.json`` in ``out``), after fitting a mask verifier on its training images unless ``verifier`` is off
+    (``karyo.train.pack.with_verifier``)."""
     from karyo.models.ivaan import IVAANModel, IVAANModelConfig
     from karyo.train.pack import load_segmentor
 
@@ -314,8 +315,10 @@ def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: 
     model.level_model = levels
     rows: list[dict] = []
     if tune:
-        from karyo.train.pack import tune_on_run
+        from karyo.train.pack import tune_on_run, with_verifier
 
+        if verifier:
+            model.config = with_verifier(model, ivaan_run, log)
         model.config, rows, limit = tune_on_run(model, ivaan_run, log)
     if out is not None:
         model.save(out)

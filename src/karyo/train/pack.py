@@ -211,6 +211,17 @@ def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log=print
     return config, rows, limit
 
 
+def with_verifier(model: PromptNucSegModel, run: str | os.PathLike, log=print) -> PromptNucSegConfig:
+    """``model.config`` with a mask verifier fitted on ``run``'s training images (:func:`fit_verifier`), or as it
+    is, with the reason logged, when those images cannot teach one (e.g. networks too weak for any mask to match
+    a nucleus)."""
+    try:
+        return replace(model.config, verifier=fit_verifier(model, training_samples(run), log))
+    except VerifierFitError as err:
+        log(f"no verifier: {err}")
+        return model.config
+
+
 def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.PathLike,
                       out: str | os.PathLike, *, tune: bool = True, verifier: bool = True, log=print
                       ) -> PromptNucSegModel:
@@ -228,10 +239,7 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
     model.segmentor.load_state_dict(s_state)
     rows: list[dict] = []
     if tune and verifier:
-        try:
-            model.config = replace(model.config, verifier=fit_verifier(model, training_samples(prompter_run), log))
-        except VerifierFitError as err:  # e.g. networks too weak for any candidate to match a nucleus
-            log(f"no verifier: {err}")
+        model.config = with_verifier(model, prompter_run, log)
     if tune:
         model.config, rows, limit = tune_on_run(model, prompter_run, log)
     out = Path(out)
