@@ -299,8 +299,7 @@ def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: 
     """An :class:`~karyo.models.ivaan.IVAANModel` from an IVAAN run and a segmentor (a segmentor run, its
     ``model`` folder, or a PromptNucSeg/IVAAN model folder); saved to ``out`` when given. ``tune`` grid-searches
     the inference thresholds on the IVAAN run's validation images (``karyo.train.pack.tune_on_run``; the rows go to
-    ``tuning.json`` in ``out``), after fitting a mask verifier on its training images unless ``verifier`` is off
-    (``karyo.train.pack.with_verifier``)."""
+    ``tuning.json`` in ``out``), after fitting a mask verifier on its training images unless ``verifier`` is off."""
     from karyo.models.ivaan import IVAANModel, IVAANModelConfig
     from karyo.train.pack import load_segmentor
 
@@ -315,11 +314,9 @@ def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: 
     model.level_model = levels
     rows: list[dict] = []
     if tune:
-        from karyo.train.pack import tune_on_run, with_verifier
+        from karyo.train.pack import tune_on_run
 
-        if verifier:
-            model.config = with_verifier(model, ivaan_run, log)
-        model.config, rows, limit = tune_on_run(model, ivaan_run, log)
+        model.config, rows, limit = tune_on_run(model, ivaan_run, log, verifier=verifier)
     if out is not None:
         model.save(out)
         if rows:

@@ -199,27 +199,25 @@ def select_setting(rows: list[dict]) -> dict:
     return min(tied, key=lambda r: (r["prompts"], -r["val_pq"]))
 
 
-def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log=print
+def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log=print, *, verifier: bool = False
                 ) -> tuple[PromptNucSegConfig, list[dict], float]:
     """(best config, all rows, NMS radius cap): :func:`tune_thresholds` on a training run's validation images,
-    with the NMS radius capped by :func:`nms_radius_limit` of the run's training images."""
-    limit = nms_radius_limit(training_samples(run), model.config.mpp)
+    with the NMS radius capped by :func:`nms_radius_limit` of the run's training images. With ``verifier``, a mask
+    verifier is first fitted on those training images (:func:`fit_verifier`) and ``min_verified`` is tuned with
+    the rest; when the images cannot teach one (e.g. networks too weak for any mask to match a nucleus), the
+    reason is logged and tuning goes on without. The training images are read once for both."""
+    train = training_samples(run)
+    if verifier:
+        try:
+            model.config = replace(model.config, verifier=fit_verifier(model, train, log))
+        except VerifierFitError as err:
+            log(f"no verifier: {err}")
+    limit = nms_radius_limit(train, model.config.mpp)
     samples = validation_samples(run)
     log(f"tuning thresholds on {len(samples)} validation images of {run} (NMS radius ≤ {limit:.1f} px: "
         f"{NEIGHBOUR_QUANTILE:.0%} of training nuclei have a neighbour nearer)")
     config, rows = tune_thresholds(model, samples, log=log, max_nms_radius_px=limit)
     return config, rows, limit
-
-
-def with_verifier(model: PromptNucSegModel, run: str | os.PathLike, log=print) -> PromptNucSegConfig:
-    """``model.config`` with a mask verifier fitted on ``run``'s training images (:func:`fit_verifier`), or as it
-    is, with the reason logged, when those images cannot teach one (e.g. networks too weak for any mask to match
-    a nucleus)."""
-    try:
-        return replace(model.config, verifier=fit_verifier(model, training_samples(run), log))
-    except VerifierFitError as err:
-        log(f"no verifier: {err}")
-        return model.config
 
 
 def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.PathLike,
@@ -238,10 +236,8 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
     model.prompter.load_state_dict(p_state)
     model.segmentor.load_state_dict(s_state)
     rows: list[dict] = []
-    if tune and verifier:
-        model.config = with_verifier(model, prompter_run, log)
     if tune:
-        model.config, rows, limit = tune_on_run(model, prompter_run, log)
+        model.config, rows, limit = tune_on_run(model, prompter_run, log, verifier=verifier)
     out = Path(out)
     model.save(out)
     _halve(out)
