@@ -85,7 +85,7 @@ def test_mask_candidates_carry_what_the_verifier_reads():
     np.testing.assert_allclose(c.scores, c.prompter_scores * np.sqrt(np.clip(c.predicted_iou, 1e-6, 1)), rtol=1e-6)
     sub = c.subset(np.array([1]))
     assert sub.decoded == c.decoded and sub.prompter_scores.tolist() == pytest.approx([0.4])
-    np.testing.assert_allclose(sub.features(), c.features()[1:])
+    np.testing.assert_allclose(sub.features, c.features[1:])
 
 
 def test_config_with_verifier_round_trips(tmp_path):

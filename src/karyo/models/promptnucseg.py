@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -298,7 +299,7 @@ class PromptNucSegModel(InstanceModel):
         if min_verified is not None and len(c.scores):
             if cfg.verifier is None:
                 raise ValueError("min_verified needs a fitted verifier in the model's config (karyo pack fits one)")
-            c = c.subset(np.flatnonzero(cfg.verifier.probability(c.features()) >= min_verified))
+            c = c.subset(np.flatnonzero(cfg.verifier.probability(c.features) >= min_verified))
         if min_stability is not None and len(c.scores):
             c = c.subset(np.flatnonzero(stability_scores(c.probs, mask_threshold) >= min_stability))
         if len(c.scores) == 0:
@@ -345,8 +346,10 @@ class MaskCandidates:
         return MaskCandidates(self.probs[keep], self.windows[keep], self.scores[keep], self.classes[keep],
                               self.decoded, pick(self.prompter_scores), pick(self.predicted_iou))
 
+    @cached_property
     def features(self) -> np.ndarray:
-        """The verifier's features (:func:`karyo.models.verifier.candidate_features`) of every candidate."""
+        """The verifier's features (:func:`karyo.models.verifier.candidate_features`) of every candidate; computed
+        once, as threshold tuning resolves the same candidates with many settings."""
         if self.prompter_scores is None or self.predicted_iou is None:
             raise ValueError("these mask candidates carry no prompter scores / predicted IoU (made by hand?)")
         return candidate_features(self.probs, self.scores, self.prompter_scores, self.predicted_iou)

@@ -106,7 +106,7 @@ def fit_verifier(model: PromptNucSegModel, samples: Sequence, log: Callable[[str
                 if len(candidates.scores) == 0:
                     continue
                 images += 1
-                features.append(candidates.features())
+                features.append(candidates.features)
                 labels.append(candidate_match_iou(candidates, np.asarray(sample.instances)) > match_iou)
                 scores.append(candidates.scores)
     finally:
