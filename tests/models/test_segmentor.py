@@ -20,7 +20,14 @@ from karyo.models.segmentor import (
     paste_masks,
     segmentor_config,
 )
-from karyo.models.segmentor_train import crop_targets, sample_prompt_batch, sample_prompts, segmentor_loss
+from karyo.models.segmentor_train import (
+    BACKGROUND_ID,
+    crop_targets,
+    sample_background_prompts,
+    sample_prompt_batch,
+    sample_prompts,
+    segmentor_loss,
+)
 
 # ------------------------------------------------------------------------------------------ official SAM layout
 
@@ -445,6 +452,73 @@ def test_negative_dropout_trains_some_prompts_without_negatives():
         sample_prompts(inst, negative_dropout=1.5)
 
 
+def test_background_prompts_lie_away_from_nuclei_with_nearest_negatives():
+    inst = _discs((80, 80), [(20, 20), (60, 20), (40, 60)], 6)
+    intensity = -np.mgrid[:80, :80][0].astype(float)  # darker towards the bottom
+    points, labels, ids = sample_background_prompts(inst, 10, k_neg=2, rng=0, intensity=intensity, margin_px=4)
+    assert points.shape == (10, 3, 2) and (ids == BACKGROUND_ID).all() and (labels[:, 0] == 1).all()
+    ny, nx = np.nonzero(inst)
+    for (x, y), negs in zip(points[:, 0], points[:, 1:], strict=True):
+        assert ((nx - x) ** 2 + (ny - y) ** 2).min() >= 4**2  # margin_px from every nucleus pixel
+        dist = {c: (x - c[0]) ** 2 + (y - c[1]) ** 2 for c in [(20, 20), (60, 20), (40, 60)]}
+        assert [tuple(n) for n in negs.tolist()] == sorted(dist, key=dist.get)[:2]  # the two nearest nuclei
+    assert (points[:, 0, 1] >= 70).sum() >= 5  # half from the darkest tenth of the ~5,600 eligible pixels
+    # nothing eligible, no nuclei, none asked
+    assert len(sample_background_prompts(np.ones((10, 10), np.int32), 5)[0]) == 0
+    empty = sample_background_prompts(np.zeros((10, 10), np.int32), 5, k_neg=1, rng=0)
+    assert len(empty[0]) == 5 and (empty[1][:, 1] == -1).all()
+    assert sample_background_prompts(inst, 0)[0].shape == (0, 2, 2)
+    with pytest.raises(ValueError, match="intensity"):
+        sample_background_prompts(inst, 3, intensity=np.ones((5, 5)))
+
+
+def test_prompt_batch_with_background_keeps_the_nucleus_stream_and_gets_empty_targets():
+    inst = _discs((64, 64), [(16, 16), (44, 40)], 6)
+    plain = sample_prompt_batch(np.stack([inst, inst]), z=5, rng=1)
+    mixed = sample_prompt_batch(np.stack([inst, inst]), z=5, rng=1, background=3)
+    assert len(mixed.instance_ids) == len(plain.instance_ids) + 6
+    torch.testing.assert_close(mixed.points[:2], plain.points[:2])  # image 0's nucleus prompts come first
+    assert (mixed.instance_ids == BACKGROUND_ID).tolist() == [False] * 2 + [True] * 3 + [False] * 2 + [True] * 3
+    assert mixed.image_index.tolist() == [0] * 5 + [1] * 5
+    windows = torch.tensor([[0, 0, 16, 16]] * len(mixed.instance_ids))
+    target = crop_targets(torch.from_numpy(inst)[None].expand(2, -1, -1), mixed.image_index, mixed.instance_ids,
+                          windows, 2)
+    background = mixed.instance_ids == BACKGROUND_ID
+    assert target[background].sum() == 0 and target[~background].sum() > 0
+
+
+def test_background_prompts_teach_an_empty_mask_and_a_low_iou(one_thread):
+    """Overfit the tiny preset on four discs with nucleus prompts plus background prompts: a prompt on the
+    background must then give (almost) no mask and a lower predicted IoU than a prompt on a disc, while disc
+    prompts still segment their disc."""
+    torch.manual_seed(0)
+    centres = [(16, 16), (44, 18), (18, 46), (46, 44)]
+    inst = _discs((64, 64), centres, 7)
+    grey = np.where(inst > 0, 200.0, 60.0)
+    model = Segmentor(segmentor_config("tiny"))
+    image = model.normalize(torch.tensor(np.stack([grey, grey * 0.8, grey * 0.9]), dtype=torch.float32)[None])
+    inst_t = torch.from_numpy(inst)[None].long()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(120):
+        pb = sample_prompt_batch(inst[None], z=4, k_neg=1, jitter_px=1.0, rng=step, background=4)
+        out = model(image, pb.image_index, pb.points, pb.labels)
+        target = crop_targets(inst_t, pb.image_index, pb.instance_ids, out.window_xyxy, out.stride_out)
+        loss = segmentor_loss(out.mask_logits, target, out.iou_pred)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    points = torch.tensor([[[16.0, 16.0], [44.0, 18.0]], [[31.0, 31.0], [16.0, 16.0]], [[4.0, 60.0], [18.0, 46.0]]])
+    labels = torch.tensor([[1, 0], [1, 0], [1, 0]])
+    with torch.no_grad():
+        out = model(image, torch.zeros(3, dtype=torch.long), points, labels)
+    masks = paste_masks(masks_to_image(out, (64, 64)), (64, 64))[:, 0] > model.config.mask_threshold
+    disc = torch.from_numpy(inst == inst[16, 16])
+    assert (masks[0] & disc).sum() / (masks[0] | disc).sum() > 0.7
+    assert masks[1].sum() < 0.1 * disc.sum() and masks[2].sum() < 0.1 * disc.sum()
+    assert out.iou_pred[1:, 0].max() < 0.5 < out.iou_pred[0, 0]
+
+
 def test_crop_targets_area_downsamples_inside_the_window():
     inst = torch.zeros(1, 16, 16, dtype=torch.int64)
     inst[0, 4:8, 6:12] = 3
@@ -485,6 +559,13 @@ def test_segmentor_loss_values():
     assert logits.grad.abs().sum() > 0 and iou.grad.abs().sum() > 0
     empty = segmentor_loss(torch.zeros(0, 1, 4, 4), torch.zeros(0, 4, 4), torch.zeros(0, 1))
     assert empty["loss"] == 0
+    # a background prompt (empty target): an empty mask is right, and the IoU head must say 0, not 1
+    nothing = segmentor_loss(-torch.full((1, 1, 8, 8), 20.0), torch.zeros(1, 8, 8), torch.zeros(1, 1))
+    assert nothing["iou"] == 0 and nothing["focal"] < 1e-6 and nothing["dice"] == 0
+    confident = segmentor_loss(-torch.full((1, 1, 8, 8), 20.0), torch.zeros(1, 8, 8), torch.ones(1, 1))
+    assert confident["iou"] == 1.0
+    blob = segmentor_loss(torch.full((1, 1, 8, 8), 20.0), torch.zeros(1, 8, 8), torch.zeros(1, 1))
+    assert blob["dice"] == 0 and blob["focal"] > 10  # no dice on an empty target: focal alone
 
 
 def test_overfits_one_image_prompt_selects_its_nucleus(one_thread):

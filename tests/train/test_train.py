@@ -94,6 +94,25 @@ def test_segmentor_training_lowers_loss(tmp_path, one_thread):
     assert (tmp_path / "model" / "segmentor.pt").is_file()
 
 
+def test_segmentor_training_with_background_prompts_reports_their_rejection(tmp_path, one_thread):
+    """The learning itself is tested on the model (tests/models/test_segmentor.py); here the task wiring: the
+    prompts reach the loss, validation reports how the predicted IoU ranks them, the setting is saved."""
+    samples = disc_samples(6)
+    settings = SegmentorTrainSettings(nuclei_per_image=4, background_prompts=4)
+    task = SegmentorTask(segmentor_config("tiny"), AUG, settings, samples[:4], samples[4:], seed=0)
+    res = fit(task, TrainConfig(epochs=2, batch_size=2, lr=3e-3, seed=0, warmup_epochs=0), tmp_path,
+              progress=False)
+    last = res.history[-1]
+    assert 0.0 <= last["val_background_auc"] <= 1.0 and 0.0 <= last["val_background_iou"] <= 1.0
+    assert json.loads((tmp_path / "model" / "segmentor.json").read_text())["settings"]["background_prompts"] == 4
+    plain = fit(SegmentorTask(segmentor_config("tiny"), AUG, SegmentorTrainSettings(nuclei_per_image=4),
+                              samples[:4], samples[4:], seed=0),
+                TrainConfig(epochs=2, batch_size=2, lr=3e-3, seed=0, warmup_epochs=0), tmp_path / "plain",
+                progress=False)
+    assert "val_background_auc" not in plain.history[-1]
+    assert plain.history[0]["train_loss"] != res.history[0]["train_loss"]  # the extra prompts were trained
+
+
 def test_lr_schedule_shapes():
     cfg = TrainConfig(epochs=10, warmup_epochs=2, schedule="cosine")
     assert lr_factor(0, cfg) < 0.01

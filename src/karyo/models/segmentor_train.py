@@ -16,6 +16,10 @@ Choices made here (documented deviations):
   lies on its neighbour.
 * With multimask outputs only the lowest-loss mask of each prompt receives the mask loss (SAM); the IoU head is
   trained on all masks.
+* Background prompts (a karyo addition, off by default): positive points placed on no nucleus, whose target is
+  the empty mask and whose IoU target is 0 (:func:`sample_background_prompts`). The paper's segmentor only ever
+  sees prompts on nuclei, so a prompter false positive still yields a confident nucleus-shaped mask; these
+  prompts teach the mask and the IoU head to say "nothing here", which inference's score and verifier can use.
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ from torch import Tensor
 
 from karyo.models.losses import binary_focal
 
-__all__ = ["PromptBatch", "crop_targets", "sample_prompt_batch", "sample_prompts", "segmentor_loss"]
+__all__ = ["BACKGROUND_ID", "PromptBatch", "crop_targets", "sample_background_prompts", "sample_prompt_batch",
+           "sample_prompts", "segmentor_loss"]
+
+BACKGROUND_ID = -1
+"""Instance id of a background prompt: it matches no pixel, so :func:`crop_targets` gives it the empty mask."""
 
 
 def _nucleus_anchor(ys: np.ndarray, xs: np.ndarray, cy: float, cx: float) -> tuple[float, float]:
@@ -40,6 +48,44 @@ def _nucleus_anchor(ys: np.ndarray, xs: np.ndarray, cy: float, cx: float) -> tup
         return cx, cy
     i = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
     return float(xs[i]), float(ys[i])
+
+
+class _Nuclei:
+    """Ids, centroids and (lazily) in-nucleus anchor points of an instance map, in one bincount pass."""
+
+    def __init__(self, inst: np.ndarray):
+        ids = np.unique(inst)
+        self.ids = ids[ids > 0]
+        n = len(self.ids)
+        flat = inst.ravel()
+        where = np.flatnonzero(flat > 0)
+        lab = np.searchsorted(self.ids, flat[where])
+        self._rr, self._cc = np.divmod(where, inst.shape[1])
+        counts = np.bincount(lab, minlength=n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.cy = np.bincount(lab, self._rr, minlength=n) / counts
+            self.cx = np.bincount(lab, self._cc, minlength=n) / counts
+        self._pixels = np.split(np.argsort(lab, kind="stable"), np.cumsum(counts)[:-1]) if n else []
+        self._anchors: dict[int, tuple[float, float]] = {}
+
+    def anchor(self, j: int) -> tuple[float, float]:
+        if j not in self._anchors:
+            px = self._pixels[j]
+            self._anchors[j] = _nucleus_anchor(self._rr[px], self._cc[px], self.cy[j], self.cx[j])
+        return self._anchors[j]
+
+    def nearest_negatives(self, x: float, y: float, k_neg: int, exclude: int | None = None
+                          ) -> list[tuple[float, float]]:
+        """Anchors of the k_neg nuclei whose centroids are nearest to (x, y), ``exclude`` left out."""
+        dist = (self.cx - x) ** 2 + (self.cy - y) ** 2
+        if exclude is not None:
+            dist[exclude] = np.inf
+        available = len(self.ids) - (exclude is not None)
+        return [self.anchor(int(j)) for j in np.argsort(dist, kind="stable")[: max(0, min(k_neg, available))]]
+
+
+def _no_prompts(n_pts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros((0, n_pts, 2), np.float32), np.zeros((0, n_pts), np.int64), np.zeros(0, np.int64)
 
 
 def sample_prompts(instances: np.ndarray, z: int = 25, k_neg: int = 1, jitter_px: float = 2.0,
@@ -66,27 +112,11 @@ def sample_prompts(instances: np.ndarray, z: int = 25, k_neg: int = 1, jitter_px
         raise ValueError(f"instances must be an H×W label map, got shape {inst.shape}")
     rng = np.random.default_rng(rng)
     n_pts = 1 + k_neg
-    ids = np.unique(inst)
-    ids = ids[ids > 0]
-    n = len(ids)
+    nuclei = _Nuclei(inst)
+    ids, n, cx, cy, anchor = nuclei.ids, len(nuclei.ids), nuclei.cx, nuclei.cy, nuclei.anchor
     if n == 0 or z <= 0:
-        return (np.zeros((0, n_pts, 2), np.float32), np.zeros((0, n_pts), np.int64), np.zeros(0, np.int64))
+        return _no_prompts(n_pts)
     h, w = inst.shape
-    flat = inst.ravel()
-    where = np.flatnonzero(flat > 0)
-    lab = np.searchsorted(ids, flat[where])
-    rr, cc = np.divmod(where, w)
-    counts = np.bincount(lab, minlength=n)
-    cy = np.bincount(lab, rr, minlength=n) / counts
-    cx = np.bincount(lab, cc, minlength=n) / counts
-    order = np.argsort(lab, kind="stable")
-    pixels = np.split(order, np.cumsum(counts)[:-1])
-    anchors: dict[int, tuple[float, float]] = {}
-
-    def anchor(j: int) -> tuple[float, float]:
-        if j not in anchors:
-            anchors[j] = _nucleus_anchor(rr[pixels[j]], cc[pixels[j]], cy[j], cx[j])
-        return anchors[j]
 
     chosen = rng.choice(n, size=min(z, n), replace=False)
     points = np.zeros((len(chosen), n_pts, 2), np.float32)
@@ -103,12 +133,61 @@ def sample_prompts(instances: np.ndarray, z: int = 25, k_neg: int = 1, jitter_px
         points[row, 0] = (x, y)
         labels[row, 0] = 1
         if k_neg > 0 and n > 1 and not (negative_dropout > 0 and rng.random() < negative_dropout):
-            dist = (cx - cx[j]) ** 2 + (cy - cy[j]) ** 2
-            dist[j] = np.inf
-            for col, other in enumerate(np.argsort(dist, kind="stable")[: min(k_neg, n - 1)], start=1):
-                points[row, col] = anchor(int(other))
+            for col, other in enumerate(nuclei.nearest_negatives(cx[j], cy[j], k_neg, exclude=j), start=1):
+                points[row, col] = other
                 labels[row, col] = 0
     return points, labels, ids[chosen].astype(np.int64)
+
+
+def sample_background_prompts(instances: np.ndarray, count: int, k_neg: int = 1,
+                              rng: np.random.Generator | int | None = None, intensity: np.ndarray | None = None,
+                              margin_px: float = 4.0, dark_share: float = 0.5, dark_quantile: float = 0.1
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompts on no nucleus, in :func:`sample_prompts`' layout, with instance id :data:`BACKGROUND_ID`.
+
+    The positive point is a background pixel at least ``margin_px`` from every nucleus (a point closer than that
+    could be a prompter hit on a nucleus' rim). ``dark_share`` of them come from the darkest ``dark_quantile`` of
+    those pixels in ``intensity`` (H×W, e.g. the mean of the normalised channels; in H&E the dark background is
+    what a prompter mistakes for nuclei: lymphocyte-like debris, stroma, folds), the rest uniformly. Negatives are
+    the anchors of the K nearest nuclei, as the nearest other prompts are at inference. Fewer than ``count``
+    prompts come back only when fewer eligible pixels exist.
+    """
+    from scipy import ndimage
+
+    inst = np.asarray(instances)
+    if inst.ndim != 2:
+        raise ValueError(f"instances must be an H×W label map, got shape {inst.shape}")
+    if intensity is not None and np.shape(intensity) != inst.shape:
+        raise ValueError(f"intensity must have the instance map's shape {inst.shape}, got {np.shape(intensity)}")
+    n_pts = 1 + k_neg
+    rng = np.random.default_rng(rng)
+    if count <= 0:
+        return _no_prompts(n_pts)
+    background = inst == 0
+    if not background.all():
+        background = ndimage.distance_transform_edt(background) >= margin_px
+    eligible = np.flatnonzero(background)
+    if len(eligible) == 0:
+        return _no_prompts(n_pts)
+    n_dark = round(count * dark_share) if intensity is not None else 0
+    picks = []
+    if n_dark:
+        values = np.asarray(intensity, np.float64).ravel()[eligible]
+        dark = eligible[values <= np.quantile(values, dark_quantile)]
+        picks.append(rng.choice(dark, size=min(n_dark, len(dark)), replace=False))
+    picks.append(rng.choice(eligible, size=min(count - n_dark, len(eligible)), replace=False))
+    where = np.unique(np.concatenate(picks))
+    nuclei = _Nuclei(inst)
+    points = np.zeros((len(where), n_pts, 2), np.float32)
+    labels = np.full((len(where), n_pts), -1, np.int64)
+    ys, xs = np.divmod(where, inst.shape[1])
+    for row, (y, x) in enumerate(zip(ys, xs, strict=True)):
+        points[row, 0] = (x, y)
+        labels[row, 0] = 1
+        for col, other in enumerate(nuclei.nearest_negatives(x, y, k_neg), start=1):
+            points[row, col] = other
+            labels[row, col] = 0
+    return points, labels, np.full(len(where), BACKGROUND_ID, np.int64)
 
 
 class PromptBatch(NamedTuple):
@@ -122,10 +201,18 @@ class PromptBatch(NamedTuple):
 
 def sample_prompt_batch(instances: np.ndarray | Sequence[np.ndarray], z: int = 25, k_neg: int = 1,
                         jitter_px: float = 2.0, rng: np.random.Generator | int | None = None,
-                        negative_dropout: float = 0.0) -> PromptBatch:
-    """:func:`sample_prompts` for each H×W map of a B×H×W batch, concatenated with the image index of each."""
+                        negative_dropout: float = 0.0, background: int = 0,
+                        intensity: np.ndarray | Sequence[np.ndarray] | None = None) -> PromptBatch:
+    """:func:`sample_prompts` for each H×W map of a B×H×W batch, concatenated with the image index of each;
+    with ``background`` > 0 each image also gets that many :func:`sample_background_prompts` (after its nucleus
+    prompts; ``intensity`` B×H×W picks the dark ones). At 0 the random stream is that of earlier runs."""
     rng = np.random.default_rng(rng)
-    parts = [sample_prompts(inst, z, k_neg, jitter_px, rng, negative_dropout) for inst in instances]
+    parts = []
+    for b, inst in enumerate(instances):
+        parts.append(sample_prompts(inst, z, k_neg, jitter_px, rng, negative_dropout))
+        if background > 0:
+            parts[-1] = tuple(np.concatenate(pair) for pair in zip(parts[-1], sample_background_prompts(
+                inst, background, k_neg, rng, None if intensity is None else intensity[b]), strict=True))
     points = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 1 + k_neg, 2), np.float32)
     labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 1 + k_neg), np.int64)
     ids = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -170,7 +257,8 @@ def segmentor_loss(mask_logits: Tensor, target: Tensor, iou_pred: Tensor, omega:
     γ = 2) is averaged over pixels; by default without the α class weighting, as PromptNucSeg's implementation
     (pytorch-toolbelt's ``BinaryFocalLoss``) — RetinaNet's α = 0.25 down-weights the (small) nucleus and trains
     markedly slower from scratch. Dice is the soft dice of the sigmoid probabilities (+1 smoothing); the IoU
-    target is SAM's, the IoU of the thresholded mask (PromptNucSeg uses a soft IoU). Returns ``loss`` and its
+    target is SAM's, the IoU of the thresholded mask (PromptNucSeg uses a soft IoU), and 0 for an empty target
+    (a background prompt), whose mask is trained by the focal term alone. Returns ``loss`` and its
     parts ``focal``, ``dice``, ``iou`` (scalar tensors).
     """
     if mask_logits.shape[0] == 0:
@@ -180,12 +268,16 @@ def segmentor_loss(mask_logits: Tensor, target: Tensor, iou_pred: Tensor, omega:
     prob = torch.sigmoid(mask_logits)
     focal = binary_focal(mask_logits, t, gamma, alpha).mean(dim=(2, 3))
     dice = 1 - (2 * (prob * t).sum(dim=(2, 3)) + 1) / (prob.sum(dim=(2, 3)) + t.sum(dim=(2, 3)) + 1)
+    # an empty target's dice is 1 − 1/(Σp + 1): it punishes a total probability of 0.5 as hard as a missed
+    # nucleus and drags every mask towards empty; the focal term alone trains background prompts
+    dice = dice * t.flatten(2).amax(dim=2)
     with torch.no_grad():
         pred = mask_logits > 0
         tb = t > 0.5
         inter = (pred & tb).sum(dim=(2, 3)).float()
         union = (pred | tb).sum(dim=(2, 3)).float()
-        iou_true = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        # a target without foreground (a background prompt) has no nucleus to cover: IoU target 0
+        iou_true = torch.where(tb.any(dim=(2, 3)), inter / union.clamp(min=1), torch.zeros_like(union))
     iou_mse = (iou_pred - iou_true.to(iou_pred.dtype)) ** 2
     mask_loss = omega * focal + dice
     best = mask_loss.argmin(dim=1, keepdim=True)
