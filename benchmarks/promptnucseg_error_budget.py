@@ -12,7 +12,11 @@ The segmentor, overlap resolution and inference settings stay fixed; only the pr
 * + missed nuclei — the centroids of unpaired nuclei added: perfect recall;
 * ground-truth centroids — all three at once (the segmentor's ceiling).
 
-The gap between rows says which part of the prompter to improve. Validation images only (the ``val_ids`` of a run
+The gap between rows says which part of the prompter to improve. A second table says where the false positives
+come from: each unpaired prompter point is a *duplicate* (it lies in a nucleus that has a paired point: an
+elongated nucleus found twice), lies *on a missed nucleus* (paired to nothing by the ≤ 12 px rule), or lies *off
+nuclei* (background, or what the annotators left out), with each source image's share of the "− false positives"
+PQ gain. Validation images only (the ``val_ids`` of a run
 config): test splits are never used to choose what to work on.
 """
 
@@ -29,10 +33,22 @@ import karyo
 from benchmarks._report import publish
 from karyo.metrics.detection import CoordinatePairing, instance_points, pair_coordinates
 from karyo.metrics.evaluate import ImagePair, evaluate
+from karyo.metrics.instance import panoptic_quality
 from karyo.train.api import read_config_file
-from karyo.train.data import DataSpec, load_specs
+from karyo.train.data import DataSpec, load_specs, source_group
 
 CONDITIONS = ("prompter", "+ centred", "− false positives", "+ missed nuclei", "ground-truth centroids")
+POINT_KINDS = ("off nuclei", "duplicate", "on a missed nucleus")
+
+
+def unpaired_point_kinds(xy: np.ndarray, instances: np.ndarray, paired_ids: set[int]) -> list[str]:
+    """The :data:`POINT_KINDS` entry of each unpaired prompter point (x, y in the instance map's pixels)."""
+    h, w = instances.shape
+    cols = np.clip(np.floor(xy[:, 0] + 0.5).astype(int), 0, w - 1)
+    rows = np.clip(np.floor(xy[:, 1] + 0.5).astype(int), 0, h - 1)
+    labels = instances[rows, cols]
+    return [POINT_KINDS[0] if g == 0 else POINT_KINDS[1] if int(g) in paired_ids else POINT_KINDS[2]
+            for g in labels]
 
 
 def prompts(condition: str, pts: np.ndarray, cls: np.ndarray, score: np.ndarray, gt_xy: np.ndarray,
@@ -71,6 +87,7 @@ def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
     mc = model.config
     pairs: dict[str, list[ImagePair]] = {c: [] for c in CONDITIONS}
     offsets: list[np.ndarray] = []
+    sources: dict[str, dict] = {}
     t0 = time.perf_counter()
     for i in index:
         sample = samples[i]
@@ -80,18 +97,28 @@ def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
             gt_xy = instance_points(sample.instances).xy * prep.scale
             pairing = pair_coordinates(gt_xy, pts)
             offsets.append(np.linalg.norm(pts[pairing.paired[:, 1]] - gt_xy[pairing.paired[:, 0]], axis=1))
+            gt_ids = instance_points(sample.instances).ids
+            src = sources.setdefault(source_group(sample.name), {"images": 0, "pq_gain": 0.0,
+                                                                  **dict.fromkeys(POINT_KINDS, 0)})
+            src["images"] += 1
+            for kind in unpaired_point_kinds(pts[pairing.unpaired_b] / prep.scale, sample.instances,
+                                             {int(g) for g in gt_ids[pairing.paired[:, 0]]}):
+                src[kind] += 1
             for c in CONDITIONS:
                 p, k, s = prompts(c, pts, cls, score, gt_xy, pairing)
                 res = model.resolve(prep, model.mask_candidates(prep, p, k, s, np.zeros((0, 2), np.float32)),
                                     mc.mask_threshold, min_stability=mc.min_stability,
                                     min_verified=mc.min_verified, name=sample.name)
                 pairs[c].append(ImagePair(name=sample.name, true_inst=sample.instances, pred_inst=res.instances))
+            if sample.instances.max() > 0:  # mean_pq's convention: images with nuclei
+                src["pq_gain"] += (panoptic_quality(sample.instances, pairs["− false positives"][-1].pred_inst).pq
+                                   - panoptic_quality(sample.instances, pairs["prompter"][-1].pred_inst).pq)
     rows = {}
     for c in CONDITIONS:
         rep = evaluate(pairs[c])
         rows[c] = {**{k: rep.instance[k] for k in ("pq", "dq", "sq", "aji")}, "f1_d": rep.detection.f1_d}
     dist = np.concatenate(offsets) if offsets else np.zeros(0)
-    return {"rows": rows, "images": len(index), "seconds": time.perf_counter() - t0,
+    return {"rows": rows, "images": len(index), "seconds": time.perf_counter() - t0, "sources": sources,
             "offset_px": {"mean": float(dist.mean()) if len(dist) else float("nan"),
                           "median": float(np.median(dist)) if len(dist) else float("nan"),
                           "p90": float(np.percentile(dist, 90)) if len(dist) else float("nan")},
@@ -108,6 +135,15 @@ def markdown(model_name: str, result: dict) -> str:
     o = result["offset_px"]
     lines += ["", f"Distance of paired prompter points from their nucleus' centroid: mean {o['mean']:.2f} px, "
                   f"median {o['median']:.2f} px, 90th percentile {o['p90']:.2f} px (model pixels)."]
+    sources = result.get("sources", {})
+    total = sum(v["pq_gain"] for v in sources.values())
+    lines += ["", "Unpaired prompter points by kind, and each source image's share of the summed per-image PQ gain "
+                  "of removing them:", "", "| source image | patches | " + " | ".join(POINT_KINDS)
+              + " | share of the − FP gain |", "|---|---|---|---|---|---|"]
+    for name, v in sorted(sources.items(), key=lambda kv: -kv[1]["pq_gain"]):
+        share = v["pq_gain"] / total if total else float("nan")
+        lines.append(f"| {name} | {v['images']} | " + " | ".join(str(v[k]) for k in POINT_KINDS)
+                     + f" | {share:.0%} |")
     return "\n".join(lines)
 
 
