@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor
 
 from karyo.models.losses import binary_focal
@@ -147,13 +148,11 @@ def sample_background_prompts(instances: np.ndarray, count: int, k_neg: int = 1,
 
     The positive point is a background pixel at least ``margin_px`` from every nucleus (a point closer than that
     could be a prompter hit on a nucleus' rim). ``dark_share`` of them come from the darkest ``dark_quantile`` of
-    those pixels in ``intensity`` (H×W, e.g. the mean of the normalised channels; in H&E the dark background is
-    what a prompter mistakes for nuclei: lymphocyte-like debris, stroma, folds), the rest uniformly. Negatives are
-    the anchors of the K nearest nuclei, as the nearest other prompts are at inference. Fewer than ``count``
-    prompts come back only when fewer eligible pixels exist.
+    those pixels in ``intensity`` (H×W, e.g. the mean of the normalised channels: dark, nucleus-like background
+    such as dye, pigment or dense stroma is where prompter false positives lie), the rest uniformly from the
+    remaining eligible pixels. Negatives are the anchors of the K nearest nuclei, as the nearest other prompts
+    are at inference. Fewer than ``count`` prompts come back only when fewer eligible pixels exist.
     """
-    from scipy import ndimage
-
     inst = np.asarray(instances)
     if inst.ndim != 2:
         raise ValueError(f"instances must be an H×W label map, got shape {inst.shape}")
@@ -169,14 +168,14 @@ def sample_background_prompts(instances: np.ndarray, count: int, k_neg: int = 1,
     eligible = np.flatnonzero(background)
     if len(eligible) == 0:
         return _no_prompts(n_pts)
-    n_dark = round(count * dark_share) if intensity is not None else 0
-    picks = []
-    if n_dark:
+    dark = np.zeros(0, np.int64)
+    if intensity is not None and dark_share > 0:
         values = np.asarray(intensity, np.float64).ravel()[eligible]
-        dark = eligible[values <= np.quantile(values, dark_quantile)]
-        picks.append(rng.choice(dark, size=min(n_dark, len(dark)), replace=False))
-    picks.append(rng.choice(eligible, size=min(count - n_dark, len(eligible)), replace=False))
-    where = np.unique(np.concatenate(picks))
+        darkest = eligible[values <= np.quantile(values, dark_quantile)]
+        dark = rng.choice(darkest, size=min(round(count * dark_share), len(darkest)), replace=False)
+        eligible = np.setdiff1d(eligible, dark, assume_unique=True)
+    uniform = rng.choice(eligible, size=min(count - len(dark), len(eligible)), replace=False)
+    where = np.sort(np.concatenate([dark, uniform]))
     nuclei = _Nuclei(inst)
     points = np.zeros((len(where), n_pts, 2), np.float32)
     labels = np.full((len(where), n_pts), -1, np.int64)
