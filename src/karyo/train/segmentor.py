@@ -27,6 +27,7 @@ from karyo.models.segmentor_train import (
 )
 from karyo.train.loop import TrainConfig
 from karyo.train.prompter import seeded_loader
+from karyo.train.verifier import roc_auc
 
 
 @dataclass
@@ -92,8 +93,6 @@ def validate_masks(model: Segmentor, dataset: NucleusDataset, device: torch.devi
 
     With ``background`` > 0 each image also gets that many background prompts (fixed per image), and
     ``background_auc`` says how well the predicted IoU tells them from the nucleus prompts (1 = always)."""
-    from karyo.train.verifier import roc_auc
-
     pqs, ajis, iou_nuclei, iou_background = [], [], [], []
     loader = DataLoader(dataset, batch_size=4, shuffle=False, collate_fn=collate_nuclei)
     seen = 0
