@@ -452,6 +452,23 @@ def test_negative_dropout_trains_some_prompts_without_negatives():
         sample_prompts(inst, negative_dropout=1.5)
 
 
+def test_inside_share_draws_positives_anywhere_in_the_nucleus():
+    centres = [(12 + 16 * i, 12 + 16 * j) for i in range(6) for j in range(6)]
+    inst = _discs((104, 104), centres, 6)
+    plain = sample_prompts(inst, z=36, k_neg=1, jitter_px=0.0, rng=3)
+    same = sample_prompts(inst, z=36, k_neg=1, jitter_px=0.0, rng=3, inside_share=0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same, strict=True))  # off: the same random stream
+    points, _, ids = sample_prompts(inst, z=36, k_neg=1, jitter_px=0.0, rng=3, inside_share=1.0)
+    xy = points[:, 0]
+    assert (inst[xy[:, 1].astype(int), xy[:, 0].astype(int)] == ids).all()  # on its own nucleus
+    centre = np.array([centres[i // 10 - 1] for i in ids], np.float32)
+    offset = np.linalg.norm(xy - centre, axis=1)
+    assert (np.linalg.norm(plain[0][:, 0] - np.array([centres[i // 10 - 1] for i in plain[2]]), axis=1) < 1e-4).all()
+    assert 2.5 < offset.mean() < 5.5 and offset.max() > 4.5  # uniform on a radius-6 disc: mean distance 4
+    with pytest.raises(ValueError, match="inside_share"):
+        sample_prompts(inst, inside_share=1.5)
+
+
 def test_background_prompts_lie_away_from_nuclei_with_nearest_negatives():
     inst = _discs((80, 80), [(20, 20), (60, 20), (40, 60)], 6)
     intensity = -np.mgrid[:80, :80][0].astype(float)  # darker towards the bottom

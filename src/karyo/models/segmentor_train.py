@@ -75,6 +75,11 @@ class _Nuclei:
             self._anchors[j] = _nucleus_anchor(self._rr[px], self._cc[px], self.cy[j], self.cx[j])
         return self._anchors[j]
 
+    def random_pixel(self, j: int, rng: np.random.Generator) -> tuple[float, float]:
+        """A pixel of nucleus ``j``, uniformly, as (x, y)."""
+        k = self._pixels[j][rng.integers(len(self._pixels[j]))]
+        return float(self._cc[k]), float(self._rr[k])
+
     def nearest_negatives(self, x: float, y: float, k_neg: int, exclude: int | None = None
                           ) -> list[tuple[float, float]]:
         """Anchors of the k_neg nuclei whose centroids are nearest to (x, y), ``exclude`` left out."""
@@ -90,8 +95,8 @@ def _no_prompts(n_pts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def sample_prompts(instances: np.ndarray, z: int = 25, k_neg: int = 1, jitter_px: float = 2.0,
-                   rng: np.random.Generator | int | None = None, negative_dropout: float = 0.0
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   rng: np.random.Generator | int | None = None, negative_dropout: float = 0.0,
+                   inside_share: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sample PromptNucSeg training prompts from an H×W instance map (0 = background).
 
     Returns ``points`` Z'×(1+K)×2 float32 (x, y in pixel-index coordinates), ``labels`` Z'×(1+K) int64 (1 for the
@@ -105,9 +110,15 @@ def sample_prompts(instances: np.ndarray, z: int = 25, k_neg: int = 1, jitter_px
     replaced by padding. Inference decodes every point once *without* negatives to find duplicates (mask NMS)
     and to re-centre points; a segmentor that never saw such prompts lets those masks bleed into neighbours.
     At 0 no extra random numbers are drawn, so earlier runs replay exactly.
+
+    ``inside_share`` (a karyo addition, as SAM samples its training points): the share of positives drawn
+    uniformly from the nucleus' pixels instead of near its centre. A prompter point on an elongated nucleus often
+    sits near one end; a segmentor trained only on central points then segments part of it. At 0 no extra random
+    numbers are drawn.
     """
-    if not 0.0 <= negative_dropout <= 1.0:
-        raise ValueError(f"negative_dropout must lie in [0, 1], got {negative_dropout}")
+    for name, share in (("negative_dropout", negative_dropout), ("inside_share", inside_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {share}")
     inst = np.asarray(instances)
     if inst.ndim != 2:
         raise ValueError(f"instances must be an H×W label map, got shape {inst.shape}")
@@ -124,7 +135,9 @@ def sample_prompts(instances: np.ndarray, z: int = 25, k_neg: int = 1, jitter_px
     labels = np.full((len(chosen), n_pts), -1, np.int64)
     for row, j in enumerate(chosen):
         x, y = anchor(j)
-        if jitter_px > 0:
+        if inside_share > 0 and rng.random() < inside_share:
+            x, y = nuclei.random_pixel(j, rng)
+        elif jitter_px > 0:
             for _ in range(8):
                 dx, dy = rng.uniform(-jitter_px, jitter_px, size=2)
                 ix, iy = int(np.floor(x + dx + 0.5)), int(np.floor(y + dy + 0.5))
@@ -201,14 +214,15 @@ class PromptBatch(NamedTuple):
 def sample_prompt_batch(instances: np.ndarray | Sequence[np.ndarray], z: int = 25, k_neg: int = 1,
                         jitter_px: float = 2.0, rng: np.random.Generator | int | None = None,
                         negative_dropout: float = 0.0, background: int = 0,
-                        intensity: np.ndarray | Sequence[np.ndarray] | None = None) -> PromptBatch:
+                        intensity: np.ndarray | Sequence[np.ndarray] | None = None, inside_share: float = 0.0
+                        ) -> PromptBatch:
     """:func:`sample_prompts` for each H×W map of a B×H×W batch, concatenated with the image index of each;
     with ``background`` > 0 each image also gets that many :func:`sample_background_prompts` (after its nucleus
     prompts; ``intensity`` B×H×W picks the dark ones). At 0 the random stream is that of earlier runs."""
     rng = np.random.default_rng(rng)
     parts = []
     for b, inst in enumerate(instances):
-        parts.append(sample_prompts(inst, z, k_neg, jitter_px, rng, negative_dropout))
+        parts.append(sample_prompts(inst, z, k_neg, jitter_px, rng, negative_dropout, inside_share))
         if background > 0:
             parts[-1] = tuple(np.concatenate(pair) for pair in zip(parts[-1], sample_background_prompts(
                 inst, background, k_neg, rng, None if intensity is None else intensity[b]), strict=True))

@@ -41,6 +41,7 @@ class SegmentorTrainSettings:
     jitter_px: float = 3.0
     negative_dropout: float = 0.0  # share of prompts trained without negatives (see sample_prompts)
     background_prompts: int = 0  # prompts on no nucleus per image, empty-mask targets (sample_background_prompts)
+    inside_share: float = 0.0  # share of positives anywhere in the nucleus, not near its centre (sample_prompts)
 
 
 class SegmentorTask:
@@ -70,7 +71,7 @@ class SegmentorTask:
         intensity = batch["image"].mean(dim=1).numpy() if st.background_prompts > 0 else None
         pb = sample_prompt_batch(inst.numpy(), z=st.nuclei_per_image, k_neg=st.negatives, jitter_px=st.jitter_px,
                                  rng=rng, negative_dropout=st.negative_dropout, background=st.background_prompts,
-                                 intensity=intensity)
+                                 intensity=intensity, inside_share=st.inside_share)
         out = model(batch["image"].to(device), pb.image_index, pb.points, pb.labels)
         target = crop_targets(inst.to(device), pb.image_index, pb.instance_ids, out.window_xyxy, out.stride_out)
         return segmentor_loss(out.mask_logits, target, out.iou_pred, omega=st.omega)
