@@ -436,12 +436,20 @@ def test_sample_prompts_pads_when_no_neighbour_exists():
     assert batch.image_index.tolist() == [0, 2] and batch.points.dtype == torch.float32
 
 
+GRID_CENTRES = [(12 + 16 * i, 12 + 16 * j) for i in range(6) for j in range(6)]
+
+
+def _prompts_when_off(inst: np.ndarray, jitter_px: float, **off) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompts of a 36-nucleus grid; an option set to its off value must replay the plain random stream."""
+    plain = sample_prompts(inst, z=36, k_neg=1, jitter_px=jitter_px, rng=3)
+    same = sample_prompts(inst, z=36, k_neg=1, jitter_px=jitter_px, rng=3, **off)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same, strict=True))
+    return plain
+
+
 def test_negative_dropout_trains_some_prompts_without_negatives():
-    centres = [(12 + 16 * i, 12 + 16 * j) for i in range(6) for j in range(6)]
-    inst = _discs((104, 104), centres, 5)
-    plain = sample_prompts(inst, z=36, k_neg=1, jitter_px=1.0, rng=3)
-    same = sample_prompts(inst, z=36, k_neg=1, jitter_px=1.0, rng=3, negative_dropout=0.0)
-    assert all(np.array_equal(a, b) for a, b in zip(plain, same, strict=True))  # off: the same random stream
+    inst = _discs((104, 104), GRID_CENTRES, 5)
+    plain = _prompts_when_off(inst, 1.0, negative_dropout=0.0)
     assert (plain[1][:, 1] == 0).all()
     points, labels, _ = sample_prompts(inst, z=36, k_neg=1, jitter_px=1.0, rng=3, negative_dropout=0.5)
     dropped = labels[:, 1] == -1
@@ -453,11 +461,9 @@ def test_negative_dropout_trains_some_prompts_without_negatives():
 
 
 def test_inside_share_draws_positives_anywhere_in_the_nucleus():
-    centres = [(12 + 16 * i, 12 + 16 * j) for i in range(6) for j in range(6)]
+    centres = GRID_CENTRES
     inst = _discs((104, 104), centres, 6)
-    plain = sample_prompts(inst, z=36, k_neg=1, jitter_px=0.0, rng=3)
-    same = sample_prompts(inst, z=36, k_neg=1, jitter_px=0.0, rng=3, inside_share=0.0)
-    assert all(np.array_equal(a, b) for a, b in zip(plain, same, strict=True))  # off: the same random stream
+    plain = _prompts_when_off(inst, 0.0, inside_share=0.0)
     points, _, ids = sample_prompts(inst, z=36, k_neg=1, jitter_px=0.0, rng=3, inside_share=1.0)
     xy = points[:, 0]
     assert (inst[xy[:, 1].astype(int), xy[:, 0].astype(int)] == ids).all()  # on its own nucleus
