@@ -33,7 +33,6 @@ import karyo
 from benchmarks._report import publish
 from karyo.metrics.detection import CoordinatePairing, instance_points, pair_coordinates
 from karyo.metrics.evaluate import ImagePair, evaluate
-from karyo.metrics.instance import panoptic_quality
 from karyo.train.api import read_config_file
 from karyo.train.data import DataSpec, load_specs, source_group
 
@@ -94,15 +93,15 @@ def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
         with torch.no_grad():
             prep = model.prepare(sample.image, mpp=sample.mpp, name=sample.name)
             pts, cls, score = model.detect(prep, mc.score_threshold, mc.nms_radius_px)
-            gt_xy = instance_points(sample.instances).xy * prep.scale
+            truth = instance_points(sample.instances)
+            gt_xy = truth.xy * prep.scale
             pairing = pair_coordinates(gt_xy, pts)
             offsets.append(np.linalg.norm(pts[pairing.paired[:, 1]] - gt_xy[pairing.paired[:, 0]], axis=1))
-            gt_ids = instance_points(sample.instances).ids
             src = sources.setdefault(source_group(sample.name), {"images": 0, "pq_gain": 0.0,
                                                                   **dict.fromkeys(POINT_KINDS, 0)})
             src["images"] += 1
             for kind in unpaired_point_kinds(pts[pairing.unpaired_b] / prep.scale, sample.instances,
-                                             {int(g) for g in gt_ids[pairing.paired[:, 0]]}):
+                                             {int(g) for g in truth.ids[pairing.paired[:, 0]]}):
                 src[kind] += 1
             for c in CONDITIONS:
                 p, k, s = prompts(c, pts, cls, score, gt_xy, pairing)
@@ -110,13 +109,13 @@ def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
                                     mc.mask_threshold, min_stability=mc.min_stability,
                                     min_verified=mc.min_verified, name=sample.name)
                 pairs[c].append(ImagePair(name=sample.name, true_inst=sample.instances, pred_inst=res.instances))
-            if sample.instances.max() > 0:  # mean_pq's convention: images with nuclei
-                src["pq_gain"] += (panoptic_quality(sample.instances, pairs["− false positives"][-1].pred_inst).pq
-                                   - panoptic_quality(sample.instances, pairs["prompter"][-1].pred_inst).pq)
-    rows = {}
-    for c in CONDITIONS:
-        rep = evaluate(pairs[c])
-        rows[c] = {**{k: rep.instance[k] for k in ("pq", "dq", "sq", "aji")}, "f1_d": rep.detection.f1_d}
+    reports = {c: evaluate(pairs[c]) for c in CONDITIONS}
+    rows = {c: {**{k: rep.instance[k] for k in ("pq", "dq", "sq", "aji")}, "f1_d": rep.detection.f1_d}
+            for c, rep in reports.items()}
+    before, after = reports["prompter"].per_image, reports["− false positives"].per_image
+    for name, n_true, gain in zip(before["name"], before["n_true"], after["pq"] - before["pq"], strict=True):
+        if n_true > 0:  # mean_pq's convention: images with nuclei
+            sources[source_group(name)]["pq_gain"] += float(gain)
     dist = np.concatenate(offsets) if offsets else np.zeros(0)
     return {"rows": rows, "images": len(index), "seconds": time.perf_counter() - t0, "sources": sources,
             "offset_px": {"mean": float(dist.mean()) if len(dist) else float("nan"),
