@@ -63,9 +63,8 @@ class _Nuclei:
         lab = np.searchsorted(self.ids, flat[where])
         self._rr, self._cc = np.divmod(where, inst.shape[1])
         counts = np.bincount(lab, minlength=n)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            self.cy = np.bincount(lab, self._rr, minlength=n) / counts
-            self.cx = np.bincount(lab, self._cc, minlength=n) / counts
+        self.cy = np.bincount(lab, self._rr, minlength=n) / counts  # every id has pixels: counts ≥ 1
+        self.cx = np.bincount(lab, self._cc, minlength=n) / counts
         self._pixels = np.split(np.argsort(lab, kind="stable"), np.cumsum(counts)[:-1]) if n else []
         self._anchors: dict[int, tuple[float, float]] = {}
 

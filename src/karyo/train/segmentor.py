@@ -99,7 +99,7 @@ def validate_masks(model: Segmentor, dataset: NucleusDataset, device: torch.devi
     seen = 0
     for batch in loader:
         emb = model.embed(batch["image"].to(device))
-        intensity = batch["image"].mean(dim=1).numpy()
+        intensity = batch["image"].mean(dim=1).numpy() if background > 0 else None
         for b, (inst, size) in enumerate(zip(batch["instances"], batch["orig_size"], strict=True)):
             seen += 1
             h, w = (int(v) for v in size)
