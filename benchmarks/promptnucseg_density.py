@@ -43,9 +43,14 @@ SETTINGS = {
     "score 0.5, NMS 8 px, mask NMS 0.2 (the detail model's pick, 2026-12-07 night)": {
         "score_threshold": 0.5, "nms_radius_px": 8.0, "mask_nms_overlap": 0.2},
 }
-# Rows above describe settings from before the mask verifier: they run without it. The verifier was fitted on the
-# training images, so on the dense training sample its rows are in-sample.
+# Rows above describe settings from before the mask verifier: they run without it. The verifier and the duplicate
+# judge were fitted on the training images, so on the dense training sample their rows are in-sample.
 SETTINGS = {name: {"min_verified": None, **change} for name, change in SETTINGS.items()}
+SETTINGS["score 0.4, NMS 8 px, mask NMS 0.2, verifier 0.5 (the fifth segmentor schedule's pick, 2026-12-07)"] = {
+    "score_threshold": 0.4, "nms_radius_px": 8.0, "mask_nms_overlap": 0.2, "refine_points": 1, "mask_threshold": 0.5,
+    "min_verified": 0.5}
+# Rows above judge duplicates by overlap alone (before the duplicate judge).
+SETTINGS = {name: {"min_duplicate_probability": None, **change} for name, change in SETTINGS.items()}
 SETTINGS["the model's own settings"] = {}
 
 
@@ -80,7 +85,8 @@ def run(model_name: str, run_dir: Path, every: int) -> dict:
                                           ("dense training sample", nearest_neighbour_distances(dense, base.mpp)))},
               "quantiles": quantiles, "rows": {}, "n_val": len(val), "n_dense": len(dense),
               "own": {k: getattr(base, k) for k in ("score_threshold", "nms_radius_px", "mask_nms_overlap",
-                                                    "refine_points", "mask_threshold", "min_verified")}}
+                                                    "min_duplicate_probability", "refine_points", "mask_threshold",
+                                                    "min_verified")}}
     with torch.no_grad():
         for name, change in SETTINGS.items():
             model.config = replace(base, **change)

@@ -122,8 +122,8 @@ def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
                           "median": float(np.median(dist)) if len(dist) else float("nan"),
                           "p90": float(np.percentile(dist, 90)) if len(dist) else float("nan")},
             "settings": {k: getattr(mc, k) for k in ("score_threshold", "nms_radius_px", "mask_nms_overlap",
-                                                      "refine_points", "mask_threshold", "min_stability",
-                                                      "min_verified")}}
+                                                      "min_duplicate_probability", "refine_points", "mask_threshold",
+                                                      "min_stability", "min_verified")}}
 
 
 def markdown(model_name: str, result: dict) -> str:

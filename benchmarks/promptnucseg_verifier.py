@@ -56,8 +56,8 @@ def run(model_name: str, run_dir: Path, every: int, labels: list[float], levels:
                 rows.append({"label": label, "min_verified": level, "val": _scores(model, val),
                              "dense": _scores(model, dense)})
     model.config = base
-    own = {k: getattr(base, k) for k in ("score_threshold", "nms_radius_px", "mask_nms_overlap", "refine_points",
-                                         "mask_threshold")}
+    own = {k: getattr(base, k) for k in ("score_threshold", "nms_radius_px", "mask_nms_overlap",
+                                         "min_duplicate_probability", "refine_points", "mask_threshold")}
     return {"rows": rows, "own": own, "n_val": len(val), "n_dense": len(dense), "n_fit": len(fit_on),
             "seconds": time.perf_counter() - t0}
 

@@ -393,8 +393,9 @@ def pack_cmd(
                          ] = None,
     run: Annotated[Path | None, typer.Option(help="cellvit, ivaan: the training run folder.")] = None,
     tune: Annotated[bool, typer.Option(help="Tune inference thresholds on the run's validation images.")] = True,
-    verifier: Annotated[bool, typer.Option(help="promptnucseg, ivaan: fit a mask verifier on the run's training "
-                                                "images and let the tuning decide whether to use it.")] = True,
+    verifier: Annotated[bool, typer.Option(help="promptnucseg, ivaan: fit a mask verifier and a duplicate "
+                                                "judge on the run's training images and let the tuning decide "
+                                                "whether to use them.")] = True,
 ) -> None:
     """Build a model folder from training runs (thresholds tuned on validation data only; of the settings within one
     standard error of the best, the fastest ships)."""

@@ -195,3 +195,31 @@ def test_cached_tuning_with_a_verifier_equals_segment():
     model.config = replace(cfg, verifier=None)
     _, plain = tune_thresholds(model, samples, grid, log=lambda _: None)
     assert [r["min_verified"] for r in plain] == [None]  # without a verifier there is nothing to tune
+
+
+def test_cached_tuning_with_a_duplicate_judge_equals_segment():
+    from karyo.models.duplicates import DuplicateJudgeConfig
+
+    torch.manual_seed(0)
+    judge = DuplicateJudgeConfig(weights=[4.0, 0, 0, 0, 0, 0, 0], bias=-2.0)  # P > 0.5 above overlap 0.5
+    cfg = PromptNucSegConfig(prompter=PrompterConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), fpn_dim=16,
+                                                     head_hidden=16, num_classes=1, class_names={1: "n"}),
+                             segmentor=segmentor_config("tiny"), tile_size=64, tile_overlap=16, min_area=1,
+                             min_kept_fraction=0.0, duplicate_judge=judge)
+    model = PromptNucSegModel(cfg)
+    samples = _samples(model)
+    grid = {"score_threshold": (0.0,), "nms_radius_px": (4.0,), "mask_nms_overlap": (None, 0.3), "refine_points": (0,),
+            "mask_threshold": (0.3,), "min_duplicate_probability": (None, 0.3, 0.9)}
+    _, rows = tune_thresholds(model, samples, grid, log=lambda _: None)
+    # never both rules at once: 2 overlap settings without the judge, 2 judge settings without overlap
+    assert [(r["mask_nms_overlap"], r["min_duplicate_probability"]) for r in rows] == [
+        (None, None), (None, 0.3), (None, 0.9), (0.3, None)]
+    for r in rows:
+        model.config = replace(cfg, mask_nms_overlap=r["mask_nms_overlap"], score_threshold=0.0, nms_radius_px=4.0,
+                               min_duplicate_probability=r["min_duplicate_probability"], mask_threshold=0.3,
+                               refine_points=0)
+        assert r["val_pq"] == pytest.approx(mean_pq(model, samples), abs=1e-12)
+    assert rows[1]["prompts"] < rows[2]["prompts"]  # the stricter the judge, the more points it drops
+    model.config = replace(cfg, duplicate_judge=None)
+    _, plain = tune_thresholds(model, samples, grid, log=lambda _: None)
+    assert {r["min_duplicate_probability"] for r in plain} == {None}  # nothing to judge with

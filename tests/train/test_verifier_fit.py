@@ -8,7 +8,14 @@ import karyo
 from karyo.data.layout import LayoutDataset
 from karyo.data.sample import Sample
 from karyo.models.promptnucseg import MaskCandidates
-from karyo.train.verifier import VerifierFitError, candidate_match_iou, fit_logistic, fit_verifier, roc_auc
+from karyo.train.verifier import (
+    VerifierFitError,
+    candidate_match_iou,
+    fit_duplicate_judge,
+    fit_logistic,
+    fit_verifier,
+    roc_auc,
+)
 
 
 def test_candidate_match_iou_by_hand():
@@ -64,3 +71,22 @@ def test_fit_without_annotated_nuclei_says_why():
     empty = Sample(np.full((64, 64, 3), 200, np.uint8), np.zeros((64, 64), np.int32), name="blank")
     with pytest.raises(VerifierFitError, match="no candidates"):
         fit_verifier(model, [empty], log=lambda _: None)
+
+
+def test_duplicate_judge_on_consep_beats_overlap_alone(shared_data, one_thread):
+    """On real CoNSeP training patches the fitted judge tells duplicates from touching neighbours better than the
+    overlap of their masks (the rule it replaces). With the points read at swapped x, y the labels turn to noise:
+    AUC 0.57 for overlap and 0.69 for the judge, against 0.73 and 0.79 here (2026-12-07)."""
+    model = karyo.load("promptnucseg_cpu")
+    samples = list(LayoutDataset(shared_data / "consep", ids=["train_1_000", "train_5_003", "train_9_010",
+                                                             "train_14_006"]))
+    logs = []
+    judge = fit_duplicate_judge(model, samples, log=logs.append)
+    assert judge.fit["images"] == 3 and judge.fit["pairs"] > 100
+    assert 0.2 < judge.fit["duplicate_fraction"] < 0.8
+    assert judge.fit["train_auc_overlap"] > 0.65 and judge.fit["train_auc_judge"] > 0.75
+    assert judge.fit["train_auc_judge"] > judge.fit["train_auc_overlap"] + 0.03
+    assert "duplicate judge fitted on 3 images" in logs[0]
+    blank = Sample(np.full((64, 64, 3), 200, np.uint8), np.zeros((64, 64), np.int32), name="blank")
+    with pytest.raises(VerifierFitError, match="no overlapping masks"):
+        fit_duplicate_judge(model, [blank], log=lambda _: None)

@@ -75,22 +75,21 @@ def assemble_instances(probs: torch.Tensor, windows: torch.Tensor, image_shape: 
     return Assembly(lut[labels], kept.astype(np.int64), own[kept].astype(np.int64))
 
 
-def suppress_duplicate_masks(probs: torch.Tensor, windows: torch.Tensor, scores: np.ndarray | torch.Tensor,
-                             *, threshold: float = 0.5, max_overlap: float = 0.5) -> np.ndarray:
-    """Indices (ascending) of the window masks to keep: greedily by descending ``scores``, a mask is dropped when
-    more than ``max_overlap`` of the smaller of it and a kept mask is their intersection. Masks above
-    ``threshold`` only; an empty mask is kept (``assemble_instances`` drops it by area)."""
+def mask_overlaps(probs: torch.Tensor, windows: torch.Tensor, threshold: float = 0.5
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, intersection, area): every pair a < b of window masks (above ``threshold``) that share a pixel, with
+    the pixels they share, and each mask's own area. Windows may extend past the image; that is harmless here."""
     p = probs.shape[0]
-    if p < 2:
-        return np.arange(p)
     probs = probs.detach().float().cpu()
     windows = windows.detach().long().cpu()
-    ww = probs.shape[2]
     fg = probs > threshold
     area = fg.flatten(1).sum(1).numpy()
-    # Pixel ids in one frame spanning all windows (windows may extend past the image; that is harmless here).
+    empty = np.zeros(0, np.int64)
+    if p < 2:
+        return empty, empty, empty, area
+    # Pixel ids in one frame spanning all windows.
     x0, y0 = windows[:, 0] - windows[:, 0].min(), windows[:, 1] - windows[:, 1].min()
-    width = int(x0.max()) + ww
+    width = int(x0.max()) + probs.shape[2]
     mask_of, ys, xs = fg.nonzero(as_tuple=True)
     pix = ((y0[mask_of] + ys) * width + x0[mask_of] + xs).numpy()
     owner = mask_of.numpy()
@@ -105,22 +104,35 @@ def suppress_duplicate_masks(probs: torch.Tensor, windows: torch.Tensor, scores:
             break
         codes.append(owner[:-step][same] * p + owner[step:][same])
     if not codes:
-        return np.arange(p)
+        return empty, empty, empty, area
     pair, inter = np.unique(np.concatenate(codes), return_counts=True)
-    a, b = pair // p, pair % p
-    smaller = np.maximum(np.minimum(area[a], area[b]), 1)
-    dup = inter > max_overlap * smaller
-    a, b = a[dup], b[dup]
-    neighbours: dict[int, list[int]] = {}
-    for i, j in zip(np.r_[a, b].tolist(), np.r_[b, a].tolist(), strict=True):
-        neighbours.setdefault(i, []).append(j)
-    rank = np.argsort(-np.asarray(scores, np.float64), kind="stable")
-    dropped = np.zeros(p, bool)
-    for i in rank.tolist():
+    return pair // p, pair % p, inter, area
+
+
+def suppress_pairs(n: int, better: np.ndarray, worse: np.ndarray, scores: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Indices (ascending) of the ``n`` items to keep when each listed pair says ``worse`` duplicates ``better``:
+    greedily by descending ``scores``, a kept item drops its listed worse partners (a dropped item drops nothing)."""
+    partners: dict[int, list[int]] = {}
+    for i, j in zip(np.asarray(better).tolist(), np.asarray(worse).tolist(), strict=True):
+        partners.setdefault(i, []).append(j)
+    dropped = np.zeros(n, bool)
+    for i in np.argsort(-np.asarray(scores, np.float64), kind="stable").tolist():
         if not dropped[i]:
-            for j in neighbours.get(i, ()):
+            for j in partners.get(i, ()):
                 dropped[j] = True
     return np.flatnonzero(~dropped)
+
+
+def suppress_duplicate_masks(probs: torch.Tensor, windows: torch.Tensor, scores: np.ndarray | torch.Tensor,
+                             *, threshold: float = 0.5, max_overlap: float = 0.5) -> np.ndarray:
+    """Indices (ascending) of the window masks to keep: greedily by descending ``scores``, a mask is dropped when
+    more than ``max_overlap`` of the smaller of it and a kept mask is their intersection. Masks above
+    ``threshold`` only; an empty mask is kept (``assemble_instances`` drops it by area)."""
+    a, b, inter, area = mask_overlaps(probs, windows, threshold)
+    dup = inter > max_overlap * np.maximum(np.minimum(area[a], area[b]), 1)
+    a, b = a[dup], b[dup]
+    # Both directions: whichever of the two ranks higher drops the other.
+    return suppress_pairs(probs.shape[0], np.r_[a, b], np.r_[b, a], scores)
 
 
 def stability_scores(probs: torch.Tensor, threshold: float = 0.5, offset: float = 1.0) -> np.ndarray:

@@ -19,6 +19,7 @@ No class: the feature set is the same for every taxonomy (and for IVAAN, whose c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -30,26 +31,41 @@ FEATURE_THRESHOLD = 0.5  # mask probability the features are measured at
 
 
 @dataclass
-class VerifierConfig:
-    """A fitted logistic regression on standardised :data:`FEATURES`: P(nucleus) = σ(w · (x − mean) / scale + b)."""
+class LogisticConfig:
+    """A fitted logistic regression on standardised features: P = σ(w · (x − mean) / scale + b). Subclasses name
+    their features in ``FEATURES``; unset lists default to the identity standardisation and zero weights."""
 
-    mean: list[float] = field(default_factory=lambda: [0.0] * len(FEATURES))
-    scale: list[float] = field(default_factory=lambda: [1.0] * len(FEATURES))
-    weights: list[float] = field(default_factory=lambda: [0.0] * len(FEATURES))
+    FEATURES: ClassVar[tuple[str, ...]] = ()
+    mean: list[float] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
     bias: float = 0.0
-    features: list[str] = field(default_factory=lambda: list(FEATURES))  # the order of the lists above
+    features: list[str] = field(default_factory=list)  # the order of the lists above
     fit: dict = field(default_factory=dict)  # how it was fitted (images, settings, AUC): for the audit trail
 
     def __post_init__(self) -> None:
-        if list(self.features) != list(FEATURES):
-            raise ValueError(f"verifier features {list(self.features)} are not this karyo's {list(FEATURES)}")
-        if not len(self.mean) == len(self.scale) == len(self.weights) == len(FEATURES):
-            raise ValueError(f"verifier mean, scale and weights need {len(FEATURES)} values each")
+        names, n = list(self.FEATURES), len(self.FEATURES)
+        self.features = list(self.features) or names
+        self.mean = list(self.mean) or [0.0] * n
+        self.scale = list(self.scale) or [1.0] * n
+        self.weights = list(self.weights) or [0.0] * n
+        kind = type(self).__name__
+        if self.features != names:
+            raise ValueError(f"{kind} features {self.features} are not this karyo's {names}")
+        if not len(self.mean) == len(self.scale) == len(self.weights) == n:
+            raise ValueError(f"{kind} mean, scale and weights need {n} values each")
 
     def probability(self, features: np.ndarray) -> np.ndarray:
-        """P(the mask is a nucleus) for each row of ``features`` (N × len(FEATURES))."""
+        """P for each row of ``features`` (N × len(FEATURES))."""
         z = (np.asarray(features, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
         return 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.weights) + self.bias)))
+
+
+@dataclass
+class VerifierConfig(LogisticConfig):
+    """P(the mask is a nucleus) from the :data:`FEATURES` of its candidate."""
+
+    FEATURES: ClassVar[tuple[str, ...]] = FEATURES
 
 
 def candidate_features(probs: torch.Tensor, scores: np.ndarray, prompter_scores: np.ndarray,

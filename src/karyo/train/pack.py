@@ -30,11 +30,11 @@ from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel
 from karyo.models.segmentor import SegmentorConfig
 from karyo.models.vit import read_state_dict
 from karyo.train.data import load_specs
-from karyo.train.verifier import VerifierFitError, fit_verifier
+from karyo.train.verifier import VerifierFitError, fit_duplicate_judge, fit_verifier
 
 TUNING_GRID = {"score_threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "nms_radius_px": (6.0, 8.0, 10.0, 12.0, 16.0, 20.0),
                "mask_nms_overlap": (None, 0.2, 0.3, 0.5), "refine_points": (0, 1, 2), "mask_threshold": (0.4, 0.5, 0.6),
-               "min_verified": (None, 0.3, 0.4, 0.5)}
+               "min_verified": (None, 0.3, 0.4, 0.5), "min_duplicate_probability": (None, 0.3, 0.4, 0.5, 0.6)}
 # min_stability is left out: tuned on the sparse validation images it picks 0.5 (+0.010 PQ there), which costs
 # −0.013 PQ and −0.048 AJI on dense CoNSeP training patches (docs/benchmarks.md). Pass it in ``grid`` to tune it.
 # Settings that change only how the masks are resolved: one set of masks serves all their values.
@@ -134,12 +134,17 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
     grid = {k: (getattr(base, k),) for k in RESOLVE_KEYS} | TUNING_GRID | (grid or {})  # unlisted: the model's
     if base.verifier is None:
         grid["min_verified"] = (None,)  # nothing to filter with
+    if base.duplicate_judge is None:
+        grid["min_duplicate_probability"] = (None,)
     point_keys = [k for k in grid if k not in RESOLVE_KEYS]
     radii = sorted(grid["nms_radius_px"])
     if max_nms_radius_px is not None:
         radii = [r for r in radii if r <= max_nms_radius_px] or radii[:1]
     point_settings = [dict(zip(point_keys, v, strict=True))
                       for v in itertools.product(*(radii if k == "nms_radius_px" else grid[k] for k in point_keys))]
+    # Duplicates are judged by overlap or by the judge, never both (PromptNucSegConfig).
+    point_settings = [ps for ps in point_settings
+                      if ps.get("mask_nms_overlap") is None or ps.get("min_duplicate_probability") is None]
     resolve_settings = [dict(zip(RESOLVE_KEYS, v, strict=True))
                         for v in itertools.product(*(grid[k] for k in RESOLVE_KEYS))]
     pq: dict[tuple, list[float]] = {}
@@ -204,14 +209,19 @@ def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log=print, *, 
     """(best config, all rows, NMS radius cap): :func:`tune_thresholds` on a training run's validation images,
     with the NMS radius capped by :func:`nms_radius_limit` of the run's training images. With ``verifier``, a mask
     verifier is first fitted on those training images (:func:`fit_verifier`) and ``min_verified`` is tuned with
-    the rest; when the images cannot teach one (e.g. networks too weak for any mask to match a nucleus), the
-    reason is logged and tuning goes on without. The training images are read once for both."""
+    the rest, and so is a duplicate judge (:func:`fit_duplicate_judge`), with ``min_duplicate_probability``; when
+    the images cannot teach one (e.g. networks too weak for any mask to match a nucleus), the reason is logged and
+    tuning goes on without. The training images are read once for all."""
     train = training_samples(run)
     if verifier:
         try:
             model.config = replace(model.config, verifier=fit_verifier(model, train, log))
         except VerifierFitError as err:
             log(f"no verifier: {err}")
+        try:
+            model.config = replace(model.config, duplicate_judge=fit_duplicate_judge(model, train, log))
+        except VerifierFitError as err:
+            log(f"no duplicate judge: {err}")
     limit = nms_radius_limit(train, model.config.mpp)
     samples = validation_samples(run)
     log(f"tuning thresholds on {len(samples)} validation images of {run} (NMS radius ≤ {limit:.1f} px: "

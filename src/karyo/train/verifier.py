@@ -1,4 +1,5 @@
-"""Fitting PromptNucSeg's mask verifier (:mod:`karyo.models.verifier`) on a training run's training images.
+"""Fitting PromptNucSeg's mask verifier (:mod:`karyo.models.verifier`) and duplicate judge
+(:mod:`karyo.models.duplicates`) on a training run's training images.
 
 Each image's candidates are made exactly as inference makes them, at :data:`FIT_SETTINGS`; a candidate is a
 nucleus when its mask (probability > 0.5) overlaps an annotated nucleus at IoU > :data:`MATCH_IOU` (0.3). Not
@@ -21,6 +22,7 @@ from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 from scipy.stats import rankdata
 
+from karyo.models.duplicates import MIN_OVERLAP, DuplicateJudgeConfig, mask_pairs
 from karyo.models.promptnucseg import MaskCandidates, PromptNucSegModel
 from karyo.models.verifier import FEATURE_THRESHOLD, VerifierConfig
 
@@ -122,3 +124,49 @@ def fit_verifier(model: PromptNucSegModel, samples: Sequence, log: Callable[[str
     log(f"verifier fitted on {images} images, {len(y)} candidates ({y.mean():.0%} nuclei): training ROC AUC "
         f"{fit['train_auc_verifier']:.3f} (prompter score × √IoU alone {fit['train_auc_score']:.3f})")
     return replace(verifier, fit=fit)
+
+
+def fit_duplicate_judge(model: PromptNucSegModel, samples: Sequence, log: Callable[[str], None] = print,
+                        settings: dict | None = None) -> DuplicateJudgeConfig:
+    """Fit the duplicate judge (:mod:`karyo.models.duplicates`) on ``samples`` (annotated images the networks
+    trained on). The pairs are those inference judges: the detected points at ``settings`` (default
+    :data:`FIT_SETTINGS`' score threshold and NMS radius), each decoded without negatives. A pair is a duplicate
+    when the worse point lies on the same annotated nucleus as the better one, or on no nucleus (dropping it is
+    right either way); it is not when the two lie on different nuclei."""
+    settings = {k: v for k, v in (FIT_SETTINGS | (settings or {})).items() if k in ("score_threshold", "nms_radius_px")}
+    features, labels, overlaps, images = [], [], [], 0
+    no_neg = np.zeros((0, 2), np.float32)
+    with torch.no_grad():
+        for sample in samples:
+            if sample.instances is None or sample.instances.max() == 0:
+                continue
+            prep = model.prepare(sample.image, mpp=None)
+            pts, _, score = model.detect(prep, settings["score_threshold"], settings["nms_radius_px"])
+            if len(pts) < 2:
+                continue
+            probs, windows, iou = model._decode(prep, pts, no_neg, negatives=False, detail=False)
+            pairs = mask_pairs(probs, windows, pts, score * np.sqrt(np.clip(iou, 1e-6, 1.0)), score, iou)
+            if len(pairs.better) == 0:
+                continue
+            images += 1
+            truth = np.asarray(sample.instances)
+            h, w = truth.shape
+            xy = np.floor(pts / prep.scale + 0.5).astype(np.int64)
+            under = truth[xy[:, 1].clip(0, h - 1), xy[:, 0].clip(0, w - 1)]
+            labels.append((under[pairs.worse] == 0) | (under[pairs.worse] == under[pairs.better]))
+            features.append(pairs.features)
+            overlaps.append(pairs.features[:, 0])
+    if not features:
+        raise VerifierFitError("no overlapping masks on the fitting images: cannot fit the duplicate judge")
+    x, y = np.concatenate(features), np.concatenate(labels)
+    if len(np.unique(y)) < 2:
+        raise VerifierFitError("the duplicate judge needs pairs that are one nucleus and pairs that are two")
+    mean, scale, weights, bias = fit_logistic(x, y)
+    judge = DuplicateJudgeConfig(mean=mean.tolist(), scale=scale.tolist(), weights=weights.tolist(), bias=bias)
+    fit = {"images": images, "pairs": len(y), "duplicate_fraction": round(float(y.mean()), 4),
+           "settings": settings, "min_overlap": MIN_OVERLAP,
+           "train_auc_overlap": round(roc_auc(y, np.concatenate(overlaps)), 4),
+           "train_auc_judge": round(roc_auc(y, judge.probability(x)), 4)}
+    log(f"duplicate judge fitted on {images} images, {len(y)} overlapping mask pairs ({y.mean():.0%} duplicates): "
+        f"training ROC AUC {fit['train_auc_judge']:.3f} (overlap alone {fit['train_auc_overlap']:.3f})")
+    return replace(judge, fit=fit)

@@ -1,0 +1,88 @@
+"""Duplicates by overlap or by the learned judge? PromptNucSeg on validation images and in dense tissue.
+
+    python -m benchmarks.promptnucseg_duplicates --model promptnucseg_cpu --run runs/default_prompter_continue
+
+Before negatives are chosen, PromptNucSeg drops the worse of two masks that it takes for one nucleus found twice
+(:meth:`karyo.models.promptnucseg.PromptNucSegModel.mask_candidates`): by their overlap alone
+(``mask_nms_overlap``), or by the duplicate judge (:mod:`karyo.models.duplicates`, ``min_duplicate_probability``).
+This report fits a judge on the run's training images *without* a dense sample (every ``--every``-th CoNSeP
+training patch, as in ``benchmarks.promptnucseg_density``), then scores the model's other settings with each rule
+on the run's validation images and on that dense sample (out of sample for the judge; the networks trained on it,
+so read only differences). HoVer-Net metrics: PQ and AJI averaged over images, F1d pooled.
+
+Test splits are not used.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import karyo
+from benchmarks._report import publish
+from benchmarks.promptnucseg_density import dense_sample, report_arguments
+from benchmarks.promptnucseg_verifier import _scores
+from karyo.train.pack import training_samples, validation_samples
+from karyo.train.verifier import fit_duplicate_judge
+
+
+def run(model_name: str, run_dir: Path, every: int, overlaps: list[float], levels: list[float]) -> dict:
+    model = karyo.load(model_name)
+    base = model.config
+    train = training_samples(run_dir)
+    dense = dense_sample(train, every)
+    held_out = {s.name for s in dense}
+    fit_on = [s for s in train if s.name not in held_out]
+    has_nuclei = lambda s: s.instances is not None and s.instances.max() > 0  # noqa: E731
+    val = [s for s in validation_samples(run_dir) if has_nuclei(s)]
+    dense = [s for s in dense if has_nuclei(s)]
+    t0 = time.perf_counter()
+    rows = []
+    with torch.no_grad():
+        judge = fit_duplicate_judge(model, fit_on, log=lambda _: None)
+        changes = [("overlap", v, {"mask_nms_overlap": v, "min_duplicate_probability": None}) for v in overlaps]
+        changes += [("judge", v, {"mask_nms_overlap": None, "duplicate_judge": judge, "min_duplicate_probability": v})
+                    for v in levels]
+        for rule, value, change in changes:
+            model.config = replace(base, **change)
+            rows.append({"rule": rule, "value": value, "val": _scores(model, val), "dense": _scores(model, dense)})
+    model.config = base
+    own = {k: getattr(base, k) for k in ("score_threshold", "nms_radius_px", "refine_points", "mask_threshold",
+                                         "min_verified")}
+    return {"rows": rows, "own": own, "n_val": len(val), "n_dense": len(dense), "n_fit": len(fit_on),
+            "fit": judge.fit, "seconds": time.perf_counter() - t0}
+
+
+def markdown(model_name: str, r: dict) -> str:
+    fit = r["fit"]
+    lines = [f"Model `{model_name}`, other settings {r['own']}. The judge fitted on {r['n_fit']} training images "
+             f"(without the dense sample): {fit['pairs']} mask pairs, {fit['duplicate_fraction']:.0%} duplicates, "
+             f"training ROC AUC {fit['train_auc_judge']:.3f} (overlap alone {fit['train_auc_overlap']:.3f}). "
+             f"Scored on {r['n_val']} validation images and {r['n_dense']} dense CoNSeP training patches.", "",
+             "| duplicates by | validation PQ | AJI | F1d | dense PQ | AJI | F1d |", "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        head = (f"overlap > {row['value']} of the smaller mask" if row["rule"] == "overlap"
+                else f"judge, P ≥ {row['value']}")
+        lines.append(f"| {head} | " + " | ".join(f"{v:.4f}" for v in (*row["val"], *row["dense"])) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = report_arguments(__doc__.splitlines()[0])
+    ap.add_argument("--overlaps", default="0.2,0.3", help="mask_nms_overlap values to score")
+    ap.add_argument("--levels", default="0.3,0.4,0.5,0.6", help="min_duplicate_probability values to score")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    parse = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
+    result = run(args.model, args.run, args.every, parse(args.overlaps), parse(args.levels))
+    publish(markdown(args.model, result), f"promptnucseg_duplicates_{Path(args.model).name}",
+            f"PromptNucSeg duplicates: overlap or judge ({Path(args.model).name})",
+            "benchmarks.promptnucseg_duplicates", write=not args.no_docs)
+    print(f"({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
