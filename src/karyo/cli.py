@@ -426,9 +426,10 @@ def pack_cmd(
     else:
         raise InputError(None, f"unknown architecture {arch!r} for pack; choose promptnucseg, cellvit or ivaan")
     cfg = model.config
-    console.print(f"model → {out} (score ≥ {cfg.score_threshold}, NMS {cfg.nms_radius_px} px, mask NMS "
-                  f"{cfg.mask_nms_overlap}, {cfg.refine_points} point refinement(s), mask ≥ {cfg.mask_threshold})",
-                  highlight=False)
+    duplicates = (f"duplicates where the judge says P ≥ {cfg.min_duplicate_probability}"
+                  if cfg.min_duplicate_probability is not None else f"mask NMS {cfg.mask_nms_overlap}")
+    console.print(f"model → {out} (score ≥ {cfg.score_threshold}, NMS {cfg.nms_radius_px} px, {duplicates}, "
+                  f"{cfg.refine_points} point refinement(s), mask ≥ {cfg.mask_threshold})", highlight=False)
 
 
 def _load_ivaan(model: Path | None, segmentor: Path | None, device: str):

@@ -97,7 +97,9 @@ def fit_verifier(model: PromptNucSegModel, samples: Sequence, log: Callable[[str
     features, labels, scores, images = [], [], [], 0
     no_neg = np.zeros((0, 2), np.float32)
     try:
-        model.config = replace(base, **{k: v for k, v in settings.items() if k != "score_threshold"})
+        # Candidates as the overlap rule makes them (as the shipped verifier was fitted), judge or not.
+        model.config = replace(base, **({"min_duplicate_probability": None}
+                                        | {k: v for k, v in settings.items() if k != "score_threshold"}))
         with torch.no_grad():
             for sample in samples:
                 if sample.instances is None or sample.instances.max() == 0:
