@@ -23,22 +23,15 @@ import torch
 
 import karyo
 from benchmarks._report import publish
-from benchmarks.promptnucseg_density import dense_sample, report_arguments
-from benchmarks.promptnucseg_verifier import _scores
-from karyo.train.pack import training_samples, validation_samples
+from benchmarks.promptnucseg_density import report_arguments
+from benchmarks.promptnucseg_verifier import _scores, held_out_samples, score_cells
 from karyo.train.verifier import fit_duplicate_judge
 
 
 def run(model_name: str, run_dir: Path, every: int, overlaps: list[float], levels: list[float]) -> dict:
     model = karyo.load(model_name)
     base = model.config
-    train = training_samples(run_dir)
-    dense = dense_sample(train, every)
-    held_out = {s.name for s in dense}
-    fit_on = [s for s in train if s.name not in held_out]
-    has_nuclei = lambda s: s.instances is not None and s.instances.max() > 0  # noqa: E731
-    val = [s for s in validation_samples(run_dir) if has_nuclei(s)]
-    dense = [s for s in dense if has_nuclei(s)]
+    fit_on, val, dense = held_out_samples(run_dir, every)
     t0 = time.perf_counter()
     rows = []
     with torch.no_grad():
@@ -66,7 +59,7 @@ def markdown(model_name: str, r: dict) -> str:
     for row in r["rows"]:
         head = (f"overlap > {row['value']} of the smaller mask" if row["rule"] == "overlap"
                 else f"judge, P ≥ {row['value']}")
-        lines.append(f"| {head} | " + " | ".join(f"{v:.4f}" for v in (*row["val"], *row["dense"])) + " |")
+        lines.append(f"| {head} | {score_cells(row)} |")
     return "\n".join(lines)
 
 

@@ -34,16 +34,26 @@ def _scores(model, samples: list) -> tuple[float, float, float]:
     return rep.instance["pq"], rep.instance["aji"], rep.detection.f1_d
 
 
-def run(model_name: str, run_dir: Path, every: int, labels: list[float], levels: list[float]) -> dict:
-    model = karyo.load(model_name)
-    base = model.config
+def held_out_samples(run_dir: Path, every: int) -> tuple[list, list, list]:
+    """(fit on, validation, dense sample) of a prompter run: its training images without the dense sample (what a
+    learned filter is fitted on), and the validation images and dense sample that hold nuclei (what it is scored on)."""
     train = training_samples(run_dir)
     dense = dense_sample(train, every)
     held_out = {s.name for s in dense}
-    fit_on = [s for s in train if s.name not in held_out]
     has_nuclei = lambda s: s.instances is not None and s.instances.max() > 0  # noqa: E731
-    val = [s for s in validation_samples(run_dir) if has_nuclei(s)]
-    dense = [s for s in dense if has_nuclei(s)]
+    return ([s for s in train if s.name not in held_out],
+            [s for s in validation_samples(run_dir) if has_nuclei(s)], [s for s in dense if has_nuclei(s)])
+
+
+def score_cells(row: dict) -> str:
+    """A row's validation and dense (PQ, AJI, F1d) as table cells."""
+    return " | ".join(f"{v:.4f}" for v in (*row["val"], *row["dense"]))
+
+
+def run(model_name: str, run_dir: Path, every: int, labels: list[float], levels: list[float]) -> dict:
+    model = karyo.load(model_name)
+    base = model.config
+    fit_on, val, dense = held_out_samples(run_dir, every)
     t0 = time.perf_counter()
     rows = []
     with torch.no_grad():
@@ -70,8 +80,7 @@ def markdown(model_name: str, r: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         head = "(no verifier) | " if row["label"] is None else f"{row['label']} | {row['min_verified']}"
-        cells = " | ".join(f"{v:.4f}" for v in (*row["val"], *row["dense"]))
-        lines.append(f"| {head} | {cells} |")
+        lines.append(f"| {head} | {score_cells(row)} |")
     return "\n".join(lines)
 
 

@@ -13,6 +13,13 @@ from karyo.models.segmentor import segmentor_config
 from karyo.train.pack import mean_pq, select_setting, tune_thresholds
 
 
+def _tiny_config(**kw) -> PromptNucSegConfig:
+    return PromptNucSegConfig(prompter=PrompterConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), fpn_dim=16,
+                                                      head_hidden=16, num_classes=1, class_names={1: "n"}),
+                              segmentor=segmentor_config("tiny"), tile_size=64, tile_overlap=16, min_area=1,
+                              min_kept_fraction=0.0, **kw)
+
+
 def _samples(model: PromptNucSegModel) -> list[Sample]:
     """Random images whose 'truth' is the model's own output at one setting, so PQ varies across the grid."""
     rng = np.random.default_rng(1)
@@ -29,10 +36,7 @@ def _samples(model: PromptNucSegModel) -> list[Sample]:
 
 def test_cached_tuning_equals_segment_per_setting():
     torch.manual_seed(0)
-    cfg = PromptNucSegConfig(prompter=PrompterConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), fpn_dim=16,
-                                                     head_hidden=16, num_classes=1, class_names={1: "n"}),
-                             segmentor=segmentor_config("tiny"), tile_size=64, tile_overlap=16, min_area=1,
-                             min_kept_fraction=0.0)
+    cfg = _tiny_config()
     model = PromptNucSegModel(cfg)
     samples = _samples(model)
     assert samples[0].instances.max() > 0
@@ -177,10 +181,7 @@ def test_cached_tuning_with_a_verifier_equals_segment():
 
     torch.manual_seed(0)
     verifier = VerifierConfig(mean=[0, 0, 0, 0, 0.5, 0], scale=[1, 1, 1, 1, 0.05, 1], weights=[0, 0, 0, 0, 1, 0])
-    cfg = PromptNucSegConfig(prompter=PrompterConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), fpn_dim=16,
-                                                     head_hidden=16, num_classes=1, class_names={1: "n"}),
-                             segmentor=segmentor_config("tiny"), tile_size=64, tile_overlap=16, min_area=1,
-                             min_kept_fraction=0.0, verifier=verifier)
+    cfg = _tiny_config(verifier=verifier)
     model = PromptNucSegModel(cfg)
     samples = _samples(model)
     grid = {"score_threshold": (0.0,), "nms_radius_px": (4.0,), "mask_nms_overlap": (None,), "refine_points": (0,),
@@ -202,10 +203,7 @@ def test_cached_tuning_with_a_duplicate_judge_equals_segment():
 
     torch.manual_seed(0)
     judge = DuplicateJudgeConfig(weights=[4.0, 0, 0, 0, 0, 0, 0], bias=-2.0)  # P > 0.5 above overlap 0.5
-    cfg = PromptNucSegConfig(prompter=PrompterConfig(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), fpn_dim=16,
-                                                     head_hidden=16, num_classes=1, class_names={1: "n"}),
-                             segmentor=segmentor_config("tiny"), tile_size=64, tile_overlap=16, min_area=1,
-                             min_kept_fraction=0.0, duplicate_judge=judge)
+    cfg = _tiny_config(duplicate_judge=judge)
     model = PromptNucSegModel(cfg)
     samples = _samples(model)
     grid = {"score_threshold": (0.0,), "nms_radius_px": (4.0,), "mask_nms_overlap": (None, 0.3), "refine_points": (0,),
