@@ -89,3 +89,22 @@ def test_config_with_a_judge_round_trips(tmp_path):
     again = karyo.load(tmp_path / "m")
     assert again.config == model.config and isinstance(again.config.duplicate_judge, DuplicateJudgeConfig)
     np.testing.assert_array_equal(model.segment(image()).instances, again.segment(image()).instances)
+
+
+def test_user_given_points_are_never_judged_duplicates():
+    """Each point a user gives stands for a nucleus: segment(points=...) skips duplicate removal, by judge or by
+    overlap, while the same points detected would lose one."""
+    model = tiny_model(min_area=1, min_kept_fraction=0.0, duplicate_judge=_judge(20.0), min_duplicate_probability=0.5)
+    made = []
+    original = model.mask_candidates
+    model.mask_candidates = lambda *a, **k: made.append(original(*a, **k)) or made[-1]
+    try:
+        model.segment(image(), points=[(30.0, 30.0), (33.0, 31.0)])
+    finally:
+        del model.mask_candidates
+    assert len(made[0].scores) == 2
+    prep = model.prepare(image())
+    pts = np.array([[30.0, 30.0], [33.0, 31.0]], np.float32)
+    detected = model.mask_candidates(prep, pts, np.array([1, 1]), np.array([0.9, 0.5], np.float32),
+                                     np.zeros((0, 2), np.float32))
+    assert len(detected.scores) == 1

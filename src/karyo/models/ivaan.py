@@ -394,7 +394,8 @@ class IVAANModel(PromptNucSegModel):
         if cfg.ivaan.text_classification:
             cls = text_cls  # equals the decoded class (argmax of the same similarity); user points get one too
         # classes := prompt indices, so the resolved instances map back to their anchors
-        candidates = self.mask_candidates(prep, pts, np.arange(len(pts)), score.astype(np.float32), neg)
+        candidates = self.mask_candidates(prep, pts, np.arange(len(pts)), score.astype(np.float32), neg,
+                                          remove_duplicates=points is None)
         resolved = self.resolve(prep, candidates, cfg.mask_threshold, **self._detection_filters(points))
         instances, prompt_of, scores = resolved.instances, resolved.classes, resolved.scores
         ids = np.array(sorted(prompt_of), np.int64)
