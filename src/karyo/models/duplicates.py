@@ -7,8 +7,8 @@ mask, decoded without a negative, bleeds over the other nucleus. With ground-tru
 rule at the shipped 0.2 costs 0.073 validation PQ (0.565 against 0.638 without it), all of it true neighbours
 dropped. On the shipped model's masks of 200 CoNSeP/PanNuke/NuCLS training images, among pairs that overlap by
 more than 5 % of the smaller mask, 44 % are duplicates (or the worse point lies on background) and 56 % are
-touching neighbours; on the 54 validation images the overlap fraction ranks them at ROC AUC 0.784, a logistic
-regression over the seven numbers below at 0.886 (2026-12-07, throwaway scripts; docs/benchmarks.md).
+not, mostly touching neighbours; on the 54 validation images the overlap fraction ranks them at ROC AUC 0.784, a
+logistic regression over the seven numbers below at 0.886 (2026-12-07, throwaway scripts; docs/benchmarks.md).
 
 The judge is a karyo addition, not part of PromptNucSeg, and lives in the model's config like the mask verifier
 (:mod:`karyo.models.verifier`). Features of a pair, "better" being the one with the higher candidate score:
