@@ -31,7 +31,7 @@ import torch
 
 import karyo
 from benchmarks._report import publish
-from karyo.metrics.detection import CoordinatePairing, instance_points, pair_coordinates
+from karyo.metrics.detection import CoordinatePairing, instance_points, labels_at, pair_coordinates
 from karyo.metrics.evaluate import ImagePair, evaluate
 from karyo.train.api import read_config_file
 from karyo.train.data import DataSpec, load_specs, source_group
@@ -42,12 +42,8 @@ POINT_KINDS = ("off nuclei", "duplicate", "on a missed nucleus")
 
 def unpaired_point_kinds(xy: np.ndarray, instances: np.ndarray, paired_ids: set[int]) -> list[str]:
     """The :data:`POINT_KINDS` entry of each unpaired prompter point (x, y in the instance map's pixels)."""
-    h, w = instances.shape
-    cols = np.clip(np.floor(xy[:, 0] + 0.5).astype(int), 0, w - 1)
-    rows = np.clip(np.floor(xy[:, 1] + 0.5).astype(int), 0, h - 1)
-    labels = instances[rows, cols]
     return [POINT_KINDS[0] if g == 0 else POINT_KINDS[1] if int(g) in paired_ids else POINT_KINDS[2]
-            for g in labels]
+            for g in labels_at(instances, xy)]
 
 
 def prompts(condition: str, pts: np.ndarray, cls: np.ndarray, score: np.ndarray, gt_xy: np.ndarray,

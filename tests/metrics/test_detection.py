@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from karyo.metrics.detection import NucleiTypeStats, instance_points, pair_coordinates
+from karyo.metrics.detection import NucleiTypeStats, instance_points, labels_at, pair_coordinates
 
 
 def test_centroids_and_majority_type():
@@ -91,3 +91,15 @@ def test_add_maps_uses_centroids_and_types():
 def test_mismatched_points_and_types_raise():
     with pytest.raises(ValueError, match="points"):
         NucleiTypeStats().add_points([[0, 0]], [1, 2], [[0, 0]], [1])
+
+
+def test_labels_at_rounds_to_the_nearest_pixel_and_clips_to_the_map():
+    inst = np.zeros((4, 5), np.int32)
+    inst[1, 2] = 7
+    inst[3, 4] = 9
+    xy = np.array([[2.4, 0.6],  # rounds to (2, 1)
+                   [1.49, 1.0],  # rounds to (1, 1): background
+                   [6.0, 9.0],  # off the map: clipped to the corner (4, 3)
+                   [-3.0, 1.2]])  # clipped to column 0
+    np.testing.assert_array_equal(labels_at(inst, xy), [7, 0, 9, 0])
+    assert labels_at(inst, np.zeros((0, 2))).shape == (0,)

@@ -90,6 +90,16 @@ def instance_points(inst: np.ndarray, type_map: np.ndarray | None = None) -> Ins
     return InstancePoints(ids=ids, xy=xy.reshape(n, 2), types=types)
 
 
+def labels_at(instances: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """The label of ``instances`` (H×W) under each point of ``xy`` (N×2 x, y in its pixels), rounded to the
+    nearest pixel and clipped to the map (0: background)."""
+    h, w = instances.shape
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    cols = np.clip(np.floor(xy[:, 0] + 0.5).astype(np.int64), 0, w - 1)
+    rows = np.clip(np.floor(xy[:, 1] + 0.5).astype(np.int64), 0, h - 1)
+    return instances[rows, cols]
+
+
 @dataclass(frozen=True, eq=False)  # holds arrays: compare fields explicitly
 class CoordinatePairing:
     """``paired`` (K×2 indices into set A and set B) and the indices of the unpaired points of each set."""

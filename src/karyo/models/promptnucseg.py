@@ -91,6 +91,11 @@ class PromptNucSegConfig:
                                  "(duplicates by the judge), not both")
 
 
+def candidate_score(prompter_score: np.ndarray, predicted_iou: np.ndarray) -> np.ndarray:
+    """A mask candidate's ranking score: the prompter's probability × √(the segmentor's predicted IoU)."""
+    return prompter_score * np.sqrt(np.clip(predicted_iou, 1e-6, 1.0))
+
+
 def _grid(length: int, tile: int, stride: int) -> list[int]:
     if length <= tile:
         return [0]
@@ -241,7 +246,7 @@ class PromptNucSegModel(InstanceModel):
         if remove_duplicates and (cfg.mask_nms_overlap is not None or judged) and len(pts) > 1:
             decoded += len(pts)
             probs, windows, iou = self._decode(prep, pts, neg, negatives=False, detail=rough)
-            rank = score * np.sqrt(np.clip(iou, 1e-6, 1.0))
+            rank = candidate_score(score, iou)
             if judged:
                 pairs = mask_pairs(probs, windows, pts, rank, score, iou)
                 dup = cfg.duplicate_judge.probability(pairs.features) >= cfg.min_duplicate_probability
@@ -258,7 +263,7 @@ class PromptNucSegModel(InstanceModel):
             pts, cls, score = move_to_centroids(probs, windows, pts, cls, score)
         decoded += len(pts)
         probs, windows, iou = self._decode(prep, pts, neg)
-        return MaskCandidates(probs, windows, score * np.sqrt(np.clip(iou, 1e-6, 1.0)), cls, decoded, score, iou)
+        return MaskCandidates(probs, windows, candidate_score(score, iou), cls, decoded, score, iou)
 
     def _decode(self, prep: PreparedImage, pts: np.ndarray, neg: np.ndarray, negatives: bool = True,
                 detail: bool = True) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

@@ -22,8 +22,9 @@ from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 from scipy.stats import rankdata
 
-from karyo.models.duplicates import MIN_OVERLAP, DuplicateJudgeConfig, mask_pairs
-from karyo.models.promptnucseg import MaskCandidates, PromptNucSegModel
+from karyo.metrics.detection import labels_at
+from karyo.models.duplicates import DUPLICATE_FEATURES, MIN_OVERLAP, DuplicateJudgeConfig, mask_pairs
+from karyo.models.promptnucseg import MaskCandidates, PromptNucSegModel, candidate_score
 from karyo.models.verifier import FEATURE_THRESHOLD, VerifierConfig
 
 # Candidates for fitting: the lowest prompter score of karyo pack's grid (the verifier must judge the faint
@@ -136,7 +137,7 @@ def fit_duplicate_judge(model: PromptNucSegModel, samples: Sequence, log: Callab
     when the worse point lies on the same annotated nucleus as the better one, or on no nucleus (dropping it is
     right either way); it is not when the two lie on different nuclei."""
     settings = {k: v for k, v in (FIT_SETTINGS | (settings or {})).items() if k in ("score_threshold", "nms_radius_px")}
-    features, labels, overlaps, images = [], [], [], 0
+    features, labels, images = [], [], 0
     no_neg = np.zeros((0, 2), np.float32)
     with torch.no_grad():
         for sample in samples:
@@ -146,18 +147,15 @@ def fit_duplicate_judge(model: PromptNucSegModel, samples: Sequence, log: Callab
             pts, _, score = model.detect(prep, settings["score_threshold"], settings["nms_radius_px"])
             if len(pts) < 2:
                 continue
-            probs, windows, iou = model._decode(prep, pts, no_neg, negatives=False, detail=False)
-            pairs = mask_pairs(probs, windows, pts, score * np.sqrt(np.clip(iou, 1e-6, 1.0)), score, iou)
+            probs, windows, iou = model._decode(prep, pts, no_neg, negatives=False,
+                                                detail=model.config.detail_every_pass)
+            pairs = mask_pairs(probs, windows, pts, candidate_score(score, iou), score, iou)
             if len(pairs.better) == 0:
                 continue
             images += 1
-            truth = np.asarray(sample.instances)
-            h, w = truth.shape
-            xy = np.floor(pts / prep.scale + 0.5).astype(np.int64)
-            under = truth[xy[:, 1].clip(0, h - 1), xy[:, 0].clip(0, w - 1)]
+            under = labels_at(np.asarray(sample.instances), pts / prep.scale)
             labels.append((under[pairs.worse] == 0) | (under[pairs.worse] == under[pairs.better]))
             features.append(pairs.features)
-            overlaps.append(pairs.features[:, 0])
     if not features:
         raise VerifierFitError("no overlapping masks on the fitting images: cannot fit the duplicate judge")
     x, y = np.concatenate(features), np.concatenate(labels)
@@ -167,7 +165,7 @@ def fit_duplicate_judge(model: PromptNucSegModel, samples: Sequence, log: Callab
     judge = DuplicateJudgeConfig(mean=mean.tolist(), scale=scale.tolist(), weights=weights.tolist(), bias=bias)
     fit = {"images": images, "pairs": len(y), "duplicate_fraction": round(float(y.mean()), 4),
            "settings": settings, "min_overlap": MIN_OVERLAP,
-           "train_auc_overlap": round(roc_auc(y, np.concatenate(overlaps)), 4),
+           "train_auc_overlap": round(roc_auc(y, x[:, DUPLICATE_FEATURES.index("overlap")]), 4),
            "train_auc_judge": round(roc_auc(y, judge.probability(x)), 4)}
     log(f"duplicate judge fitted on {images} images, {len(y)} overlapping mask pairs ({y.mean():.0%} duplicates): "
         f"training ROC AUC {fit['train_auc_judge']:.3f} (overlap alone {fit['train_auc_overlap']:.3f})")
