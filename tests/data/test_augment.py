@@ -55,7 +55,7 @@ def flat_steps(pipe) -> list[tuple[str, object]]:
 
 GEOMETRIC_ONLY = {"pixel": False, "colour": False, "normalize": False, "interpolation": "nearest",
                   "min_fragment_area": 0, "p_grid_shuffle": 0.0, "p_rotate90": 0.0, "p_hflip": 0.0,
-                  "p_vflip": 0.0, "p_sized_crop": 0.0, "p_elastic": 0.0}
+                  "p_vflip": 0.0, "p_sized_crop": 0.0, "p_scale": 0.0, "p_elastic": 0.0}
 
 
 def coordinate_image(h: int, w: int) -> np.ndarray:
@@ -153,7 +153,7 @@ def test_colour_steps_only_for_rgb_uint8(n_channels, dtype):
 
 @pytest.mark.shared_data
 @pytest.mark.parametrize("step", ["p_grid_shuffle", "p_rotate90", "p_hflip", "p_vflip", "p_sized_crop",
-                                  "p_elastic", "all"])
+                                  "p_scale", "p_elastic", "all"])
 def test_every_geometric_step_keeps_image_and_labels_aligned(consep, step):
     probs = {k: 1.0 for k in GEOMETRIC_ONLY if k.startswith("p_")} if step == "all" else {step: 1.0}
     aug = Augmenter(AugmentConfig(**{**GEOMETRIC_ONLY, **probs}))
@@ -375,3 +375,29 @@ def test_hed_jitter_changes_stain_not_geometry():
     assert np.abs(identity.astype(int) - img).max() <= 1
     pipe = build_augmentation(AugmentConfig(p_hed_jitter=0.5), 3)
     assert any(isinstance(step, HedJitter) for step in pipe.transforms)
+
+
+def test_scale_zooms_in_and_out_about_the_centre():
+    """karyo's p_scale: a disc's area scales by the zoom factor squared, both ways, and stays centred."""
+    from skimage.draw import disk
+
+    image = np.full((256, 256, 3), 220, np.uint8)
+    instances = np.zeros((256, 256), np.int32)
+    rr, cc = disk((128, 128), 20)
+    image[rr, cc] = 60
+    instances[rr, cc] = 1
+    aug = Augmenter(AugmentConfig(**{**GEOMETRIC_ONLY, "p_scale": 1.0, "scale_range": (0.8, 1.25)}))
+    ratios = []
+    for seed in range(12):
+        _, out, _ = aug(image, instances, {1: 1}, seed=seed)
+        ys, xs = np.nonzero(out == 1)
+        assert abs(ys.mean() - 127.5) < 1.5 and abs(xs.mean() - 127.5) < 1.5
+        ratios.append(len(ys) / len(rr))
+    assert 0.8**2 * 0.95 <= min(ratios) < 0.95 and 1.05 < max(ratios) <= 1.25**2 * 1.05
+    assert "CentreZoom" not in [n for n, _ in flat_steps(build_augmentation(AugmentConfig(), 3))]  # off by default
+
+
+@pytest.mark.parametrize("bad", [(1.1, 1.3), (0.8, 0.9), (0.0, 1.2), (0.8,)])
+def test_scale_range_must_bracket_one(bad):
+    with pytest.raises(ValueError, match="scale_range"):
+        AugmentConfig(scale_range=bad)

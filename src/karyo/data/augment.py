@@ -34,6 +34,9 @@ Superpixels         0.1    p_replace=0.1, n_segments=200,              p_replace
                                                                         (x, x); 2.x would read the scalars as
                                                                         p_replace (0, 0.1) and n_segments (1, 200)
 ZoomBlur            0.1    max_factor=1.05                             max_factor=(1.0, 1.05), step_factor=(0.01, 0.03)
+(scale)             0      (not in the paper; karyo's p_scale)         CentreZoom(scale_range): shrink or enlarge,
+                                                                        equally often; reflect at the border; off
+                                                                        unless asked for
 RandomSizedCrop     0.1    min_max_height=(128, 256), height=256,      min_max_height=(crop // 2, crop),
                            width=256                                   size=(crop, crop): height/width became size
 ElasticTransform    0.2    sigma=25, alpha=0.5, alpha_affine=15        Sequential([ThreePointAffine(15),
@@ -108,6 +111,11 @@ class AugmentConfig:
     p_hflip: float = 0.5
     p_vflip: float = 0.5
     p_sized_crop: float = 0.1
+    # karyo addition, not in Table S1 (off by default): zoom in *and* out about the crop's centre, so that a
+    # prompter meets nuclei larger and smaller than its training magnification gives (RandomSizedCrop only
+    # zooms in, one crop in ten). Factors below and above 1 are equally likely.
+    p_scale: float = 0.0
+    scale_range: tuple[float, float] = (0.75, 1.33)
     sized_crop_min_max_height: tuple[int, int] | None = None  # None → (crop_size // 2, crop_size)
     p_elastic: float = 0.2
     elastic_alpha: float = 0.5
@@ -176,6 +184,8 @@ class AugmentConfig:
             raise ValueError("std values must be positive")
         if self.min_fragment_area < 0:
             raise ValueError(f"min_fragment_area must be ≥ 0, got {self.min_fragment_area}")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= 1 <= self.scale_range[1]:
+            raise ValueError(f"scale_range must be (low ≤ 1, high ≥ 1) with low > 0, got {self.scale_range}")
         lo, hi = self.min_max_height
         if not 1 <= lo <= hi:
             raise ValueError(f"sized_crop_min_max_height must satisfy 1 ≤ min ≤ max, got {(lo, hi)}")
@@ -234,33 +244,23 @@ class HedJitter(A.ImageOnlyTransform):
         return ("sigma", "bias")
 
 
-class ThreePointAffine(A.DualTransform):
-    """The random affine that albumentations 1.x ElasticTransform applied before its elastic field
-    (``alpha_affine``), dropped in 2.x.
+class _Remap(A.DualTransform):
+    """An affine warp of image and masks through one explicit float coordinate map: cv2.warpAffine rounds
+    nearest-neighbour lookups differently per dtype (~1 px in 100 disagreed between a uint8 image and an int32
+    map), so labels would drift off their pixels. Subclasses give the inverse map (output → input pixels)."""
 
-    Three points (centre ± s, s = min(H, W) // 3, as (c+s, c+s), (c+s, c-s), (c-s, c-s)) are each moved by
-    U(-alpha_affine, alpha_affine) px in x and y; the affine map through the three pairs warps image and
-    masks (masks with nearest interpolation).
-    """
-
-    def __init__(self, alpha_affine: float = 15.0, interpolation: int = cv2.INTER_LINEAR,
-                 border_mode: int = cv2.BORDER_REFLECT_101, p: float = 0.5):
+    def __init__(self, interpolation: int = cv2.INTER_LINEAR, border_mode: int = cv2.BORDER_REFLECT_101,
+                 p: float = 0.5):
         super().__init__(p=p)
-        if alpha_affine < 0:
-            raise ValueError(f"alpha_affine must be ≥ 0, got {alpha_affine}")
-        self.alpha_affine = float(alpha_affine)
         self.interpolation = interpolation
         self.border_mode = border_mode
 
+    def inverse_affine(self, h: int, w: int) -> np.ndarray:
+        raise NotImplementedError
+
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
-        cx, cy, s = w / 2.0, h / 2.0, float(min(h, w) // 3)
-        src = np.array([[cx + s, cy + s], [cx + s, cy - s], [cx - s, cy - s]], dtype=np.float32)
-        shift = self.random_generator.uniform(-self.alpha_affine, self.alpha_affine, size=(3, 2))
-        dst = (src + shift).astype(np.float32)
-        inverse = cv2.invertAffineTransform(cv2.getAffineTransform(src, dst))
-        # One explicit float coordinate map for image and masks alike: cv2.warpAffine rounds nearest-neighbour
-        # lookups differently per dtype (~1 px in 100 disagreed between a uint8 image and an int32 map).
+        inverse = self.inverse_affine(h, w)
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         map_x = (inverse[0, 0] * xx + inverse[0, 1] * yy + inverse[0, 2]).astype(np.float32)
         map_y = (inverse[1, 0] * xx + inverse[1, 1] * yy + inverse[1, 2]).astype(np.float32)
@@ -283,8 +283,55 @@ class ThreePointAffine(A.DualTransform):
     def apply_to_mask(self, mask: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, **params: Any) -> np.ndarray:
         return self._remap(mask, map_x, map_y, cv2.INTER_NEAREST)
 
+
+class ThreePointAffine(_Remap):
+    """The random affine that albumentations 1.x ElasticTransform applied before its elastic field
+    (``alpha_affine``), dropped in 2.x.
+
+    Three points (centre ± s, s = min(H, W) // 3, as (c+s, c+s), (c+s, c-s), (c-s, c-s)) are each moved by
+    U(-alpha_affine, alpha_affine) px in x and y; the affine map through the three pairs warps image and
+    masks (masks with nearest interpolation).
+    """
+
+    def __init__(self, alpha_affine: float = 15.0, interpolation: int = cv2.INTER_LINEAR,
+                 border_mode: int = cv2.BORDER_REFLECT_101, p: float = 0.5):
+        super().__init__(interpolation=interpolation, border_mode=border_mode, p=p)
+        if alpha_affine < 0:
+            raise ValueError(f"alpha_affine must be ≥ 0, got {alpha_affine}")
+        self.alpha_affine = float(alpha_affine)
+
+    def inverse_affine(self, h: int, w: int) -> np.ndarray:
+        cx, cy, s = w / 2.0, h / 2.0, float(min(h, w) // 3)
+        src = np.array([[cx + s, cy + s], [cx + s, cy - s], [cx - s, cy - s]], dtype=np.float32)
+        shift = self.random_generator.uniform(-self.alpha_affine, self.alpha_affine, size=(3, 2))
+        dst = (src + shift).astype(np.float32)
+        return cv2.invertAffineTransform(cv2.getAffineTransform(src, dst))
+
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("alpha_affine", "interpolation", "border_mode")
+
+
+class CentreZoom(_Remap):
+    """Zoom about the image centre by a factor drawn from U(low, 1) or U(1, high), each half of the time, so that
+    shrinking and enlarging are equally likely whatever the range (karyo's ``p_scale``, not in Table S1)."""
+
+    def __init__(self, scale_range: tuple[float, float] = (0.75, 1.33), interpolation: int = cv2.INTER_LINEAR,
+                 border_mode: int = cv2.BORDER_REFLECT_101, p: float = 0.5):
+        super().__init__(interpolation=interpolation, border_mode=border_mode, p=p)
+        low, high = scale_range
+        if not 0 < low <= 1 <= high:
+            raise ValueError(f"scale_range must be (low ≤ 1, high ≥ 1) with low > 0, got {scale_range}")
+        self.scale_range = (float(low), float(high))
+
+    def inverse_affine(self, h: int, w: int) -> np.ndarray:
+        low, high = self.scale_range
+        factor = self.random_generator.uniform(low, 1.0) if self.random_generator.random() < 0.5 else \
+            self.random_generator.uniform(1.0, high)
+        cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+        return np.array([[1 / factor, 0.0, cx - cx / factor], [0.0, 1 / factor, cy - cy / factor]])
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("scale_range", "interpolation", "border_mode")
 
 
 def _is_rgb_uint8(n_channels: int, dtype: np.dtype) -> bool:
@@ -346,6 +393,9 @@ def build_augmentation(cfg: AugmentConfig, n_channels: int, dtype: np.dtype | ty
     if pix:
         steps.append(A.ZoomBlur(max_factor=(1.0, cfg.zoom_blur_max_factor), step_factor=(0.01, 0.03),
                                 p=cfg.p_zoom_blur))
+    if geo and cfg.p_scale > 0:
+        steps.append(CentreZoom(scale_range=tuple(cfg.scale_range), interpolation=interp,
+                                border_mode=cv2.BORDER_REFLECT_101, p=cfg.p_scale))
     if geo:
         steps.append(A.RandomSizedCrop(min_max_height=cfg.min_max_height, size=(crop, crop), w2h_ratio=1.0,
                                        interpolation=interp, mask_interpolation=cv2.INTER_NEAREST,
