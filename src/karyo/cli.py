@@ -107,7 +107,8 @@ def segment(
     points: Annotated[Path | None, typer.Option(help="CSV of x,y[,label] prompts: segment only these nuclei.")
                       ] = None,
     mpp: Annotated[float | None, typer.Option(help="Microns per pixel of the images (rescaled to the "
-                                                   "model's resolution).")] = None,
+                                                   "model's resolution). Default: what each file states (OME, "
+                                                   "TIFF or PNG resolution), if anything plausible.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "cpu",
     outputs: Annotated[str, typer.Option(help="Comma-separated: instances,classes,table,overlay,geojson.")
                        ] = "instances,classes,table,overlay,geojson",
@@ -147,10 +148,13 @@ def segment(
     if task == "semantic" and not hasattr(net, "segment_semantic"):
         raise InputError(None, f"model {model!r} ({net.arch}) has no semantic output; use a MONCH or U-Net model")
     total = 0
+    stated: dict[str, float] = {}  # file → the mpp it states, where that (not --mpp) was used
     with progress_bar() as bar:
         bar_task = bar.add_task("segmenting", total=len(files))
         for path in files:
             image, meta = read_image_meta(path)
+            if mpp is None and meta.get("mpp"):
+                stated[path.name] = meta["mpp"]
             stem = path.name.split(".")[0]
             names = meta.get("channel_names")
             if channels:
@@ -170,6 +174,10 @@ def segment(
                 save_result(result, out, image, stem=stem, outputs=kinds)
                 total += result.n_nuclei
             bar.advance(bar_task)
+    if stated:
+        listed = ", ".join(f"{name} {value:.3g}" for name, value in list(stated.items())[:3])
+        console.print(f"µm per pixel as the files state it ({listed}{', ...' if len(stated) > 3 else ''}); "
+                      f"--mpp overrides", highlight=False)
     if task == "semantic":
         console.print(f"class maps, overlays and per-class areas of {len(files)} image(s) → {out}/", highlight=False)
     else:

@@ -51,6 +51,33 @@ def test_segment_then_evaluate_real_consep(shared_data, tmp_path):
     assert per_image.name.tolist() == ids
 
 
+def test_segment_uses_the_resolution_the_file_states(tmp_path):
+    """A tile saved at half the model's magnification, with its resolution in the PNG: karyo resamples it and
+    finds about the nuclei of the full-resolution tile; the same pixels without a resolution lose most of them."""
+    from PIL import Image
+    from skimage.transform import rescale
+
+    from karyo.samples import sample_path
+
+    native = karyo.read_image(sample_path())
+    half = (rescale(native, 0.5, channel_axis=2, anti_aliasing=True, preserve_range=True) + 0.5).astype(np.uint8)
+    mpp = 2 * karyo.load("default").config.mpp
+    Image.fromarray(half).save(tmp_path / "stated.png", dpi=(25400 / mpp, 25400 / mpp))
+    Image.fromarray(half).save(tmp_path / "silent.png")
+    counts = {}
+    for name in ("stated", "silent"):
+        res = runner.invoke(app, ["segment", str(tmp_path / f"{name}.png"), "--out", str(tmp_path / name),
+                                  "--outputs", "instances"])
+        assert res.exit_code == 0, res.output
+        assert ("as the files state it (stated.png 0.5)" in res.output) == (name == "stated")
+        instances = read_instances(tmp_path / name / "instances" / f"{name}.png")
+        assert instances.shape == half.shape[:2]
+        counts[name] = len(np.unique(instances)) - 1
+    full = karyo.load("default").segment(native).n_nuclei
+    assert 0.7 * full <= counts["stated"] <= 1.3 * full
+    assert counts["silent"] < 0.5 * full
+
+
 def test_segment_points_csv(tmp_path):
     from karyo.samples import sample_path
 

@@ -242,3 +242,26 @@ def test_tiff_with_a_z_stack_is_refused(tmp_path, he):
                      metadata={"axes": "ZCYX"})
     with pytest.raises(InputError, match=r"z\.tif: TIFF has axes 'ZCYX'"):
         read_image(tmp_path / "z.tif")
+
+
+@pytest.mark.parametrize(("name", "kwargs", "expected"), [
+    ("cm.tif", {"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"}, 0.5),
+    ("inch.tif", {"resolution": (25400 / 0.25, 25400 / 0.25), "resolutionunit": "INCH"}, 0.25),
+    ("screen.tif", {"resolution": (72, 72), "resolutionunit": "INCH"}, None),  # a screen default, not a scan
+    ("imagej.tif", {"imagej": True, "resolution": (1 / 0.325, 1 / 0.325), "metadata": {"unit": "um"}}, 0.325),
+    ("aperio.tif", {"description": "Aperio Image Library v12.0.15 |AppMag = 40|MPP = 0.2520|Filename = x"}, 0.252),
+    ("plain.tif", {}, None),
+])
+def test_plain_tiff_resolution_gives_mpp(tmp_path, he, name, kwargs, expected):
+    tifffile.imwrite(tmp_path / name, he[0], photometric="rgb", **kwargs)
+    got, meta = read_image_meta(tmp_path / name)
+    np.testing.assert_array_equal(got, he[0])
+    assert meta["mpp"] == (pytest.approx(expected) if expected else None)
+
+
+@pytest.mark.parametrize(("suffix", "dpi", "expected"), [(".png", 25400 / 0.25, 0.25), (".png", 72, None),
+                                                         (".jpg", 25400 / 0.5, 0.5), (".jpg", 300, None)])
+def test_png_and_jpeg_density_gives_mpp(tmp_path, he, suffix, dpi, expected):
+    Image.fromarray(he[0]).save(tmp_path / f"x{suffix}", dpi=(dpi, dpi))
+    _, meta = read_image_meta(tmp_path / f"x{suffix}")
+    assert meta["mpp"] == (pytest.approx(expected, rel=1e-3) if expected else None)

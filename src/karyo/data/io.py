@@ -24,6 +24,10 @@ from karyo.errors import InputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf")
 
+# A file's stated resolution is used only inside this range (µm per pixel): image writers put screen defaults
+# (72 or 96 dpi, i.e. 353 or 265 µm/px) into files that never saw a microscope, and those must not resample a tile.
+PLAUSIBLE_MPP = (0.05, 5.0)
+
 # Pillow refuses images above ~179 Mpx by default; we read whole tiles only, slides go through tiffslide.
 Image.MAX_IMAGE_PIXELS = 1 << 31
 
@@ -91,6 +95,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | 
             mpp = None
             if tif.is_ome and tif.ome_metadata:
                 names, mpp = _ome_channels_and_mpp(tif.ome_metadata)
+            else:
+                mpp = _tiff_tags_mpp(tif)
     except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
         raise InputError(path, f"cannot read TIFF ({type(exc).__name__}: {exc}); the file is corrupt or truncated"
                          ) from None
@@ -147,8 +153,49 @@ def _ome_channels_and_mpp(xml: str) -> tuple[tuple[str, ...] | None, float | Non
     if size is not None:
         scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit)
         if scale is not None:
-            mpp = float(size) * scale
+            mpp = plausible_mpp(float(size) * scale)
     return (names or None), mpp
+
+
+def plausible_mpp(mpp: float | None) -> float | None:
+    """``mpp`` if it can describe a microscope image (:data:`PLAUSIBLE_MPP`), else None."""
+    if mpp is None or not np.isfinite(mpp) or not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        return None
+    return float(mpp)
+
+
+def _tiff_tags_mpp(tif) -> float | None:
+    """µm per pixel from a plain TIFF: an Aperio description (``|MPP = 0.252``), ImageJ's micron unit, or the
+    resolution tags in pixels per centimetre or inch (as QuPath, scanners' tile exports and Bio-Formats write)."""
+    import re
+
+    page = tif.pages.first
+    match = re.search(r"\|\s*MPP\s*=\s*([0-9.]+)", page.description or "")
+    if match:
+        with contextlib.suppress(ValueError):
+            return plausible_mpp(float(match.group(1)))
+    tags = page.tags
+    if "XResolution" not in tags:
+        return None
+    numerator, denominator = tags["XResolution"].value
+    if not numerator or not denominator:
+        return None
+    pixels_per_unit = numerator / denominator
+    unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2  # TIFF default: inch
+    imagej_unit = (tif.imagej_metadata or {}).get("unit", "") if tif.is_imagej else ""
+    if imagej_unit in ("micron", "um", "µm", "\\u00B5m"):
+        microns_per_unit = 1.0
+    else:
+        microns_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)
+    return plausible_mpp(microns_per_unit / pixels_per_unit) if microns_per_unit else None
+
+
+def _pil_mpp(im: Image.Image) -> float | None:
+    """µm per pixel from a PNG's pHYs chunk (metres) or a JPEG's density, which Pillow reports as dpi."""
+    dpi = im.info.get("dpi")
+    with contextlib.suppress(TypeError, ValueError, ZeroDivisionError):
+        return plausible_mpp(25400.0 / float(dpi[0]))
+    return None
 
 
 def _read_pixels(path: Path) -> tuple[np.ndarray, dict]:
@@ -164,6 +211,7 @@ def _read_pixels(path: Path) -> tuple[np.ndarray, dict]:
         with Image.open(path) as im:
             im.load()
             arr = _pil_to_array(im, path)
+            meta["mpp"] = _pil_mpp(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(path, f"cannot decode image ({exc}); the file is corrupt, truncated or not an image"
                          ) from None
