@@ -8,12 +8,14 @@ folder that is renamed only once complete, so a failure never leaves a partial o
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -24,9 +26,9 @@ from karyo.errors import InputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf")
 
-# A file's stated resolution is used only inside this range (µm per pixel): image writers put screen defaults
-# (72 or 96 dpi, i.e. 353 or 265 µm/px) into files that never saw a microscope, and those must not resample a tile.
-PLAUSIBLE_MPP = (0.05, 5.0)
+# A pixel size outside this range (µm/px) is not a microscope's: TIFF and PNG writers often store 72 or 96 dpi
+# (≈ 350 / 265 µm/px) by default, which must not be taken for the scan resolution.
+MPP_RANGE = (0.02, 20.0)
 
 # Pillow refuses images above ~179 Mpx by default; we read whole tiles only, slides go through tiffslide.
 Image.MAX_IMAGE_PIXELS = 1 << 31
@@ -157,11 +159,13 @@ def _ome_channels_and_mpp(xml: str) -> tuple[tuple[str, ...] | None, float | Non
     return (names or None), mpp
 
 
-def plausible_mpp(mpp: float | None) -> float | None:
-    """``mpp`` if it can describe a microscope image (:data:`PLAUSIBLE_MPP`), else None."""
-    if mpp is None or not np.isfinite(mpp) or not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+def plausible_mpp(value: Any) -> float | None:
+    """``value`` as µm/px if it is a finite number in :data:`MPP_RANGE`, else None."""
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
         return None
-    return float(mpp)
+    return mpp if math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1] else None
 
 
 def _tiff_tags_mpp(tif) -> float | None:
@@ -172,8 +176,7 @@ def _tiff_tags_mpp(tif) -> float | None:
     page = tif.pages.first
     match = re.search(r"\|\s*MPP\s*=\s*([0-9.]+)", page.description or "")
     if match:
-        with contextlib.suppress(ValueError):
-            return plausible_mpp(float(match.group(1)))
+        return plausible_mpp(match.group(1))
     tags = page.tags
     if "XResolution" not in tags:
         return None
@@ -190,10 +193,10 @@ def _tiff_tags_mpp(tif) -> float | None:
     return plausible_mpp(microns_per_unit / pixels_per_unit) if microns_per_unit else None
 
 
-def _pil_mpp(im: Image.Image) -> float | None:
+def pil_mpp(im: Image.Image) -> float | None:
     """µm per pixel from a PNG's pHYs chunk (metres) or a JPEG's density, which Pillow reports as dpi."""
     dpi = im.info.get("dpi")
-    with contextlib.suppress(TypeError, ValueError, ZeroDivisionError):
+    with contextlib.suppress(TypeError, ValueError, ZeroDivisionError, IndexError):
         return plausible_mpp(25400.0 / float(dpi[0]))
     return None
 
@@ -211,7 +214,7 @@ def _read_pixels(path: Path) -> tuple[np.ndarray, dict]:
         with Image.open(path) as im:
             im.load()
             arr = _pil_to_array(im, path)
-            meta["mpp"] = _pil_mpp(im)
+            meta["mpp"] = pil_mpp(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(path, f"cannot decode image ({exc}); the file is corrupt, truncated or not an image"
                          ) from None

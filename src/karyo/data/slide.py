@@ -19,28 +19,15 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from karyo.data.io import check_file, to_rgb, to_uint8
+from karyo.data.io import MPP_RANGE, check_file, pil_mpp, plausible_mpp, to_rgb, to_uint8
 from karyo.errors import InputError
 
-# A pixel size outside this range (µm/px) is not a microscope's: TIFF and PNG writers often store 72 or 96 dpi
-# (≈ 350 / 265 µm/px) by default, which must not be taken for the scan resolution.
-MPP_RANGE = (0.02, 20.0)
 IMAGE_BACKEND_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 BACKENDS = ("auto", "tiffslide", "openslide", "image")
 WHITE = 255
-
-
-def plausible_mpp(value: Any) -> float | None:
-    """``value`` as µm/px if it is a finite number in :data:`MPP_RANGE`, else None."""
-    try:
-        mpp = float(value)
-    except (TypeError, ValueError):
-        return None
-    return mpp if math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1] else None
 
 
 class Slide(ABC):
@@ -294,15 +281,9 @@ def _pil_mpp(path: Path) -> float | None:
 
     try:
         with Image.open(path) as im:
-            dpi = im.info.get("dpi")
+            return pil_mpp(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(path, f"cannot read image ({exc}); the file is corrupt, truncated or not an image") from None
-    if not dpi:
-        return None
-    try:
-        return plausible_mpp(25400.0 / float(dpi[0]))
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
 
 
 def _image_cache(path: Path, cache_dir: Path) -> Path:
