@@ -149,12 +149,15 @@ def segment(
         raise InputError(None, f"model {model!r} ({net.arch}) has no semantic output; use a MONCH or U-Net model")
     total = 0
     stated: dict[str, float] = {}  # file → the mpp it states, where that (not --mpp) was used
+    unknown = 0  # files whose resolution nobody states: taken to be the model's
     with progress_bar() as bar:
         bar_task = bar.add_task("segmenting", total=len(files))
         for path in files:
             image, meta = read_image_meta(path)
             if mpp is None and meta.get("mpp"):
                 stated[path.name] = meta["mpp"]
+            elif mpp is None:
+                unknown += 1
             stem = path.name.split(".")[0]
             names = meta.get("channel_names")
             if channels:
@@ -178,6 +181,10 @@ def segment(
         listed = ", ".join(f"{name} {value:.3g}" for name, value in list(stated.items())[:3])
         console.print(f"µm per pixel as the files state it ({listed}{', ...' if len(stated) > 3 else ''}); "
                       f"--mpp overrides", highlight=False)
+    model_mpp = getattr(getattr(net, "config", None), "mpp", None)
+    if unknown and model_mpp:
+        console.print(f"{unknown} image(s) state no resolution: taken to be the model's {model_mpp} µm/px; pass "
+                      f"--mpp if they are at another magnification", highlight=False)
     if task == "semantic":
         console.print(f"class maps, overlays and per-class areas of {len(files)} image(s) → {out}/", highlight=False)
     else:

@@ -70,6 +70,7 @@ def test_segment_uses_the_resolution_the_file_states(tmp_path):
                                   "--outputs", "instances"])
         assert res.exit_code == 0, res.output
         assert ("as the files state it (stated.png 0.5)" in res.output) == (name == "stated")
+        assert ("state no resolution: taken to be the model's 0.25" in res.output) == (name == "silent")
         instances = read_instances(tmp_path / name / "instances" / f"{name}.png")
         assert instances.shape == half.shape[:2]
         counts[name] = len(np.unique(instances)) - 1
