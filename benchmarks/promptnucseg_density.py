@@ -59,13 +59,15 @@ def dense_sample(train: list, every: int) -> list:
     return [s for s in train if s.name.startswith("train_")][::every]
 
 
-def report_arguments(description: str) -> argparse.ArgumentParser:
-    """The options of the reports that read a prompter run's validation images and its dense training sample."""
+def report_arguments(description: str, dense: bool = True) -> argparse.ArgumentParser:
+    """The options of the reports that read a prompter run's validation images (and, with ``dense``, its dense
+    training sample)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="promptnucseg_cpu")
     ap.add_argument("--run", type=Path, default=Path("runs/default_prompter_continue"),
                     help="the prompter run whose validation/training images to use (its train_config.json)")
-    ap.add_argument("--every", type=int, default=6, help="the dense sample: every n-th CoNSeP training patch")
+    if dense:
+        ap.add_argument("--every", type=int, default=6, help="the dense sample: every n-th CoNSeP training patch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-docs", action="store_true")
     return ap

@@ -14,7 +14,6 @@ Test splits are not used.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from skimage.transform import rescale
 
 import karyo
 from benchmarks._report import publish
+from benchmarks.promptnucseg_density import report_arguments
 from karyo.metrics import panoptic_quality
 from karyo.train.pack import validation_samples
 
@@ -78,13 +78,7 @@ def markdown(model_name: str, r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="promptnucseg_cpu")
-    ap.add_argument("--run", type=Path, default=Path("runs/default_prompter_continue"),
-                    help="the prompter run whose validation images to use (its train_config.json)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-docs", action="store_true")
-    args = ap.parse_args()
+    args = report_arguments(__doc__.splitlines()[0], dense=False).parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.model, args.run)
     publish(markdown(args.model, result), f"promptnucseg_magnification_{Path(args.model).name}",

@@ -14,7 +14,6 @@ Test splits are not used.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 import karyo
 from benchmarks._report import publish
+from benchmarks.promptnucseg_density import report_arguments
 from karyo.data.augment import HedJitter
 from karyo.metrics import panoptic_quality
 from karyo.stain import MacenkoNormalizer
@@ -82,13 +82,7 @@ def markdown(model_name: str, r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="promptnucseg_cpu")
-    ap.add_argument("--run", type=Path, default=Path("runs/default_prompter_continue"),
-                    help="the prompter run whose validation images to use (its train_config.json)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-docs", action="store_true")
-    args = ap.parse_args()
+    args = report_arguments(__doc__.splitlines()[0], dense=False).parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.model, args.run)
     publish(markdown(args.model, result), f"promptnucseg_stain_{Path(args.model).name}",
