@@ -42,6 +42,14 @@ def update_section(name: str, title: str, body: str, command: str) -> Path:
     return DOC
 
 
+def publish_model_report(body: str, model: str, title: str, module: str, *, write: bool, seconds: float) -> None:
+    """:func:`publish` a report on one model, in the section ``<module's last name>_<model folder name>`` (its
+    ``{model}`` in ``title`` filled in the same way), and print how long the measurement took."""
+    name = Path(model).name
+    publish(body, f"{module.rsplit('.', 1)[-1]}_{name}", title.format(model=name), module, write=write)
+    print(f"({seconds:.0f} s)")
+
+
 def publish(body: str, name: str, title: str, module: str, write: bool = True) -> None:
     """Print a benchmark's report and, unless ``write`` is off (smoke runs), put it in its docs section."""
     print(body)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import karyo
-from benchmarks._report import publish
+from benchmarks._report import publish_model_report
 from karyo.train.pack import mean_pq, nearest_neighbour_distances, training_samples, validation_samples
 
 # Each row: a name and the inference settings it changes from the model's own config.
@@ -57,6 +57,11 @@ SETTINGS["the model's own settings"] = {}
 def dense_sample(train: list, every: int) -> list:
     """Every ``every``-th CoNSeP patch of a run's training images: the dense tissue these reports check."""
     return [s for s in train if s.name.startswith("train_")][::every]
+
+
+def floats(text: str) -> list[float]:
+    """An argparse type: comma-separated numbers ("0.3,0.4")."""
+    return [float(v) for v in text.split(",")]
 
 
 def report_arguments(description: str, dense: bool = True) -> argparse.ArgumentParser:
@@ -117,10 +122,9 @@ def main() -> None:
     args = report_arguments(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.model, args.run, args.every)
-    publish(markdown(args.model, result), f"promptnucseg_density_{Path(args.model).name}",
-            f"PromptNucSeg inference settings in dense tissue: {Path(args.model).name}",
-            "benchmarks.promptnucseg_density", write=not args.no_docs)
-    print(f"({result['seconds']:.0f} s)")
+    publish_model_report(markdown(args.model, result), args.model,
+                         "PromptNucSeg inference settings in dense tissue: {model}", "benchmarks.promptnucseg_density",
+                         write=not args.no_docs, seconds=result["seconds"])
 
 
 if __name__ == "__main__":

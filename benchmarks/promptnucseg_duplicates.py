@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import karyo
-from benchmarks._report import publish
-from benchmarks.promptnucseg_density import report_arguments
-from benchmarks.promptnucseg_verifier import _scores, held_out_samples, score_cells
+from benchmarks._report import publish_model_report
+from benchmarks.promptnucseg_density import floats, report_arguments
+from benchmarks.promptnucseg_verifier import held_out_samples, pq_aji_f1d, score_cells
 from karyo.train.verifier import fit_duplicate_judge
 
 
@@ -41,7 +41,8 @@ def run(model_name: str, run_dir: Path, every: int, overlaps: list[float], level
                     for v in levels]
         for rule, value, change in changes:
             model.config = replace(base, **change)
-            rows.append({"rule": rule, "value": value, "val": _scores(model, val), "dense": _scores(model, dense)})
+            rows.append({"rule": rule, "value": value, "val": pq_aji_f1d(model, val),
+                         "dense": pq_aji_f1d(model, dense)})
     model.config = base
     own = {k: getattr(base, k) for k in ("score_threshold", "nms_radius_px", "refine_points", "mask_threshold",
                                          "min_verified")}
@@ -65,16 +66,15 @@ def markdown(model_name: str, r: dict) -> str:
 
 def main() -> None:
     ap = report_arguments(__doc__.splitlines()[0])
-    ap.add_argument("--overlaps", default="0.2,0.3", help="mask_nms_overlap values to score")
-    ap.add_argument("--levels", default="0.3,0.4,0.5,0.6", help="min_duplicate_probability values to score")
+    ap.add_argument("--overlaps", type=floats, default="0.2,0.3", help="mask_nms_overlap values to score")
+    ap.add_argument("--levels", type=floats, default="0.3,0.4,0.5,0.6",
+                    help="min_duplicate_probability values to score")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    parse = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
-    result = run(args.model, args.run, args.every, parse(args.overlaps), parse(args.levels))
-    publish(markdown(args.model, result), f"promptnucseg_duplicates_{Path(args.model).name}",
-            f"PromptNucSeg duplicates: overlap or judge ({Path(args.model).name})",
-            "benchmarks.promptnucseg_duplicates", write=not args.no_docs)
-    print(f"({result['seconds']:.0f} s)")
+    result = run(args.model, args.run, args.every, args.overlaps, args.levels)
+    publish_model_report(markdown(args.model, result), args.model,
+                         "PromptNucSeg duplicates: overlap or judge ({model})", "benchmarks.promptnucseg_duplicates",
+                         write=not args.no_docs, seconds=result["seconds"])
 
 
 if __name__ == "__main__":

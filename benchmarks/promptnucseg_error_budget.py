@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import karyo
-from benchmarks._report import publish
+from benchmarks._report import publish_model_report
 from karyo.metrics.detection import CoordinatePairing, instance_points, labels_at, pair_coordinates
 from karyo.metrics.evaluate import ImagePair, evaluate
 from karyo.train.api import read_config_file
@@ -152,11 +152,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.model, args.val_config, args.limit)
-    body = markdown(args.model, result)
-    publish(body, f"promptnucseg_error_budget_{Path(args.model).name}",
-            f"PromptNucSeg error budget (validation): {Path(args.model).name}",
-            "benchmarks.promptnucseg_error_budget", write=not args.no_docs)
-    print(f"({result['seconds']:.0f} s)")
+    publish_model_report(markdown(args.model, result), args.model, "PromptNucSeg error budget (validation): {model}",
+                         "benchmarks.promptnucseg_error_budget", write=not args.no_docs, seconds=result["seconds"])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from skimage.transform import rescale
 
 import karyo
-from benchmarks._report import publish
+from benchmarks._report import publish_model_report
 from benchmarks.promptnucseg_density import report_arguments
 from karyo.metrics import panoptic_quality
 from karyo.train.pack import validation_samples
@@ -81,10 +81,8 @@ def main() -> None:
     args = report_arguments(__doc__.splitlines()[0], dense=False).parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.model, args.run)
-    publish(markdown(args.model, result), f"promptnucseg_magnification_{Path(args.model).name}",
-            f"PromptNucSeg at other magnifications: {Path(args.model).name}",
-            "benchmarks.promptnucseg_magnification", write=not args.no_docs)
-    print(f"({result['seconds']:.0f} s)")
+    publish_model_report(markdown(args.model, result), args.model, "PromptNucSeg at other magnifications: {model}",
+                         "benchmarks.promptnucseg_magnification", write=not args.no_docs, seconds=result["seconds"])
 
 
 if __name__ == "__main__":

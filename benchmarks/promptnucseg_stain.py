@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import karyo
-from benchmarks._report import publish
+from benchmarks._report import publish_model_report
 from benchmarks.promptnucseg_density import report_arguments
 from karyo.data.augment import HedJitter
 from karyo.metrics import panoptic_quality
@@ -85,10 +85,8 @@ def main() -> None:
     args = report_arguments(__doc__.splitlines()[0], dense=False).parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.model, args.run)
-    publish(markdown(args.model, result), f"promptnucseg_stain_{Path(args.model).name}",
-            f"PromptNucSeg under other stainings: {Path(args.model).name}", "benchmarks.promptnucseg_stain",
-            write=not args.no_docs)
-    print(f"({result['seconds']:.0f} s)")
+    publish_model_report(markdown(args.model, result), args.model, "PromptNucSeg under other stainings: {model}",
+                         "benchmarks.promptnucseg_stain", write=not args.no_docs, seconds=result["seconds"])
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 
 import karyo
-from benchmarks._report import publish
-from benchmarks.promptnucseg_density import dense_sample, report_arguments
+from benchmarks._report import publish_model_report
+from benchmarks.promptnucseg_density import dense_sample, floats, report_arguments
 from karyo.metrics.evaluate import ImagePair, evaluate
 from karyo.train.pack import training_samples, validation_samples
 from karyo.train.verifier import fit_verifier
 
 
-def _scores(model, samples: list) -> tuple[float, float, float]:
+def pq_aji_f1d(model, samples: list) -> tuple[float, float, float]:
+    """Mean PQ and AJI over ``samples`` and their pooled detection F1 (the cells of these reports)."""
     rep = evaluate([ImagePair(name=s.name, true_inst=s.instances, pred_inst=model.segment(s.image).instances)
                     for s in samples])
     return rep.instance["pq"], rep.instance["aji"], rep.detection.f1_d
@@ -58,13 +59,14 @@ def run(model_name: str, run_dir: Path, every: int, labels: list[float], levels:
     rows = []
     with torch.no_grad():
         model.config = replace(base, min_verified=None)
-        rows.append({"label": None, "min_verified": None, "val": _scores(model, val), "dense": _scores(model, dense)})
+        rows.append({"label": None, "min_verified": None, "val": pq_aji_f1d(model, val),
+                     "dense": pq_aji_f1d(model, dense)})
         for label in labels:
             verifier = fit_verifier(model, fit_on, log=lambda _: None, match_iou=label)
             for level in levels:
                 model.config = replace(base, verifier=verifier, min_verified=level)
-                rows.append({"label": label, "min_verified": level, "val": _scores(model, val),
-                             "dense": _scores(model, dense)})
+                rows.append({"label": label, "min_verified": level, "val": pq_aji_f1d(model, val),
+                             "dense": pq_aji_f1d(model, dense)})
     model.config = base
     own = {k: getattr(base, k) for k in ("score_threshold", "nms_radius_px", "mask_nms_overlap",
                                          "min_duplicate_probability", "refine_points", "mask_threshold")}
@@ -86,16 +88,14 @@ def markdown(model_name: str, r: dict) -> str:
 
 def main() -> None:
     ap = report_arguments(__doc__.splitlines()[0])
-    ap.add_argument("--labels", default="0.5,0.3,0.1", help="IoU thresholds that label a mask a nucleus")
-    ap.add_argument("--min-verified", default="0.3,0.4,0.5", help="verifier probability floors to score")
+    ap.add_argument("--labels", type=floats, default="0.5,0.3,0.1", help="IoU thresholds that label a mask a nucleus")
+    ap.add_argument("--min-verified", type=floats, default="0.3,0.4,0.5", help="verifier probability floors to score")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    parse = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
-    result = run(args.model, args.run, args.every, parse(args.labels), parse(args.min_verified))
-    publish(markdown(args.model, result), f"promptnucseg_verifier_{Path(args.model).name}",
-            f"PromptNucSeg mask verifier: which masks to call nuclei ({Path(args.model).name})",
-            "benchmarks.promptnucseg_verifier", write=not args.no_docs)
-    print(f"({result['seconds']:.0f} s)")
+    result = run(args.model, args.run, args.every, args.labels, args.min_verified)
+    publish_model_report(markdown(args.model, result), args.model,
+                         "PromptNucSeg mask verifier: which masks to call nuclei ({model})",
+                         "benchmarks.promptnucseg_verifier", write=not args.no_docs, seconds=result["seconds"])
 
 
 if __name__ == "__main__":
