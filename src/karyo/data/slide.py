@@ -206,13 +206,14 @@ def _level0_location(v: int, ds: float) -> int:
 
 
 def _ome_mpp(slide) -> float | None:
-    """OME-XML PhysicalSizeX, which tiffslide does not read for every OME layout."""
+    """OME-XML PhysicalSizeX (already checked for plausibility), which tiffslide does not read for every OME
+    layout."""
     from karyo.data.io import _ome_channels_and_mpp
 
     tif = slide.ts_tifffile
     if not (tif.is_ome and tif.ome_metadata):
         return None
-    return plausible_mpp(_ome_channels_and_mpp(tif.ome_metadata)[1])
+    return _ome_channels_and_mpp(tif.ome_metadata)[1]
 
 
 # ------------------------------------------------------------------------------------------------ OpenSlide
