@@ -184,8 +184,7 @@ class AugmentConfig:
             raise ValueError("std values must be positive")
         if self.min_fragment_area < 0:
             raise ValueError(f"min_fragment_area must be ≥ 0, got {self.min_fragment_area}")
-        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= 1 <= self.scale_range[1]:
-            raise ValueError(f"scale_range must be (low ≤ 1, high ≥ 1) with low > 0, got {self.scale_range}")
+        _checked_scale_range(self.scale_range)
         lo, hi = self.min_max_height
         if not 1 <= lo <= hi:
             raise ValueError(f"sized_crop_min_max_height must satisfy 1 ≤ min ≤ max, got {(lo, hi)}")
@@ -311,6 +310,12 @@ class ThreePointAffine(_Remap):
         return ("alpha_affine", "interpolation", "border_mode")
 
 
+def _checked_scale_range(scale_range: tuple[float, float]) -> tuple[float, float]:
+    if len(scale_range) != 2 or not 0 < scale_range[0] <= 1 <= scale_range[1]:
+        raise ValueError(f"scale_range must be (low ≤ 1, high ≥ 1) with low > 0, got {scale_range}")
+    return float(scale_range[0]), float(scale_range[1])
+
+
 class CentreZoom(_Remap):
     """Zoom about the image centre by a factor drawn from U(low, 1) or U(1, high), each half of the time, so that
     shrinking and enlarging are equally likely whatever the range (karyo's ``p_scale``, not in Table S1)."""
@@ -318,10 +323,7 @@ class CentreZoom(_Remap):
     def __init__(self, scale_range: tuple[float, float] = (0.75, 1.33), interpolation: int = cv2.INTER_LINEAR,
                  border_mode: int = cv2.BORDER_REFLECT_101, p: float = 0.5):
         super().__init__(interpolation=interpolation, border_mode=border_mode, p=p)
-        low, high = scale_range
-        if not 0 < low <= 1 <= high:
-            raise ValueError(f"scale_range must be (low ≤ 1, high ≥ 1) with low > 0, got {scale_range}")
-        self.scale_range = (float(low), float(high))
+        self.scale_range = _checked_scale_range(scale_range)
 
     def inverse_affine(self, h: int, w: int) -> np.ndarray:
         low, high = self.scale_range
