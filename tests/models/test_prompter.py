@@ -151,6 +151,24 @@ def test_hungarian_more_gt_than_anchors_and_vice_versa():
     assert a.numel() == 0 and g.numel() == 0
 
 
+def test_hungarian_one_to_many_keeps_near_anchors_and_the_cheapest():
+    anchors = anchor_points(32, 32, 8)  # 4×4 anchors at 4, 12, 20, 28
+    gt, cls = torch.tensor([[12.0, 12.0], [28.0, 28.0]]), torch.tensor([1, 1])
+    a, g = hungarian_match(anchors, torch.zeros(16, 2), gt, cls)
+    assert a.tolist() == [5, 15] and g.tolist() == [0, 1]
+    # three per nucleus: the anchor on each and two 8 px neighbours (ties broken by the solver)
+    a, g = hungarian_match(anchors, torch.zeros(16, 2), gt, cls, per_nucleus=3)
+    assert g.tolist().count(0) == 3 and g.tolist().count(1) == 3 and {5, 15} <= set(a.tolist())
+    assert torch.all(torch.linalg.norm(anchors[a] - gt[g], dim=1) <= 8.0)
+    # five per nucleus: nucleus 0 has four 8 px neighbours; the corner nucleus only two (farther ones dropped)
+    a, g = hungarian_match(anchors, torch.zeros(16, 2), gt, cls, per_nucleus=5)
+    assert sorted(a[g == 0].tolist()) == [1, 4, 5, 6, 9] and sorted(a[g == 1].tolist()) == [11, 14, 15]
+    # a lone far anchor is still the cheapest for its nucleus, so it is kept
+    a, g = hungarian_match(torch.tensor([[0.0, 0.0], [40.0, 0.0]]), torch.zeros(2, 2), torch.tensor([[20.0, 0.0]]),
+                           torch.tensor([1]), per_nucleus=2)
+    assert a.numel() == 1 and g.tolist() == [0]
+
+
 def test_hungarian_alpha_trades_distance_against_class_probability():
     points = torch.tensor([[1.0, 0.0], [5.0, 0.0]])  # 1 px and 5 px from the GT at the origin
     logits = logits_from_probs([[0.8, 0.1, 0.1], [0.05, 0.9, 0.05]])  # near anchor: p(class 1) = 0.1; far: 0.9
@@ -223,6 +241,17 @@ def test_loss_background_weight_and_regression_units():
     out2 = prompter_loss({"points": points, "logits": logits}, [{"points": gt, "classes": torch.tensor([1, 2])}],
                          PrompterConfig(**TINY, num_classes=2, class_names={1: "a", 2: "b"}, beta=1.0))
     assert out2["cls"].item() == pytest.approx((-math.log(0.5) - math.log(0.3) - math.log(0.7)) / 3, rel=1e-5)
+    # one-to-many: the anchor at (50, 50) is 47 px from both nuclei, beyond λ, so it stays background
+    many = PrompterConfig(**TINY, num_classes=2, class_names={1: "a", 2: "b"}, beta=beta, matches_per_nucleus=3)
+    out3 = prompter_loss({"points": points, "logits": logits}, [{"points": gt, "classes": torch.tensor([1, 2])}], many)
+    assert out3["n_matched"] == 2 and out3["cls"].item() == pytest.approx(expected_cls, rel=1e-5)
+    near = torch.tensor([[[0.0, 0.0], [5.0, 4.0], [100.0, 0.0], [60.0, 60.0]]])  # anchor 1 now 2 px from nucleus 0
+    four = logits_from_probs([[*probs, [0.7, 0.2, 0.1]]])
+    out4 = prompter_loss({"points": near, "logits": four}, [{"points": gt, "classes": torch.tensor([1, 2])}], many)
+    assert out4["n_matched"] == 3
+    assert out4["reg"].item() == pytest.approx((25.0 + 4.0 + 1.0) / 3)
+    ce4 = -math.log(0.5) - math.log(0.2) - math.log(0.3) + beta * -math.log(0.7)
+    assert out4["cls"].item() == pytest.approx(ce4 / (3 + beta), rel=1e-5)
 
 
 def test_mask_head_trains_only_in_training_mode_and_adds_its_weighted_loss():

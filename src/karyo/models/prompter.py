@@ -56,6 +56,8 @@ class PrompterConfig:
     (:mod:`karyo.models.adapter`) mapping N input channels onto ``in_chans`` before the backbone; the input is then
     normalised with the adapter's statistics. ``mask_loss_weight`` > 0 adds the released prompter's auxiliary
     nucleus-mask head and its loss with this weight (dense supervision for the encoder).
+    ``matches_per_nucleus`` k > 1 (a karyo addition; 1 is PromptNucSeg's one-to-one matching) lets up to k
+    anchors learn each nucleus in training (:func:`hungarian_match`); decoding's point NMS then keeps one.
     """
 
     backbone: str = "atto"
@@ -81,6 +83,7 @@ class PrompterConfig:
     drop_path_rate: float = 0.0
     adapter: AdapterConfig | None = None
     mask_loss_weight: float = 0.0
+    matches_per_nucleus: int = 1
 
     def __post_init__(self) -> None:
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
@@ -118,6 +121,8 @@ class PrompterConfig:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.mask_loss_weight < 0:
             problems.append(f"mask_loss_weight must be >= 0, got {self.mask_loss_weight}")
+        if self.matches_per_nucleus < 1:
+            problems.append(f"matches_per_nucleus must be >= 1, got {self.matches_per_nucleus}")
         if self.beta <= 0 or self.alpha < 0 or self.gamma < 0:
             problems.append(f"need beta > 0, alpha >= 0, gamma >= 0; got {self.beta}, {self.alpha}, {self.gamma}")
         if problems:
@@ -285,13 +290,19 @@ def _matched_probability(probs: torch.Tensor, gt_classes: torch.Tensor) -> torch
 
 @torch.no_grad()
 def hungarian_match(points: torch.Tensor, logits: torch.Tensor, gt_points: torch.Tensor,
-                    gt_classes: torch.Tensor, alpha: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+                    gt_classes: torch.Tensor, alpha: float = 0.1, per_nucleus: int = 1,
+                    extra_radius: float = 8.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One-to-one assignment of the A anchors of one image to its G ground-truth points (P2PNet's matching).
 
     Cost ``C[i, j] = α·‖p̂_i − p_j‖₂ − ĉ_i(class_j)`` with ĉ the softmax probability; a GT of class 0
     ("nucleus of unknown class") uses the foreground probability 1 − p_bg. Solved exactly with
     :func:`scipy.optimize.linear_sum_assignment`; min(A, G) pairs are returned as (anchor_idx, gt_idx)
     long tensors on the inputs' device, sorted by anchor index.
+
+    ``per_nucleus`` k > 1 (karyo's one-to-many variant, the repeated-target matching of hybrid-matching DETRs):
+    every GT column is repeated k times, so each nucleus gets up to k distinct anchors. Each nucleus keeps its
+    cheapest anchor; its other anchors only while their predicted point lies within ``extra_radius`` px of it
+    (a dense cluster has too few anchors nearby, and a far anchor would be taught a long jump).
     """
     _check_targets(gt_points, gt_classes, logits.shape[-1] - 1)
     device = points.device
@@ -299,9 +310,21 @@ def hungarian_match(points: torch.Tensor, logits: torch.Tensor, gt_points: torch
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty.clone()
     probs = logits.detach().float().softmax(-1)
-    cost = alpha * torch.cdist(points.detach().float(), gt_points.to(points.device).float()) \
-        - _matched_probability(probs, gt_classes.to(device))
-    rows, cols = linear_sum_assignment(cost.cpu().double().numpy())
+    distance = torch.cdist(points.detach().float(), gt_points.to(points.device).float())
+    cost = (alpha * distance - _matched_probability(probs, gt_classes.to(device))).cpu().double().numpy()
+    g = cost.shape[1]
+    k = max(1, min(int(per_nucleus), cost.shape[0] // g))
+    rows, cols = linear_sum_assignment(np.tile(cost, (1, k)) if k > 1 else cost)
+    if k > 1:
+        cols = cols % g
+        order = np.lexsort((cost[rows, cols], cols))  # by GT, cheapest first
+        rows, cols = rows[order], cols[order]
+        cheapest = np.r_[True, cols[1:] != cols[:-1]]
+        near = distance.cpu().numpy()[rows, cols] <= extra_radius
+        keep = cheapest | near
+        rows, cols = rows[keep], cols[keep]
+        by_anchor = np.argsort(rows)
+        rows, cols = rows[by_anchor], cols[by_anchor]
     return (torch.as_tensor(rows, dtype=torch.long, device=device),
             torch.as_tensor(cols, dtype=torch.long, device=device))
 
@@ -331,7 +354,8 @@ def prompter_loss(outputs: dict[str, torch.Tensor], targets: list[dict[str, torc
     for i, target in enumerate(targets):
         gt_points = target["points"].to(points.device, points.dtype)
         gt_classes = target["classes"].to(logits.device, torch.long)
-        anchor_idx, gt_idx = hungarian_match(points[i], logits[i], gt_points, gt_classes, cfg.alpha)
+        anchor_idx, gt_idx = hungarian_match(points[i], logits[i], gt_points, gt_classes, cfg.alpha,
+                                             cfg.matches_per_nucleus, float(cfg.anchor_stride))
         cls = gt_classes[gt_idx]
         target_cls[i, anchor_idx] = cls
         unknown[i, anchor_idx] = cls == 0
