@@ -31,8 +31,16 @@ import torch
 
 import karyo
 from benchmarks._report import publish_model_report
-from karyo.metrics.detection import CoordinatePairing, instance_points, labels_at, pair_coordinates
+from karyo.data.sample import Sample, SampleSequence
+from karyo.metrics.detection import (
+    CoordinatePairing,
+    InstancePoints,
+    instance_points,
+    labels_at,
+    pair_coordinates,
+)
 from karyo.metrics.evaluate import ImagePair, evaluate
+from karyo.models.promptnucseg import PreparedImage
 from karyo.train.api import read_config_file
 from karyo.train.data import DataSpec, load_specs, source_group
 
@@ -71,13 +79,32 @@ def prompts(condition: str, pts: np.ndarray, cls: np.ndarray, score: np.ndarray,
     raise ValueError(f"unknown condition {condition!r}")
 
 
-def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
-    cfg = read_config_file(val_config)
+def config_split(config: Path) -> tuple[SampleSequence, list[int], list[int]]:
+    """A run config's data, and the indices of its training images and of its validation images (``val_ids``)."""
+    cfg = read_config_file(config)
     if not cfg.get("val_ids"):
-        raise SystemExit(f"{val_config}: no val_ids (the validation images to diagnose on)")
+        raise SystemExit(f"{config}: no val_ids (the validation images)")
     samples = load_specs([DataSpec.parse(s) for s in cfg["data"]])
-    keep = set(cfg["val_ids"])
-    index = [i for i, n in enumerate(samples.ids) if n in keep][:limit]
+    held = set(cfg["val_ids"])
+    return (samples, [i for i, n in enumerate(samples.ids) if n not in held],
+            [i for i, n in enumerate(samples.ids) if n in held])
+
+
+def detect_with_truth(model, sample: Sample) -> tuple[PreparedImage, np.ndarray, np.ndarray, np.ndarray,
+                                                     InstancePoints, np.ndarray]:
+    """(prepared image, points, classes, scores) as ``segment`` detects them at the model's settings, and the
+    annotated nuclei's centroids, also in model pixels."""
+    mc = model.config
+    with torch.no_grad():
+        prep = model.prepare(sample.image, mpp=sample.mpp, name=sample.name)
+    pts, cls, score = model.detect(prep, mc.score_threshold, mc.nms_radius_px)
+    truth = instance_points(sample.instances)
+    return prep, pts, cls, score, truth, truth.xy * prep.scale
+
+
+def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
+    samples, _, index = config_split(val_config)
+    index = index[:limit]
     model = karyo.load(model_name)
     mc = model.config
     pairs: dict[str, list[ImagePair]] = {c: [] for c in CONDITIONS}
@@ -86,11 +113,8 @@ def run(model_name: str, val_config: Path, limit: int | None = None) -> dict:
     t0 = time.perf_counter()
     for i in index:
         sample = samples[i]
+        prep, pts, cls, score, truth, gt_xy = detect_with_truth(model, sample)
         with torch.no_grad():
-            prep = model.prepare(sample.image, mpp=sample.mpp, name=sample.name)
-            pts, cls, score = model.detect(prep, mc.score_threshold, mc.nms_radius_px)
-            truth = instance_points(sample.instances)
-            gt_xy = truth.xy * prep.scale
             pairing = pair_coordinates(gt_xy, pts)
             offsets.append(np.linalg.norm(pts[pairing.paired[:, 1]] - gt_xy[pairing.paired[:, 0]], axis=1))
             src = sources.setdefault(source_group(sample.name), {"images": 0, "pq_gain": 0.0,

@@ -22,37 +22,26 @@ import torch
 
 import karyo
 from benchmarks._report import publish_model_report
-from karyo.metrics.detection import instance_points, pair_coordinates
-from karyo.train.api import read_config_file
-from karyo.train.data import DataSpec, load_specs
+from benchmarks.promptnucseg_error_budget import config_split, detect_with_truth
+from karyo.data.sample import SampleSequence
+from karyo.metrics.detection import pair_coordinates
 
 RADII = (6.0, 12.0)
 AREA_EDGES = (0, 100, 200, 400, np.inf)  # model pixels² (0.25 µm/px: 100 px² ≈ 6.25 µm²)
 
 
-def split_indices(config: Path, every: int) -> tuple[object, dict[str, list[int]]]:
-    cfg = read_config_file(config)
-    if not cfg.get("val_ids"):
-        raise SystemExit(f"{config}: no val_ids (the validation images)")
-    samples = load_specs([DataSpec.parse(s) for s in cfg["data"]])
-    held = set(cfg["val_ids"])
-    train = [i for i, n in enumerate(samples.ids) if n not in held][::every]
-    val = [i for i, n in enumerate(samples.ids) if n in held]
-    return samples, {"training": train, "validation": val}
+def split_indices(config: Path, every: int) -> tuple[SampleSequence, dict[str, list[int]]]:
+    samples, train, val = config_split(config)
+    return samples, {"training": train[::every], "validation": val}
 
 
 def detection_counts(model, samples, index: list[int]) -> dict:
     """Pooled TP/FP/FN per radius, and per nucleus (12 px): its area and class and whether a point paired with it."""
-    mc = model.config
     counts = {r: np.zeros(3, np.int64) for r in RADII}
     areas, classes, found = [], [], []
     for i in index:
         sample = samples[i]
-        with torch.no_grad():
-            prep = model.prepare(sample.image, mpp=sample.mpp, name=sample.name)
-        pts, _, _ = model.detect(prep, mc.score_threshold, mc.nms_radius_px)
-        truth = instance_points(sample.instances)
-        gt_xy = truth.xy * prep.scale
+        prep, pts, _, _, truth, gt_xy = detect_with_truth(model, sample)
         for r in RADII:
             pairing = pair_coordinates(gt_xy, pts, r)
             counts[r] += (len(pairing.paired), len(pairing.unpaired_b), len(pairing.unpaired_a))
