@@ -42,11 +42,11 @@ def detection_counts(model, samples, index: list[int]) -> dict:
     for i in index:
         sample = samples[i]
         prep, pts, _, _, truth, gt_xy = detect_with_truth(model, sample)
-        for r in RADII:
-            pairing = pair_coordinates(gt_xy, pts, r)
+        pairings = {r: pair_coordinates(gt_xy, pts, r) for r in RADII}
+        for r, pairing in pairings.items():
             counts[r] += (len(pairing.paired), len(pairing.unpaired_b), len(pairing.unpaired_a))
         hit = np.zeros(len(truth.ids), bool)
-        hit[pair_coordinates(gt_xy, pts, RADII[-1]).paired[:, 0]] = True
+        hit[pairings[RADII[-1]].paired[:, 0]] = True
         area = np.bincount(sample.instances.ravel(), minlength=int(truth.ids.max(initial=0)) + 1)[truth.ids]
         areas.append(area * prep.scale ** 2)
         known = sample.classes or {}
