@@ -133,6 +133,15 @@ def test_group_split_holds_out_whole_source_images():
     assert group_split(names, 0.2, seed=1) == (tr, va)
 
 
+def test_group_split_keeps_equal_names_from_two_datasets_together():
+    # NuCLS' whole image "train_2" and CoNSeP image 2's patches share a group name: they go to one side.
+    names = [f"train_{t}_{k:03d}" for t in range(6) for k in range(4)] + ["train_2", "00000068"]
+    for seed in range(8):
+        tr, va = group_split(names, 0.3, seed=seed)
+        side = va if names.index("train_2") in va else tr
+        assert {names.index(f"train_2_{k:03d}") for k in range(4)} <= set(side)
+
+
 def test_data_spec_parsing():
     assert str(DataSpec.parse("data/consep:train")) == "data/consep:train"
     s = DataSpec.parse("x/y:test@1=3,2=0")

@@ -101,7 +101,11 @@ def load_specs(specs: Sequence[DataSpec | str], class_names: dict[int, str] | No
 
 def source_group(name: str) -> str:
     """The source image a patch was cut from: ``train_12_003`` → ``train_12`` (CoNSeP's naming); names without
-    a numeric patch suffix are their own group."""
+    a numeric patch suffix are their own group.
+
+    Groups are not qualified by dataset, so equal names from two datasets share a group (NuCLS ``train_2`` and
+    CoNSeP's ``train_2_*`` patches). That only holds them out together and never lets a source image straddle
+    the split; qualifying them would redraw the split of every config that relies on ``val_fraction``."""
     m = re.fullmatch(r"(.+)_\d+", name)
     return m.group(1) if m and re.search(r"_\d+$", m.group(1)) else name
 
