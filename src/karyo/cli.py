@@ -1,14 +1,16 @@
 """The ``karyo`` command line: a thin shell over the Python API (parse, call, write, report).
 
 Every command has a Python twin: ``karyo segment`` is ``karyo.load(...).segment(image)`` followed by
-``karyo.export.writers.save_result``; ``karyo evaluate`` is ``karyo.metrics.evaluate.evaluate``.
+``karyo.export.writers.save_result``; ``karyo evaluate`` is ``karyo.metrics.folders.evaluate_folders``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -59,6 +61,20 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print karyo's version and exit.")] = False,
+) -> None:
+    """karyo: nucleus analysis for histology images."""
+
+
 def _expand_images(paths: list[Path]) -> list[Path]:
     from karyo.data.io import list_images
     from karyo.errors import InputError
@@ -77,6 +93,51 @@ def _expand_images(paths: list[Path]) -> list[Path]:
     return files
 
 
+def _unique_stems(files: list[Path]) -> dict[Path, str]:
+    """Each file's output name; two files that would write the same outputs are an error, before any work."""
+    from karyo.data.io import image_stem
+    from karyo.errors import InputError
+
+    stems: dict[Path, str] = {}
+    seen: dict[str, Path] = {}
+    for path in files:
+        stem = image_stem(path)
+        if stem in seen and seen[stem].resolve() != path.resolve():
+            raise InputError(path, f"its outputs would overwrite those of {seen[stem]} (both are named {stem!r}); "
+                                   f"rename one or run them into different --out folders")
+        seen.setdefault(stem, path)
+        stems[path] = stem
+    return stems
+
+
+@contextlib.contextmanager
+def _errors_name_file(path: Path, stem: str):
+    """Models name an image by the stem they were given; the user knows it by its file (errors and warnings)."""
+    from karyo.errors import InputError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        except InputError as exc:
+            if exc.source != stem:
+                raise
+            raise InputError(path, exc.problem) from None
+    for w in caught:
+        message = str(w.message)
+        if message.startswith(f"{stem}: "):
+            message = f"{path}: {message[len(stem) + 2:]}"
+        warnings.warn(message, w.category, stacklevel=1)
+
+
+def _check_out_folder(out: Path) -> None:
+    """Refuse an --out that is a file before any work is done (not after the first image's inference)."""
+    from karyo.errors import InputError
+
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "--out must be a folder, and this is a file")
+
+
 def _read_points(path: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """CSV with columns x,y and optional label (1 = nucleus, 0 = negative)."""
     import pandas as pd
@@ -89,9 +150,20 @@ def _read_points(path: Path) -> tuple[list[tuple[float, float]], list[tuple[floa
         raise InputError(path, f"cannot read points CSV ({exc})") from None
     if not {"x", "y"} <= set(table.columns):
         raise InputError(path, f"points CSV needs columns x,y (and optionally label); got {list(table.columns)}")
+    if table.empty:
+        raise InputError(path, "points CSV has a header but no points")
     if not (pd.api.types.is_numeric_dtype(table["x"]) and pd.api.types.is_numeric_dtype(table["y"])):
         raise InputError(path, "points CSV columns x and y must be numbers")
+    missing = table[["x", "y"]].isna().any(axis=1).to_numpy()
+    if missing.any():
+        raise InputError(path, f"points CSV row {int(missing.argmax()) + 1} lacks x or y")
     label = table["label"] if "label" in table.columns else pd.Series(1, index=table.index)
+    odd = ~label.isin([0, 1]).to_numpy()
+    if odd.any():
+        value = label.iloc[int(odd.argmax())]
+        value = value.item() if hasattr(value, "item") else value
+        raise InputError(path, f"points CSV row {int(odd.argmax()) + 1}: label must be 1 (nucleus) or 0 (not a "
+                               f"nucleus), got {value!r}")
     pos = [(float(x), float(y)) for x, y, lab in zip(table.x, table.y, label, strict=True) if int(lab) == 1]
     neg = [(float(x), float(y)) for x, y, lab in zip(table.x, table.y, label, strict=True) if int(lab) == 0]
     return pos, neg
@@ -104,7 +176,9 @@ def segment(
     model: Annotated[str, typer.Option(help="Model name (see `karyo models`) or model folder.")] = "default",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("karyo_out"),
     sample: Annotated[bool, typer.Option("--sample", help="Run on the bundled sample H&E tile.")] = False,
-    points: Annotated[Path | None, typer.Option(help="CSV of x,y[,label] prompts: segment only these nuclei.")
+    points: Annotated[Path | None, typer.Option(help="CSV of x,y[,label] prompts: segment only these nuclei "
+                                                     "(each one's point_index in the table: the 0-based index of "
+                                                     "its point among the label-1 rows).")
                       ] = None,
     mpp: Annotated[float | None, typer.Option(help="Microns per pixel of the images (rescaled to the "
                                                    "model's resolution). Default: what each file states (OME, "
@@ -118,12 +192,15 @@ def segment(
     channels: Annotated[str | None, typer.Option(help="Channels to use, in this order: names from the OME-TIFF "
                                                       "metadata or 0-based indices, e.g. DAPI,CD45 or 0,2.")
                         ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the networks (default: torch's, one per "
+                                                     "core).", min=1)] = None,
 ) -> None:
     """Find, outline and classify the nuclei of each image; write instance maps, class tables, overlays
     and QuPath GeoJSON into OUT (``--task semantic``: class maps, overlays and per-class areas)."""
     from karyo.data.io import read_image_meta
     from karyo.errors import InputError
     from karyo.export.writers import ALL_OUTPUTS, save_result
+    from karyo.infer.prepare import check_mpp, check_points
     from karyo.models import load
     from karyo.samples import sample_path
 
@@ -133,6 +210,9 @@ def segment(
     if not paths:
         raise InputError(None, "no image given (pass image paths, a folder, or --sample)")
     files = _expand_images(paths)
+    stems = _unique_stems(files)
+    _check_out_folder(out)
+    check_mpp(mpp, "--mpp")
     kinds = [k.strip() for k in outputs.split(",") if k.strip()]
     bad = sorted(set(kinds) - set(ALL_OUTPUTS))
     if bad:
@@ -144,13 +224,18 @@ def segment(
         raise InputError(None, f"--task must be 'instance' or 'semantic', got {task!r}")
     if task == "semantic" and points is not None:
         raise InputError(points, "--points applies to --task instance only")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     net = load(model, device=device)
     if task == "semantic" and not hasattr(net, "segment_semantic"):
         raise InputError(None, f"model {model!r} ({net.arch}) has no semantic output; use a MONCH or U-Net model")
     total = 0
     stated: dict[str, float] = {}  # file → the mpp it states, where that (not --mpp) was used
     unknown = 0  # files whose resolution nobody states: taken to be the model's
-    with progress_bar() as bar:
+    with progress_bar() as bar, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
         bar_task = bar.add_task("segmenting", total=len(files))
         for path in files:
             image, meta = read_image_meta(path)
@@ -158,7 +243,7 @@ def segment(
                 stated[path.name] = meta["mpp"]
             elif mpp is None:
                 unknown += 1
-            stem = path.name.split(".")[0]
+            stem = stems[path]
             names = meta.get("channel_names")
             if channels:
                 from karyo.infer.prepare import select_channels
@@ -169,14 +254,24 @@ def segment(
             if task == "semantic":
                 from karyo.export.semantic import save_semantic
 
-                save_semantic(net.segment_semantic(image, mpp=mpp or meta.get("mpp"), name=stem, **named), out,
-                              image, stem=stem)
+                with _errors_name_file(path, stem):
+                    semantic = net.segment_semantic(image, mpp=mpp or meta.get("mpp"), name=stem, **named)
+                save_semantic(semantic, out, image, stem=stem)
             else:
-                result = net.segment(image, points=pos, negative=neg, mpp=mpp or meta.get("mpp"), name=stem,
-                                     **named)
+                if points is not None:  # errors name the CSV, not the image
+                    check_points(pos, image.shape, points)
+                    check_points(neg, image.shape, points, "negative point")
+                with _errors_name_file(path, stem):
+                    result = net.segment(image, points=pos, negative=neg, mpp=mpp or meta.get("mpp"), name=stem,
+                                         **named)
                 save_result(result, out, image, stem=stem, outputs=kinds)
                 total += result.n_nuclei
             bar.advance(bar_task)
+    notes = list(dict.fromkeys(str(w.message) for w in caught))  # once each, as notes, not source lines
+    for message in notes[:5]:
+        console.print(f"note: {message}", highlight=False, soft_wrap=True)
+    if len(notes) > 5:
+        console.print(f"note: ... and {len(notes) - 5} more", highlight=False)
     if stated:
         listed = ", ".join(f"{name} {value:.3g}" for name, value in list(stated.items())[:3])
         console.print(f"µm per pixel as the files state it ({listed}{', ...' if len(stated) > 3 else ''}); "
@@ -211,7 +306,8 @@ def evaluate(
     split: Annotated[str | None, typer.Option(help="Evaluate only this split of the ground truth.")] = None,
     out: Annotated[Path | None, typer.Option(help="Report JSON (default: PRED/evaluation.json); the per-image "
                                                   "table goes beside it as .csv.")] = None,
-    missing: Annotated[str, typer.Option(help="error | empty: what to do with images that have no prediction.")
+    missing: Annotated[str, typer.Option(help="error | empty | skip: what to do with ground-truth images that have "
+                                              "no prediction (refuse, score as empty, leave out).")
                        ] = "error",
 ) -> None:
     """Score predictions against ground truth: PQ/DQ/SQ, AJI, AJI+, Dice, F1 at IoU thresholds, F1d/F1c,
@@ -224,8 +320,8 @@ def evaluate(
     from karyo.errors import InputError
     from karyo.metrics.folders import evaluate_folders
 
-    if missing not in ("error", "empty"):
-        raise InputError(None, f"--missing must be 'error' or 'empty', got {missing!r}")
+    if missing not in ("error", "empty", "skip"):
+        raise InputError(None, f"--missing must be 'error', 'empty' or 'skip', got {missing!r}")
     with progress_bar() as bar:
         task = bar.add_task("evaluating", total=None)
         report = evaluate_folders(true, pred, split=split, missing=missing,
@@ -285,6 +381,7 @@ def attributes_cmd(
     from karyo.attributes.pipeline import attributes_for_dataset, attributes_for_image
     from karyo.errors import InputError
 
+    _check_out_folder(out)
     attrs = [a.strip() for a in prompt_attributes.split(",") if a.strip()]
     if level_mode not in ("global", "per_class"):
         raise InputError(None, f"--level-mode must be 'global' or 'per_class', got {level_mode!r}")
@@ -496,13 +593,16 @@ def query_cmd(
 ) -> None:
     """Rank the nuclei of IMAGE by similarity to free TEXT (IVAAN instance–text embeddings); write an overlay
     highlighting the top matches and a ranked CSV."""
-    from karyo.data.io import read_image_meta, write_image
+    from karyo.data.io import image_stem, read_image_meta, write_image
     from karyo.export.overlay import draw_overlay
     from karyo.export.writers import write_table_csv
+    from karyo.infer.prepare import check_mpp
 
+    _check_out_folder(out)
+    check_mpp(mpp, "--mpp")
     net = _load_ivaan(model, segmentor, device)
     img, meta = read_image_meta(image)
-    stem = image.name.split(".")[0]
+    stem = image_stem(image)
     result = net.segment(img, mpp=mpp or meta.get("mpp"), name=stem)
     ranked = net.query(result, text)
     top = ranked.head(max(0, top_k))
@@ -583,6 +683,7 @@ def wsi_cmd(
     tissue_mask.png, overlay.png and summary.json into OUT."""
     from karyo.infer.wsi import WSIOptions, run_wsi
 
+    _check_out_folder(out)
     result = run_wsi(slide, model, out, mpp=mpp, tile=tile, overlap=overlap, workers=workers, scheduler=scheduler,
                      resume=resume, progress=sys.stderr.isatty(), options=WSIOptions(device=device))
     n = result.summary["nuclei"]

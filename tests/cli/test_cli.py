@@ -90,6 +90,100 @@ def test_segment_points_csv(tmp_path):
     assert res.exit_code == 0, res.output
     inst = read_instances(tmp_path / "o" / "instances" / "he_breast_nucls.png")
     assert len(np.unique(inst)) - 1 == 3
+    # which point became which nucleus: the nucleus under each point carries that point's index
+    table = pd.read_csv(tmp_path / "o" / "tables" / "he_breast_nucls.csv")
+    for index, (x, y) in enumerate(pts[["x", "y"]].to_numpy()):
+        under = inst[round(y), round(x)]
+        assert table.loc[table.instance_id == under, "point_index"].item() == index
+
+
+def test_segment_names_outputs_by_their_whole_stem_and_refuses_collisions(tmp_path):
+    """``slide.A.png`` and ``slide.B.png`` must not both write ``slide.*``; two ``a.png`` from two folders into one
+    --out are refused before any work."""
+    from karyo.samples import sample_path
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("slide.A.png", "slide.B.png"):
+        (folder / name).write_bytes(sample_path().read_bytes())
+    res = runner.invoke(app, ["segment", str(folder), "--model", "classical", "--out", str(tmp_path / "o"),
+                              "--outputs", "instances,table"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "o" / "instances").iterdir()) == ["slide.A.png", "slide.B.png"]
+    for sub in ("x", "y"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "a.png").write_bytes(sample_path().read_bytes())
+    res = runner.invoke(app, ["segment", str(tmp_path / "x"), str(tmp_path / "y"), "--model", "classical",
+                              "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "would overwrite" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize(("points", "args", "message"), [
+    ("x,y\n-50,-50\n", [], "points.csv: point 1 (-50, -50) lies outside"),
+    ("x,y,label\n10,10,2\n", [], "label must be 1 (nucleus) or 0"),
+    ("x,y\n1,\n", [], "row 1 lacks x or y"),
+    ("x,y\n20,20\n20,20\n", [], "is given 2 times"),
+    ("x,y\n", [], "header but no points"),
+    (None, ["--mpp", "-0.5"], "--mpp: mpp -0.5 µm/px is outside the plausible range"),
+    (None, ["--mpp", "nan"], "outside the plausible range"),
+    (None, ["--device", "gpu"], "unknown device 'gpu'"),
+])
+def test_segment_refuses_bad_prompts_and_options_before_writing(tmp_path, points, args, message):
+    from karyo.samples import sample_path
+
+    extra = list(args)
+    if points is not None:
+        (tmp_path / "points.csv").write_text(points)
+        extra += ["--points", str(tmp_path / "points.csv")]
+    out = tmp_path / "o"
+    model = "default" if "--device" in args else "classical"  # the classical model runs on no torch device
+    res = runner.invoke(app, ["segment", str(sample_path()), "--model", model, "--out", str(out), *extra])
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split())
+    assert "Traceback" not in res.output
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_segment_notes_a_one_channel_image_by_its_file(tmp_path):
+    """A grayscale or fluorescence image given to the H&E model is read as gray H&E: say so, naming the file,
+    once, as a note (not a Python warning with a source line)."""
+    from PIL import Image
+
+    from karyo.samples import sample_path
+
+    Image.open(sample_path()).convert("L").save(tmp_path / "gray.png")
+    res = runner.invoke(app, ["segment", str(tmp_path / "gray.png"), "--out", str(tmp_path / "o"),
+                              "--outputs", "instances"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert f"note: {tmp_path / 'gray.png'}: one channel given to a model trained on RGB H&E" in text
+    assert "UserWarning" not in res.output
+
+
+def test_segment_out_must_be_a_folder(tmp_path):
+    from karyo.samples import sample_path
+
+    (tmp_path / "afile").write_text("")
+    res = runner.invoke(app, ["segment", str(sample_path()), "--out", str(tmp_path / "afile")])
+    assert res.exit_code == 2 and "--out must be a folder" in res.output
+
+
+def test_segment_without_nuclei_still_evaluates(tmp_path):
+    """A blank tile gives no nucleus; its (header-only) class CSV keeps ``karyo evaluate`` working on the folder."""
+    from karyo.samples import sample_path
+
+    truth = tmp_path / "truth"
+    sample = karyo.read_image(sample_path())
+    blank = np.full_like(sample, 255)
+    for name, img in (("tile", sample), ("blank", blank)):
+        write_layout_sample(truth, karyo.Sample(image=img, instances=np.zeros(img.shape[:2], np.int32), name=name))
+    res = runner.invoke(app, ["segment", str(truth / "images"), "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    blank_classes = pd.read_csv(tmp_path / "p" / "classes" / "blank.csv")
+    assert list(blank_classes.columns) == ["instance_id", "class_id"] and len(blank_classes) == 0
+    res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -138,6 +232,10 @@ def test_evaluate_missing_predictions_named(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((pred / "evaluation.json").read_text())
     assert report["instance"]["pq"] == pytest.approx((1 / (1 + 1e-6) + 0) / 2)
+    res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(pred), "--missing", "skip"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((pred / "evaluation.json").read_text())
+    assert report["n_images"] == 1 and report["instance"]["pq"] == pytest.approx(1 / (1 + 1e-6))
 
 
 def test_models_lists_default():

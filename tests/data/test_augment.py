@@ -338,6 +338,23 @@ def test_three_point_affine_identity_and_multichannel():
     np.testing.assert_array_equal(first3, moved["image"][..., :3])
 
 
+def test_prepare_image_reads_wide_integer_dtypes_by_their_values():
+    """An 8-bit image held as int64 (np.array(..., dtype=int), a nested list) must not turn black."""
+    rgb = np.array([[[0, 128, 255]]], np.uint8)
+    for dtype in (np.int16, np.int32, np.int64, np.uint32):
+        out = prepare_image(rgb.astype(dtype))
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(out, rgb)
+    wide = prepare_image(np.array([[[0, 1000, 65535]]], np.int64))
+    np.testing.assert_allclose(wide, [[[0.0, 1000 / 65535, 1.0]]])
+    # uint16 keeps its documented meaning: divided by 65535 even when the values are small
+    assert prepare_image(np.array([[[255]]], np.uint16)).dtype == np.float32
+    with pytest.raises(InputError, match=r"a\.png.*-1\.\.3"):
+        prepare_image(np.array([[[-1, 2, 3]]], np.int32), "a.png")
+    with pytest.raises(InputError, match="70000"):
+        prepare_image(np.array([[[0, 2, 70000]]], np.int64), "b.png")
+
+
 def test_prepare_image_and_config_round_trip():
     assert prepare_image(np.full((2, 2, 1), 65535, np.uint16)).max() == 1.0
     assert prepare_image(np.full((2, 2, 1), 7, np.uint8)).dtype == np.uint8

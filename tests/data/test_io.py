@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from karyo.data.io import read_image, read_image_meta, read_instances, write_image, write_instances
+from karyo.data.io import image_stem, read_image, read_image_meta, read_instances, write_image, write_instances
 from karyo.data.sample import Sample
 from karyo.errors import InputError
 
@@ -265,3 +265,11 @@ def test_png_and_jpeg_density_gives_mpp(tmp_path, he, suffix, dpi, expected):
     Image.fromarray(he[0]).save(tmp_path / f"x{suffix}", dpi=(dpi, dpi))
     _, meta = read_image_meta(tmp_path / f"x{suffix}")
     assert meta["mpp"] == (pytest.approx(expected, rel=1e-3) if expected else None)
+
+
+def test_image_stem_drops_only_the_image_suffix():
+    """Outputs are named by it: names that differ after a dot must stay apart."""
+    assert image_stem("d/slide.A.png") == "slide.A"
+    assert image_stem("slide.B.tif") == "slide.B"
+    assert image_stem("cells.ome.tif") == "cells" and image_stem("cells.OME.TIFF") == "cells"
+    assert image_stem("noext") == "noext"

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from karyo.data.datasets import open_dataset
-from karyo.data.layout import LayoutDataset, write_layout_sample
+from karyo.data.layout import LayoutDataset, read_class_csv, write_layout_sample
 from karyo.data.sample import Sample
 from karyo.errors import InputError
 
@@ -218,3 +218,17 @@ def test_class_zero_means_unclassified():
     s = Sample(np.zeros((8, 8, 3), np.uint8), inst, classes={1: 2, 2: 0}, class_names={1: "a", 2: "b"})
     assert s.classes == {1: 2}
     assert s.type_map()[6, 6] == 0 and s.type_map()[2, 2] == 2
+
+
+def test_class_csv_checked_to_cover_its_instance_map(tmp_path):
+    """``complete``: a class CSV that lists only some of the map's nuclei is another image's, not a partial one."""
+    instances = np.zeros((8, 8), np.int32)
+    instances[0:2, 0:2], instances[4:6, 4:6], instances[6:8, 0:2] = 1, 2, 3
+    path = tmp_path / "c.csv"
+    path.write_text("instance_id,class_id\n1,2\n2,0\n3,1\n")
+    assert read_class_csv(path, instances, complete=True) == {1: 2, 3: 1}  # class 0: listed, unclassified
+    path.write_text("instance_id,class_id\n1,2\n")
+    assert read_class_csv(path, instances) == {1: 2}  # datasets may leave nuclei unclassified
+    with pytest.raises(InputError, match=r"c\.csv: lists 1 instance\(s\) but the instance map holds 3; no row for "
+                                         r"id\(s\) \[2, 3\]"):
+        read_class_csv(path, instances, complete=True)

@@ -58,3 +58,27 @@ def test_table_values():
     assert t[["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]].iloc[1].tolist() == [16, 16, 28, 28]
     empty = SegmentationResult(np.zeros((4, 4), np.int32)).table()
     assert len(empty) == 0 and "centroid_x" in empty.columns
+
+
+def test_save_result_without_nuclei_and_over_an_earlier_run(tmp_path):
+    """A classifying model that finds nothing still writes a (header-only) class CSV, and a rerun into the same
+    folder leaves no earlier class CSV beside maps it does not describe (``karyo evaluate`` would pair them)."""
+    img = np.zeros((32, 32, 3), np.uint8)
+    save_result(_result(), tmp_path, img, stem="a")
+    assert len(pd.read_csv(tmp_path / "classes" / "a.csv")) == 2
+    nothing = SegmentationResult(np.zeros((32, 32), np.int32), class_names={1: "neoplastic", 2: "inflammatory"})
+    written = save_result(nothing, tmp_path, img, stem="a")
+    empty = pd.read_csv(written["classes"])
+    assert list(empty.columns) == ["instance_id", "class_id"] and len(empty) == 0
+    unclassified = SegmentationResult(_result().instances)  # e.g. a model without classes, rerun into `tmp_path`
+    written = save_result(unclassified, tmp_path, img, stem="a")
+    assert "classes" not in written and not (tmp_path / "classes" / "a.csv").exists()
+
+
+def test_result_save_mirrors_the_cli_and_repr_is_a_summary(tmp_path):
+    res = _result()
+    written = res.save(tmp_path, np.zeros((32, 32, 3), np.uint8))
+    assert set(written) == {"instances", "classes", "class_names", "table", "overlay", "geojson"}
+    assert written["instances"] == tmp_path / "instances" / "t.png"
+    assert set(res.save(tmp_path / "b", outputs=["instances"])) == {"instances"}
+    assert repr(res) == "<SegmentationResult 't': 2 nuclei in 32×32 px, {'inflammatory': 1, 'neoplastic': 1}, model ''>"

@@ -57,7 +57,7 @@ def test_points_segment_only_given_nuclei():
     res = ClassicalModel().segment(img, points=[(20, 20), (50, 70)])  # (x, y): nuclei 1 and 3
     assert res.n_nuclei == 2
     assert res.instances[20, 20] > 0 and res.instances[70, 50] > 0 and res.instances[20, 90] == 0
-    with pytest.raises(ValueError, match="inside"):
+    with pytest.raises(ValueError, match="outside the 128×128 image"):
         ClassicalModel().segment(img, points=[(500, 5)])
 
 

@@ -54,14 +54,14 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
     """Attributes, prompts and GeoJSON of one image. Without ``levels`` (a LevelModel or its JSON path) the
     levels are fitted on this image's own nuclei, so "large" means large within this image. Class names come
     from ``class_names`` or a ``classes.json`` beside the class CSV or one folder up (the dataset layout)."""
-    from karyo.data.io import read_image, read_instances
+    from karyo.data.io import image_stem, read_image, read_instances
     from karyo.data.layout import read_class_csv
 
     image_path = Path(image_path)
     out = Path(out)
     image = read_image(image_path)
     instances = read_instances(instances_path, image.shape[:2])
-    classes = read_class_csv(classes_path, instances) if classes_path is not None else None
+    classes = read_class_csv(classes_path, instances, complete=True) if classes_path is not None else None
     if classes is not None and class_names is None:
         class_names = _class_names_near(Path(classes_path))
     table = measure_nuclei(image, instances, classes, class_names=class_names, normalizer=normalizer,
@@ -71,7 +71,7 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
         table[PROMPT_COLUMN] = model.sentences(table).to_numpy()
     else:
         table[PROMPT_COLUMN] = pd.Series([""] * len(table), index=table.index, dtype=object)
-    stem = image_path.name.split(".")[0]
+    stem = image_stem(image_path)
     files = write_table(table, out / f"{stem}_attributes")
     if model is not None and levels is None:
         files.append(model.save(out / f"{stem}_levels.json"))

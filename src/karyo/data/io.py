@@ -305,6 +305,10 @@ def _caller_stacklevel() -> int:
 
 
 def _integer_to_supported(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Wide integer pixels (a 32-bit PNG, an int TIFF) by their values: 0..255 is 8-bit, as
+    :func:`karyo.data.augment.prepare_image` reads them (held as uint16 they would be taken for dark 16-bit)."""
+    if arr.size and arr.min() >= 0 and arr.max() <= 255:
+        return arr.astype(np.uint8)
     if arr.min() >= 0 and arr.max() <= 65535:
         return arr.astype(np.uint16)
     raise InputError(path, f"integer image values {arr.min()}..{arr.max()} do not fit 16 bits")
@@ -425,6 +429,18 @@ def write_instances(path: str | os.PathLike, instances: np.ndarray) -> Path:
             raise InputError(path, f"{instances.max()} instances do not fit a 16-bit PNG; write a .tif instead")
         return write_image(path, instances.astype(np.uint32))
     return write_image(path, instances.astype(np.uint16))
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """The name outputs are written under: the file name without its image suffix (``slide.A.png`` →
+    ``slide.A``, ``cells.ome.tif`` → ``cells``). Only the suffix goes, so names that differ after a dot keep
+    their outputs apart."""
+    name = Path(path).name
+    lower = name.lower()
+    for compound in (".ome.tiff", ".ome.tif", ".ome.btf"):
+        if lower.endswith(compound):
+            return name[:-len(compound)]
+    return Path(name).stem if Path(name).suffix else name
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -55,8 +55,12 @@ def read_class_names(path: str | os.PathLike) -> dict[int, str]:
 
 
 def read_class_csv(path: str | os.PathLike, instances: np.ndarray | None = None,
-                   class_names: dict[int, str] | None = None) -> dict[int, int]:
-    """Read a ``instance_id,class_id`` CSV, checked against the instance map and the known class ids."""
+                   class_names: dict[int, str] | None = None, *, complete: bool = False) -> dict[int, int]:
+    """Read a ``instance_id,class_id`` CSV, checked against the instance map and the known class ids.
+
+    ``complete``: every instance of ``instances`` must have a row (class 0 for unclassified). A CSV given by
+    hand beside an instance map is then checked to be that map's: another image's CSV would otherwise
+    classify some nuclei and silently leave the rest without a class."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "class file not found" + (" (classes.json exists, so every image needs one)"
@@ -80,6 +84,14 @@ def read_class_csv(path: str | os.PathLike, instances: np.ndarray | None = None,
     ids, counts = np.unique(table[:, 0], return_counts=True)
     if np.any(counts > 1):
         raise InputError(path, f"instance id(s) listed more than once: {ids[counts > 1][:10].tolist()}")
+    if complete and instances is not None:
+        present = np.unique(instances)
+        present = present[present > 0]
+        lacking = np.setdiff1d(present, ids)
+        if lacking.size:
+            raise InputError(path, f"lists {len(ids)} instance(s) but the instance map holds {len(present)}; no row "
+                                   f"for id(s) {lacking[:10].tolist()}{' ...' if lacking.size > 10 else ''} (is it "
+                                   f"this image's class CSV?)")
     classes = dict(zip(table[:, 0].tolist(), table[:, 1].tolist(), strict=True))
     return validate_classes(classes, instances, class_names, str(path))
 

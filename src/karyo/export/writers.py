@@ -47,11 +47,16 @@ def save_result(result: SegmentationResult, out_dir: str | os.PathLike, image: n
         raise ValueError(f"unknown output kind(s) {sorted(unknown)}; choose from {ALL_OUTPUTS}")
     written: dict[str, Path] = {}
     if "instances" in outputs:
-        suffix = ".png" if result.instances.max(initial=0) <= 65535 else ".tif"
+        suffix, other = (".png", ".tif") if result.instances.max(initial=0) <= 65535 else (".tif", ".png")
         written["instances"] = write_instances(out / "instances" / f"{stem}{suffix}", result.instances)
+        (out / "instances" / f"{stem}{other}").unlink(missing_ok=True)  # an earlier run's map under the other suffix
     table = result.table() if {"classes", "table"} & outputs else None
-    if "classes" in outputs and result.classes:
-        written["classes"] = write_table_csv(out / "classes" / f"{stem}.csv", table[["instance_id", "class_id"]])
+    if "classes" in outputs:
+        classes_csv = out / "classes" / f"{stem}.csv"
+        if result.classes or result.class_names:  # header-only when a classifying model finds no nucleus
+            written["classes"] = write_table_csv(classes_csv, table[["instance_id", "class_id"]])
+        else:  # an earlier run's classes must not be read as those of these instances
+            classes_csv.unlink(missing_ok=True)
         if result.class_names:
             names = {str(k): v for k, v in sorted(result.class_names.items())}
             written["class_names"] = write_text(out / "classes.json", json.dumps(names, indent=1) + "\n")

@@ -3,6 +3,9 @@ resampling to the model's pixel size and padding, shared by every learned model.
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,9 @@ def model_input(image: np.ndarray, in_chans: int, mean: Sequence[float], std: Se
         return _adapter_input(image, adapter, channel_names, source)
     image = as_hwc(image, source)
     if in_chans == 3 and image.shape[2] == 1:
+        warnings.warn(f"{source or 'image'}: one channel given to a model trained on RGB H&E; it is read as a gray "
+                      f"H&E image and many nuclei may be missed (fluorescence needs a model trained on it, e.g. "
+                      f"`karyo train` with a channel adapter)", stacklevel=3)
         image = np.repeat(image, 3, axis=2)
     elif in_chans == 3 and image.shape[2] == 4:
         image = image[..., :3]
@@ -86,14 +92,73 @@ def select_channels(image: np.ndarray, names: Sequence[str] | None, spec: str | 
     return sel, (tuple(str(names[i]) for i in picked) if names else None)
 
 
-def resample_to_model(x: torch.Tensor, mpp: float | None, model_mpp: float) -> tuple[torch.Tensor, float]:
+def check_points(points: Sequence[tuple[float, float]] | np.ndarray | None, shape: tuple[int, ...],
+                 source: str | os.PathLike | None = None, what: str = "point") -> np.ndarray | None:
+    """User prompts as an N×2 float array of (x, y) pixel indices, checked against an image of ``shape`` (H, W, ...).
+
+    A point off the image would still prompt a mask (a phantom nucleus at the border), and two identical points
+    on one nucleus make each the other's negative (the nucleus is cut in two), so both are errors naming
+    ``source``, as are non-finite coordinates."""
+    if points is None:
+        return None
+    xy = np.asarray(list(points) if not isinstance(points, np.ndarray) else points, dtype=np.float64)
+    if xy.size == 0:
+        return xy.reshape(0, 2)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise InputError(source, f"{what}s must be (x, y) pairs, got an array of shape {xy.shape}")
+    bad = ~np.isfinite(xy).all(1)
+    if bad.any():
+        raise InputError(source, f"{what} {int(np.argmax(bad)) + 1} has a missing or non-finite coordinate")
+    h, w = int(shape[0]), int(shape[1])
+    off = (xy[:, 0] < -0.5) | (xy[:, 0] > w - 0.5) | (xy[:, 1] < -0.5) | (xy[:, 1] > h - 0.5)
+    if off.any():
+        i = int(np.argmax(off))
+        raise InputError(source, f"{what} {i + 1} ({xy[i, 0]:g}, {xy[i, 1]:g}) lies outside the {w}×{h} image "
+                                 f"(x in 0..{w - 1}, y in 0..{h - 1})")
+    _, first, counts = np.unique(xy, axis=0, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        i = int(first[np.argmax(counts > 1)])
+        raise InputError(source, f"{what} ({xy[i, 0]:g}, {xy[i, 1]:g}) is given {int(counts[first == i][0])} times; "
+                                 f"give each nucleus one point")
+    return xy
+
+
+def check_mpp(mpp: float | None, source: str | os.PathLike | None = None) -> float | None:
+    """``mpp`` as a float, or None when unknown; a value outside :data:`karyo.data.io.MPP_RANGE` (negative,
+    zero, NaN, µm mistyped for mm) is an error naming ``source`` rather than silently ignored or obeyed."""
+    from karyo.data.io import MPP_RANGE
+
+    if mpp is None:
+        return None
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        raise InputError(source, f"mpp must be a number of µm per pixel, got {mpp!r}") from None
+    if not (math.isfinite(value) and MPP_RANGE[0] <= value <= MPP_RANGE[1]):
+        raise InputError(source, f"mpp {mpp!r} µm/px is outside the plausible range {MPP_RANGE[0]}–{MPP_RANGE[1]}")
+    return value
+
+
+#: The most pixels an image may have once resampled to a model's µm/px; larger ones belong to ``karyo wsi``.
+MAX_RESAMPLED_PIXELS = 10_000 * 10_000
+
+
+def resample_to_model(x: torch.Tensor, mpp: float | None, model_mpp: float, source: str | None = None
+                      ) -> tuple[torch.Tensor, float]:
     """Resample a 1×C×H×W input to the model's µm/px; returns it and the scale applied (1.0 when the pixel
-    sizes agree within :data:`MPP_TOLERANCE` or ``mpp`` is unknown)."""
-    if mpp is None or mpp <= 0:
+    sizes agree within :data:`MPP_TOLERANCE` or ``mpp`` is unknown). An ``mpp`` outside
+    :data:`karyo.data.io.MPP_RANGE` is refused rather than ignored or obeyed: a negative or mistyped value
+    (µm for mm) would otherwise give a silently wrong or an out-of-memory run."""
+    mpp = check_mpp(mpp, source)
+    if mpp is None:
         return x, 1.0
-    scale = float(mpp) / float(model_mpp)
+    scale = mpp / float(model_mpp)
     if abs(scale - 1.0) <= MPP_TOLERANCE:
         return x, 1.0
+    h, w = (round(n * scale) for n in x.shape[2:])
+    if h * w > MAX_RESAMPLED_PIXELS:
+        raise InputError(source, f"at {mpp:g} µm/px this {x.shape[3]}×{x.shape[2]} image becomes {w}×{h} pixels at "
+                                 f"the model's {model_mpp:g} µm/px; segment it with `karyo wsi`, which tiles it")
     return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=scale < 1), scale
 
 
@@ -111,10 +176,17 @@ def pad_input(x: torch.Tensor, multiple: int = 32, min_size: int = 0) -> torch.T
 def resize_instances(instances: np.ndarray, shape: tuple[int, int], *per_instance: dict[int, Any]
                      ) -> tuple[np.ndarray, ...]:
     """:func:`resize_labels` of an instance map, and each per-instance dict (classes, scores ...) without the
-    instances that vanished in the resize (small nuclei can)."""
+    instances that vanished in the resize (small nuclei can). Shrinking a map by nearest neighbour can cut a
+    thin neck of a nucleus, which would leave it in pieces (a MultiPolygon in QuPath): only each nucleus'
+    largest piece is kept."""
+    from karyo.infer.assemble import largest_piece
+
     if instances.shape == tuple(shape):
         return (instances, *per_instance)
+    shrinking = shape[0] < instances.shape[0] or shape[1] < instances.shape[1]
     instances = resize_labels(instances, shape)
+    if shrinking:
+        instances = largest_piece(instances)
     present = set(np.unique(instances).tolist())
     return (instances, *({k: v for k, v in d.items() if k in present} for d in per_instance))
 

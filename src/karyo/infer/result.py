@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,6 +36,25 @@ class SegmentationResult:
     @property
     def n_nuclei(self) -> int:
         return len(np.unique(self.instances)) - int((self.instances == 0).any())
+
+    def __repr__(self) -> str:  # the dataclass default prints every nucleus' class and score
+        h, w = self.instances.shape[:2]
+        counts: dict[str, int] = {}
+        for c in self.classes.values():
+            label = (self.class_names or {}).get(c, f"class {c}")
+            counts[label] = counts.get(label, 0) + 1
+        per_class = f", {dict(sorted(counts.items()))}" if counts else ""
+        named = f" {self.name!r}" if self.name else ""
+        return f"<SegmentationResult{named}: {self.n_nuclei} nuclei in {w}×{h} px{per_class}, model {self.model!r}>"
+
+    def save(self, out_dir: str | os.PathLike, image: np.ndarray | None = None, *, stem: str | None = None,
+             outputs: Iterable[str] | None = None) -> dict[str, Path]:
+        """Write what ``karyo segment`` writes (instance map, class CSV, table, overlay when ``image`` is given,
+        QuPath GeoJSON) into ``out_dir``; returns {output kind: path}. See
+        :func:`karyo.export.writers.save_result`."""
+        from karyo.export.writers import ALL_OUTPUTS, save_result
+
+        return save_result(self, out_dir, image, stem=stem, outputs=ALL_OUTPUTS if outputs is None else outputs)
 
     def table(self) -> pd.DataFrame:
         """One row per nucleus: id, centroid (x, y), area, bounding box, class and score."""
@@ -80,3 +102,21 @@ class SegmentationResult:
 _TABLE_COLUMNS = {"instance_id": "int64", "centroid_x": "float64", "centroid_y": "float64", "area": "int64",
                   "bbox_x0": "int64", "bbox_y0": "int64", "bbox_x1": "int64", "bbox_y1": "int64",
                   "class_id": "int64", "class_name": "object", "score": "float64"}
+
+
+def tag_prompted(result: SegmentationResult, points: np.ndarray | None) -> SegmentationResult:
+    """Give each nucleus under a prompt point the property ``point_index``: the 0-based index of the first of
+    ``points`` (x, y, the image's pixels) that lies on it, so a caller can tell which click became which
+    nucleus (instance ids are not the points' order: points whose mask fails are dropped). The table and the
+    GeoJSON carry it as a column / property. Returns ``result``, changed in place."""
+    if points is None or len(points) == 0:
+        return result
+    h, w = result.instances.shape[:2]
+    xy = np.clip(np.floor(np.asarray(points, np.float64) + 0.5), 0, [w - 1, h - 1]).astype(np.int64)
+    under = result.instances[xy[:, 1], xy[:, 0]]
+    props = {k: dict(v) for k, v in (result.properties or {}).items()}
+    for index, instance in enumerate(under.tolist()):
+        if instance > 0 and "point_index" not in props.get(instance, {}):
+            props.setdefault(instance, {})["point_index"] = index
+    result.properties = props or None
+    return result

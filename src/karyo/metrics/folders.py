@@ -31,8 +31,11 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
     """Pair every ground-truth image with ``PRED/instances/<id>.*`` (+ ``PRED/classes/<id>.csv``) and evaluate.
 
     ``missing="error"`` refuses a ground-truth image without a prediction; ``"empty"`` scores it as an
-    empty prediction (every nucleus missed). ``on_image(done, total)`` reports progress.
+    empty prediction (every nucleus missed); ``"skip"`` scores only the images that have one (a few images
+    segmented out of a dataset). ``on_image(done, total)`` reports progress.
     """
+    if missing not in ("error", "empty", "skip"):
+        raise InputError(None, f"missing must be 'error', 'empty' or 'skip', got {missing!r}")
     truth = open_dataset(true, format=true_format, split=split)
     pred_root = Path(pred)
     if not (pred_root / "instances").is_dir():
@@ -44,14 +47,18 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
     absent = [n for n in names if n not in pred_index]
     if absent and missing == "error":
         raise InputError(pred_root, f"no prediction for {len(absent)} of {len(names)} image(s), e.g. "
-                                    f"{absent[:3]} (use --missing empty to score them as empty)")
+                                    f"{absent[:3]} (use --missing empty to score them as empty, --missing skip "
+                                    f"to score only the predicted ones)")
+    if missing == "skip" and len(absent) == len(names):
+        raise InputError(pred_root, f"no prediction for any of the {len(names)} ground-truth image(s)")
+    scored = [i for i, n in enumerate(names) if missing != "skip" or n in pred_index]
     true_names = truth.class_names or {}
     if preds.class_names and true_names and preds.class_names != true_names:
         warnings.warn(f"class names differ: truth {true_names} vs prediction {preds.class_names}; "
                       "classes are compared by id", stacklevel=2)
 
     def pairs() -> Iterator[ImagePair]:
-        for i in range(len(truth)):
+        for done, i in enumerate(scored, start=1):
             t_inst, t_cls, name, tissue = _labels(truth, i)
             if t_inst is None:
                 raise InputError(Path(true), f"{name}: ground truth has no instance map")
@@ -66,6 +73,6 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
                             true_type=None if t_cls is None else type_map(t_inst, t_cls),
                             pred_type=None if p_cls is None else type_map(p_inst, p_cls))
             if on_image is not None:
-                on_image(i + 1, len(truth))
+                on_image(done, len(scored))
 
     return evaluate(pairs(), class_names=true_names or None)

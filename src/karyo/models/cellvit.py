@@ -48,8 +48,8 @@ from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.binary import BinaryConfig, binary_instances, instance_scores
 from karyo.infer.hovernet import ENERGIES, hovernet_postprocess
-from karyo.infer.prepare import model_input, resample_to_model, resize_instances
-from karyo.infer.result import SegmentationResult
+from karyo.infer.prepare import check_points, model_input, resample_to_model, resize_instances
+from karyo.infer.result import SegmentationResult, tag_prompted
 from karyo.infer.tiling import tile_starts
 from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.base import InstanceModel, register
@@ -672,15 +672,17 @@ class CellViTModel(InstanceModel):
         nuclei containing one of these points are dropped. Kept nuclei are renumbered 1..N. ``channel_names``:
         the image's channel names, mapped onto an adapter's (:mod:`karyo.models.adapter`).
         """
+        points = check_points(points, np.shape(image), name or None)
+        negative = check_points(negative, np.shape(image), name or None, "negative point")
         x = self._prepare(image, name, channel_names)
         h0, w0 = x.shape[2:]
-        x, scale = resample_to_model(x, mpp, self.config.mpp)
+        x, scale = resample_to_model(x, mpp, self.config.mpp, name or None)
         instances, classes, scores = self.postprocess(self.predict_maps(x))
         if points is not None or negative is not None:
             instances, classes, scores = _select(instances, classes, scores, points, negative, scale)
         instances, classes, scores = resize_instances(instances, (h0, w0), classes, scores)
-        return SegmentationResult(instances, classes=classes, scores=scores, class_names=self.class_names,
-                                  name=name, model=self.arch)
+        return tag_prompted(SegmentationResult(instances, classes=classes, scores=scores,
+                                               class_names=self.class_names, name=name, model=self.arch), points)
 
 
 def _ids_at(instances: np.ndarray, pts: Sequence[tuple[float, float]] | None, scale: float) -> set[int]:

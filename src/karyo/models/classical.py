@@ -18,7 +18,8 @@ from skimage.feature import peak_local_max
 from karyo.data.io import to_uint8
 from karyo.data.sample import as_hwc
 from karyo.infer.postprocess import remove_small_instances
-from karyo.infer.result import SegmentationResult
+from karyo.infer.prepare import check_mpp, check_points
+from karyo.infer.result import SegmentationResult, tag_prompted
 from karyo.infer.tissue import saturation
 from karyo.models.base import InstanceModel, register
 
@@ -73,6 +74,9 @@ class ClassicalModel(InstanceModel):
                 negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,
                 name: str = "") -> SegmentationResult:
         cfg = self.config
+        mpp = check_mpp(mpp, name or None)
+        points = check_points(points, np.shape(image), name or None)
+        negative = check_points(negative, np.shape(image), name or None, "negative point")
         scale = 1.0 if mpp is None else cfg.mpp / mpp  # > 1 when the image is more magnified
         sig = self._smoothed(image, scale)
         if cfg.threshold is not None:
@@ -92,7 +96,10 @@ class ClassicalModel(InstanceModel):
         if cfg.distance_smooth > 0:
             dist = filters.gaussian(dist, cfg.distance_smooth * scale)
         if points is not None or negative is not None:
-            return self._segment_at_points(fg, dist, points or [], negative or [], min_area, name)
+            none = np.zeros((0, 2))
+            return tag_prompted(self._segment_at_points(fg, dist, points if points is not None else none,
+                                                        negative if negative is not None else none, min_area,
+                                                        name), points)
         md = max(1, round(cfg.marker_min_distance * scale))
         comps, _ = ndi.label(fg)
         fp = np.ones((2 * md + 1,) * 2, bool) if cfg.marker_footprint <= 0 else \
@@ -159,8 +166,7 @@ class ClassicalModel(InstanceModel):
 
 
 def _pixel_points(points, h: int, w: int) -> np.ndarray:
+    """Pixel (column, row) of each (x, y) point; :func:`check_points` has refused points off the image, so
+    clipping only moves those within half a pixel of its edge onto it."""
     arr = np.asarray(list(points), dtype=np.float64).reshape(-1, 2)
-    if arr.size and (np.any(arr[:, 0] < 0) or np.any(arr[:, 1] < 0) or np.any(arr[:, 0] >= w)
-                     or np.any(arr[:, 1] >= h)):
-        raise ValueError(f"points must lie inside the {w}×{h} image (x, y in pixels)")
-    return np.floor(arr).astype(np.int64)
+    return np.clip(np.floor(arr), 0, [w - 1, h - 1]).astype(np.int64)

@@ -43,7 +43,8 @@ from torch import nn
 from karyo.attributes import names as N
 from karyo.device import pick_device
 from karyo.errors import InputError
-from karyo.infer.result import SegmentationResult
+from karyo.infer.prepare import check_points
+from karyo.infer.result import SegmentationResult, tag_prompted
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, _head, anchor_points
 from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, _nearest_class
@@ -374,6 +375,8 @@ class IVAANModel(PromptNucSegModel):
         """As :meth:`PromptNucSegModel.segment`, with classes from text similarity and, per nucleus,
         predicted attribute levels, a sentence and the embedding (for :meth:`query`)."""
         cfg = self.config
+        points = check_points(points, np.shape(image), name or None)
+        negative = check_points(negative, np.shape(image), name or None, "negative point")
         prep = self.prepare(image, mpp=mpp, name=name)
         out, scale = prep.prompter_outputs, prep.scale
         pts, cls, score = self.detect(prep, cfg.score_threshold, cfg.nms_radius_px)
@@ -414,10 +417,11 @@ class IVAANModel(PromptNucSegModel):
             if cfg.ivaan.text_classification and np.isfinite(text_sim[j]):
                 props["text_similarity"] = round(float(text_sim[j]), 4)
             properties[inst] = props
-        return IVAANResult(instances, classes={i: int(cls[j]) for i, j in zip(ids, rows, strict=True)},
-                           scores=scores, class_names=self.class_names, name=name, model=self.arch,
-                           properties=properties, embeddings=emb[rows] if len(rows) else
-                           np.zeros((0, cfg.ivaan.embed_dim), np.float32), embedding_ids=ids)
+        result = IVAANResult(instances, classes={i: int(cls[j]) for i, j in zip(ids, rows, strict=True)},
+                             scores=scores, class_names=self.class_names, name=name, model=self.arch,
+                             properties=properties, embeddings=emb[rows] if len(rows) else
+                             np.zeros((0, cfg.ivaan.embed_dim), np.float32), embedding_ids=ids)
+        return tag_prompted(result, points)
 
     def query(self, result: SegmentationResult, text: str, top_k: int | None = None) -> pd.DataFrame:
         """Nuclei of ``result`` ranked by cosine similarity of their embeddings to the embedding of ``text``

@@ -878,7 +878,7 @@ class SemanticModel(InstanceModel):
         self.net.eval()
         x = self._prepare(image, name, channel_names)
         h0, w0 = x.shape[-2:]
-        x, _ = resample_to_model(x, mpp, cfg.mpp)
+        x, _ = resample_to_model(x, mpp, cfg.mpp, name or None)
         prob = tiled_probabilities(self.net, x.to(self.device), tile=cfg.tile_size, overlap=cfg.tile_overlap,
                                    multiple=self.size_multiple)
         if prob.shape[-2:] != (h0, w0):

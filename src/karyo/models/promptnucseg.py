@@ -22,8 +22,8 @@ from scipy.spatial import cKDTree
 
 from karyo.device import pick_device
 from karyo.infer.assemble import assemble_instances, stability_scores, suppress_duplicate_masks, suppress_pairs
-from karyo.infer.prepare import model_input, pad_input, resample_to_model, resize_instances
-from karyo.infer.result import SegmentationResult
+from karyo.infer.prepare import check_points, model_input, pad_input, resample_to_model, resize_instances
+from karyo.infer.result import SegmentationResult, tag_prompted
 from karyo.models.base import InstanceModel, register
 from karyo.models.duplicates import DuplicateJudgeConfig, mask_pairs
 from karyo.models.prompter import Prompter, PrompterConfig, decode_points, point_nms
@@ -150,6 +150,8 @@ class PromptNucSegModel(InstanceModel):
         (``negative`` points mark places that are not the nucleus, as in SAM). ``channel_names`` are mapped onto
         the networks' channel adapters when they have them (:mod:`karyo.models.adapter`)."""
         cfg = self.config
+        points = check_points(points, np.shape(image), name or None)
+        negative = check_points(negative, np.shape(image), name or None, "negative point")
         prep = self.prepare(image, mpp=mpp, name=name, channel_names=channel_names)
         pts, cls, score = self.detect(prep, cfg.score_threshold, cfg.nms_radius_px)
         neg = np.zeros((0, 2), np.float32)
@@ -160,7 +162,8 @@ class PromptNucSegModel(InstanceModel):
             if negative is not None:
                 neg = (np.asarray(list(negative), np.float64).reshape(-1, 2) * prep.scale).astype(np.float32)
         candidates = self.mask_candidates(prep, pts, cls, score, neg, remove_duplicates=points is None)
-        return self.resolve(prep, candidates, cfg.mask_threshold, **self._detection_filters(points), name=name)
+        result = self.resolve(prep, candidates, cfg.mask_threshold, **self._detection_filters(points), name=name)
+        return tag_prompted(result, points)
 
     def _detection_filters(self, points: Sequence[tuple[float, float]] | None) -> dict[str, float | None]:
         """The filters :meth:`resolve` applies (``min_stability``, ``min_verified``): the config's for detected
@@ -185,7 +188,7 @@ class PromptNucSegModel(InstanceModel):
         cfg = self.config
         x = self._prepare(image, name, channel_names)
         h0, w0 = x.shape[2:]
-        x, scale = resample_to_model(x, mpp, cfg.mpp)
+        x, scale = resample_to_model(x, mpp, cfg.mpp, name or None)
         h, w = x.shape[2:]
         return pad_input(x, 32, cfg.tile_size).to(self.device), float(scale), (int(h), int(w)), (int(h0), int(w0))
 

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from karyo.errors import InputError
+from karyo.infer.prepare import check_mpp, check_points, resample_to_model, resize_instances
+
+
+def test_check_points_refuses_what_would_segment_a_phantom_or_cut_a_nucleus():
+    shape = (100, 200, 3)
+    np.testing.assert_array_equal(check_points([(0, 0), (199, 99.2)], shape), [[0, 0], [199, 99.2]])
+    assert check_points(None, shape) is None and check_points([], shape).shape == (0, 2)
+    with pytest.raises(InputError, match=r"p\.csv: point 2 \(-50, 5\) lies outside the 200×100 image"):
+        check_points([(1, 1), (-50, 5)], shape, "p.csv")
+    with pytest.raises(InputError, match="outside"):
+        check_points([(10, 100)], shape)  # y = 100 is one row below the last
+    with pytest.raises(InputError, match="non-finite"):
+        check_points([(float("nan"), 1)], shape)
+    with pytest.raises(InputError, match=r"\(3, 4\) is given 2 times"):
+        check_points([(3, 4), (5, 6), (3, 4)], shape)
+
+
+def test_check_mpp_and_resampling_refuse_implausible_resolutions():
+    assert check_mpp(None) is None and check_mpp(np.float32(0.5)) == pytest.approx(0.5)
+    for bad in (0, -0.5, float("nan"), 100.0, "a"):
+        with pytest.raises(InputError, match=r"img\.png"):
+            check_mpp(bad, "img.png")
+    x = torch.zeros(1, 3, 40, 40)
+    assert resample_to_model(x, None, 0.25)[1] == 1.0
+    assert resample_to_model(x, 0.5, 0.25)[0].shape[-2:] == (80, 80)
+    with pytest.raises(InputError, match="karyo wsi"):  # 4000² px at 20 µm/px: 320,000² px at 0.25
+        resample_to_model(torch.zeros(1, 3, 4000, 4000), 20.0, 0.25)
+
+
+def test_shrunk_instances_keep_one_piece_each():
+    """A 1 px neck on a row that nearest-neighbour halving skips would leave a nucleus in two pieces."""
+    labels = np.zeros((16, 16), np.int32)
+    labels[0:13, 0:6] = 1
+    labels[0:13, 10:14] = 1
+    labels[7, 6:10] = 1  # the neck, on an odd row
+    shrunk, classes = resize_instances(labels, (8, 8), {1: 2})
+    assert ndi.label(shrunk == 1)[1] == 1
+    assert (shrunk == 1).sum() == 7 * 3  # the wider half (6 columns → 3) stays
+    assert classes == {1: 2}
