@@ -488,10 +488,35 @@ def train_cmd(
     overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                                    "threads": threads, "max_steps_per_epoch": max_steps, "device": device}.items()
                  if v is not None}
-    result = train(task, data, out, config=config, resume=resume, preset=preset, val_fraction=val_fraction,
-                   train_overrides=overrides, progress=True, channels=channels, init=init)
+    if resume:
+        _say_where_training_resumes(out)
+    try:
+        result = train(task, data, out, config=config, resume=resume, preset=preset, val_fraction=val_fraction,
+                       train_overrides=overrides, progress=True, channels=channels, init=init)
+    except KeyboardInterrupt:
+        console.print(f"interrupted; the last finished epoch is saved in {out}/last.pt: run the same command with "
+                      f"--resume to continue", highlight=False)
+        raise typer.Exit(130) from None
     console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1}; "
                   f"model → {result.run_dir / 'model'}", highlight=False)
+
+
+def _say_where_training_resumes(out: Path) -> None:
+    """Name the checkpoint a resumed run continues from (or say there is none yet)."""
+    last = out / "last.pt"
+    if not last.is_file():
+        if (out / "train_config.json").is_file():
+            console.print(f"{out} has no checkpoint yet (stopped before its first epoch ended): training starts "
+                          f"again from epoch 1 with the run's saved settings", highlight=False)
+        return
+    import torch
+
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        epoch = int(state["epoch"]) + 1
+    except (OSError, RuntimeError, KeyError, ValueError):
+        return  # the training code reports a damaged checkpoint itself
+    console.print(f"resuming {out} after epoch {epoch} ({last})", highlight=False)
 
 
 @app.command("pack")
@@ -684,8 +709,14 @@ def wsi_cmd(
     from karyo.infer.wsi import WSIOptions, run_wsi
 
     _check_out_folder(out)
-    result = run_wsi(slide, model, out, mpp=mpp, tile=tile, overlap=overlap, workers=workers, scheduler=scheduler,
-                     resume=resume, progress=sys.stderr.isatty(), options=WSIOptions(device=device))
+    try:
+        result = run_wsi(slide, model, out, mpp=mpp, tile=tile, overlap=overlap, workers=workers,
+                         scheduler=scheduler, resume=resume, progress=sys.stderr.isatty(),
+                         options=WSIOptions(device=device))
+    except KeyboardInterrupt:
+        console.print(f"interrupted; finished tiles are kept in {out}: run the same command with --resume to "
+                      f"continue", highlight=False)
+        raise typer.Exit(130) from None
     n = result.summary["nuclei"]
     area = result.summary["tissue"]["area_mm2"]
     console.print(f"{n['total']:,} nuclei in {area:.2f} mm² of tissue "

@@ -22,17 +22,34 @@ def to_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def check_fields(cls: type, keys, source: str | os.PathLike | None = None) -> None:
+    """Refuse keys that are not fields of the dataclass ``cls`` (a typo in a config's ``model:`` section would
+    otherwise surface as a TypeError from deep inside a preset)."""
+    unknown = sorted(set(keys) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise InputError(source, f"unknown {cls.__name__} field(s) {unknown}")
+
+
 def from_dict(cls: type[T], data: dict, source: str | os.PathLike | None = None) -> T:
     """Rebuild ``cls`` from :func:`to_dict` output; unknown keys are an error (they signal a version skew)."""
     if not isinstance(data, dict):
         raise InputError(source, f"{cls.__name__} config must be a JSON object")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(source, f"unknown {cls.__name__} field(s) {unknown}")
-    kwargs = {name: _convert(hints[name], value, source) for name, value in data.items()}
-    return cls(**kwargs)
+    check_fields(cls, data, source)
+    kwargs = {}
+    for name, value in data.items():
+        try:
+            kwargs[name] = _convert(hints[name], value, source)
+        except InputError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise InputError(source, f"{cls.__name__}.{name}: {exc}") from None
+    try:
+        return cls(**kwargs)
+    except InputError as exc:  # a config's own checks (__post_init__) do not know the file
+        if exc.source is None and source is not None:
+            raise InputError(source, exc.problem) from None
+        raise
 
 
 def _convert(hint: Any, value: Any, source) -> Any:
@@ -48,7 +65,7 @@ def _convert(hint: Any, value: Any, source) -> Any:
                 return _convert(arg, value, source)
             except (TypeError, ValueError):
                 continue
-        return value
+        raise TypeError(f"expected {' or '.join(_type_name(a) for a in args if a is not type(None))}, got {value!r}")
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
         return from_dict(hint, value, source)
     if origin is tuple:
@@ -61,11 +78,37 @@ def _convert(hint: Any, value: Any, source) -> Any:
         return {_convert(args[0], k, source): _convert(args[1], v, source) for k, v in value.items()}
     if origin is list and args:
         return [_convert(args[0], v, source) for v in value]
-    if hint is int and isinstance(value, str):
-        return int(value)
-    if hint is float and isinstance(value, (int, float)):
-        return float(value)
+    if hint in (int, float, bool, str):
+        return _scalar(hint, value)
     return value
+
+
+def _scalar(hint: type, value: Any) -> Any:
+    """``value`` as ``hint``, or a TypeError/ValueError saying what was expected. YAML reads ``1e-4`` (no dot)
+    as a string, so numbers in strings are accepted; a bool is not taken for a number, nor a fraction for an int."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected true or false, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"expected a string, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected a number, got {value!r}")
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if hint is float:
+        return float(number)
+    if isinstance(number, float) and not number.is_integer():
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return int(number)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
 
 
 def save_json(path: str | os.PathLike, data: dict) -> Path:

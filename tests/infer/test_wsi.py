@@ -348,6 +348,41 @@ def test_bad_input_errors(slide, tmp_path):
         run_wsi(nompp, "classical", tmp_path / "o4", mpp=MPP, workers=-1)
 
 
+def test_attribute_lengths_and_areas_share_the_unit_of_area():
+    """Measured on the model-resolution tile, Size.* lengths and areas come out in level-0 px (as ``area``), so a
+    convex hull is never read as 4× a nucleus' area on a slide at half the model's resolution."""
+    from karyo.infer.wsi import _attributes
+
+    image = np.full((64, 64, 3), 230, np.uint8)
+    instances = np.zeros((64, 64), np.int32)
+    yy, xx = np.mgrid[:64, :64]
+    instances[(yy - 30) ** 2 / 100 + (xx - 30) ** 2 / 36 <= 1] = 1
+    image[instances > 0] = (90, 60, 140)
+    ids = np.array([1])
+    model_px, level0 = _attributes(image, instances, ids, 1.0), _attributes(image, instances, ids, 0.5)
+    assert level0["Size.Perimeter"][0] == pytest.approx(model_px["Size.Perimeter"][0] * 0.5)
+    assert level0["Size.ConvexHullArea"][0] == pytest.approx(model_px["Size.ConvexHullArea"][0] * 0.25)
+    assert level0["Shape.Solidity"][0] == pytest.approx(model_px["Shape.Solidity"][0])
+    assert model_px["Size.ConvexHullArea"][0] >= (instances > 0).sum() * 0.95
+
+
+def test_decoded_png_cache_is_removed_unless_a_resume_needs_it(slide, tmp_path):
+    """A PNG slide is decoded once into OUT/.karyo-cache for the workers; a finished run, a --resume of a finished
+    run and a refused run (no tissue) leave no such copy of the whole image behind."""
+    png = tmp_path / "tile.png"
+    Image.fromarray(slide[1][:512, :512]).save(png)
+    out = tmp_path / "o"
+    run_wsi(png, "classical", out, mpp=MPP, workers=0)
+    assert not (out / ".karyo-cache").exists()
+    run_wsi(png, "classical", out, mpp=MPP, workers=0, resume=True)
+    assert not (out / ".karyo-cache").exists()
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((512, 512, 3), 245, np.uint8)).save(blank)
+    with pytest.raises(InputError, match="no tissue"):
+        run_wsi(blank, "classical", tmp_path / "b", mpp=MPP, workers=0)
+    assert not (tmp_path / "b" / ".karyo-cache").exists()
+
+
 def test_cli_wsi(slide, tmp_path):
     from karyo.cli import app
 

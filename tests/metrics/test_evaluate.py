@@ -146,6 +146,18 @@ def test_mixed_classes_are_reported_and_explicit_classes_used(golden_cases):
     assert math.isnan(r.pannuke.class_pq[7]) and r.conic.class_pq_plus[7] == 0.0
 
 
+def test_images_without_any_prediction_are_named_in_the_aji_note():
+    """AJI follows the reference (no value without predictions, so the image leaves the mean) and a note says
+    what counting it as 0 would give: one perfect and one unpredicted image read AJI 1.0 otherwise unexplained."""
+    inst = np.zeros((16, 16), np.int32)
+    inst[2:6, 2:6], inst[9:14, 9:14] = 1, 2
+    r = evaluate([ImagePair("seen", inst, inst), ImagePair("missed", inst, np.zeros_like(inst))])
+    assert r.instance["aji"] == pytest.approx(1.0) and r.instance["aji_plus"] == pytest.approx(0.5)
+    note = next(n for n in r.notes if n.startswith("AJI:"))
+    assert "1 image(s)" in note and note.endswith("AJI would be 0.5000")
+    assert not any(n.startswith("AJI:") for n in evaluate([ImagePair("seen", inst, inst)]).notes)
+
+
 def test_bad_input():
     with pytest.raises(InputError, match="no image pairs"):
         evaluate([])

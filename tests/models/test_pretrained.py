@@ -47,6 +47,21 @@ def test_damaged_weights_are_refused(tmp_path, monkeypatch):
         registry.load("m")
 
 
+def test_loading_a_training_run_says_how_to_get_a_model(tmp_path):
+    """A prompter run (or its prompter export) is not a model: say so and how to pack one, not only
+    "config.json: file not found"."""
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "train_config.json").write_text(json.dumps({"task": "prompter"}))
+    (run / "model" / "prompter.json").write_text("{}")
+    with pytest.raises(karyo.InputError, match=r"a prompter training run, not a model; .*karyo pack promptnucseg"):
+        karyo.load(run)
+    with pytest.raises(karyo.InputError, match="the prompter of a training run, not a model"):
+        karyo.load(run / "model")
+    with pytest.raises(karyo.InputError, match="not a karyo model folder"):
+        karyo.load(tmp_path)
+
+
 def test_cli_default_model_on_real_consep_patches(shared_data, tmp_path, one_thread):
     """`karyo segment` with the shipped model, then `karyo evaluate`, on three CoNSeP test patches (never used for
     training or model selection). Floors sit below what the model measures on them (see the model card)."""

@@ -125,3 +125,51 @@ def test_optional_modules_train_at_their_own_learning_rate(tmp_path, disc_layout
     train("prompter", None, run, config=cfg, progress=False, resume=True)
     groups = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])
+
+
+def test_config_values_are_typed_and_checked_before_a_run_folder_exists(tmp_path, disc_layout):
+    """YAML reads ``1e-4`` (no dot) as a string: it is a number here. Settings that would train nothing or fail
+    inside torch are one error naming the file and the key, and leave no run folder."""
+    from karyo.config import from_dict
+    from karyo.train.loop import TrainConfig
+
+    assert from_dict(TrainConfig, {"lr": "1e-4", "epochs": 3.0}).lr == pytest.approx(1e-4)
+    for bad, message in (({"epochs": "ten"}, r"cfg\.yaml: TrainConfig\.epochs: expected a number, got 'ten'"),
+                         ({"epochs": 2.5}, "whole number"), ({"seed": [1]}, r"TrainConfig\.seed"),
+                         ({"batch_size": True}, r"TrainConfig\.batch_size"),
+                         ({"epochs": 0, "max_steps_per_epoch": -1}, r"epochs must be ≥ 1, got 0; max_steps_per_epoch"),
+                         ({"optimizer": "sgd"}, "optimizer must be adam or adamw"), ({"lr": -1e-3}, "lr must be ≥ 0")):
+        with pytest.raises(InputError, match=message):
+            from_dict(TrainConfig, bad, "cfg.yaml")
+    cfg = _config(tmp_path, disc_layout, train={"epochs": 0})
+    with pytest.raises(InputError, match="epochs must be ≥ 1"):
+        train("prompter", None, tmp_path / "never", config=cfg, progress=False)
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(InputError, match=r"this config is for `karyo train prompter`, not segmentor"):
+        train("segmentor", None, tmp_path / "never", config=_config(tmp_path, disc_layout), progress=False)
+
+
+def test_resume_refuses_changed_settings(tmp_path, disc_layout, one_thread):
+    """A resumed run continues with the settings it started with; a changed config or option is an error, not
+    silently ignored (a config) or half applied (an option); --epochs may be raised."""
+    cfg = _config(tmp_path, disc_layout)
+    run = tmp_path / "run"
+    train("prompter", None, run, config=cfg, progress=False)
+    with pytest.raises(InputError, match=r"--lr, --max-steps would change them"):
+        train("prompter", None, run, resume=True, progress=False,
+              train_overrides={"lr": 0.05, "max_steps_per_epoch": 3, "epochs": 2})
+    changed = _config(tmp_path, disc_layout, train={"epochs": 2, "batch_size": 4, "lr": 3e-3, "warmup_epochs": 0,
+                                                    "threads": 1})
+    with pytest.raises(InputError, match=r"differs from the run being resumed in train\.batch_size"):
+        train("prompter", None, run, config=changed, resume=True, progress=False)
+    before = json.loads((run / "train_config.json").read_text())
+    assert before["train"]["lr"] == pytest.approx(3e-3)  # the refused resumes changed nothing
+    result = train("prompter", None, run, config=cfg, resume=True, progress=False, train_overrides={"epochs": 2})
+    assert len(result.history) == 2
+    from typer.testing import CliRunner
+
+    from karyo.cli import app
+
+    res = CliRunner().invoke(app, ["train", "prompter", "--out", str(run), "--resume", "--epochs", "3"])
+    assert res.exit_code == 0, res.output
+    assert f"resuming {run} after epoch 2" in " ".join(res.output.split())

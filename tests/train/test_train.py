@@ -8,6 +8,7 @@ import torch
 
 from karyo.data.augment import AugmentConfig
 from karyo.data.sample import Sample
+from karyo.errors import InputError
 from karyo.models.prompter import PrompterConfig
 from karyo.models.segmentor import segmentor_config
 from karyo.train.data import DataSpec, group_split, source_group
@@ -58,7 +59,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, one_thread):
 
     fit(task(), cfg, tmp_path / "a", progress=False)
     fit(task(), TrainConfig(**{**cfg.__dict__, "epochs": 1}), tmp_path / "b", progress=False)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(InputError, match="already holds a run"):
         fit(task(), cfg, tmp_path / "b", progress=False)
     fit(task(), cfg, tmp_path / "b", resume=True, progress=False)
     a, b = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")

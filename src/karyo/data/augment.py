@@ -202,7 +202,7 @@ class AugmentConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown AugmentConfig field(s): {', '.join(unknown)}")
+            raise InputError(None, f"unknown AugmentConfig field(s): {', '.join(unknown)}")
         return cls(**dict(data))
 
     def channel_stats(self, n_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -29,7 +29,8 @@ them in well under a second.
 Coordinates in the outputs are level-0 slide pixels: ``centroid_x/y`` as pixel indices (pixel centre = integer, as
 :meth:`SegmentationResult.table`), polygons as continuous coordinates where pixel (r, c) covers [c, c+1) × [r, r+1)
 (QuPath's convention), bounding boxes half-open. Attribute columns (``Size.*``, ``Shape.*``, ...) are measured at
-the model's resolution (``summary.json`` ``model.mpp``); ``area`` is in level-0 px and ``area_um2`` in µm².
+the model's resolution (``summary.json`` ``model.mpp``) and, like ``area``, given in level-0 px (lengths) and px²
+(areas); ``area_um2`` is in µm².
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class TileProcessor:
             "polygon_wkb": shapely.to_wkb(polys).tolist(),
         }
         if self.attributes:
-            cols.update(_attributes(image, result.instances, ids))
+            cols.update(_attributes(image, result.instances, ids, f))
         return pa.Table.from_pydict(cols, schema=schema), truncated
 
     def process(self, model, slide: Slide, tile: Tile) -> TileResult:
@@ -228,13 +229,22 @@ def _polygons(instances: np.ndarray, ids: np.ndarray, offset: tuple[int, int], s
     return geoms
 
 
-def _attributes(image: np.ndarray, instances: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+#: Attribute columns with a dimension (power of length), rescaled to level-0 px like ``area``; the rest are
+#: ratios, angles or intensities, the same at any resolution.
+_LENGTH_POWER = {"Size.Perimeter": 1, "Size.MajorAxisLength": 1, "Size.MinorAxisLength": 1,
+                 "Size.EquivalentDiameter": 1, "Size.ConvexHullArea": 2}
+
+
+def _attributes(image: np.ndarray, instances: np.ndarray, ids: np.ndarray, factor: float) -> dict[str, np.ndarray]:
+    """The attributes of ``ids``, measured on the model-resolution tile; lengths and areas in level-0 px
+    (× ``factor`` or its square), so that they share the unit of ``area`` and the coordinates."""
     from karyo.attributes import measure_arrays
 
     cols = measure_arrays(image, instances)
     labels = cols["Identifier.Label"]
     pos = np.searchsorted(labels, ids)
-    return {c: np.asarray(cols[c], dtype=np.float64)[pos] for c in ATTRIBUTE_COLUMNS}
+    return {c: np.asarray(cols[c], dtype=np.float64)[pos] * factor ** _LENGTH_POWER.get(c, 0)
+            for c in ATTRIBUTE_COLUMNS}
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -503,9 +513,17 @@ class WSIEngine:
         cache_dir = out_dir / CACHE_NAME
         slide = self.open_slide(slide_path, mpp, cache_dir)
         try:
-            return self._run(slide, slide_path, out_dir, cache_dir, mpp, resume, timing, t_start)
-        finally:
+            result = self._run(slide, slide_path, out_dir, cache_dir, mpp, resume, timing, t_start)
+        except KaryoError:  # refused (no tissue, changed settings): nothing will resume from the decoded image
             slide.close()
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            raise
+        except BaseException:  # interrupted or crashed: --resume reuses the decoded image
+            slide.close()
+            raise
+        slide.close()
+        shutil.rmtree(cache_dir, ignore_errors=True)  # complete, or found complete by --resume
+        return result
 
     def _run(self, slide: Slide, slide_path: Path, out_dir: Path, cache_dir: Path, mpp: float | None, resume: bool,
              timing: dict[str, float], t_start: float) -> WSIResult:
@@ -553,7 +571,8 @@ class WSIEngine:
         overlay_thumb, overlay_scale = slide.read_downsampled(max(1.0, max(slide.dimensions) / opts.overlay_max_size),
                                                               at_least=True)
         meta = {"slide": slide_path.name, "mpp": slide.mpp, "model_mpp": model_mpp, "factor": factor,
-                "coordinates": "level-0 pixels", "attributes_at": "model resolution"}
+                "coordinates": "level-0 pixels", "attributes_at": "model resolution",
+                "attribute_units": "level-0 pixels (Size.* lengths, px; Size.ConvexHullArea, px²)"}
         merger = OrderedMerger(work, [t.index for t in tiles], attributes=opts.attributes, slide_name=slide_path.name,
                                metadata=meta, overlay=OverlayPainter(overlay_thumb, overlay_scale),
                                row_group_size=opts.row_group_size)
@@ -600,7 +619,6 @@ class WSIEngine:
         with writing("summary.json", out_dir):
             write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         work.remove()
-        shutil.rmtree(cache_dir, ignore_errors=True)
         return WSIResult(out_dir, summary, self._paths(out_dir))
 
     # -------------------------------------------------------------------- bookkeeping

@@ -280,6 +280,12 @@ def evaluate(pairs: Iterable[Any], class_names: Mapping[int, str] | None = None,
     instance_complete = {k: (float(per_image.loc[complete, k].mean()) if complete.any() else NAN)
                          for k in INSTANCE_METRICS}
     instance_complete["n_images"] = int(complete.sum())
+    lacking = per_image["aji"].isna() & (per_image["n_true"] > 0)
+    if lacking.any():  # AJI's reference raises without predictions; say what the mean leaves out
+        literal = float(per_image["aji"].where(~lacking, 0.0).mean())
+        notes.append(f"AJI: {int(lacking.sum())} image(s) with annotated nuclei but no predicted one have no value "
+                     f"(HoVer-Net's implementation raises there) and are left out of the mean; counted as 0 (the "
+                     f"definition read literally, as AJI+ does) AJI would be {literal:.4f}")
     detection = det.compute(list(cls) if classified else None)
 
     pannuke = conic = None

@@ -66,6 +66,8 @@ class InstanceModel(ABC):
 def load_model_dir(directory: str | os.PathLike, device: str = "cpu") -> InstanceModel:
     """Rebuild a model from its folder (config.json names the architecture)."""
     directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        _not_a_model(directory)
     data = config_io.load_json(directory / "config.json")
     arch = data.get("arch")
     if arch not in ARCHITECTURES:
@@ -74,3 +76,21 @@ def load_model_dir(directory: str | os.PathLike, device: str = "cpu") -> Instanc
     cls = ARCHITECTURES[arch]
     cfg = config_io.from_dict(cls.config_class, data.get("config", {}), directory / "config.json")
     return cls._from_config(cfg, directory, device=device)
+
+
+def _not_a_model(directory: Path) -> None:
+    """Say what a folder without config.json is and how to get a model from it (a training run, a run's
+    prompter or segmentor export), instead of only "config.json: file not found"."""
+    pack = ("a PromptNucSeg model is a prompter and a segmentor packed together: karyo pack promptnucseg "
+            "--prompter PROMPTER_RUN --segmentor SEGMENTOR_RUN --out MODEL")
+    parts = [name for name in ("prompter", "segmentor") if (directory / f"{name}.json").is_file()]
+    if parts:
+        raise InputError(directory, f"the {' and '.join(parts)} of a training run, not a model; {pack}")
+    if (directory / "train_config.json").is_file():
+        task = config_io.load_json(directory / "train_config.json").get("task", "?")
+        if task in ("prompter", "segmentor"):
+            raise InputError(directory, f"a {task} training run, not a model; {pack}")
+        if (directory / "model" / "config.json").is_file():
+            raise InputError(directory, f"a {task} training run; its model is {directory / 'model'}")
+        raise InputError(directory, f"a {task} training run without an exported model (did it finish an epoch?)")
+    raise InputError(directory / "config.json", "file not found: not a karyo model folder")

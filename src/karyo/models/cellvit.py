@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from karyo.config import check_fields
 from karyo.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from karyo.device import pick_device
 from karyo.errors import InputError
@@ -229,6 +230,7 @@ class CellViTConfig:
             raise InputError(None, f"unknown CellViT preset {name!r}; known: {sorted(CELLVIT_PRESETS)}")
         base = {k: (dataclasses.replace(v) if isinstance(v, ViTConfig) else v)
                 for k, v in CELLVIT_PRESETS[name].items()}
+        check_fields(cls, overrides)
         return cls(**{**base, **overrides})
 
 

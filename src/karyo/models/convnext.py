@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from karyo.config import check_fields
 from karyo.errors import InputError
 from karyo.models.layers import DropPath, LayerNorm2d
 
@@ -73,6 +74,7 @@ class ConvNeXtConfig:
         if name not in CONVNEXT_PRESETS:
             raise InputError(None, f"unknown ConvNeXt preset {name!r}; known: {sorted(CONVNEXT_PRESETS)}")
         depths, dims = CONVNEXT_PRESETS[name]
+        check_fields(cls, overrides)
         return dataclasses.replace(cls(depths=depths, dims=dims), **overrides)
 
 

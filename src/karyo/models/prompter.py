@@ -30,6 +30,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 from torch import nn
 
+from karyo.config import check_fields
 from karyo.errors import InputError
 from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.convnext import CONVNEXT_PRESETS, ConvNeXt, ConvNeXtConfig, WeightLoadReport, load_convnext_weights
@@ -145,6 +146,7 @@ class PrompterConfig:
         """A named configuration from :data:`PROMPTER_PRESETS`, with field overrides."""
         if name not in PROMPTER_PRESETS:
             raise InputError(None, f"unknown prompter preset {name!r}; known: {sorted(PROMPTER_PRESETS)}")
+        check_fields(cls, overrides)
         return cls(**{**PROMPTER_PRESETS[name], **overrides})
 
 

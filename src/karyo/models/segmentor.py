@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from karyo.config import check_fields
 from karyo.errors import InputError
 from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.layers import MLP, LayerNorm2d, MLPBlock
@@ -166,7 +167,8 @@ def segmentor_config(name: str = "small", **overrides) -> SegmentorConfig:
         cfg = SegmentorConfig(encoder=enc, prompt_dim=32, mask_in_chans=8, decoder_mlp_dim=64, decoder_heads=2,
                               iou_head_hidden_dim=32, decode_window=6)
     else:
-        raise ValueError(f"unknown segmentor preset {name!r}; known: {[*SAM_PRESETS, 'small', 'cpu', 'tiny']}")
+        raise InputError(None, f"unknown segmentor preset {name!r}; known: {[*SAM_PRESETS, 'small', 'cpu', 'tiny']}")
+    check_fields(SegmentorConfig, overrides)
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 

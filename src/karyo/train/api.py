@@ -6,6 +6,7 @@ trains exactly what the interrupted one did (only ``epochs`` may be raised).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -95,15 +96,22 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             raise InputError(out, f"this run trains a {saved.get('task')}, not a {task}")
         file_cfg = {k: saved[k] for k in ("model", "train", "augment", "settings", "data", "val_fraction", "val_ids")
                     if k in saved}
+        _check_resume_changes(out, file_cfg, read_config_file(config), config, data, train_overrides)
         data = None
     else:
         file_cfg = read_config_file(config)
+        if file_cfg.get("task") not in (None, task):
+            raise InputError(config, f"this config is for `karyo train {file_cfg['task']}`, not {task}")
     specs = [DataSpec.parse(s) for s in (data or file_cfg.get("data") or [])]
     if not specs:
         raise InputError(None, "no training data: pass --data PATH[:SPLIT][@CLASSES] (repeatable)")
-    tcfg = from_dict(TrainConfig, {**file_cfg.get("train", {}), **(train_overrides or {})})
-    augment = AugmentConfig.from_dict({"seed": tcfg.seed, **file_cfg.get("augment", {})})
+    tcfg = from_dict(TrainConfig, {**file_cfg.get("train", {}), **(train_overrides or {})}, config)
+    with _naming_config(config):
+        augment = AugmentConfig.from_dict({"seed": tcfg.seed, **file_cfg.get("augment", {})})
     vf = val_fraction if val_fraction is not None else file_cfg.get("val_fraction", 0.15)
+    if isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1:
+        raise InputError(config if val_fraction is None else None,
+                         f"val_fraction must be a number between 0 and 1, got {vf!r}")
     class_names = _class_names(specs)
     samples = load_specs(specs, class_names or None)
     # Tiles are small: hold the whole dataset in memory instead of decoding PNGs every epoch.
@@ -135,54 +143,101 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         init_state = init_weights(task, init)
         meta["init"] = str(init)
     model_cfg: Any
-    if task == "prompter":
-        base = file_cfg.get("model") or {}
-        if "preset" in base or preset or not base:
-            kw = {k: v for k, v in base.items() if k != "preset"}
-            name = base.get("preset", preset or "cpu")
-            model_cfg = PrompterConfig.preset(name, **_prompter_classes(kw, class_names))
+    with _naming_config(config):  # a model: section's errors (unknown fields, bad values) name the file
+        if task == "prompter":
+            base = file_cfg.get("model") or {}
+            if "preset" in base or preset or not base:
+                kw = {k: v for k, v in base.items() if k != "preset"}
+                name = base.get("preset", preset or "cpu")
+                model_cfg = PrompterConfig.preset(name, **_prompter_classes(kw, class_names))
+            else:
+                model_cfg = from_dict(PrompterConfig, _prompter_classes(base, class_names))
+            model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
+                                                                                 train_samples, val_samples)
+            t = PrompterTask(model_cfg, augment, train_samples, val_samples)
+        elif task == "ivaan":
+            from karyo.train.ivaan import IVAANTask, ivaan_config
+
+            model_cfg = ivaan_config(file_cfg.get("model"), class_names, preset)
+            t = IVAANTask(model_cfg, augment, train_samples, val_samples)
+        elif task == "cellvit":
+            from karyo.train.cellvit import CellViTTask, cellvit_config
+
+            model_cfg = cellvit_config(file_cfg.get("model"), preset, class_names, augment)
+            model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
+                                                                                 train_samples, val_samples)
+            t = CellViTTask(model_cfg, augment, train_samples, val_samples)
+        elif task == "stain_agnostic":
+            from karyo.train.stain_agnostic import build_stain_agnostic_task
+
+            t, model_cfg, extra = build_stain_agnostic_task(file_cfg, preset, augment, train_samples, val_samples,
+                                                            channels)
+            meta.update(extra)
+        elif task in ("monch", "unet"):
+            from karyo.train.monch import build_semantic_task
+
+            t, model_cfg, extra = build_semantic_task(task, file_cfg, preset, augment, class_names, train_samples,
+                                                      val_samples, channels)
+            meta.update(extra)
         else:
-            model_cfg = from_dict(PrompterConfig, _prompter_classes(base, class_names))
-        model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
-                                                                             train_samples, val_samples)
-        t = PrompterTask(model_cfg, augment, train_samples, val_samples)
-    elif task == "ivaan":
-        from karyo.train.ivaan import IVAANTask, ivaan_config
-
-        model_cfg = ivaan_config(file_cfg.get("model"), class_names, preset)
-        t = IVAANTask(model_cfg, augment, train_samples, val_samples)
-    elif task == "cellvit":
-        from karyo.train.cellvit import CellViTTask, cellvit_config
-
-        model_cfg = cellvit_config(file_cfg.get("model"), preset, class_names, augment)
-        model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
-                                                                             train_samples, val_samples)
-        t = CellViTTask(model_cfg, augment, train_samples, val_samples)
-    elif task == "stain_agnostic":
-        from karyo.train.stain_agnostic import build_stain_agnostic_task
-
-        t, model_cfg, extra = build_stain_agnostic_task(file_cfg, preset, augment, train_samples, val_samples,
-                                                        channels)
-        meta.update(extra)
-    elif task in ("monch", "unet"):
-        from karyo.train.monch import build_semantic_task
-
-        t, model_cfg, extra = build_semantic_task(task, file_cfg, preset, augment, class_names, train_samples,
-                                                  val_samples, channels)
-        meta.update(extra)
-    else:
-        base = dict(file_cfg.get("model") or {})
-        if "encoder" in base:
-            model_cfg = from_dict(SegmentorConfig, base)
-        else:
-            model_cfg = segmentor_config(base.pop("preset", preset or "small"), **base)
-        model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
-                                                                             train_samples, val_samples)
-        settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
-        meta["settings"] = to_dict(settings)
-        t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
+            base = dict(file_cfg.get("model") or {})
+            if "encoder" in base:
+                model_cfg = from_dict(SegmentorConfig, base)
+            else:
+                model_cfg = segmentor_config(base.pop("preset", preset or "small"), **base)
+            model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
+                                                                                 train_samples, val_samples)
+            settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
+            meta["settings"] = to_dict(settings)
+            t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
     return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta,
                init_state=init_state, init_source=init)
+
+
+@contextlib.contextmanager
+def _naming_config(config: str | os.PathLike | None):
+    try:
+        yield
+    except InputError as exc:
+        if exc.source is None and config is not None:
+            raise InputError(config, exc.problem) from None
+        raise
+
+
+#: What a resumed run may change: how long it trains and where it computes, not what it learns.
+RESUMABLE_CHANGES = frozenset({"epochs", "threads", "device", "num_workers"})
+
+
+def _check_resume_changes(out: Path, saved: dict, given: dict, config: str | os.PathLike | None,
+                          data: list[str] | None, overrides: dict[str, Any] | None) -> None:
+    """A resumed run continues with the settings it started with (its checkpoint's optimiser state and data
+    order depend on them); a config file, --data or an option that would change them is refused instead of
+    silently ignored or half applied. Only :data:`RESUMABLE_CHANGES` may differ."""
+    saved_train = from_dict(TrainConfig, saved.get("train", {}), out / "train_config.json")
+    changed = sorted(k for k, v in (overrides or {}).items()
+                     if k not in RESUMABLE_CHANGES and getattr(saved_train, k, v) != v)
+    if changed:
+        flags = {"max_steps_per_epoch": "max-steps"}
+        options = ", ".join("--" + flags.get(c, c.replace("_", "-")) for c in changed)
+        raise InputError(out, f"a resumed run keeps its settings; {options} would change them (only --epochs, "
+                              f"--threads and --device may); start a new run with --init {out} to train on with "
+                              f"new settings")
+    if given:
+        given_train = from_dict(TrainConfig, {**to_dict(saved_train), **given.get("train", {}), **(overrides or {})},
+                                config)
+        diffs = [f"train.{k}" for k in sorted(given.get("train", {}))
+                 if k not in RESUMABLE_CHANGES and getattr(given_train, k) != getattr(saved_train, k)]
+        if "data" in given and [str(DataSpec.parse(d)) for d in given["data"]] != saved.get("data"):
+            diffs.append("data")
+        for key in ("val_fraction", "val_ids"):
+            if key in given and given[key] != saved.get(key):
+                diffs.append(key)
+        if diffs:
+            raise InputError(config, f"differs from the run being resumed in {', '.join(diffs)}; a resumed run "
+                                     f"keeps the settings in {out / 'train_config.json'} (only train.epochs may "
+                                     f"be raised)")
+    if data and [str(DataSpec.parse(d)) for d in data] != saved.get("data"):
+        raise InputError(out, "--data differs from the run being resumed; a resumed run keeps its data")
 
 
 def init_weights(task: str, path: str | os.PathLike) -> dict:

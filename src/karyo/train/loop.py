@@ -73,6 +73,27 @@ class TrainConfig:
     # scratch (or from zero) while the rest only needs a gentle restart.
     optional_lr_mult: float = 1.0
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would train nothing (``epochs: 0``, ``--max-steps -1``) or fail deep inside torch,
+        before a run folder is made."""
+        rules = [
+            ("epochs", self.epochs >= 1, "≥ 1"), ("batch_size", self.batch_size >= 1, "≥ 1"),
+            ("lr", self.lr >= 0 and math.isfinite(self.lr), "≥ 0"), ("weight_decay", self.weight_decay >= 0, "≥ 0"),
+            ("optimizer", self.optimizer in ("adam", "adamw"), "adam or adamw"),
+            ("schedule", self.schedule in ("cosine", "step", "constant", "plateau"),
+             "cosine, step, constant or plateau"),
+            ("step_epochs", self.step_epochs >= 1, "≥ 1"), ("warmup_epochs", self.warmup_epochs >= 0, "≥ 0"),
+            ("grad_clip", self.grad_clip >= 0, "≥ 0 (0 disables)"), ("threads", self.threads >= 0, "≥ 0"),
+            ("num_workers", self.num_workers >= 0, "≥ 0"), ("val_every", self.val_every >= 1, "≥ 1"),
+            ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, "≥ 0 (0: the whole dataset)"),
+            ("accumulate_steps", self.accumulate_steps >= 1, "≥ 1"),
+            ("amp", self.amp in (True, False, "auto"), 'true, false or "auto"'),
+            ("optional_lr_mult", self.optional_lr_mult > 0, "> 0"),
+        ]
+        bad = [f"{name} must be {want}, got {getattr(self, name)!r}" for name, ok, want in rules if not ok]
+        if bad:
+            raise InputError(None, "TrainConfig: " + "; ".join(bad))
+
 
 class Task(Protocol):
     """What a model family provides to :func:`fit`."""
@@ -278,6 +299,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     from karyo.device import pick_device
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(run_dir, "the run folder to write is a file")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -307,7 +330,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
     elif (run_dir / "last.pt").exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or choose a new folder")
+        raise InputError(run_dir, "already holds a run; pass resume=True (--resume) or choose a new folder")
     saved = {"task": task.name, "train": to_dict(cfg)}
     if model_config is not None:
         saved["model"] = to_dict(model_config)
