@@ -564,7 +564,8 @@ def pack_cmd(
         raise InputError(None, f"unknown architecture {arch!r} for pack; choose promptnucseg, cellvit or ivaan")
     cfg = model.config
     duplicates = (f"duplicates where the judge says P ≥ {cfg.min_duplicate_probability}"
-                  if cfg.min_duplicate_probability is not None else f"mask NMS {cfg.mask_nms_overlap}")
+                  if cfg.min_duplicate_probability is not None else
+                  f"mask NMS {cfg.mask_nms_overlap}" if cfg.mask_nms_overlap is not None else "no duplicate removal")
     console.print(f"model → {out} (score ≥ {cfg.score_threshold}, NMS {cfg.nms_radius_px} px, {duplicates}, "
                   f"{cfg.refine_points} point refinement(s), mask ≥ {cfg.mask_threshold})", highlight=False)
 

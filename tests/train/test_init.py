@@ -88,6 +88,25 @@ def test_init_without_the_optional_mask_head_trains_it_fresh(tmp_path):
         load_init_state(Prompter(tiny_prompter()), with_head.state_dict(), tmp_path / "extra.pt")
 
 
+def test_init_for_other_classes_restarts_only_the_class_layer(tmp_path):
+    """Fine-tuning a model trained on 2 classes onto 4 (another taxonomy): the class layer starts afresh, every
+    other weight comes from the init; a mismatch anywhere else is still refused."""
+    from karyo.train.loop import load_init_state
+
+    two = Prompter(tiny_prompter()).state_dict()
+    four = Prompter(dataclasses.replace(tiny_prompter(), num_classes=4,
+                                        class_names={1: "a", 2: "b", 3: "c", 4: "d"}))
+    fresh = {k: v.clone() for k, v in four.state_dict().items()}
+    restarted = load_init_state(four, two, tmp_path / "two.pt")
+    assert restarted == ["cls_head.3.bias", "cls_head.3.weight"]
+    state = four.state_dict()
+    assert all(torch.equal(state[k], fresh[k]) for k in restarted)
+    assert all(torch.equal(state[k], two[k]) for k in two if k not in restarted)
+    wider = Prompter(dataclasses.replace(tiny_prompter(), head_hidden=32))
+    with pytest.raises(InputError, match=r"two\.pt: these weights do not fit"):
+        load_init_state(wider, two, tmp_path / "two.pt")
+
+
 def test_unknown_validation_ids_are_refused(tmp_path, disc_layout):
     with pytest.raises(InputError, match="not in the training data"):
         train("prompter", None, tmp_path / "run", config=_config(tmp_path, disc_layout, val_ids=["syn_9_000"]),

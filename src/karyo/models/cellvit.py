@@ -310,6 +310,9 @@ class CellViT(nn.Module):
     Input sides must be multiples of ``config.stride`` (32 for ConvNeXt, 16 for the ViT).
     """
 
+    #: The layer whose shape is the class count (see :attr:`karyo.models.prompter.Prompter.class_head_prefixes`).
+    class_head_prefixes = ("branches.nt.head.",)
+
     BRANCHES = ("np", "hv", "nt")
 
     def __init__(self, config: CellViTConfig | None = None):

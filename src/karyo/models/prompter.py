@@ -222,6 +222,9 @@ class Prompter(nn.Module):
 
     #: Parameters a checkpoint without the optional mask head may lack (``init`` from such weights trains it fresh).
     optional_init_prefixes = ("mask_head.",)
+    #: The layer whose shape is the class count: fine-tuning on another taxonomy (``--init`` with other classes)
+    #: starts it afresh and keeps every other weight.
+    class_head_prefixes = ("cls_head.3.",)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_features(images)[0]

@@ -267,11 +267,21 @@ def _write_history(path: Path, history: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLike | None) -> None:
+def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLike | None) -> list[str]:
     """Load starting weights strictly, except parameters under the model's ``optional_init_prefixes`` (heads a
-    config may add to an older network), which keep their fresh initialisation when the weights lack them."""
+    config may add to an older network), which keep their fresh initialisation when the weights lack them, and
+    those under its ``class_head_prefixes`` when their shape differs (weights for another set of classes: the
+    class layer starts afresh, everything else is fine-tuned). Returns the names of the parameters so restarted."""
     refused = "these weights do not fit the model the config builds: "
     optional = tuple(getattr(model, "optional_init_prefixes", ()))
+    class_head = tuple(getattr(model, "class_head_prefixes", ()))
+    own = model.state_dict()
+    restarted = sorted(k for k, v in state.items() if class_head and k.startswith(class_head) and k in own
+                       and tuple(v.shape) != tuple(own[k].shape))
+    if restarted:
+        state = {k: v for k, v in state.items() if k not in restarted}
+        optional = (*optional, *class_head)
+        log.warning("%s: class layer %s has another class count; it starts afresh", source, ", ".join(restarted))
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even when not strict
@@ -281,6 +291,7 @@ def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLi
         ([f"unexpected {', '.join(result.unexpected_keys[:5])}"] if result.unexpected_keys else [])
     if problems:
         raise InputError(source, refused + "; ".join(problems))
+    return restarted
 
 
 def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
@@ -306,8 +317,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     model = task.model().to(device)
+    restarted: list[str] = []
     if init_state is not None and not (resume and (run_dir / "last.pt").exists()):
-        load_init_state(model, init_state, init_source)
+        restarted = load_init_state(model, init_state, init_source)
     run_dir.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run leaves no folder behind
     optimizer = make_optimizer(parameter_groups(model, cfg), cfg)
     acc = int(cfg.accumulate_steps)
@@ -335,6 +347,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     if model_config is not None:
         saved["model"] = to_dict(model_config)
     saved.update(meta or {})
+    if restarted:  # fine-tuning onto other classes: which layer did not come from the init weights
+        saved["init_restarted"] = restarted
     save_json(run_dir / "train_config.json", saved)
 
     bar = _Progress(progress)

@@ -45,6 +45,8 @@ NEIGHBOUR_QUANTILE = 0.1
 
 
 def _run_model(run: str | os.PathLike, name: str) -> tuple[dict, dict]:
+    if not Path(run).is_dir():
+        raise InputError(run, f"{name} run folder not found")
     folder = Path(run) / "model"
     meta_path = folder / f"{name}.json"
     if not meta_path.is_file():
