@@ -82,3 +82,16 @@ def test_result_save_mirrors_the_cli_and_repr_is_a_summary(tmp_path):
     assert written["instances"] == tmp_path / "instances" / "t.png"
     assert set(res.save(tmp_path / "b", outputs=["instances"])) == {"instances"}
     assert repr(res) == "<SegmentationResult 't': 2 nuclei in 32×32 px, {'inflammatory': 1, 'neoplastic': 1}, model ''>"
+
+
+def test_known_resolution_adds_areas_in_square_microns(tmp_path):
+    res = _result()
+    assert "area_um2" not in res.table().columns
+    res.mpp = 0.5
+    table = res.table()
+    assert table.area_um2.tolist() == [64 * 0.25, 144 * 0.25]
+    assert list(table.columns).index("area_um2") == list(table.columns).index("area") + 1
+    written = save_result(res, tmp_path, outputs=["geojson", "table"])
+    features = json.loads(written["geojson"].read_text())["features"]
+    assert [f["properties"]["measurements"]["Area µm^2"] for f in features] == [16.0, 36.0]
+    assert "area_um2" in SegmentationResult(np.zeros((4, 4), np.int32), mpp=0.5).table().columns

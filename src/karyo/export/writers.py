@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from karyo.data.io import write_image, write_instances, write_text
 from karyo.export.geojson import nucleus_features, write_geojson
@@ -69,6 +70,10 @@ def save_result(result: SegmentationResult, out_dir: str | os.PathLike, image: n
         if result.properties:  # per-nucleus values the model attached (e.g. IVAAN's levels); explicit ones win
             properties = {k: {**result.properties.get(k, {}), **(properties or {}).get(k, {})}
                           for k in set(result.properties) | set(properties or {})}
+        if result.mpp is not None and result.n_nuclei:  # QuPath shows it beside its own measurements
+            table = table if table is not None else result.table()
+            area = pd.DataFrame({"Area µm^2": table["area_um2"].to_numpy()}, index=table["instance_id"].to_numpy())
+            measurements = area if measurements is None else area.join(measurements, how="outer")
         features = nucleus_features(result.instances, classes=result.classes, class_names=result.class_names,
                                     scores=result.scores, measurements=measurements, properties=properties,
                                     image_name=stem)

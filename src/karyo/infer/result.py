@@ -20,6 +20,7 @@ class SegmentationResult:
 
     ``instances`` is H×W int32 (0 = background, ids 1..N); ``classes`` and ``scores`` map instance id to
     the predicted class id and the model's confidence in [0, 1]; ``class_names`` maps class id to name.
+    ``mpp``: µm per pixel of ``instances`` when the caller gave it (the table then adds ``area_um2``).
     ``properties`` (optional) maps instance id to extra per-nucleus values (e.g. IVAAN's predicted attribute
     levels and description); :meth:`table` adds one column per key and the GeoJSON writer adds them to the
     feature properties.
@@ -32,6 +33,7 @@ class SegmentationResult:
     name: str = ""
     model: str = ""
     properties: dict[int, dict] | None = None
+    mpp: float | None = None
 
     @property
     def n_nuclei(self) -> int:
@@ -61,7 +63,10 @@ class SegmentationResult:
         ids = np.unique(self.instances)
         ids = ids[ids > 0]
         if ids.size == 0:
-            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in _TABLE_COLUMNS.items()})
+            empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in _TABLE_COLUMNS.items()})
+            if self.mpp is not None:
+                empty.insert(empty.columns.get_loc("area") + 1, "area_um2", pd.Series(dtype="float64"))
+            return empty
         area = ndi.sum_labels(np.ones_like(self.instances), self.instances, ids)
         cy, cx = (np.asarray(c) for c in zip(*ndi.center_of_mass(np.ones_like(self.instances),
                                                                   self.instances, ids), strict=True))
@@ -74,6 +79,7 @@ class SegmentationResult:
             "instance_id": ids.astype(np.int64),
             "centroid_x": cx, "centroid_y": cy,
             "area": area.astype(np.int64),
+            **({"area_um2": area * self.mpp ** 2} if self.mpp is not None else {}),
             "bbox_x0": boxes[:, 0], "bbox_y0": boxes[:, 1], "bbox_x1": boxes[:, 2], "bbox_y1": boxes[:, 3],
             "class_id": np.asarray(cls, dtype=np.int64),
             "class_name": [names.get(c, "") if c else "" for c in cls],
@@ -88,7 +94,7 @@ class SegmentationResult:
         keys: dict[str, None] = {}
         for props in self.properties.values():
             keys.update(dict.fromkeys(props))
-        reserved = set(_TABLE_COLUMNS)
+        reserved = {*_TABLE_COLUMNS, "area_um2"}
         return {(k if k not in reserved else f"property_{k}"):
                 [self.properties.get(int(i), {}).get(k) for i in ids] for k in keys}
 
@@ -120,3 +126,10 @@ def tag_prompted(result: SegmentationResult, points: np.ndarray | None) -> Segme
             props.setdefault(instance, {})["point_index"] = index
     result.properties = props or None
     return result
+
+
+def finish(result: SegmentationResult, points: np.ndarray | None, mpp: float | None) -> SegmentationResult:
+    """What every model's ``segment`` does last: record the image's ``mpp`` and tag prompted nuclei
+    (:func:`tag_prompted`)."""
+    result.mpp = None if mpp is None else float(mpp)
+    return tag_prompted(result, points)

@@ -50,7 +50,7 @@ from karyo.errors import InputError
 from karyo.infer.binary import BinaryConfig, binary_instances, instance_scores
 from karyo.infer.hovernet import ENERGIES, hovernet_postprocess
 from karyo.infer.prepare import check_points, model_input, resample_to_model, resize_instances
-from karyo.infer.result import SegmentationResult, tag_prompted
+from karyo.infer.result import SegmentationResult, finish
 from karyo.infer.tiling import tile_starts
 from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.base import InstanceModel, register
@@ -686,8 +686,8 @@ class CellViTModel(InstanceModel):
         if points is not None or negative is not None:
             instances, classes, scores = _select(instances, classes, scores, points, negative, scale)
         instances, classes, scores = resize_instances(instances, (h0, w0), classes, scores)
-        return tag_prompted(SegmentationResult(instances, classes=classes, scores=scores,
-                                               class_names=self.class_names, name=name, model=self.arch), points)
+        return finish(SegmentationResult(instances, classes=classes, scores=scores, class_names=self.class_names,
+                                         name=name, model=self.arch), points, mpp)
 
 
 def _ids_at(instances: np.ndarray, pts: Sequence[tuple[float, float]] | None, scale: float) -> set[int]:

@@ -19,7 +19,7 @@ from karyo.data.io import to_uint8
 from karyo.data.sample import as_hwc
 from karyo.infer.postprocess import remove_small_instances
 from karyo.infer.prepare import check_mpp, check_points
-from karyo.infer.result import SegmentationResult, tag_prompted
+from karyo.infer.result import SegmentationResult, finish
 from karyo.infer.tissue import saturation
 from karyo.models.base import InstanceModel, register
 
@@ -84,7 +84,8 @@ class ClassicalModel(InstanceModel):
         else:
             span = float(np.ptp(sig))
             if span < 1e-6:  # a flat (e.g. empty or white) image holds no nuclei
-                return SegmentationResult(np.zeros(sig.shape, np.int32), name=name, model=self.arch)
+                return finish(SegmentationResult(np.zeros(sig.shape, np.int32), name=name, model=self.arch),
+                              None, mpp)
             sig = (sig - sig.min()) / span
             fg = sig > filters.threshold_otsu(sig) * cfg.threshold_scale
         min_area = max(1, round(cfg.min_area * scale * scale))
@@ -97,9 +98,9 @@ class ClassicalModel(InstanceModel):
             dist = filters.gaussian(dist, cfg.distance_smooth * scale)
         if points is not None or negative is not None:
             none = np.zeros((0, 2))
-            return tag_prompted(self._segment_at_points(fg, dist, points if points is not None else none,
-                                                        negative if negative is not None else none, min_area,
-                                                        name), points)
+            return finish(self._segment_at_points(fg, dist, points if points is not None else none,
+                                                  negative if negative is not None else none, min_area, name),
+                          points, mpp)
         md = max(1, round(cfg.marker_min_distance * scale))
         comps, _ = ndi.label(fg)
         fp = np.ones((2 * md + 1,) * 2, bool) if cfg.marker_footprint <= 0 else \
@@ -112,7 +113,7 @@ class ClassicalModel(InstanceModel):
         rest, _ = ndi.label(fg & (labels == 0))
         labels = np.where(rest > 0, rest + labels.max(), labels)
         labels = remove_small_instances(labels, min_area)
-        return SegmentationResult(labels, name=name, model=self.arch)
+        return finish(SegmentationResult(labels, name=name, model=self.arch), None, mpp)
 
     def _smoothed(self, image: np.ndarray, scale: float) -> np.ndarray:
         sig = self.signal(image)

@@ -44,7 +44,7 @@ from karyo.attributes import names as N
 from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.prepare import check_points
-from karyo.infer.result import SegmentationResult, tag_prompted
+from karyo.infer.result import SegmentationResult, finish
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, _head, anchor_points
 from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, _nearest_class
@@ -421,7 +421,7 @@ class IVAANModel(PromptNucSegModel):
                              scores=scores, class_names=self.class_names, name=name, model=self.arch,
                              properties=properties, embeddings=emb[rows] if len(rows) else
                              np.zeros((0, cfg.ivaan.embed_dim), np.float32), embedding_ids=ids)
-        return tag_prompted(result, points)
+        return finish(result, points, mpp)
 
     def query(self, result: SegmentationResult, text: str, top_k: int | None = None) -> pd.DataFrame:
         """Nuclei of ``result`` ranked by cosine similarity of their embeddings to the embedding of ``text``

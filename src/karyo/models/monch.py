@@ -59,7 +59,7 @@ from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.postprocess import remove_small_instances
 from karyo.infer.prepare import model_input, resample_to_model
-from karyo.infer.result import SegmentationResult
+from karyo.infer.result import SegmentationResult, finish
 from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.base import InstanceModel, register
 from karyo.models.layers import LayerNorm2d, MLPBlock
@@ -906,8 +906,8 @@ class SemanticModel(InstanceModel):
                                                min_area=max(1, round(cfg.min_area * scale * scale)),
                                                min_distance=max(1, round(cfg.marker_min_distance * scale)),
                                                distance_smooth=cfg.distance_smooth * scale)
-        return SegmentationResult(inst, classes=classes, scores=scores, class_names=self.class_names, name=name,
-                                  model=self.arch)
+        return finish(SegmentationResult(inst, classes=classes, scores=scores, class_names=self.class_names,
+                                         name=name, model=self.arch), None, mpp)
 
 
 @register

@@ -23,7 +23,7 @@ from scipy.spatial import cKDTree
 from karyo.device import pick_device
 from karyo.infer.assemble import assemble_instances, stability_scores, suppress_duplicate_masks, suppress_pairs
 from karyo.infer.prepare import check_points, model_input, pad_input, resample_to_model, resize_instances
-from karyo.infer.result import SegmentationResult, tag_prompted
+from karyo.infer.result import SegmentationResult, finish
 from karyo.models.base import InstanceModel, register
 from karyo.models.duplicates import DuplicateJudgeConfig, mask_pairs
 from karyo.models.prompter import Prompter, PrompterConfig, decode_points, point_nms
@@ -163,7 +163,7 @@ class PromptNucSegModel(InstanceModel):
                 neg = (np.asarray(list(negative), np.float64).reshape(-1, 2) * prep.scale).astype(np.float32)
         candidates = self.mask_candidates(prep, pts, cls, score, neg, remove_duplicates=points is None)
         result = self.resolve(prep, candidates, cfg.mask_threshold, **self._detection_filters(points), name=name)
-        return tag_prompted(result, points)
+        return finish(result, points, mpp)
 
     def _detection_filters(self, points: Sequence[tuple[float, float]] | None) -> dict[str, float | None]:
         """The filters :meth:`resolve` applies (``min_stability``, ``min_verified``): the config's for detected
