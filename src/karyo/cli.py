@@ -620,10 +620,15 @@ def query_cmd(
     """Rank the nuclei of IMAGE by similarity to free TEXT (IVAAN instance–text embeddings); write an overlay
     highlighting the top matches and a ranked CSV."""
     from karyo.data.io import image_stem, read_image_meta, write_image
+    from karyo.errors import InputError
     from karyo.export.overlay import draw_overlay
     from karyo.export.writers import write_table_csv
     from karyo.infer.prepare import check_mpp
 
+    if not text.strip():
+        raise InputError(None, "the query text is empty; describe the nuclei to find, e.g. \"large pale nuclei\"")
+    if top_k < 1:
+        raise InputError(None, f"--top-k must be ≥ 1, got {top_k}")
     _check_out_folder(out)
     check_mpp(mpp, "--mpp")
     net = _load_ivaan(model, segmentor, device)

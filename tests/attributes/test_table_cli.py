@@ -137,6 +137,13 @@ def test_cli_attributes_on_a_dataset_and_reusing_levels(tmp_path, layout):
     test_table = pd.read_parquet(tmp_path / "t" / "attributes.parquet")
     same = table[table["Identifier.Split"] == "test"].reset_index(drop=True)
     assert test_table["Text.Prompt"].tolist() == same["Text.Prompt"].tolist()
+    # without --levels, measuring the test split still fits its levels on the train split, never on itself
+    res = runner.invoke(app, ["attributes", str(layout), "--out", str(tmp_path / "t2"), "--split", "test",
+                              "--no-geojson"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "t2" / "levels.json").read_text())["meta"]["fit_split"] == "train"
+    fitted = pd.read_parquet(tmp_path / "t2" / "attributes.parquet")
+    assert fitted["Text.Prompt"].tolist() == same["Text.Prompt"].tolist()
 
 
 def test_cli_select_attributes_prints_table_and_choice(tmp_path, layout):

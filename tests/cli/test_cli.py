@@ -236,6 +236,30 @@ def test_evaluate_missing_predictions_named(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((pred / "evaluation.json").read_text())
     assert report["n_images"] == 1 and report["instance"]["pq"] == pytest.approx(1 / (1 + 1e-6))
+    assert "1 of 2 ground-truth image(s) have no prediction and are left out" in report["notes"][0]
+
+
+def test_evaluate_matches_classes_by_name_and_skips_foreign_ones(tmp_path):
+    """Predictions with the ground truth's class names under other ids are relabelled by name; predictions
+    with other class names (a CoNSeP model on PanNuke) get no class metrics and a note, not id-by-id pairing."""
+    from karyo.metrics.folders import evaluate_folders
+
+    img = np.zeros((16, 16, 3), np.uint8)
+    inst = np.zeros((16, 16), np.int32)
+    inst[2:6, 2:6], inst[9:14, 9:14] = 1, 2
+    write_layout_sample(tmp_path / "t", karyo.Sample(image=img, instances=inst, classes={1: 1, 2: 2}, name="a",
+                                                     class_names={1: "tumour", 2: "immune"}))
+    swapped = karyo.Sample(image=img, instances=inst, classes={1: 2, 2: 1}, name="a",
+                           class_names={1: "immune", 2: "Tumour"})
+    write_layout_sample(tmp_path / "same", swapped)
+    report = evaluate_folders(tmp_path / "t", tmp_path / "same")
+    assert report.classified and report.detection.f1_type[1] == pytest.approx(1.0)
+    other = karyo.Sample(image=img, instances=inst, classes={1: 1, 2: 2}, name="a",
+                         class_names={1: "other", 2: "inflammatory"})
+    write_layout_sample(tmp_path / "other", other)
+    report = evaluate_folders(tmp_path / "t", tmp_path / "other")
+    assert not report.classified
+    assert report.notes[0].startswith("classification metrics skipped: the prediction's classes")
 
 
 def test_models_lists_default():

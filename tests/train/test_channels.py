@@ -87,9 +87,14 @@ def test_fit_channel_stats_per_channel_skipping_absent_channels():
     on = AugmentConfig(fit_stats=True)
     np.testing.assert_allclose(fit_channel_stats(on, [c]).mean, (0.2, 0.2), atol=1e-4)
     np.testing.assert_allclose(fit_channel_stats(on, [c]).std, (1e-3, 1e-3))  # floor, no 0 division
-    # statistics that fit the channel count (RGB with ImageNet's), or fitting switched off: unchanged
-    rgb = Sample(image=np.zeros((4, 4, 3), np.uint8), instances=np.zeros((4, 4), np.int32))
-    assert fit_channel_stats(on, [rgb]) == on
+    # three channels with ImageNet's defaults are fitted too (behind an adapter they may be DAPI, CD45, PanCK)
+    three = Sample(image=np.stack([np.full((4, 4), v, np.uint8) for v in (51, 102, 255)], -1),
+                   instances=np.zeros((4, 4), np.int32))
+    np.testing.assert_allclose(fit_channel_stats(on, [three]).mean, (0.2, 0.4, 1.0), atol=1e-6)
+    # statistics the config chose, or fitting switched off: unchanged
+    chosen = AugmentConfig(fit_stats=True, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))
+    assert fit_channel_stats(chosen, [three]) == chosen
+    assert fit_channel_stats(AugmentConfig(fit_stats=True, mean=(0.3,), std=(0.2,)), [three]).mean == (0.3,)
     assert fit_channel_stats(AugmentConfig(), samples) == AugmentConfig()  # off by default
 
 

@@ -112,14 +112,24 @@ def attributes_for_dataset(root: str | os.PathLike, out: str | os.PathLike, *, s
         raise InputError(root, "no annotated nuclei found (instances/ missing or empty)")
     splits = pd.Series([ds.split_of(i) or "" for i in ds.ids], index=ds.ids)
     table.insert(1, "Identifier.Split", splits.reindex(table[N.IMAGE]).to_numpy(dtype=object))
-    fit_rows = table
+    fit_rows, fitted_on = table, None
     if levels is None and fit_split and (table["Identifier.Split"] == fit_split).any():
-        fit_rows = table[table["Identifier.Split"] == fit_split]
+        fit_rows, fitted_on = table[table["Identifier.Split"] == fit_split], fit_split
+    elif levels is None and fit_split and split is not None and split != fit_split:
+        # measuring another split (e.g. test): the levels still come from the fit split, never from these images
+        try:
+            fit_ds = LayoutDataset(root, split=fit_split)
+        except InputError:
+            fit_ds = None
+        if fit_ds is not None and len(fit_ds):
+            measured = measure_samples(fit_ds, n_jobs=n_jobs, normalizer=normalizer, options=options)
+            if len(measured):
+                fit_rows, fitted_on = measured, fit_split
     model = _levels(table, fit_rows, levels, prompt_attributes, level_mode)
     table[PROMPT_COLUMN] = model.sentences(table).to_numpy() if model is not None else ""
     files = write_table(table, out / "attributes")
     if model is not None and levels is None:
-        model.meta = {"dataset": str(root), "fit_split": fit_split if fit_rows is not table else None}
+        model.meta = {"dataset": str(root), "fit_split": fitted_on}
         files.append(model.save(out / "levels.json"))
     if geojson:
         groups = dict(list(table.groupby(N.IMAGE, sort=False)))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -53,9 +53,14 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
         raise InputError(pred_root, f"no prediction for any of the {len(names)} ground-truth image(s)")
     scored = [i for i, n in enumerate(names) if missing != "skip" or n in pred_index]
     true_names = truth.class_names or {}
-    if preds.class_names and true_names and preds.class_names != true_names:
-        warnings.warn(f"class names differ: truth {true_names} vs prediction {preds.class_names}; "
-                      "classes are compared by id", stacklevel=2)
+    notes: list[str] = []
+    if missing == "skip" and len(scored) < len(names):
+        notes.append(f"{len(names) - len(scored)} of {len(names)} ground-truth image(s) have no prediction and are "
+                     f"left out (--missing skip)")
+    relabel, classes_off = _class_relabelling(true_names, preds.class_names or {})
+    if classes_off:
+        notes.append(f"classification metrics skipped: the prediction's classes {sorted(preds.class_names.values())} "
+                     f"are not the ground truth's {sorted(true_names.values())}")
 
     def pairs() -> Iterator[ImagePair]:
         for done, i in enumerate(scored, start=1):
@@ -64,6 +69,10 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
                 raise InputError(Path(true), f"{name}: ground truth has no instance map")
             if name in pred_index:
                 p_inst, p_cls, _, _ = _labels(preds, pred_index[name])
+                if classes_off:
+                    p_cls = None
+                elif p_cls is not None and relabel:
+                    p_cls = {k: relabel.get(v, v) for k, v in p_cls.items()}
             else:
                 p_inst, p_cls = np.zeros_like(t_inst), ({} if t_cls is not None else None)
             if p_inst.shape != t_inst.shape:
@@ -75,4 +84,18 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
             if on_image is not None:
                 on_image(done, len(scored))
 
-    return evaluate(pairs(), class_names=true_names or None)
+    report = evaluate(pairs(), class_names=true_names or None)
+    return dataclasses.replace(report, notes=(*notes, *report.notes)) if notes else report
+
+
+def _class_relabelling(true_names: dict[int, str], pred_names: dict[int, str]) -> tuple[dict[int, int], bool]:
+    """({prediction class id: ground-truth id}, whether to skip classification): classes are matched by name
+    (case-insensitive); a prediction whose class names are not all among the ground truth's is not scored for
+    classes at all, rather than pairing, say, "inflammatory" with "Non-neoplastic" because both are id 2."""
+    if not true_names or not pred_names:
+        return {}, False
+    by_name = {v.strip().lower(): k for k, v in true_names.items()}
+    relabel = {k: by_name.get(v.strip().lower()) for k, v in pred_names.items()}
+    if any(v is None for v in relabel.values()):
+        return {}, True
+    return {k: v for k, v in relabel.items() if k != v}, False

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from karyo.data.augment import AugmentConfig, prepare_image
+from karyo.data.augment import IMAGENET_MEAN, AugmentConfig, prepare_image
 from karyo.data.sample import Sample
 from karyo.errors import InputError
 from karyo.models.adapter import AdapterConfig, map_channels
@@ -90,9 +90,10 @@ def map_samples(samples: Sequence[Sample], adapter: AdapterConfig | None, in_cha
 
 def fit_channel_stats(augment: AugmentConfig, samples: Sequence[Sample], present: np.ndarray | None = None,
                       percentiles: tuple[float, float] = (1.0, 99.0), max_pixels: int = 1_000_000) -> AugmentConfig:
-    """``augment`` with per-channel statistics from the training images, where its own do not fit their channel
-    count (anything but 3 channels with the ImageNet defaults, or one value for all): each channel's 1st–99th
-    percentile range of the training pixels is mapped to [−1, 1] (mean = mid-range, std = half-range).
+    """``augment`` with per-channel statistics from the training images, unless the config sets its own (one value
+    for all channels, or one per channel other than the ImageNet defaults): each channel's 1st–99th percentile
+    range of the training pixels is mapped to [−1, 1] (mean = mid-range, std = half-range). The ImageNet defaults
+    are replaced even for exactly 3 channels: behind an adapter they may be three markers, not R, G and B.
 
     Why: the fixed 0.5/0.5 fallback leaves a dim stain or marker channel (hematoxylin optical density, a sparse
     fluorescence marker) squeezed into a small part of [−1, 1] next to full-range channels. Percentiles, not
@@ -107,8 +108,8 @@ def fit_channel_stats(augment: AugmentConfig, samples: Sequence[Sample], present
     if not (augment.normalize and augment.fit_stats and samples):
         return augment
     n = samples[0].image.shape[2]
-    if len(augment.mean) in (1, n):
-        return augment
+    if len(augment.mean) == 1 or (len(augment.mean) == n and tuple(augment.mean) != tuple(IMAGENET_MEAN)):
+        return augment  # statistics the config chose
     total = sum(s.image.shape[0] * s.image.shape[1] for s in samples)
     step = max(1, int(np.ceil(np.sqrt(total / max_pixels))))  # the same grid stride in y and x
     values: list[list[np.ndarray]] = [[] for _ in range(n)]

@@ -261,10 +261,13 @@ def run_pannuke_benchmark(root: str | os.PathLike, protocol: str, out: str | os.
                "test_tissues": sorted(set(meta.set_index(["pannuke_fold", "index"]).loc[parts["test"], "tissue"]))}
         write_text(result_path, json.dumps(row, indent=1) + "\n")
         rows.append(row)
-        log(f"{sname}: mPQ {row['mpq']}, PQ {row['pq']}, AJI {row['aji']}")
+        log(f"{sname}: mPQ {row['mpq']:.4f}, PQ {row['pq']:.4f}, AJI {row['aji']:.4f}")
     rows.sort(key=lambda r: r["split"])
+    # what actually ran: the config's training sections with the command's overrides applied, and the rest
+    ran = {**to_dict(cfg), "train": to_dict(tcfg), "segmentor_train": to_dict(scfg)}
     summary = {"protocol": name, "method": method, "splits": rows, "summary": summarize(rows),
-               "config": to_dict(cfg), "complete": len(rows) == len(all_splits)}
+               "config": ran, "segmentor": str(segmentor) if segmentor is not None else "trained per split",
+               "test_limit": test_limit, "complete": len(rows) == len(all_splits)}
     write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     write_text(out / "summary.md", markdown_table(name, method, rows, summary["summary"]))
     return summary
