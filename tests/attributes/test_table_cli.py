@@ -162,3 +162,23 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, samples):
     res = runner.invoke(app, ["attributes", str(tmp_path / "a.png"), "--instances", str(tmp_path / "m.png"),
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "differs from image shape" in res.output
+
+
+def test_marker_images_are_refused_not_read_as_h_and_e(tmp_path, samples):
+    """Attributes are those of RGB H&E or of one channel: three named markers or eight channels are refused
+    instead of being stain-separated as if they were R, G and B."""
+    import tifffile
+
+    from karyo.attributes import measure_arrays
+    from karyo.errors import InputError
+
+    sample = samples[0]
+    write_instances(tmp_path / "m.png", sample.instances)
+    markers = np.moveaxis(np.asarray(sample.image[..., :3]), -1, 0)
+    tifffile.imwrite(tmp_path / "panel.ome.tif", markers, ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "CD45", "PanCK"]}})
+    res = runner.invoke(app, ["attributes", str(tmp_path / "panel.ome.tif"), "--instances", str(tmp_path / "m.png"),
+                              "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "named DAPI, CD45, PanCK:" in " ".join(res.output.split())
+    with pytest.raises(InputError, match="8-channel images are not supported"):
+        measure_arrays(np.zeros((*sample.instances.shape, 8), np.uint8), sample.instances)

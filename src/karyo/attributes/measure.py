@@ -119,8 +119,10 @@ def measure_arrays(image: np.ndarray, instances: np.ndarray, *, normalizer: Mace
     opts = options or _DEFAULT_OPTIONS
     image = as_hwc(image, source)
     labels = validate_instances(instances, image.shape[:2], source)
-    if image.shape[2] == 2:
-        raise InputError(source, "2-channel images are not supported (expected RGB or one channel)")
+    if image.shape[2] == 2 or image.shape[2] > 4:
+        raise InputError(source, f"{image.shape[2]}-channel images are not supported: the attributes are those of "
+                                 f"RGB brightfield (H&E stain separation) or of one channel; pick RGB or one "
+                                 f"channel first (e.g. karyo.infer.prepare.select_channels)")
     if image.shape[2] >= 3:
         rgb = to_rgb(image)
         hema, eosin = (normalizer or _DEFAULT_NORMALIZER).stain_planes(rgb, source=source)

@@ -54,12 +54,17 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
     """Attributes, prompts and GeoJSON of one image. Without ``levels`` (a LevelModel or its JSON path) the
     levels are fitted on this image's own nuclei, so "large" means large within this image. Class names come
     from ``class_names`` or a ``classes.json`` beside the class CSV or one folder up (the dataset layout)."""
-    from karyo.data.io import image_stem, read_image, read_instances
+    from karyo.data.io import image_stem, read_image_meta, read_instances
     from karyo.data.layout import read_class_csv
 
     image_path = Path(image_path)
     out = Path(out)
-    image = read_image(image_path)
+    image, meta = read_image_meta(image_path)
+    names = [str(n).lower() for n in (meta.get("channel_names") or [])]
+    if image.shape[2] == 3 and names and names not in (["r", "g", "b"], ["red", "green", "blue"]):
+        listed = ", ".join(map(str, meta["channel_names"]))
+        raise InputError(image_path, f"its 3 channels are named {listed}: the attributes are those of RGB H&E "
+                                     f"(stain separation) or of one channel, not of three markers")
     instances = read_instances(instances_path, image.shape[:2])
     classes = read_class_csv(classes_path, instances, complete=True) if classes_path is not None else None
     if classes is not None and class_names is None:
