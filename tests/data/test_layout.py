@@ -57,7 +57,7 @@ def test_consep_split_selection_and_ids(shared_data):
     assert classes == s.classes
     assert picked[-1].name == "test_4_012"
     assert [x.name for x in test[2:4]] == test.ids[2:4]
-    with pytest.raises(InputError, match=r"split\.csv: no split named \['val'\]; splits here: \['test', 'train'\]"):
+    with pytest.raises(InputError, match=r"split\.csv: no split named 'val'; splits here: test, train"):
         LayoutDataset(root, split="val")
     with pytest.raises(InputError, match=r"unknown id\(s\) \['nope'\]"):
         LayoutDataset(root, ids=["nope"])

@@ -197,6 +197,8 @@ def test_select_channels_by_name_and_index():
     assert sel[0, 0].tolist() == [3, 1] and names is None
     with pytest.raises(InputError, match="'Ki67' not found"):
         select_channels(img, ("DAPI", "CD45", "CD8"), "Ki67")
+    with pytest.raises(InputError, match="channel.s. 2, cd8 selected more than once"):  # by index and by name
+        select_channels(img, ("DAPI", "CD45", "CD8"), "2,cd8")
 
 
 def test_naive_duplication_repeats_or_truncates():

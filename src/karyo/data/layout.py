@@ -126,7 +126,8 @@ class LayoutDataset(SampleSequence):
             unknown = [s for s in wanted if s not in self.splits]
             if unknown:
                 raise InputError(self.root / "split.csv" if self.splits else self.root,
-                                 f"no split named {unknown}; splits here: {sorted(self.splits) or 'none'}")
+                                 f"no split named {', '.join(map(repr, unknown))}; splits here: "
+                                 f"{', '.join(sorted(self.splits)) or 'none'}")
             selected = [i for i in selected if self._rows[i].get("split") in wanted]
         if ids is not None:
             missing = [i for i in ids if i not in self._rows]

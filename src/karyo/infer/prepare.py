@@ -88,6 +88,9 @@ def select_channels(image: np.ndarray, names: Sequence[str] | None, spec: str | 
             known = f"names {list(names)}" if names else "no channel names"
             raise InputError(source, f"channel {item!r} not found: the image has {c} channel(s) and {known}; "
                                      f"give names or 0-based indices")
+    twice = sorted({items[k] for k, i in enumerate(picked) if picked.count(i) > 1})
+    if twice:
+        raise InputError(source, f"channel(s) {', '.join(twice)} selected more than once; select each channel once")
     sel = np.ascontiguousarray(image[..., picked])
     return sel, (tuple(str(names[i]) for i in picked) if names else None)
 
