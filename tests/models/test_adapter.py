@@ -197,7 +197,7 @@ def test_select_channels_by_name_and_index():
     assert sel[0, 0].tolist() == [3, 1] and names is None
     with pytest.raises(InputError, match="'Ki67' not found"):
         select_channels(img, ("DAPI", "CD45", "CD8"), "Ki67")
-    with pytest.raises(InputError, match="channel.s. 2, cd8 selected more than once"):  # by index and by name
+    with pytest.raises(InputError, match=r"channel\(s\) 2, cd8 selected more than once"):  # by index and by name
         select_channels(img, ("DAPI", "CD45", "CD8"), "2,cd8")
 
 
