@@ -200,7 +200,7 @@ def segment(
     from karyo.data.io import read_image_meta
     from karyo.errors import InputError
     from karyo.export.writers import ALL_OUTPUTS, save_result
-    from karyo.infer.prepare import check_mpp, check_points
+    from karyo.infer.prepare import check_mpp, check_prompts
     from karyo.models import load
     from karyo.samples import sample_path
 
@@ -259,8 +259,7 @@ def segment(
                 save_semantic(semantic, out, image, stem=stem)
             else:
                 if points is not None:  # errors name the CSV, not the image
-                    check_points(pos, image.shape, points)
-                    check_points(neg, image.shape, points, "negative point")
+                    check_prompts(pos, neg, image.shape, points)
                 with _errors_name_file(path, stem):
                     result = net.segment(image, points=pos, negative=neg, mpp=mpp or meta.get("mpp"), name=stem,
                                          **named)

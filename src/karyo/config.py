@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from karyo.errors import InputError
+from karyo.errors import InputError, naming
 
 T = TypeVar("T")
 
@@ -44,12 +44,8 @@ def from_dict(cls: type[T], data: dict, source: str | os.PathLike | None = None)
             raise
         except (TypeError, ValueError) as exc:
             raise InputError(source, f"{cls.__name__}.{name}: {exc}") from None
-    try:
+    with naming(source):  # a config's own checks (__post_init__) do not know the file
         return cls(**kwargs)
-    except InputError as exc:  # a config's own checks (__post_init__) do not know the file
-        if exc.source is None and source is not None:
-            raise InputError(source, exc.problem) from None
-        raise
 
 
 def _convert(hint: Any, value: Any, source) -> Any:

@@ -6,7 +6,9 @@ with the file name, so the CLI can print it without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 
 class KaryoError(Exception):
@@ -20,3 +22,15 @@ class InputError(KaryoError, ValueError):
         self.source = None if source is None else os.fspath(source)
         self.problem = problem
         super().__init__(problem if self.source is None else f"{self.source}: {problem}")
+
+
+@contextlib.contextmanager
+def naming(source: str | os.PathLike | None) -> Iterator[None]:
+    """Inside, an :class:`InputError` that names no file (a check that only sees values, e.g. a config's
+    ``__post_init__``) is raised again naming ``source``, the file the values came from."""
+    try:
+        yield
+    except InputError as exc:
+        if exc.source is None and source is not None:
+            raise InputError(source, exc.problem) from None
+        raise

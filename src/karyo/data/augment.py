@@ -84,6 +84,7 @@ import albumentations as A
 import cv2
 from skimage.measure import label as _label_regions
 
+from karyo.data.sample import integer_by_value
 from karyo.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -435,25 +436,18 @@ def prepare_image(image: np.ndarray, source: str | None = None) -> np.ndarray:
     """uint8 stays uint8 (0..255); every other dtype becomes float32 in [0, 1].
 
     uint16 is divided by 65535, so uint16 value ``257 * v`` normalises exactly like uint8 value ``v``. Other
-    integer dtypes (what ``np.array(..., dtype=int)`` or a nested list gives) say nothing about their range, so
-    their values decide: 0..255 is 8-bit, 0..65535 16-bit; negative or larger values are refused (dividing by
-    the dtype maximum would turn an 8-bit image held as int64 black). Float images must already be in [0, 1]
-    (raw intensities would be normalised wrongly, so they are refused). Bool becomes 0/255 uint8.
+    integer dtypes are first read as 8- or 16-bit by their values (:func:`karyo.data.sample.integer_by_value`).
+    Float images must already be in [0, 1] (raw intensities would be normalised wrongly, so they are refused).
+    Bool becomes 0/255 uint8.
     """
     image = np.asarray(image)
+    if image.dtype.kind in "ui" and image.dtype not in (np.uint8, np.uint16):
+        image = integer_by_value(image, source)
     if image.dtype == np.uint8:
         return image
     if image.dtype == bool:
         return image.astype(np.uint8) * np.uint8(255)
     if image.dtype == np.uint16:
-        return image.astype(np.float32) / np.float32(65535.0)
-    if image.dtype.kind in "ui":
-        lo, hi = (int(image.min()), int(image.max())) if image.size else (0, 0)
-        if lo < 0 or hi > 65535:
-            raise InputError(source, f"integer image ({image.dtype}) holds values {lo}..{hi}; karyo reads 8-bit "
-                                     f"(0..255) or 16-bit (0..65535) intensities: convert it to uint8 or uint16")
-        if hi <= 255:
-            return image.astype(np.uint8)
         return image.astype(np.float32) / np.float32(65535.0)
     if image.dtype.kind == "f":
         out = image.astype(np.float32, copy=False)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from karyo.data.sample import as_hwc, validate_instances
+from karyo.data.sample import as_hwc, integer_by_value, validate_instances
 from karyo.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -253,7 +253,7 @@ def read_image_meta(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
             raise InputError(path, "image holds NaN or infinite values")
         arr = arr.astype(np.float32, copy=False)
     elif arr.dtype not in (np.uint8, np.uint16):
-        arr = _integer_to_supported(arr, path)
+        arr = integer_by_value(arr, path)
     return arr, meta
 
 
@@ -302,16 +302,6 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(here):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _integer_to_supported(arr: np.ndarray, path: Path) -> np.ndarray:
-    """Wide integer pixels (a 32-bit PNG, an int TIFF) by their values: 0..255 is 8-bit, as
-    :func:`karyo.data.augment.prepare_image` reads them (held as uint16 they would be taken for dark 16-bit)."""
-    if arr.size and arr.min() >= 0 and arr.max() <= 255:
-        return arr.astype(np.uint8)
-    if arr.min() >= 0 and arr.max() <= 65535:
-        return arr.astype(np.uint16)
-    raise InputError(path, f"integer image values {arr.min()}..{arr.max()} do not fit 16 bits")
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +67,18 @@ def as_hwc(image: np.ndarray, source: str | None = None) -> np.ndarray:
     if image.dtype.kind not in "uif" and image.dtype != bool:
         raise InputError(source, f"image has unsupported dtype {image.dtype}")
     return image
+
+
+def integer_by_value(image: np.ndarray, source: str | os.PathLike | None = None) -> np.ndarray:
+    """A wide integer image (int16..int64, uint32/64: what ``np.array(..., dtype=int)``, a nested list, a 32-bit PNG
+    or an int TIFF give) as uint8 or uint16 by its values, since its dtype says nothing about its range: 0..255 is
+    8-bit, up to 65535 16-bit; negative or larger values are refused. Dividing by the dtype maximum instead would
+    turn an 8-bit image held as int64 black, and holding 0..255 as uint16 would read it as dark 16-bit."""
+    lo, hi = (int(image.min()), int(image.max())) if image.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise InputError(source, f"integer image ({image.dtype}) holds values {lo}..{hi}; karyo reads 8-bit "
+                                 f"(0..255) or 16-bit (0..65535) intensities: convert it to uint8 or uint16")
+    return image.astype(np.uint8 if hi <= 255 else np.uint16)
 
 
 def validate_instances(instances: np.ndarray, shape: tuple[int, int] | None = None, source: str | None = None

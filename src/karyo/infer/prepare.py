@@ -126,6 +126,12 @@ def check_points(points: Sequence[tuple[float, float]] | np.ndarray | None, shap
     return xy
 
 
+def check_prompts(points, negative, shape: tuple[int, ...], source: str | os.PathLike | None = None
+                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """:func:`check_points` of a model's positive and negative prompts, as every promptable ``segment`` takes them."""
+    return check_points(points, shape, source), check_points(negative, shape, source, "negative point")
+
+
 def check_mpp(mpp: float | None, source: str | os.PathLike | None = None) -> float | None:
     """``mpp`` as a float, or None when unknown; a value outside :data:`karyo.data.io.MPP_RANGE` (negative,
     zero, NaN, µm mistyped for mm) is an error naming ``source`` rather than silently ignored or obeyed."""

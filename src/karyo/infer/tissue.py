@@ -45,31 +45,25 @@ class TissueMask:
     margin_px: int = 1
     extent: tuple[int, int] | None = None  # level-0 (width, height); the last mask row/column may overhang it
 
-    @property
-    def pixel_area_um2(self) -> float:
-        return self.scale[0] * self.scale[1] * self.slide_mpp ** 2
-
-    def _covered_px(self) -> tuple[np.ndarray, np.ndarray]:
-        """Level-0 pixels (x per column, y per row) each mask pixel covers inside the slide: a 1000 px wide
-        slide on a 32 px grid has a last column 8 px wide, not 32 (counting it whole overstates the area)."""
+    def _level0_px(self) -> tuple[float, float]:
+        """(tissue, slide) in level-0 pixels. Each mask pixel counts the level-0 pixels it covers inside the
+        slide: a 1000 px wide slide on a 32 px grid has a last column 8 px wide, not 32 (counting it whole
+        overstates the area)."""
         h, w = self.mask.shape
         sx, sy = self.scale
         ew, eh = self.extent if self.extent is not None else (w * sx, h * sy)
         cols = np.clip(np.minimum((np.arange(w) + 1) * sx, ew) - np.arange(w) * sx, 0, None)
         rows = np.clip(np.minimum((np.arange(h) + 1) * sy, eh) - np.arange(h) * sy, 0, None)
-        return cols, rows
+        return float(rows @ self.mask.astype(np.float64) @ cols), float(cols.sum() * rows.sum())
 
     @property
     def area_mm2(self) -> float:
-        cols, rows = self._covered_px()
-        level0_px = float(rows @ self.mask.astype(np.float64) @ cols)
-        return level0_px * self.slide_mpp ** 2 / 1e6
+        return self._level0_px()[0] * self.slide_mpp ** 2 / 1e6
 
     @property
     def fraction(self) -> float:
-        cols, rows = self._covered_px()
-        total = float(cols.sum() * rows.sum())
-        return float(rows @ self.mask.astype(np.float64) @ cols) / total if total > 0 else 0.0
+        tissue, total = self._level0_px()
+        return tissue / total if total > 0 else 0.0
 
     def selection(self) -> np.ndarray:
         """The mask grown by the margin: where a tile must look for nuclei."""

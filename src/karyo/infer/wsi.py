@@ -513,15 +513,14 @@ class WSIEngine:
         cache_dir = out_dir / CACHE_NAME
         slide = self.open_slide(slide_path, mpp, cache_dir)
         try:
-            result = self._run(slide, slide_path, out_dir, cache_dir, mpp, resume, timing, t_start)
+            try:
+                result = self._run(slide, slide_path, out_dir, cache_dir, mpp, resume, timing, t_start)
+            finally:
+                slide.close()
         except KaryoError:  # refused (no tissue, changed settings): nothing will resume from the decoded image
-            slide.close()
             shutil.rmtree(cache_dir, ignore_errors=True)
             raise
-        except BaseException:  # interrupted or crashed: --resume reuses the decoded image
-            slide.close()
-            raise
-        slide.close()
+        # (interrupted or crashed: the cache stays, --resume reuses the decoded image)
         shutil.rmtree(cache_dir, ignore_errors=True)  # complete, or found complete by --resume
         return result
 

@@ -49,7 +49,7 @@ from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.binary import BinaryConfig, binary_instances, instance_scores
 from karyo.infer.hovernet import ENERGIES, hovernet_postprocess
-from karyo.infer.prepare import check_points, model_input, resample_to_model, resize_instances
+from karyo.infer.prepare import check_prompts, model_input, resample_to_model, resize_instances
 from karyo.infer.result import SegmentationResult, finish
 from karyo.infer.tiling import tile_starts
 from karyo.models.adapter import AdapterConfig, ChannelAdapter
@@ -677,8 +677,7 @@ class CellViTModel(InstanceModel):
         nuclei containing one of these points are dropped. Kept nuclei are renumbered 1..N. ``channel_names``:
         the image's channel names, mapped onto an adapter's (:mod:`karyo.models.adapter`).
         """
-        points = check_points(points, np.shape(image), name or None)
-        negative = check_points(negative, np.shape(image), name or None, "negative point")
+        points, negative = check_prompts(points, negative, np.shape(image), name or None)
         x = self._prepare(image, name, channel_names)
         h0, w0 = x.shape[2:]
         x, scale = resample_to_model(x, mpp, self.config.mpp, name or None)

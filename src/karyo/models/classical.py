@@ -18,7 +18,7 @@ from skimage.feature import peak_local_max
 from karyo.data.io import to_uint8
 from karyo.data.sample import as_hwc
 from karyo.infer.postprocess import remove_small_instances
-from karyo.infer.prepare import check_mpp, check_points
+from karyo.infer.prepare import check_mpp, check_prompts
 from karyo.infer.result import SegmentationResult, finish
 from karyo.infer.tissue import saturation
 from karyo.models.base import InstanceModel, register
@@ -75,8 +75,7 @@ class ClassicalModel(InstanceModel):
                 name: str = "") -> SegmentationResult:
         cfg = self.config
         mpp = check_mpp(mpp, name or None)
-        points = check_points(points, np.shape(image), name or None)
-        negative = check_points(negative, np.shape(image), name or None, "negative point")
+        points, negative = check_prompts(points, negative, np.shape(image), name or None)
         scale = 1.0 if mpp is None else cfg.mpp / mpp  # > 1 when the image is more magnified
         sig = self._smoothed(image, scale)
         if cfg.threshold is not None:

@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 
 from karyo.device import pick_device
 from karyo.infer.assemble import assemble_instances, stability_scores, suppress_duplicate_masks, suppress_pairs
-from karyo.infer.prepare import check_points, model_input, pad_input, resample_to_model, resize_instances
+from karyo.infer.prepare import check_prompts, model_input, pad_input, resample_to_model, resize_instances
 from karyo.infer.result import SegmentationResult, finish
 from karyo.models.base import InstanceModel, register
 from karyo.models.duplicates import DuplicateJudgeConfig, mask_pairs
@@ -150,8 +150,7 @@ class PromptNucSegModel(InstanceModel):
         (``negative`` points mark places that are not the nucleus, as in SAM). ``channel_names`` are mapped onto
         the networks' channel adapters when they have them (:mod:`karyo.models.adapter`)."""
         cfg = self.config
-        points = check_points(points, np.shape(image), name or None)
-        negative = check_points(negative, np.shape(image), name or None, "negative point")
+        points, negative = check_prompts(points, negative, np.shape(image), name or None)
         prep = self.prepare(image, mpp=mpp, name=name, channel_names=channel_names)
         pts, cls, score = self.detect(prep, cfg.score_threshold, cfg.nms_radius_px)
         neg = np.zeros((0, 2), np.float32)

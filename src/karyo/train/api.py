@@ -6,7 +6,6 @@ trains exactly what the interrupted one did (only ``epochs`` may be raised).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import yaml
 
 from karyo.config import from_dict, load_json, to_dict
 from karyo.data.augment import AugmentConfig
-from karyo.errors import InputError
+from karyo.errors import InputError, naming
 from karyo.models.prompter import PrompterConfig
 from karyo.models.segmentor import SegmentorConfig, segmentor_config
 from karyo.train.channels import adapt_training_data
@@ -106,7 +105,7 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     if not specs:
         raise InputError(None, "no training data: pass --data PATH[:SPLIT][@CLASSES] (repeatable)")
     tcfg = from_dict(TrainConfig, {**file_cfg.get("train", {}), **(train_overrides or {})}, config)
-    with _naming_config(config):
+    with naming(config):
         augment = AugmentConfig.from_dict({"seed": tcfg.seed, **file_cfg.get("augment", {})})
     vf = val_fraction if val_fraction is not None else file_cfg.get("val_fraction", 0.15)
     if isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1:
@@ -143,7 +142,7 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         init_state = init_weights(task, init)
         meta["init"] = str(init)
     model_cfg: Any
-    with _naming_config(config):  # a model: section's errors (unknown fields, bad values) name the file
+    with naming(config):  # a model: section's errors (unknown fields, bad values) name the file
         if task == "prompter":
             base = file_cfg.get("model") or {}
             if "preset" in base or preset or not base:
@@ -192,16 +191,6 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
     return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta,
                init_state=init_state, init_source=init)
-
-
-@contextlib.contextmanager
-def _naming_config(config: str | os.PathLike | None):
-    try:
-        yield
-    except InputError as exc:
-        if exc.source is None and config is not None:
-            raise InputError(config, exc.problem) from None
-        raise
 
 
 #: What a resumed run may change: how long it trains and where it computes, not what it learns.
