@@ -372,7 +372,7 @@ def attributes_cmd(
                                                         "names or columns).")
                                  ] = "d_eq,eccentricity,color_z,perim_ratio",
     level_mode: Annotated[str, typer.Option(help="global | per_class quantile levels.")] = "global",
-    jobs: Annotated[int, typer.Option(help="Worker processes (datasets).")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help="Worker processes (datasets).")] = 1,
     geojson: Annotated[bool, typer.Option(help="Write QuPath GeoJSON with the measurements.")] = True,
 ) -> None:
     """Measure every nucleus (IVAAN B.1 attributes + standard morphology and intensities) and describe it in
@@ -406,12 +406,12 @@ def attributes_cmd(
 def select_attributes_cmd(
     dataset: Annotated[Path, typer.Argument(help="Labelled dataset folder in karyo's layout.")],
     split: Annotated[str | None, typer.Option(help="Use only this split (e.g. train).")] = None,
-    k: Annotated[int, typer.Option(help="Number of attributes to select.")] = 4,
-    lam: Annotated[float, typer.Option("--lambda", help="Redundancy penalty λ.")] = 0.4,
-    alpha: Annotated[float, typer.Option(help="Weight α of S_global in S_overall.")] = 0.5,
+    k: Annotated[int, typer.Option(min=1, help="Number of attributes to select.")] = 4,
+    lam: Annotated[float, typer.Option("--lambda", min=0.0, help="Redundancy penalty λ.")] = 0.4,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight α of S_global in S_overall.")] = 0.5,
     attributes: Annotated[str | None, typer.Option(help="Comma-separated candidates (default: the 11 B.1 "
                                                         "attributes).")] = None,
-    jobs: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     out: Annotated[Path | None, typer.Option(help="Also write the score table to this CSV.")] = None,
 ) -> None:
     """Rank attributes by class separability (Cohen's d) with a redundancy penalty and pick K (IVAAN B.2)."""
@@ -478,7 +478,9 @@ def train_cmd(
                                                       "channel adapter for N input channels (e.g. 8) or for these "
                                                       "named channels (DAPI,CD45).")] = None,
     init: Annotated[Path | None, typer.Option(help="Start from these weights: a checkpoint, a run folder or a "
-                                                   "packed model folder (fine-tuning).")] = None,
+                                                   "packed model folder (fine-tuning). Its class layer "
+                                                   "starts afresh when the data have other classes than "
+                                                   "it was trained on.")] = None,
 ) -> None:
     """Train a model (PromptNucSeg prompter or segmentor, CellViT, IVAAN, MONCH, U-Net): seeded, resumable, best
     checkpoint chosen on the validation split."""
@@ -487,35 +489,23 @@ def train_cmd(
     overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                                    "threads": threads, "max_steps_per_epoch": max_steps, "device": device}.items()
                  if v is not None}
-    if resume:
-        _say_where_training_resumes(out)
+    if resume and not (out / "last.pt").is_file() and (out / "train_config.json").is_file():
+        console.print(f"{out} has no checkpoint yet (stopped before its first epoch ended): training starts "
+                      f"again from epoch 1 with the run's saved settings", highlight=False)
+
+    def say_resumed(epoch: int) -> None:
+        console.print(f"resuming {out} after epoch {epoch} ({out / 'last.pt'})", highlight=False)
+
     try:
         result = train(task, data, out, config=config, resume=resume, preset=preset, val_fraction=val_fraction,
-                       train_overrides=overrides, progress=True, channels=channels, init=init)
+                       train_overrides=overrides, progress=True, channels=channels, init=init,
+                       on_resume=say_resumed)
     except KeyboardInterrupt:
         console.print(f"interrupted; the last finished epoch is saved in {out}/last.pt: run the same command with "
                       f"--resume to continue", highlight=False)
         raise typer.Exit(130) from None
     console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1}; "
                   f"model → {result.run_dir / 'model'}", highlight=False)
-
-
-def _say_where_training_resumes(out: Path) -> None:
-    """Name the checkpoint a resumed run continues from (or say there is none yet)."""
-    last = out / "last.pt"
-    if not last.is_file():
-        if (out / "train_config.json").is_file():
-            console.print(f"{out} has no checkpoint yet (stopped before its first epoch ended): training starts "
-                          f"again from epoch 1 with the run's saved settings", highlight=False)
-        return
-    import torch
-
-    try:
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        epoch = int(state["epoch"]) + 1
-    except (OSError, RuntimeError, KeyError, ValueError):
-        return  # the training code reports a damaged checkpoint itself
-    console.print(f"resuming {out} after epoch {epoch} ({last})", highlight=False)
 
 
 @app.command("pack")

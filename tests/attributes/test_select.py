@@ -103,6 +103,8 @@ def test_constant_attribute_and_single_class_are_handled():
     assert res.table.loc["const", "S_overall"] == 0.0
     with pytest.raises(ValueError, match="two classes"):
         select_attributes(df[df["Class.Name"] == "p"], ["a"])
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        select_attributes(df, ["a", "const"], k=0)
 
 
 def test_paper_names_are_accepted(shared_data):

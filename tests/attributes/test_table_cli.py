@@ -152,6 +152,9 @@ def test_cli_select_attributes_prints_table_and_choice(tmp_path, layout):
     assert "selected (k=2" in res.output and "d_eq" in res.output and "S_overall" in res.output
     scores = pd.read_csv(tmp_path / "s.csv", index_col=0)
     assert scores.loc["Size.EquivalentDiameter", "selected"] == 1  # the classes differ by size
+    # selecting nothing is refused before any measuring, by the option itself
+    res = runner.invoke(app, ["select-attributes", str(layout), "--k", "0"])
+    assert res.exit_code == 2 and "--k" in res.output and "greater than or equal to 1" in " ".join(res.output.split())
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, samples):

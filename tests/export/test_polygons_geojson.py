@@ -31,6 +31,20 @@ def test_polygons_follow_pixel_edges():
     assert abs(polys[7].area - n) < 0.5 * 4 * 9
 
 
+def test_table_centroids_are_pixel_indices_half_a_pixel_from_the_polygons():
+    """The documented convention (README, ``attributes.names``): rows give pixel indices, polygons pixel edges."""
+    from karyo.infer.result import SegmentationResult
+
+    m = _two_nuclei()
+    table = SegmentationResult(instances=m).table().set_index("instance_id")
+    polys = instance_polygons(m)
+    assert table.loc[3, ["centroid_x", "centroid_y"]].tolist() == [19.5, 9.5]  # mean of columns 10..29, rows 5..14
+    for label in (3, 7):
+        c = polys[label].centroid
+        assert c.x == pytest.approx(table.loc[label, "centroid_x"] + 0.5, abs=0.02)
+        assert c.y == pytest.approx(table.loc[label, "centroid_y"] + 0.5, abs=0.02)
+
+
 def test_polygon_keeps_holes_and_offset():
     m = np.zeros((20, 20), np.int32)
     m[2:18, 2:18] = 1

@@ -43,3 +43,20 @@ def test_shrunk_instances_keep_one_piece_each():
     assert ndi.label(shrunk == 1)[1] == 1
     assert (shrunk == 1).sum() == 7 * 3  # the wider half (6 columns → 3) stays
     assert classes == {1: 2}
+
+
+def test_narrow_uint16_is_noted_with_the_factor_that_fixes_it():
+    """12-bit camera data in uint16 reads 16× too dark; the note names the file and the scale to apply."""
+    import warnings
+
+    from karyo.infer.prepare import model_input
+
+    rng = np.random.default_rng(0)
+    twelve_bit = rng.integers(0, 4096, (32, 32, 3)).astype(np.uint16)
+    with pytest.warns(UserWarning, match=r"a\.tif: uint16 whose values only reach 409\d .*12-bit data.*image \* 16"):
+        x = model_input(twelve_bit, 3, (0.0,) * 3, (1.0,) * 3, "a.tif")
+    assert float(x.max()) < 4096 / 65535 + 1e-6  # read as is: the note changes nothing by itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_input(twelve_bit * np.uint16(16), 3, (0.0,) * 3, (1.0,) * 3, "b.tif")  # the full range: no note
+        model_input(np.zeros((8, 8, 3), np.uint16), 3, (0.0,) * 3, (1.0,) * 3, "blank.tif")  # nothing to scale

@@ -274,6 +274,14 @@ def test_resume_refuses_other_settings(slide, tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(InputError, match=r"cannot resume.*tiling"):
         run_wsi(slide[0], "classical", out, workers=0, tile=192, overlap=48, resume=True)
+    # a run begun by a karyo whose attribute columns had other units (its settings lack them) is not continued
+    work = wsi_writer.WorkDir(out)
+    old = work.read_settings()
+    assert old["outputs"]["attribute_units"].startswith("level-0 pixels")
+    del old["outputs"]["attribute_units"]
+    work.settings.write_text(json.dumps(old))
+    with pytest.raises(InputError, match=r"cannot resume.*outputs"):
+        run_wsi(slide[0], "classical", out, workers=0, resume=True)
 
 
 # ------------------------------------------------------------------------------------------------ distribution

@@ -113,7 +113,12 @@ def test_named_mapping_reorders_ignores_extra_and_marks_missing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert plan_channels(2, cfg, ["DAPI", "CD45"]).mode == "identity"
-        assert plan_channels(2, cfg, None).mode == "identity"  # unnamed, same count: by position
+    with pytest.warns(ChannelWarning, match=r"names no channels: they are taken by position as the model's "
+                                            r"\['DAPI', 'CD45'\]"):
+        assert plan_channels(2, cfg, None).mode == "identity"  # unnamed, same count: by position, said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan_channels(3, AdapterConfig(in_channels=3), None).mode == "identity"  # nothing to name
     img = np.stack([np.full((2, 2), v, np.uint16) for v in (10, 20, 30)], axis=2)
     out, present = map_channels(img, cfg, ["CD45", "Ki67", "DAPI"], warn=False)
     assert out.dtype == np.uint16 and out[0, 0].tolist() == [30, 10] and present.all()

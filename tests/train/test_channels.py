@@ -178,6 +178,13 @@ def test_channels_refused_where_no_adapter_fits(ome_layout, tmp_path):
     with pytest.raises(InputError, match="not unet"):
         train("unet", [f"{ome_layout}:train"], tmp_path / "u", channels="DAPI", progress=False,
               config=_config(tmp_path, "u", {"width": 4, "depth": 3}))
+    # a network without adapters is told to take the channels itself, not to use --channels it refuses
+    with pytest.raises(InputError, match=r"has 2 channels, the model takes 3: set 'model: \{in_chans: 2\}'"):
+        train("unet", [f"{ome_layout}:train"], tmp_path / "u", progress=False,
+              config=_config(tmp_path, "u", {"width": 4, "depth": 3}))
+    train("unet", [f"{ome_layout}:train"], tmp_path / "u2", progress=False,  # and the hint works
+          config=_config(tmp_path, "u2", {"width": 4, "depth": 3, "in_chans": 2}))
+    assert (tmp_path / "u2" / "best.pt").is_file()
     with pytest.raises(InputError, match="has 2 channels, the model takes 3: give it a channel adapter"):
         train("prompter", [f"{ome_layout}:train"], tmp_path / "p", progress=False,
               config=_config(tmp_path, "p", {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "fpn_dim": 16,

@@ -107,6 +107,37 @@ def test_init_for_other_classes_restarts_only_the_class_layer(tmp_path):
         load_init_state(wider, two, tmp_path / "two.pt")
 
 
+def test_init_trained_on_other_class_names_restarts_the_class_layer(tmp_path, disc_layout, one_thread):
+    """Same class count, other taxonomy (e.g. 4 PanNuke classes onto 4 CoNSeP ones): the class layer is not
+    carried over as if class 1 meant the same; the folder's recorded class names say so."""
+    from karyo.train.api import init_class_names
+
+    first = tmp_path / "first"
+    train("prompter", None, first, config=_config(tmp_path, disc_layout), progress=False)
+    saved = json.loads((first / "train_config.json").read_text())
+    names = saved["model"]["class_names"]
+    assert init_class_names("prompter", first) == names == init_class_names("prompter", first / "best.pt")
+    start = _exported(first)
+    lr0 = {"lr": 0.0}
+    same = tmp_path / "same"  # the same names: everything is carried over
+    train("prompter", None, same, config=_config(tmp_path, disc_layout, init=str(first)), progress=False,
+          train_overrides=lr0)
+    assert all(torch.equal(_exported(same)[k], start[k]) for k in start)
+    assert "init_restarted" not in json.loads((same / "train_config.json").read_text())
+    saved["model"]["class_names"] = {k: f"other {v}" for k, v in names.items()}
+    (first / "train_config.json").write_text(json.dumps(saved))
+    renamed = tmp_path / "renamed"
+    train("prompter", None, renamed, config=_config(tmp_path, disc_layout, init=str(first)), progress=False,
+          train_overrides=lr0)
+    end = _exported(renamed)
+    restarted = json.loads((renamed / "train_config.json").read_text())["init_restarted"]
+    assert restarted == ["cls_head.3.bias", "cls_head.3.weight"]
+    assert all(torch.equal(end[k], start[k]) for k in start if k not in restarted)
+    assert not torch.equal(end["cls_head.3.weight"], start["cls_head.3.weight"])
+    # a bare file records no class names: nothing to compare, so the layer is kept
+    assert init_class_names("prompter", first / "model" / "prompter.pt") is None
+
+
 def test_unknown_validation_ids_are_refused(tmp_path, disc_layout):
     with pytest.raises(InputError, match="not in the training data"):
         train("prompter", None, tmp_path / "run", config=_config(tmp_path, disc_layout, val_ids=["syn_9_000"]),

@@ -74,6 +74,8 @@ def select_attributes(df: pd.DataFrame, attributes: Sequence[str] = N.B1_ATTRIBU
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError("alpha must be in [0, 1]")
+    if int(k) < 1:
+        raise ValueError(f"k must be at least 1 (the number of attributes to select), got {k}")
     if lam < 0:
         raise ValueError("lam (λ) must be >= 0")
     cols = [a if a in df.columns else N.resolve(a) for a in attributes]

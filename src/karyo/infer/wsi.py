@@ -231,6 +231,9 @@ def _polygons(instances: np.ndarray, ids: np.ndarray, offset: tuple[int, int], s
 
 #: Attribute columns with a dimension (power of length), rescaled to level-0 px like ``area``; the rest are
 #: ratios, angles or intensities, the same at any resolution.
+# Recorded in the parquet metadata and in the resume settings: a run begun when Size.* came in model px must
+# not be resumed into a parquet whose other rows are in level-0 px.
+ATTRIBUTE_UNITS = "level-0 pixels (Size.* lengths, px; Size.ConvexHullArea, px²)"
 _LENGTH_POWER = {"Size.Perimeter": 1, "Size.MajorAxisLength": 1, "Size.MinorAxisLength": 1,
                  "Size.EquivalentDiameter": 1, "Size.ConvexHullArea": 2}
 
@@ -571,7 +574,7 @@ class WSIEngine:
                                                               at_least=True)
         meta = {"slide": slide_path.name, "mpp": slide.mpp, "model_mpp": model_mpp, "factor": factor,
                 "coordinates": "level-0 pixels", "attributes_at": "model resolution",
-                "attribute_units": "level-0 pixels (Size.* lengths, px; Size.ConvexHullArea, px²)"}
+                "attribute_units": ATTRIBUTE_UNITS}
         merger = OrderedMerger(work, [t.index for t in tiles], attributes=opts.attributes, slide_name=slide_path.name,
                                metadata=meta, overlay=OverlayPainter(overlay_thumb, overlay_scale),
                                row_group_size=opts.row_group_size)
@@ -643,7 +646,8 @@ class WSIEngine:
             "tiling": {"tile": opts.tile, "overlap": opts.overlap, "factor": factor,
                        "tiles": hashlib.sha1(json.dumps([t.index for t in tiles]).encode()).hexdigest()},
             "tissue": dataclasses.asdict(opts.tissue),
-            "outputs": {"attributes": opts.attributes, "simplify": opts.simplify},
+            "outputs": {"attributes": opts.attributes, "simplify": opts.simplify,
+                        "attribute_units": ATTRIBUTE_UNITS if opts.attributes else None},
         }
 
     def _summary(self, slide, model, model_mpp, factor, size, all_tiles, tiles, done, tissue, merger, execution,

@@ -247,6 +247,10 @@ def plan_channels(n_image: int, config: AdapterConfig, names: Sequence[str] | No
         say(f"no channel name of the image ({list(names)}) matches the model's ({list(config.channel_names)}); "
             "channels are taken by position/pooling instead")
     if n_image == n:
+        if config.channel_names and not names:
+            say(f"the image names no channels: they are taken by position as the model's "
+                f"{list(config.channel_names)}; if that is not their order, reorder them (--channels with 0-based "
+                f"indices) or name them (OME-TIFF channel names, or channel_names= in Python)")
         return ChannelPlan("identity", tuple((k,) for k in range(n)))
     say(f"the image has {n_image} channels, the model {n}: channels pooled (adaptive average over the channel axis)")
     return ChannelPlan("pooled", _pooled_sources(n_image, n))

@@ -6,7 +6,9 @@ trains exactly what the interrupted one did (only ``epochs`` may be raised).
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +70,8 @@ def _class_names(specs: list[DataSpec]) -> dict[int, str]:
 def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: str | os.PathLike | None = None,
           resume: bool = False, preset: str | None = None, val_fraction: float | None = None,
           train_overrides: dict[str, Any] | None = None, progress: bool = True,
-          channels: str | int | list[str] | None = None, init: str | os.PathLike | None = None) -> FitResult:
+          channels: str | int | list[str] | None = None, init: str | os.PathLike | None = None,
+          on_resume: Callable[[int], None] | None = None) -> FitResult:
     """Train one of :data:`TASKS` into ``out`` (see the module docstring).
 
     ``channels`` (the :data:`CHANNEL_TASKS`): put a channel adapter for N channels (an int or ``"8"``) or for these
@@ -189,8 +192,12 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
             meta["settings"] = to_dict(settings)
             t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
+    other_classes = False
+    if init_state is not None:
+        before, now = init_class_names(task, init), getattr(model_cfg, "class_names", None)
+        other_classes = bool(before and now) and _name_list(before) != _name_list(now)
     return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta,
-               init_state=init_state, init_source=init)
+               init_state=init_state, init_source=init, init_other_classes=other_classes, on_resume=on_resume)
 
 
 #: What a resumed run may change: how long it trains and where it computes, not what it learns.
@@ -241,6 +248,27 @@ def init_weights(task: str, path: str | os.PathLike) -> dict:
                 return read_state_dict(candidate)
         raise InputError(p, f"no initial weights here: expected best.pt (a run folder) or {task}.pt (a packed model)")
     return read_state_dict(p)
+
+
+def init_class_names(task: str, path: str | os.PathLike) -> dict | None:
+    """The class names the weights :func:`init_weights` reads from ``path`` were trained on, where the folder
+    records them (a run's ``train_config.json``, a packed model's ``config.json``); None for a bare file."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    try:
+        if (folder / "train_config.json").is_file() and (p.is_dir() or p.name in ("best.pt", "last.pt")):
+            return (json.loads((folder / "train_config.json").read_text(encoding="utf-8")).get("model") or {}
+                    ).get("class_names")
+        if (folder / "config.json").is_file() and (p.is_dir() or p.name == f"{task}.pt"):
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("config") or {}
+            return (config.get(task) or {}).get("class_names") or config.get("class_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def _name_list(class_names: dict) -> list[tuple[int, str]]:
+    return sorted((int(k), str(v).strip().lower()) for k, v in class_names.items())
 
 
 def _prompter_classes(kw: dict, class_names: dict[int, str]) -> dict:

@@ -65,16 +65,20 @@ def _stats(augment: AugmentConfig, n: int) -> tuple[tuple[float, ...], tuple[flo
     return tuple(mean), tuple(std)
 
 
-def map_samples(samples: Sequence[Sample], adapter: AdapterConfig | None, in_chans: int = 3
-                ) -> tuple[list[Sample], np.ndarray | None]:
+def map_samples(samples: Sequence[Sample], adapter: AdapterConfig | None, in_chans: int = 3, *,
+                adapter_possible: bool = True) -> tuple[list[Sample], np.ndarray | None]:
     """Samples brought to the adapter's channels by its rule (in memory; missing channels hold 0 and are marked
-    in the returned S×N ``present`` table). Without an adapter the samples must already have ``in_chans``."""
+    in the returned S×N ``present`` table). Without an adapter the samples must already have ``in_chans``; the
+    error then points to ``--channels``, or (``adapter_possible`` false: a network without adapters) to
+    ``model.in_chans``."""
     out: list[Sample] = []
     if adapter is None:
         for s in samples:
-            if s.image.shape[2] != in_chans:
-                raise InputError(s.source or s.name, f"has {s.image.shape[2]} channels, the model takes {in_chans}: "
-                                                     "give it a channel adapter (--channels)")
+            n = s.image.shape[2]
+            if n != in_chans:
+                fix = ("give it a channel adapter (--channels)" if adapter_possible
+                       else f"set 'model: {{in_chans: {n}}}' in the config (this network takes no --channels)")
+                raise InputError(s.source or s.name, f"has {n} channels, the model takes {in_chans}: {fix}")
             out.append(s)
         return out, None
     present = np.ones((len(samples), adapter.in_channels), bool)
@@ -157,8 +161,9 @@ def adapt_training_data(config: Any, channels: str | int | Sequence[str] | None,
                                    "has none")
         config = with_adapter(config, parse_channels(channels))
     adapter = getattr(config, "adapter", None)
-    train, present = map_samples(train_samples, adapter, config.in_chans)
-    val = map_samples(val_samples, adapter, config.in_chans)[0]
+    possible = hasattr(config, "adapter")
+    train, present = map_samples(train_samples, adapter, config.in_chans, adapter_possible=possible)
+    val = map_samples(val_samples, adapter, config.in_chans, adapter_possible=possible)[0]
     if adapter is not None:
         augment = fit_channel_stats(augment, train, present)
         config = with_adapter(config, None, augment)

@@ -267,21 +267,24 @@ def _write_history(path: Path, history: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLike | None) -> list[str]:
+def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLike | None, *,
+                    other_classes: bool = False) -> list[str]:
     """Load starting weights strictly, except parameters under the model's ``optional_init_prefixes`` (heads a
     config may add to an older network), which keep their fresh initialisation when the weights lack them, and
-    those under its ``class_head_prefixes`` when their shape differs (weights for another set of classes: the
-    class layer starts afresh, everything else is fine-tuned). Returns the names of the parameters so restarted."""
+    those under its ``class_head_prefixes`` when their shape differs or ``other_classes`` says the weights name
+    other classes (weights for another taxonomy: the class layer starts afresh, everything else is fine-tuned).
+    Returns the names of the parameters so restarted."""
     refused = "these weights do not fit the model the config builds: "
     optional = tuple(getattr(model, "optional_init_prefixes", ()))
     class_head = tuple(getattr(model, "class_head_prefixes", ()))
     own = model.state_dict()
     restarted = sorted(k for k, v in state.items() if class_head and k.startswith(class_head) and k in own
-                       and tuple(v.shape) != tuple(own[k].shape))
+                       and (other_classes or tuple(v.shape) != tuple(own[k].shape)))
     if restarted:
         state = {k: v for k, v in state.items() if k not in restarted}
         optional = (*optional, *class_head)
-        log.warning("%s: class layer %s has another class count; it starts afresh", source, ", ".join(restarted))
+        why = "names other classes" if other_classes else "has another class count"
+        log.warning("%s: class layer %s %s; it starts afresh", source, ", ".join(restarted), why)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even when not strict
@@ -297,7 +300,8 @@ def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLi
 def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
         model_config: Any | None = None, progress: bool = True, meta: dict | None = None,
         on_epoch_end: Callable[[dict], None] | None = None, init_state: dict | None = None,
-        init_source: str | os.PathLike | None = None) -> FitResult:
+        init_source: str | os.PathLike | None = None, init_other_classes: bool = False,
+        on_resume: Callable[[int], None] | None = None) -> FitResult:
     """Train ``task``'s model with ``cfg`` into ``run_dir``; returns the best validation score and history.
 
     ``cfg.accumulate_steps`` k > 1: the loss of each batch is divided by k and the optimiser steps every k batches
@@ -305,7 +309,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     k·batch_size, so it equals training on the large batch (up to BatchNorm statistics). ``max_steps_per_epoch``
     counts batches. ``cfg.amp``: the task's loss runs under autocast (validation stays float32). ``init_state``:
     weights the model starts from (a fresh run only; a resumed run continues from its checkpoint); weights that do
-    not fit the model raise :class:`InputError` naming ``init_source``, the file they came from.
+    not fit the model raise :class:`InputError` naming ``init_source``, the file they came from;
+    ``init_other_classes``: they were trained on other class names, so the class layer starts afresh.
+    ``on_resume(epoch)``: called once a resumed run has read its checkpoint, with the last finished epoch (1-based).
     """
     from karyo.device import pick_device
 
@@ -319,7 +325,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     model = task.model().to(device)
     restarted: list[str] = []
     if init_state is not None and not (resume and (run_dir / "last.pt").exists()):
-        restarted = load_init_state(model, init_state, init_source)
+        restarted = load_init_state(model, init_state, init_source, other_classes=init_other_classes)
     run_dir.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run leaves no folder behind
     optimizer = make_optimizer(parameter_groups(model, cfg), cfg)
     acc = int(cfg.accumulate_steps)
@@ -341,6 +347,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
             plateau.load(state["plateau"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
+        if on_resume is not None:
+            on_resume(start_epoch)
     elif (run_dir / "last.pt").exists() and not resume:
         raise InputError(run_dir, "already holds a run; pass resume=True (--resume) or choose a new folder")
     saved = {"task": task.name, "train": to_dict(cfg)}
