@@ -374,6 +374,9 @@ def attributes_cmd(
     level_mode: Annotated[str, typer.Option(help="global | per_class quantile levels.")] = "global",
     jobs: Annotated[int, typer.Option(min=1, help="Worker processes (datasets).")] = 1,
     geojson: Annotated[bool, typer.Option(help="Write QuPath GeoJSON with the measurements.")] = True,
+    mpp: Annotated[float | None, typer.Option(help="µm per pixel of the image(s): adds µm columns "
+                                                   "(Size.Area_um2 ...). Default: what each file or split.csv "
+                                                   "states.")] = None,
 ) -> None:
     """Measure every nucleus (IVAAN B.1 attributes + standard morphology and intensities) and describe it in
     a sentence; write the table (Parquet + CSV), QuPath GeoJSON and the fitted level model into OUT."""
@@ -388,13 +391,13 @@ def attributes_cmd(
         if instances is not None or classes is not None:
             raise InputError(path, "--instances/--classes apply to a single image, not a dataset folder")
         run = attributes_for_dataset(path, out, split=split, levels=levels, prompt_attributes=attrs,
-                                     level_mode=level_mode, n_jobs=jobs, geojson=geojson)
+                                     level_mode=level_mode, n_jobs=jobs, geojson=geojson, mpp=mpp)
         where = f"{run.table['Identifier.Image'].nunique()} image(s)"
     else:
         if instances is None:
             raise InputError(path, "an image needs --instances (its instance map)")
         run = attributes_for_image(path, instances, out, classes_path=classes, levels=levels,
-                                   prompt_attributes=attrs, level_mode=level_mode, geojson=geojson)
+                                   prompt_attributes=attrs, level_mode=level_mode, geojson=geojson, mpp=mpp)
         where = "1 image"
     valid = int(run.table["Flag.Valid"].sum()) if len(run.table) else 0
     console.print(f"{run.n_nuclei} nuclei in {where} ({valid} not truncated and ≥ 10 px) → {out}/",

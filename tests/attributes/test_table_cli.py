@@ -185,3 +185,38 @@ def test_marker_images_are_refused_not_read_as_h_and_e(tmp_path, samples):
     assert res.exit_code == 2 and "named DAPI, CD45, PanCK:" in " ".join(res.output.split())
     with pytest.raises(InputError, match="8-channel images are not supported"):
         measure_arrays(np.zeros((*sample.instances.shape, 8), np.uint8), sample.instances)
+
+
+def test_micron_columns_follow_the_stated_resolution(tmp_path, samples):
+    """Size.* and the neighbour distance get µm twins when the resolution is known: from split.csv per image
+    (NaN where unknown), or one --mpp for all; without any, no µm columns."""
+    import dataclasses
+
+    from karyo.attributes.pipeline import attributes_for_dataset
+
+    root = tmp_path / "ds"
+    for i, s in enumerate(samples[:3]):
+        write_layout_sample(root, dataclasses.replace(s, mpp=0.5 if i < 2 else None), split="train")
+    table = attributes_for_dataset(root, tmp_path / "o1", geojson=False).table
+    cols = table.columns.tolist()
+    assert cols[cols.index("Size.Area") + 1] == "Size.Area_um2"
+    known = table["Identifier.Image"].isin([samples[0].name, samples[1].name]).to_numpy()
+    np.testing.assert_allclose(table.loc[known, "Size.Area_um2"], table.loc[known, "Size.Area"] * 0.25)
+    np.testing.assert_allclose(table.loc[known, "Size.EquivalentDiameter_um"],
+                               table.loc[known, "Size.EquivalentDiameter"] * 0.5)
+    np.testing.assert_allclose(table.loc[known, "Density.NearestNeighborDistance_um"],
+                               table.loc[known, "Density.NearestNeighborDistance"] * 0.5)
+    assert table.loc[~known, "Size.Area_um2"].isna().all() and (~known).sum() == 6
+    given = attributes_for_dataset(root, tmp_path / "o2", geojson=False, mpp=0.25).table
+    np.testing.assert_allclose(given["Size.ConvexHullArea_um2"], given["Size.ConvexHullArea"] * 0.0625)
+    # one image through the CLI: --mpp adds the columns, a PNG stating no resolution gets none
+    write_image(tmp_path / "a.png", samples[0].image)
+    write_instances(tmp_path / "m.png", samples[0].instances)
+    base = ["attributes", str(tmp_path / "a.png"), "--instances", str(tmp_path / "m.png"), "--no-geojson"]
+    assert runner.invoke(app, [*base, "--out", str(tmp_path / "p1"), "--mpp", "0.5"]).exit_code == 0
+    one = pd.read_parquet(tmp_path / "p1" / "a_attributes.parquet")
+    np.testing.assert_allclose(one["Size.Perimeter_um"], one["Size.Perimeter"] * 0.5)
+    assert runner.invoke(app, [*base, "--out", str(tmp_path / "p2")]).exit_code == 0
+    assert not any(c.endswith(("_um", "_um2")) for c in pd.read_parquet(tmp_path / "p2" / "a_attributes.parquet"))
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "p3"), "--mpp", "-1"])
+    assert res.exit_code == 2 and "outside the plausible range" in res.output

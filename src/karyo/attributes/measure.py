@@ -104,6 +104,16 @@ def to_frame(cols: dict[str, np.ndarray], classes: Mapping[int, int] | None = No
     return df
 
 
+def add_micron_columns(df: pd.DataFrame, mpp: float | np.ndarray) -> None:
+    """Add the µm counterparts (:data:`~karyo.attributes.names.MICRON_COLUMNS`) of the columns measured in px,
+    each after its px column; ``mpp`` (µm per px) is one value or one per row (NaN where unknown)."""
+    mpp = np.broadcast_to(np.asarray(mpp, dtype=np.float64), (len(df),))
+    for column, micron in N.MICRON_COLUMNS.items():
+        if column in df.columns and micron not in df.columns:
+            values = df[column].to_numpy(dtype=np.float64) * mpp ** N.LENGTH_POWER[column]
+            df.insert(df.columns.get_loc(column) + 1, micron, values)
+
+
 def add_classes(df: pd.DataFrame, classes: Mapping[int, int], class_names: Mapping[int, str] | None) -> None:
     """Add ``Class.Id`` (0 = unclassified) and ``Class.Name`` columns from an instance → class mapping."""
     labels = df["Identifier.Label"].to_numpy()

@@ -45,6 +45,13 @@ APPEARANCE_COLUMNS = ("Color.HematoxylinRaw", "Texture.HematoxylinVarianceRaw", 
                       "Density.NearestNeighborDistance")
 FLAG_COLUMNS = ("Flag.Truncated", "Flag.Small", "Flag.Valid")
 ALL_COLUMNS = IDENTIFIER_COLUMNS + MORPHOLOGY_COLUMNS + INTENSITY_COLUMNS + APPEARANCE_COLUMNS + FLAG_COLUMNS
+#: Columns with a dimension: the power of length of their unit (px or px²). The rest are ratios, angles or
+#: intensities, the same at any resolution.
+LENGTH_POWER: dict[str, int] = {"Size.Area": 2, "Size.Perimeter": 1, "Size.ConvexHullArea": 2,
+                                "Size.MajorAxisLength": 1, "Size.MinorAxisLength": 1, "Size.EquivalentDiameter": 1,
+                                "Density.NearestNeighborDistance": 1}
+#: Their µm counterparts, added when the image's resolution is known (``Size.Area`` → ``Size.Area_um2``).
+MICRON_COLUMNS: dict[str, str] = {c: f"{c}_um{'2' if p == 2 else ''}" for c, p in LENGTH_POWER.items()}
 CLASS_ID = "Class.Id"
 CLASS_NAME = "Class.Name"
 IMAGE = "Identifier.Image"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from karyo.attributes import names as N
-from karyo.attributes.measure import AttributeOptions, measure_nuclei
+from karyo.attributes.measure import AttributeOptions, add_micron_columns, measure_nuclei
 from karyo.attributes.table import measure_samples, nucleus_geojson, write_table
 from karyo.errors import InputError
 from karyo.stain.macenko import MacenkoNormalizer
@@ -50,15 +50,17 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
                          class_names: dict[int, str] | None = None, levels=None,
                          prompt_attributes: Sequence[str] = N.PAPER_SELECTION, level_mode: str = "global",
                          normalizer: MacenkoNormalizer | None = None, options: AttributeOptions | None = None,
-                         geojson: bool = True) -> AttributeRun:
+                         geojson: bool = True, mpp: float | None = None) -> AttributeRun:
     """Attributes, prompts and GeoJSON of one image. Without ``levels`` (a LevelModel or its JSON path) the
     levels are fitted on this image's own nuclei, so "large" means large within this image. Class names come
-    from ``class_names`` or a ``classes.json`` beside the class CSV or one folder up (the dataset layout)."""
-    from karyo.data.io import image_stem, read_image_meta, read_instances
+    from ``class_names`` or a ``classes.json`` beside the class CSV or one folder up (the dataset layout).
+    ``mpp`` (µm/px; default: what the file states) adds the µm columns (``Size.Area_um2`` ...)."""
+    from karyo.data.io import check_mpp, image_stem, read_image_meta, read_instances
     from karyo.data.layout import read_class_csv
 
     image_path = Path(image_path)
     out = Path(out)
+    mpp = check_mpp(mpp, image_path)
     image, meta = read_image_meta(image_path)
     names = [str(n).lower() for n in (meta.get("channel_names") or [])]
     if image.shape[2] == 3 and names and names not in (["r", "g", "b"], ["red", "green", "blue"]):
@@ -71,6 +73,9 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
         class_names = _class_names_near(Path(classes_path))
     table = measure_nuclei(image, instances, classes, class_names=class_names, normalizer=normalizer,
                            options=options, source=str(image_path))
+    mpp = mpp or meta.get("mpp")
+    if mpp is not None:
+        add_micron_columns(table, mpp)
     model = _levels(table, table, levels, prompt_attributes, level_mode)
     if model is not None and len(table):
         table[PROMPT_COLUMN] = model.sentences(table).to_numpy()
@@ -102,11 +107,15 @@ def attributes_for_dataset(root: str | os.PathLike, out: str | os.PathLike, *, s
                            prompt_attributes: Sequence[str] = N.PAPER_SELECTION, level_mode: str = "global",
                            n_jobs: int = 1, normalizer: MacenkoNormalizer | None = None,
                            options: AttributeOptions | None = None, geojson: bool = True,
-                           progress=None) -> AttributeRun:
+                           progress=None, mpp: float | None = None) -> AttributeRun:
     """Attributes of every annotated image of a dataset folder (karyo layout) → one table, one GeoJSON per
     image and a prompt per nucleus. Levels are fitted on the ``fit_split`` images when the dataset has that
-    split, else on all measured images, and saved as ``levels.json``."""
+    split, else on all measured images, and saved as ``levels.json``. The µm columns (``Size.Area_um2`` ...)
+    use ``mpp`` for every image when given, else each image's own (``split.csv`` or its file), NaN if unknown."""
+    from karyo.data.io import check_mpp
     from karyo.data.layout import LayoutDataset
+
+    mpp = check_mpp(mpp, root)
 
     ds = LayoutDataset(root, split=split)
     if len(ds) == 0:
@@ -115,6 +124,9 @@ def attributes_for_dataset(root: str | os.PathLike, out: str | os.PathLike, *, s
     table = measure_samples(ds, n_jobs=n_jobs, normalizer=normalizer, options=options)
     if not len(table):
         raise InputError(root, "no annotated nuclei found (instances/ missing or empty)")
+    if mpp is not None:  # one stated resolution for all images, over what their files say
+        table = table.drop(columns=[c for c in N.MICRON_COLUMNS.values() if c in table.columns])
+        add_micron_columns(table, mpp)
     splits = pd.Series([ds.split_of(i) or "" for i in ds.ids], index=ds.ids)
     table.insert(1, "Identifier.Split", splits.reindex(table[N.IMAGE]).to_numpy(dtype=object))
     fit_rows, fitted_on = table, None

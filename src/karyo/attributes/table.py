@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from karyo.attributes import names as N
-from karyo.attributes.measure import AttributeOptions, add_classes, empty_columns, measure_arrays
+from karyo.attributes.measure import AttributeOptions, add_classes, add_micron_columns, empty_columns, measure_arrays
 from karyo.data.io import atomic_path
 from karyo.data.sample import Sample, SampleSequence
 from karyo.stain.macenko import MacenkoNormalizer
@@ -62,12 +62,13 @@ def _measure_chunk(samples, indices, normalizer, options) -> list[tuple]:
             continue
         cols = measure_arrays(s.image, s.instances, normalizer=normalizer, options=options,
                               source=s.source or s.name or None)
-        out.append((s.name, cols, s.classes, s.class_names))
+        out.append((s.name, cols, s.classes, s.class_names, s.mpp))
     return out
 
 
 def concat_parts(parts: list[tuple]) -> pd.DataFrame:
-    """Join per-image column dicts (``(name, cols, classes, class_names)``) into one table."""
+    """Join per-image column dicts (``(name, cols, classes, class_names[, mpp])``) into one table; when any image
+    states its resolution the µm columns are added (NaN for the images that do not)."""
     if not parts:
         df = pd.DataFrame(empty_columns())
         df.insert(0, N.IMAGE, pd.Series([], dtype=object))
@@ -77,6 +78,9 @@ def concat_parts(parts: list[tuple]) -> pd.DataFrame:
     for c in N.ALL_COLUMNS:
         data[c] = np.concatenate([p[1][c] for p in parts])
     df = pd.DataFrame(data)
+    mpps = [p[4] if len(p) > 4 and p[4] is not None else np.nan for p in parts]
+    if np.isfinite(mpps).any():
+        add_micron_columns(df, np.repeat(np.asarray(mpps, dtype=np.float64), sizes))
     if any(p[2] is not None for p in parts):
         cid = np.concatenate([_class_ids(p[1]["Identifier.Label"], p[2]) for p in parts]).astype(np.int32)
         names: dict[int, str] = {}

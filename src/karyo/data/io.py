@@ -304,6 +304,20 @@ def _caller_stacklevel() -> int:
     return level
 
 
+def check_mpp(mpp: float | None, source: str | os.PathLike | None = None) -> float | None:
+    """``mpp`` as a float, or None when unknown; a value outside :data:`karyo.data.io.MPP_RANGE` (negative,
+    zero, NaN, µm mistyped for mm) is an error naming ``source`` rather than silently ignored or obeyed."""
+    if mpp is None:
+        return None
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        raise InputError(source, f"mpp must be a number of µm per pixel, got {mpp!r}") from None
+    if not (math.isfinite(value) and MPP_RANGE[0] <= value <= MPP_RANGE[1]):
+        raise InputError(source, f"mpp {mpp!r} µm/px is outside the plausible range {MPP_RANGE[0]}–{MPP_RANGE[1]}")
+    return value
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read PNG, JPEG, BMP or (OME-)TIFF as H×W×C (grayscale → C = 1; RGBA → RGB over white).
 

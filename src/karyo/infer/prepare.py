@@ -3,7 +3,6 @@ resampling to the model's pixel size and padding, shared by every learned model.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from karyo.data.augment import prepare_image
+from karyo.data.io import check_mpp
 from karyo.data.sample import as_hwc
 from karyo.errors import InputError
 
@@ -146,22 +146,6 @@ def check_prompts(points, negative, shape: tuple[int, ...], source: str | os.Pat
                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """:func:`check_points` of a model's positive and negative prompts, as every promptable ``segment`` takes them."""
     return check_points(points, shape, source), check_points(negative, shape, source, "negative point")
-
-
-def check_mpp(mpp: float | None, source: str | os.PathLike | None = None) -> float | None:
-    """``mpp`` as a float, or None when unknown; a value outside :data:`karyo.data.io.MPP_RANGE` (negative,
-    zero, NaN, µm mistyped for mm) is an error naming ``source`` rather than silently ignored or obeyed."""
-    from karyo.data.io import MPP_RANGE
-
-    if mpp is None:
-        return None
-    try:
-        value = float(mpp)
-    except (TypeError, ValueError):
-        raise InputError(source, f"mpp must be a number of µm per pixel, got {mpp!r}") from None
-    if not (math.isfinite(value) and MPP_RANGE[0] <= value <= MPP_RANGE[1]):
-        raise InputError(source, f"mpp {mpp!r} µm/px is outside the plausible range {MPP_RANGE[0]}–{MPP_RANGE[1]}")
-    return value
 
 
 #: The most pixels an image may have once resampled to a model's µm/px; larger ones belong to ``karyo wsi``.

@@ -56,6 +56,7 @@ import pyarrow as pa
 import shapely
 from scipy import ndimage as ndi
 
+from karyo.attributes.names import LENGTH_POWER
 from karyo.data.io import write_image, write_text
 from karyo.data.slide import Slide, SlideSpec, open_slide
 from karyo.errors import InputError, KaryoError
@@ -229,13 +230,9 @@ def _polygons(instances: np.ndarray, ids: np.ndarray, offset: tuple[int, int], s
     return geoms
 
 
-#: Attribute columns with a dimension (power of length), rescaled to level-0 px like ``area``; the rest are
-#: ratios, angles or intensities, the same at any resolution.
 # Recorded in the parquet metadata and in the resume settings: a run begun when Size.* came in model px must
 # not be resumed into a parquet whose other rows are in level-0 px.
 ATTRIBUTE_UNITS = "level-0 pixels (Size.* lengths, px; Size.ConvexHullArea, px²)"
-_LENGTH_POWER = {"Size.Perimeter": 1, "Size.MajorAxisLength": 1, "Size.MinorAxisLength": 1,
-                 "Size.EquivalentDiameter": 1, "Size.ConvexHullArea": 2}
 
 
 def _attributes(image: np.ndarray, instances: np.ndarray, ids: np.ndarray, factor: float) -> dict[str, np.ndarray]:
@@ -246,7 +243,7 @@ def _attributes(image: np.ndarray, instances: np.ndarray, ids: np.ndarray, facto
     cols = measure_arrays(image, instances)
     labels = cols["Identifier.Label"]
     pos = np.searchsorted(labels, ids)
-    return {c: np.asarray(cols[c], dtype=np.float64)[pos] * factor ** _LENGTH_POWER.get(c, 0)
+    return {c: np.asarray(cols[c], dtype=np.float64)[pos] * factor ** LENGTH_POWER.get(c, 0)
             for c in ATTRIBUTE_COLUMNS}
 
 
