@@ -111,6 +111,20 @@ def _unique_stems(files: list[Path]) -> dict[Path, str]:
 
 
 @contextlib.contextmanager
+def _warnings_as_notes(limit: int = 5):
+    """What the library warns about (alpha dropped, channel 0 taken as DAPI ...) is printed once each as a note
+    when the block ends, not as a Python warning with a source line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        yield
+    notes = list(dict.fromkeys(str(w.message) for w in caught))
+    for message in notes[:limit]:
+        console.print(f"note: {message}", highlight=False, soft_wrap=True)
+    if len(notes) > limit:
+        console.print(f"note: ... and {len(notes) - limit} more", highlight=False)
+
+
+@contextlib.contextmanager
 def _errors_name_file(path: Path, stem: str):
     """Models name an image by the stem they were given; the user knows it by its file (errors and warnings)."""
     from karyo.errors import InputError
@@ -234,8 +248,7 @@ def segment(
     total = 0
     stated: dict[str, float] = {}  # file → the mpp it states, where that (not --mpp) was used
     unknown = 0  # files whose resolution nobody states: taken to be the model's
-    with progress_bar() as bar, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+    with _warnings_as_notes(), progress_bar() as bar:
         bar_task = bar.add_task("segmenting", total=len(files))
         for path in files:
             image, meta = read_image_meta(path)
@@ -266,11 +279,6 @@ def segment(
                 save_result(result, out, image, stem=stem, outputs=kinds)
                 total += result.n_nuclei
             bar.advance(bar_task)
-    notes = list(dict.fromkeys(str(w.message) for w in caught))  # once each, as notes, not source lines
-    for message in notes[:5]:
-        console.print(f"note: {message}", highlight=False, soft_wrap=True)
-    if len(notes) > 5:
-        console.print(f"note: ... and {len(notes) - 5} more", highlight=False)
     if stated:
         listed = ", ".join(f"{name} {value:.3g}" for name, value in list(stated.items())[:3])
         console.print(f"µm per pixel as the files state it ({listed}{', ...' if len(stated) > 3 else ''}); "
@@ -377,31 +385,47 @@ def attributes_cmd(
     mpp: Annotated[float | None, typer.Option(help="µm per pixel of the image(s): adds µm columns "
                                                    "(Size.Area_um2 ...). Default: what each file or split.csv "
                                                    "states.")] = None,
+    nuclear_channel: Annotated[str | None, typer.Option(help="Marker images: the channel (name or 0-based "
+                                                             "index) measured as the nuclear stain; default: "
+                                                             "DAPI/Hoechst by name, else channel 0. Every "
+                                                             "channel adds Marker.<name>.Mean/Std.")] = None,
 ) -> None:
     """Measure every nucleus (IVAAN B.1 attributes + standard morphology and intensities) and describe it in
     a sentence; write the table (Parquet + CSV), QuPath GeoJSON and the fitted level model into OUT."""
-    from karyo.attributes.pipeline import attributes_for_dataset, attributes_for_image
     from karyo.errors import InputError
 
     _check_out_folder(out)
     attrs = [a.strip() for a in prompt_attributes.split(",") if a.strip()]
     if level_mode not in ("global", "per_class"):
         raise InputError(None, f"--level-mode must be 'global' or 'per_class', got {level_mode!r}")
+    with _warnings_as_notes():
+        run, where = _attributes_run(path, out, instances, classes, split, levels, attrs, level_mode, jobs, geojson,
+                                     mpp, nuclear_channel)
+    valid = int(run.table["Flag.Valid"].sum()) if len(run.table) else 0
+    console.print(f"{run.n_nuclei} nuclei in {where} ({valid} not truncated and ≥ 10 px) → {out}/",
+                  highlight=False)
+
+
+def _attributes_run(path, out, instances, classes, split, levels, attrs, level_mode, jobs, geojson, mpp,
+                    nuclear_channel):
+    from karyo.attributes.pipeline import attributes_for_dataset, attributes_for_image
+    from karyo.errors import InputError
+
     if path.is_dir():
         if instances is not None or classes is not None:
             raise InputError(path, "--instances/--classes apply to a single image, not a dataset folder")
         run = attributes_for_dataset(path, out, split=split, levels=levels, prompt_attributes=attrs,
-                                     level_mode=level_mode, n_jobs=jobs, geojson=geojson, mpp=mpp)
+                                     level_mode=level_mode, n_jobs=jobs, geojson=geojson, mpp=mpp,
+                                     nuclear_channel=nuclear_channel)
         where = f"{run.table['Identifier.Image'].nunique()} image(s)"
     else:
         if instances is None:
             raise InputError(path, "an image needs --instances (its instance map)")
         run = attributes_for_image(path, instances, out, classes_path=classes, levels=levels,
-                                   prompt_attributes=attrs, level_mode=level_mode, geojson=geojson, mpp=mpp)
+                                   prompt_attributes=attrs, level_mode=level_mode, geojson=geojson, mpp=mpp,
+                                   nuclear_channel=nuclear_channel)
         where = "1 image"
-    valid = int(run.table["Flag.Valid"].sum()) if len(run.table) else 0
-    console.print(f"{run.n_nuclei} nuclei in {where} ({valid} not truncated and ≥ 10 px) → {out}/",
-                  highlight=False)
+    return run, where
 
 
 @app.command("select-attributes")

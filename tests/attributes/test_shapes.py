@@ -296,9 +296,15 @@ def test_all_white_image_gives_finite_values():
     assert (df["Nucleus.Hematoxylin.Mean"] == 0).all()
 
 
-def test_two_channel_image_is_refused():
-    with pytest.raises(InputError, match="2-channel"):
-        measure_nuclei(np.zeros((8, 8, 2), np.uint8), np.ones((8, 8), np.int32))
+def test_two_channel_image_is_measured_as_markers():
+    """Two channels are neither RGB nor one stain: markers, measured on the named nuclear channel."""
+    labels = _blobs(2, shape=(64, 64), n=6)
+    image = np.stack([np.full((64, 64), 9, np.uint8), (labels > 0).astype(np.uint8) * 200], axis=-1)
+    df = measure_nuclei(image, labels, channel_names=["Ki67", "Hoechst 33342"])
+    assert (df["Marker.Ki67.Mean"] == 9).all() and (df["Marker.Hoechst 33342.Mean"] == 200).all()
+    assert np.allclose(df["Nucleus.Intensity.Mean"], 200)  # the nuclear channel (Hoechst), scaled to 0..255
+    with pytest.raises(InputError, match="1 channel names for an image with 2 channels"):
+        measure_nuclei(image, labels, channel_names=["DAPI"])
 
 
 def test_uint16_and_float_rgb_images_are_accepted():

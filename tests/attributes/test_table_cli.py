@@ -167,24 +167,51 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, samples):
     assert res.exit_code == 2 and "differs from image shape" in res.output
 
 
-def test_marker_images_are_refused_not_read_as_h_and_e(tmp_path, samples):
-    """Attributes are those of RGB H&E or of one channel: three named markers or eight channels are refused
-    instead of being stain-separated as if they were R, G and B."""
+def test_marker_images_are_measured_on_their_nuclear_channel_with_each_marker(tmp_path, samples):
+    """Three named markers are not stain-separated as if they were R, G and B: the shape and B.1 attributes come
+    from the DAPI channel, and each channel adds its mean and spread over the nucleus (raw values)."""
     import tifffile
 
     from karyo.attributes import measure_arrays
     from karyo.errors import InputError
 
     sample = samples[0]
-    write_instances(tmp_path / "m.png", sample.instances)
-    markers = np.moveaxis(np.asarray(sample.image[..., :3]), -1, 0)
-    tifffile.imwrite(tmp_path / "panel.ome.tif", markers, ome=True,
-                     metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "CD45", "PanCK"]}})
+    labels = sample.instances
+    rng = np.random.default_rng(3)
+    dapi = np.where(labels > 0, 3000, 200).astype(np.uint16) + rng.integers(0, 50, labels.shape).astype(np.uint16)
+    big = np.isin(labels, [k for k, c in sample.classes.items() if c == 2])
+    cd45 = np.where(big, 5000, 100).astype(np.uint16)
+    panck = np.full(labels.shape, 700, np.uint16)
+    write_instances(tmp_path / "m.png", labels)
+    tifffile.imwrite(tmp_path / "panel.ome.tif", np.stack([cd45, dapi, panck]), ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": ["CD45", "DAPI", "PanCK"]}})
     res = runner.invoke(app, ["attributes", str(tmp_path / "panel.ome.tif"), "--instances", str(tmp_path / "m.png"),
-                              "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "named DAPI, CD45, PanCK:" in " ".join(res.output.split())
-    with pytest.raises(InputError, match="8-channel images are not supported"):
-        measure_arrays(np.zeros((*sample.instances.shape, 8), np.uint8), sample.instances)
+                              "--out", str(tmp_path / "o"), "--no-geojson"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_parquet(tmp_path / "o" / "panel_attributes.parquet").set_index("Identifier.Label")
+    for k, c in sample.classes.items():
+        mask = labels == k
+        assert table.loc[k, "Marker.CD45.Mean"] == pytest.approx(cd45[mask].mean())
+        assert table.loc[k, "Marker.DAPI.Mean"] == pytest.approx(dapi[mask].mean())
+        assert table.loc[k, "Marker.DAPI.Std"] == pytest.approx(dapi[mask].std())
+        assert table.loc[k, "Marker.PanCK.Mean"] == 700 and table.loc[k, "Marker.PanCK.Std"] == 0
+        assert (table.loc[k, "Marker.CD45.Mean"] > 1000) == (c == 2)
+    # the shape attributes are the masks' own; the intensity ones come from DAPI, not from CD45 (channel 0)
+    gray = measure_arrays(dapi[..., None], labels)
+    np.testing.assert_allclose(table["Size.Area"], gray["Size.Area"])
+    np.testing.assert_allclose(table["Color.HematoxylinRaw"], gray["Color.HematoxylinRaw"])
+    # a named choice, an unknown one, and unnamed channels (channel 0, said)
+    chosen = measure_arrays(np.stack([cd45, dapi, panck], -1), labels, channel_names=["CD45", "DAPI", "PanCK"],
+                            nuclear_channel="cd45")
+    assert not np.allclose(chosen["Color.HematoxylinRaw"], gray["Color.HematoxylinRaw"])
+    with pytest.raises(InputError, match="no channel 'Ki67'.*CD45, DAPI, PanCK"):
+        measure_arrays(np.stack([cd45, dapi, panck], -1), labels, channel_names=["CD45", "DAPI", "PanCK"],
+                       nuclear_channel="Ki67")
+    eight = np.repeat(dapi[..., None], 8, axis=2)
+    with pytest.warns(UserWarning, match="channel 0 is measured as the nucleus' stain"):
+        cols = measure_arrays(eight, labels, source="eight.tif")
+    assert "Marker.Channel7.Mean" in cols
+    np.testing.assert_allclose(cols["Color.HematoxylinRaw"], gray["Color.HematoxylinRaw"])
 
 
 def test_micron_columns_follow_the_stated_resolution(tmp_path, samples):

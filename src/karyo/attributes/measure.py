@@ -31,6 +31,11 @@ Conventions (the paper leaves them open; chosen here and tested):
 
 Images with one channel (fluorescence) have no stains: the "hematoxylin" channel is the intensity scaled to
 [0, 1], and the eosin and RGB means are NaN.
+
+Marker images (multiplex or multi-channel fluorescence: 2 or more than 4 channels, or 3–4 channels whose names are
+not R, G, B) are measured the same way on their *nuclear* channel (DAPI, Hoechst ... by name, or the one given),
+and every channel adds ``Marker.<name>.Mean`` and ``Marker.<name>.Std``: the mean and (population) standard
+deviation of its raw values over the nucleus mask, as QuPath's nucleus intensity measurements are.
 """
 
 from __future__ import annotations
@@ -82,22 +87,25 @@ _DEFAULT_NORMALIZER = MacenkoNormalizer()
 
 def measure_nuclei(image: np.ndarray, instances: np.ndarray, classes: Mapping[int, int] | None = None, *,
                    class_names: Mapping[int, str] | None = None, normalizer: MacenkoNormalizer | None = None,
-                   options: AttributeOptions | None = None, source: str | None = None) -> pd.DataFrame:
+                   options: AttributeOptions | None = None, source: str | None = None, channel_names=None,
+                   nuclear_channel: str | int | None = None) -> pd.DataFrame:
     """Measure every nucleus of ``instances`` (H×W labels, 0 = background) on ``image`` (H×W×C).
 
     Returns one row per instance, indexed by instance id, with the columns of
     :data:`karyo.attributes.names.ALL_COLUMNS` (and ``Class.Id``/``Class.Name`` when ``classes`` is given).
     An instance map without nuclei gives an empty table with the same columns. Stain normalisation uses
-    ``normalizer`` (default: Macenko with the reference target).
+    ``normalizer`` (default: Macenko with the reference target). Marker images (``channel_names`` from the
+    file; see the module docstring) are measured on their nuclear channel and add ``Marker.<name>.Mean/Std``.
     """
-    cols = measure_arrays(image, instances, normalizer=normalizer, options=options, source=source)
+    cols = measure_arrays(image, instances, normalizer=normalizer, options=options, source=source,
+                          channel_names=channel_names, nuclear_channel=nuclear_channel)
     return to_frame(cols, classes, class_names)
 
 
 def to_frame(cols: dict[str, np.ndarray], classes: Mapping[int, int] | None = None,
              class_names: Mapping[int, str] | None = None) -> pd.DataFrame:
     """Table from :func:`measure_arrays` output, indexed by instance id, with optional class columns."""
-    df = pd.DataFrame(cols, columns=list(N.ALL_COLUMNS))
+    df = pd.DataFrame(cols, columns=[*N.ALL_COLUMNS, *(c for c in cols if c not in N.ALL_COLUMNS)])
     df.index = pd.Index(df["Identifier.Label"].to_numpy(), name="instance_id")
     if classes is not None:
         add_classes(df, classes, class_names)
@@ -123,16 +131,63 @@ def add_classes(df: pd.DataFrame, classes: Mapping[int, int], class_names: Mappi
     df[N.CLASS_NAME] = [names.get(int(c), f"class {c}") if c else "" for c in cid]
 
 
+#: Channel names taken for the nuclear stain of a marker image (compared case-insensitively, without spaces,
+#: dashes and underscores).
+NUCLEAR_STAINS = ("dapi", "hoechst", "hoechst33342", "hoechst33258", "draq5", "draq7", "sytox", "dna", "dna1",
+                  "nuclear", "nucleus", "nuclei", "pi", "propidiumiodide", "histone", "h3")
+_RGB_NAMES = (("r", "g", "b"), ("red", "green", "blue"), ("r", "g", "b", "a"), ("red", "green", "blue", "alpha"))
+
+
+def _key(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+def is_marker_image(n_channels: int, channel_names=None) -> bool:
+    """Whether an image is measured as markers (see the module docstring) rather than as RGB or one channel."""
+    if n_channels == 2 or n_channels > 4:
+        return True
+    names = tuple(_key(n) for n in channel_names or ())
+    return n_channels >= 3 and bool(names) and names not in _RGB_NAMES
+
+
+def nuclear_channel_index(channel_names, n_channels: int, nuclear_channel: str | int | None = None,
+                          source: str | None = None) -> int:
+    """The channel measured as the nuclear stain: ``nuclear_channel`` (a name or a 0-based index), else the first
+    channel named as a nuclear stain (:data:`NUCLEAR_STAINS`), else channel 0 with a warning."""
+    import warnings
+
+    names = list(channel_names or [])
+    if nuclear_channel is not None:
+        wanted = _key(nuclear_channel)
+        hits = [i for i, n in enumerate(names) if _key(n) == wanted]
+        if hits:
+            return hits[0]
+        if str(nuclear_channel).strip().isdigit() and int(nuclear_channel) < n_channels:
+            return int(nuclear_channel)
+        known = f"its channels are {', '.join(map(str, names))}" if names else f"it has {n_channels} unnamed channels"
+        raise InputError(source, f"no channel {nuclear_channel!r} to measure as the nuclear stain: {known}")
+    for i, n in enumerate(names):
+        if _key(n) in NUCLEAR_STAINS:
+            return i
+    label = f" ({names[0]})" if names else ""
+    warnings.warn(f"{source or 'image'}: no channel is named as a nuclear stain (DAPI, Hoechst ...): channel "
+                  f"0{label} is measured as the nucleus' stain; name another with nuclear_channel "
+                  f"(--nuclear-channel)", stacklevel=3)
+    return 0
+
+
 def measure_arrays(image: np.ndarray, instances: np.ndarray, *, normalizer: MacenkoNormalizer | None = None,
-                   options: AttributeOptions | None = None, source: str | None = None) -> dict[str, np.ndarray]:
-    """Column name → array (one entry per nucleus, ascending instance id): the table of :func:`measure_nuclei`."""
+                   options: AttributeOptions | None = None, source: str | None = None,
+                   channel_names=None, nuclear_channel: str | int | None = None) -> dict[str, np.ndarray]:
+    """Column name → array (one entry per nucleus, ascending instance id): the table of :func:`measure_nuclei`.
+    Marker images (:func:`is_marker_image`, with ``channel_names`` from the file) get the marker columns too."""
     opts = options or _DEFAULT_OPTIONS
     image = as_hwc(image, source)
     labels = validate_instances(instances, image.shape[:2], source)
-    if image.shape[2] == 2 or image.shape[2] > 4:
-        raise InputError(source, f"{image.shape[2]}-channel images are not supported: the attributes are those of "
-                                 f"RGB brightfield (H&E stain separation) or of one channel; pick RGB or one "
-                                 f"channel first (e.g. karyo.infer.prepare.select_channels)")
+    if channel_names is not None and len(channel_names) != image.shape[2]:
+        raise InputError(source, f"{len(channel_names)} channel names for an image with {image.shape[2]} channels")
+    if is_marker_image(image.shape[2], channel_names) or nuclear_channel is not None:
+        return _measure_markers(image, labels, channel_names, nuclear_channel, opts, source)
     if image.shape[2] >= 3:
         rgb = to_rgb(image)
         hema, eosin = (normalizer or _DEFAULT_NORMALIZER).stain_planes(rgb, source=source)
@@ -141,6 +196,32 @@ def measure_arrays(image: np.ndarray, instances: np.ndarray, *, normalizer: Mace
         hema = to_uint8(image)[..., 0].astype(np.float32) / 255.0
         eosin = None
     return _measure(labels, rgb, hema, eosin, opts)
+
+
+def _measure_markers(image: np.ndarray, labels: np.ndarray, channel_names, nuclear_channel, opts: AttributeOptions,
+                     source: str | None) -> dict[str, np.ndarray]:
+    from scipy import ndimage as ndi
+
+    n_channels = image.shape[2]
+    k = nuclear_channel_index(channel_names, n_channels, nuclear_channel, source)
+    nuclear = to_uint8(image[..., k:k + 1])[..., 0].astype(np.float32) / 255.0
+    cols = _measure(labels, None, nuclear, None, opts)
+    ids = cols["Identifier.Label"]
+    names = [str(n) for n in channel_names] if channel_names is not None else [f"Channel{c}" for c in range(n_channels)]
+    seen: dict[str, int] = {}
+    for c, name in enumerate(names):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:  # two channels of one name stay apart
+            name = f"{name}#{seen[name]}"
+        plane = image[..., c].astype(np.float64)
+        if ids.size:
+            mean = np.asarray(ndi.mean(plane, labels, ids), dtype=np.float64)
+            sq = np.asarray(ndi.mean(plane * plane, labels, ids), dtype=np.float64)
+            std = np.sqrt(np.maximum(sq - mean * mean, 0.0))
+        else:
+            mean = std = np.zeros(0, dtype=np.float64)
+        cols[f"Marker.{name}.Mean"], cols[f"Marker.{name}.Std"] = mean, std
+    return cols
 
 
 def empty_columns() -> dict[str, np.ndarray]:

@@ -50,11 +50,14 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
                          class_names: dict[int, str] | None = None, levels=None,
                          prompt_attributes: Sequence[str] = N.PAPER_SELECTION, level_mode: str = "global",
                          normalizer: MacenkoNormalizer | None = None, options: AttributeOptions | None = None,
-                         geojson: bool = True, mpp: float | None = None) -> AttributeRun:
+                         geojson: bool = True, mpp: float | None = None,
+                         nuclear_channel: str | int | None = None) -> AttributeRun:
     """Attributes, prompts and GeoJSON of one image. Without ``levels`` (a LevelModel or its JSON path) the
     levels are fitted on this image's own nuclei, so "large" means large within this image. Class names come
     from ``class_names`` or a ``classes.json`` beside the class CSV or one folder up (the dataset layout).
-    ``mpp`` (µm/px; default: what the file states) adds the µm columns (``Size.Area_um2`` ...)."""
+    ``mpp`` (µm/px; default: what the file states) adds the µm columns (``Size.Area_um2`` ...). A marker image
+    is measured on its nuclear channel (``nuclear_channel``, else DAPI/Hoechst by name, else channel 0) and gets
+    ``Marker.<channel>.Mean/Std`` columns (:mod:`karyo.attributes.measure`)."""
     from karyo.data.io import check_mpp, image_stem, read_image_meta, read_instances
     from karyo.data.layout import read_class_csv
 
@@ -62,17 +65,13 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
     out = Path(out)
     mpp = check_mpp(mpp, image_path)
     image, meta = read_image_meta(image_path)
-    names = [str(n).lower() for n in (meta.get("channel_names") or [])]
-    if image.shape[2] == 3 and names and names not in (["r", "g", "b"], ["red", "green", "blue"]):
-        listed = ", ".join(map(str, meta["channel_names"]))
-        raise InputError(image_path, f"its 3 channels are named {listed}: the attributes are those of RGB H&E "
-                                     f"(stain separation) or of one channel, not of three markers")
     instances = read_instances(instances_path, image.shape[:2])
     classes = read_class_csv(classes_path, instances, complete=True) if classes_path is not None else None
     if classes is not None and class_names is None:
         class_names = _class_names_near(Path(classes_path))
     table = measure_nuclei(image, instances, classes, class_names=class_names, normalizer=normalizer,
-                           options=options, source=str(image_path))
+                           options=options, source=str(image_path), channel_names=meta.get("channel_names"),
+                           nuclear_channel=nuclear_channel)
     mpp = mpp or meta.get("mpp")
     if mpp is not None:
         add_micron_columns(table, mpp)
@@ -107,11 +106,13 @@ def attributes_for_dataset(root: str | os.PathLike, out: str | os.PathLike, *, s
                            prompt_attributes: Sequence[str] = N.PAPER_SELECTION, level_mode: str = "global",
                            n_jobs: int = 1, normalizer: MacenkoNormalizer | None = None,
                            options: AttributeOptions | None = None, geojson: bool = True,
-                           progress=None, mpp: float | None = None) -> AttributeRun:
+                           progress=None, mpp: float | None = None,
+                           nuclear_channel: str | int | None = None) -> AttributeRun:
     """Attributes of every annotated image of a dataset folder (karyo layout) → one table, one GeoJSON per
     image and a prompt per nucleus. Levels are fitted on the ``fit_split`` images when the dataset has that
     split, else on all measured images, and saved as ``levels.json``. The µm columns (``Size.Area_um2`` ...)
-    use ``mpp`` for every image when given, else each image's own (``split.csv`` or its file), NaN if unknown."""
+    use ``mpp`` for every image when given, else each image's own (``split.csv`` or its file), NaN if unknown.
+    Marker images are measured on ``nuclear_channel`` (as in :func:`attributes_for_image`)."""
     from karyo.data.io import check_mpp
     from karyo.data.layout import LayoutDataset
 
@@ -121,7 +122,8 @@ def attributes_for_dataset(root: str | os.PathLike, out: str | os.PathLike, *, s
     if len(ds) == 0:
         raise InputError(root, "dataset has no images" + (f" in split {split!r}" if split else ""))
     out = Path(out)
-    table = measure_samples(ds, n_jobs=n_jobs, normalizer=normalizer, options=options)
+    table = measure_samples(ds, n_jobs=n_jobs, normalizer=normalizer, options=options,
+                            nuclear_channel=nuclear_channel)
     if not len(table):
         raise InputError(root, "no annotated nuclei found (instances/ missing or empty)")
     if mpp is not None:  # one stated resolution for all images, over what their files say
@@ -139,7 +141,8 @@ def attributes_for_dataset(root: str | os.PathLike, out: str | os.PathLike, *, s
         except InputError:
             fit_ds = None
         if fit_ds is not None and len(fit_ds):
-            measured = measure_samples(fit_ds, n_jobs=n_jobs, normalizer=normalizer, options=options)
+            measured = measure_samples(fit_ds, n_jobs=n_jobs, normalizer=normalizer, options=options,
+                                       nuclear_channel=nuclear_channel)
             if len(measured):
                 fit_rows, fitted_on = measured, fit_split
     model = _levels(table, fit_rows, levels, prompt_attributes, level_mode)

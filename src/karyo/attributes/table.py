@@ -20,12 +20,13 @@ from karyo.stain.macenko import MacenkoNormalizer
 
 def measure_samples(samples: Sequence[Sample] | Iterable[Sample], *, n_jobs: int = 1,
                     normalizer: MacenkoNormalizer | None = None, options: AttributeOptions | None = None,
-                    chunk_size: int = 16) -> pd.DataFrame:
+                    chunk_size: int = 16, nuclear_channel: str | int | None = None) -> pd.DataFrame:
     """One attribute table for many annotated samples (``Identifier.Image`` = sample name).
 
     Samples without an instance map are skipped. ``n_jobs > 1`` measures chunks of images on that many
     processes; a lazy :class:`~karyo.data.sample.SampleSequence` (e.g. ``LayoutDataset``) is then decoded in
-    the workers too. Class columns are added when any sample has classes.
+    the workers too. Class columns are added when any sample has classes. Marker images are measured on
+    ``nuclear_channel`` (see :func:`karyo.attributes.measure.nuclear_channel_index`).
     """
     if n_jobs > 1 and isinstance(samples, Sequence) and len(samples) > 1:
         n = len(samples)
@@ -40,19 +41,19 @@ def measure_samples(samples: Sequence[Sample] | Iterable[Sample], *, n_jobs: int
             with ProcessPoolExecutor(max_workers=min(n_jobs, len(chunks)), mp_context=ctx) as pool:
                 futures = [pool.submit(_measure_chunk, None if fork else (samples if lazy else
                                        [samples[i] for i in c]), c if (fork or lazy) else None,
-                                       normalizer, options) for c in chunks]
+                                       normalizer, options, nuclear_channel) for c in chunks]
                 parts = [part for f in futures for part in f.result()]
         finally:
             _FORKED = None
     else:
-        parts = _measure_chunk(samples, None, normalizer, options)
+        parts = _measure_chunk(samples, None, normalizer, options, nuclear_channel)
     return concat_parts(parts)
 
 
 _FORKED = None
 
 
-def _measure_chunk(samples, indices, normalizer, options) -> list[tuple]:
+def _measure_chunk(samples, indices, normalizer, options, nuclear_channel=None) -> list[tuple]:
     if samples is None:
         samples = _FORKED
     items = (samples[i] for i in indices) if indices is not None else iter(samples)
@@ -61,7 +62,8 @@ def _measure_chunk(samples, indices, normalizer, options) -> list[tuple]:
         if s.instances is None:
             continue
         cols = measure_arrays(s.image, s.instances, normalizer=normalizer, options=options,
-                              source=s.source or s.name or None)
+                              source=s.source or s.name or None, channel_names=s.channel_names,
+                              nuclear_channel=nuclear_channel)
         out.append((s.name, cols, s.classes, s.class_names, s.mpp))
     return out
 
@@ -77,6 +79,10 @@ def concat_parts(parts: list[tuple]) -> pd.DataFrame:
     data = {N.IMAGE: np.repeat(np.array([p[0] for p in parts], dtype=object), sizes)}
     for c in N.ALL_COLUMNS:
         data[c] = np.concatenate([p[1][c] for p in parts])
+    extra = list(dict.fromkeys(c for p in parts for c in p[1] if c not in N.ALL_COLUMNS))  # marker columns
+    for c in extra:  # NaN for the images without that channel
+        data[c] = np.concatenate([np.asarray(p[1][c], np.float64) if c in p[1] else np.full(n, np.nan)
+                                  for p, n in zip(parts, sizes, strict=True)])
     df = pd.DataFrame(data)
     mpps = [p[4] if len(p) > 4 and p[4] is not None else np.nan for p in parts]
     if np.isfinite(mpps).any():
