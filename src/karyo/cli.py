@@ -741,5 +741,5 @@ def wsi_cmd(
         raise typer.Exit(130) from None
     n = result.summary["nuclei"]
     area = result.summary["tissue"]["area_mm2"]
-    console.print(f"{n['total']:,} nuclei in {area:.2f} mm² of tissue "
+    console.print(f"{n['total']:,} nuclei in {area:.3g} mm² of tissue "
                   f"({result.summary['tiling']['tiles_with_tissue']} tiles) → {out}/", highlight=False)

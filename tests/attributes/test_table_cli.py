@@ -204,7 +204,7 @@ def test_marker_images_are_measured_on_their_nuclear_channel_with_each_marker(tm
     chosen = measure_arrays(np.stack([cd45, dapi, panck], -1), labels, channel_names=["CD45", "DAPI", "PanCK"],
                             nuclear_channel="cd45")
     assert not np.allclose(chosen["Color.HematoxylinRaw"], gray["Color.HematoxylinRaw"])
-    with pytest.raises(InputError, match="no channel 'Ki67'.*CD45, DAPI, PanCK"):
+    with pytest.raises(InputError, match=r"no channel 'Ki67'.*CD45, DAPI, PanCK"):
         measure_arrays(np.stack([cd45, dapi, panck], -1), labels, channel_names=["CD45", "DAPI", "PanCK"],
                        nuclear_channel="Ki67")
     eight = np.repeat(dapi[..., None], 8, axis=2)

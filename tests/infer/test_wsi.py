@@ -94,6 +94,46 @@ def test_tile_cores_partition_the_image():
 
 
 # ------------------------------------------------------------------------------------------------ stitching
+def _part(tile: int, discs: list[tuple[float, float, float]]):
+    """A tile's part: discs (x, y, radius) in level-0 px as rows of the part schema."""
+    import pyarrow as pa
+
+    polys = [shapely.Point(x, y).buffer(r) for x, y, r in discs]
+    b = np.array([p.bounds for p in polys]).reshape(-1, 4)
+    cols = {"tile": [tile] * len(discs), "centroid_x": [d[0] - 0.5 for d in discs],
+            "centroid_y": [d[1] - 0.5 for d in discs], "bbox_x0": np.floor(b[:, 0]).astype(int),
+            "bbox_y0": np.floor(b[:, 1]).astype(int), "bbox_x1": np.ceil(b[:, 2]).astype(int),
+            "bbox_y1": np.ceil(b[:, 3]).astype(int), "area": [p.area for p in polys],
+            "area_um2": [p.area / 16 for p in polys], "class_id": [0] * len(discs), "class_name": [""] * len(discs),
+            "score": [1.0] * len(discs), "polygon_wkb": shapely.to_wkb(polys).tolist()}
+    return pa.Table.from_pydict(cols, schema=wsi_writer.part_schema(False))
+
+
+def test_a_nucleus_found_by_two_tiles_across_their_seam_is_kept_once():
+    """Tiles 0 | 1 side by side (cut at x = 100) over tile row 2 | 3 (cut at y = 100): a nucleus on the seam seen by
+    both tiles with its centroid on either side, a fragment beside its whole, and touching neighbours."""
+    inf = np.inf
+    cores = {0: (-inf, -inf, 100, 100), 1: (100, -inf, inf, 100), 2: (-inf, 100, 100, inf), 3: (100, 100, inf, inf)}
+    tops = {0: 0.0, 1: 0.0, 2: 68.0, 3: 68.0}
+    seams = wsi_writer.SeamDuplicates(tops, cores, margin=64)
+    out = seams.add(0, _part(0, [(99.6, 40, 10), (30, 30, 8), (60, 95, 6)]))
+    assert out == []  # its seam rows wait for the tiles that can see them too
+    out = seams.add(1, _part(1, [(100.3, 40.2, 10), (121, 40, 10)]))  # the same nucleus; a touching neighbour
+    assert out == []
+    out = seams.add(2, _part(2, [(60, 101, 12)]))  # tile 0's (60, 95, 6) was a fragment of this one
+    assert out == [] and seams.add(3, None) == []  # tile 0's rows reach below row 2's top: still reachable
+    out = seams.finish()
+    assert [t.num_rows for t in out] == [2, 1, 1]  # in tile order: tile 0 less its fragment, tile 1 less its copy
+    assert out[0].column("centroid_x").to_pylist() == [99.1, 29.5]
+    assert out[1].column("centroid_x").to_pylist() == [120.5]
+    assert out[2].column("centroid_y").to_pylist() == [100.5]
+    assert seams.removed == 2
+    # a tile is final as soon as a tile below all its compared rows arrives
+    seams = wsi_writer.SeamDuplicates({0: 0.0, 2: 200.0}, {0: cores[0], 2: (-inf, 100, 100, inf)}, margin=64)
+    assert seams.add(0, _part(0, [(99.6, 40, 10)])) == []
+    assert [t.num_rows for t in seams.add(2, None)] == [1]
+
+
 def test_tiled_run_finds_the_nuclei_of_one_pass(slide, reference):
     """Seam-free stitching: ≥ 99 % of the nuclei found in one pass over the whole 1024² image have a tiled nucleus
     with IoU > 0.9, and no tiled nucleus is duplicated."""
@@ -284,6 +324,26 @@ def test_resume_refuses_other_settings(slide, tmp_path, monkeypatch):
         run_wsi(slide[0], "classical", out, workers=0, resume=True)
 
 
+def test_starting_over_an_unfinished_run_says_so(slide, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "r"
+    real = wsi_writer.WorkDir.record
+    calls = []
+
+    def stop_after_two(self, entry):
+        calls.append(entry)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        real(self, entry)
+
+    monkeypatch.setattr(wsi_writer.WorkDir, "record", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_wsi(slide[0], "classical", out, workers=0)
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="karyo.infer.wsi"):
+        run_wsi(slide[0], "classical", out, workers=0)
+    assert "an unfinished run there (2 tiles done) is discarded" in caplog.text and "--resume" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------------ distribution
 def test_one_and_two_dask_workers_give_identical_output(slide, reference, tmp_path):
     """Real local clusters of worker processes; results arrive out of order and are merged in tile order."""
@@ -344,6 +404,7 @@ def test_bad_input_errors(slide, tmp_path):
     nompp = write_pyramid(tmp_path / "nompp.tif", image, factors=(), resolution=False)
     with pytest.raises(InputError, match="--mpp"):
         run_wsi(nompp, "classical", tmp_path / "o2", workers=0)
+    assert not (tmp_path / "o2").exists()  # a refused run leaves no empty output folder either
     calls = []
     ok = run_wsi(nompp, "classical", tmp_path / "o2", mpp=MPP, workers=0, progress=lambda *a: calls.append(a))
     assert ok.summary["slide"]["mpp"] == MPP and ok.summary["nuclei"]["total"] > 0
@@ -389,6 +450,27 @@ def test_decoded_png_cache_is_removed_unless_a_resume_needs_it(slide, tmp_path):
     with pytest.raises(InputError, match="no tissue"):
         run_wsi(blank, "classical", tmp_path / "b", mpp=MPP, workers=0)
     assert not (tmp_path / "b" / ".karyo-cache").exists()
+    png_nompp = tmp_path / "nompp.png"  # refused before anything is computed: not even the decoded copy stays
+    Image.fromarray(slide[1][:512, :512]).save(png_nompp)
+    with pytest.raises(InputError, match="pixel size"):
+        run_wsi(png_nompp, "classical", tmp_path / "c", workers=0)
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_refused_run_leaves_a_finished_folder_as_it_was(slide, tmp_path):
+    """A blank slide (or a --resume with other settings) aimed at a folder holding a finished run changes none of
+    its files: the folder never mixes two slides."""
+    small = write_pyramid(tmp_path / "small.tif", slide[1][:512, :512], factors=())
+    out = tmp_path / "o"
+    run_wsi(small, "classical", out, workers=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    blank = write_pyramid(tmp_path / "blank.tif", np.full((512, 512, 3), 245, np.uint8), factors=())
+    with pytest.raises(InputError, match="no tissue found") as err:
+        run_wsi(blank, "classical", out, workers=0)
+    assert "tissue_mask.png" not in str(err.value)
+    with pytest.raises(InputError, match="the finished run there used other settings"):
+        run_wsi(small, "classical", out, workers=0, tile=192, overlap=48, resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_cli_wsi(slide, tmp_path):

@@ -67,6 +67,7 @@ from karyo.infer.wsi_writer import (
     ATTRIBUTE_COLUMNS,
     OrderedMerger,
     OverlayPainter,
+    SeamDuplicates,
     TileLedger,
     WorkDir,
     part_schema,
@@ -507,18 +508,22 @@ class WSIEngine:
             resume: bool = False) -> WSIResult:
         t_start = time.perf_counter()
         slide_path, out_dir = Path(slide_path), Path(out_dir)
+        created = not out_dir.exists()
         with writing("the output folder", out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)
         timing: dict[str, float] = {}
         cache_dir = out_dir / CACHE_NAME
-        slide = self.open_slide(slide_path, mpp, cache_dir)
         try:
+            slide = self.open_slide(slide_path, mpp, cache_dir)
             try:
                 result = self._run(slide, slide_path, out_dir, cache_dir, mpp, resume, timing, t_start)
             finally:
                 slide.close()
-        except KaryoError:  # refused (no tissue, changed settings): nothing will resume from the decoded image
-            shutil.rmtree(cache_dir, ignore_errors=True)
+        except KaryoError:  # refused (unreadable, no pixel size, no tissue, changed settings): nothing will resume
+            shutil.rmtree(cache_dir, ignore_errors=True)  # from the decoded image
+            if created:
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()  # only if the refusal left it empty
             raise
         # (interrupted or crashed: the cache stays, --resume reuses the decoded image)
         shutil.rmtree(cache_dir, ignore_errors=True)  # complete, or found complete by --resume
@@ -534,10 +539,12 @@ class WSIEngine:
         tissue, _ = self.detect_tissue(slide)
         timing["tissue"] = time.perf_counter() - t
         if not tissue.mask.any():
-            self._write_mask(out_dir, tissue)
-            raise InputError(slide_path, f"no tissue found (saturation threshold {tissue.threshold:.3f}; see "
-                                         f"{out_dir / 'tissue_mask.png'}); is the slide blank, or is this not a "
-                                         f"brightfield H&E image?")
+            see = ""
+            if not (out_dir / "summary.json").exists() and not WorkDir(out_dir).exists():  # never over a run's mask
+                self._write_mask(out_dir, tissue)
+                see = f"; see {out_dir / 'tissue_mask.png'}"
+            raise InputError(slide_path, f"no tissue found (saturation threshold {tissue.threshold:.3f}{see}); is "
+                                         f"the slide blank, or is this not a brightfield H&E image?")
         all_tiles, tiles, factor, size = self.plan(slide, model_mpp, tissue)
         spec = SlideSpec(str(slide_path.resolve()), opts.backend, mpp, str(cache_dir.resolve()))
         processor = self.processor_class(spec, factor, model_mpp, size, opts.attributes, opts.simplify)
@@ -563,7 +570,14 @@ class WSIEngine:
         elif resume and _summary_digest(out_dir) == digest:
             log.info("%s: already complete, nothing to resume", out_dir)
             return self._existing(out_dir)
+        elif resume and _summary_digest(out_dir) is not None:
+            raise InputError(out_dir, "cannot resume: the finished run there used other settings (or another "
+                                      "karyo); run without --resume to replace it")
         else:
+            if work.exists():
+                finished = len(work.finished())
+                log.warning("%s: an unfinished run there (%d tiles done) is discarded and started over; pass "
+                            "--resume to continue it instead", out_dir, finished)
             work.reset(settings)
         self._write_mask(out_dir, tissue)
 
@@ -572,9 +586,11 @@ class WSIEngine:
         meta = {"slide": slide_path.name, "mpp": slide.mpp, "model_mpp": model_mpp, "factor": factor,
                 "coordinates": "level-0 pixels", "attributes_at": "model resolution",
                 "attribute_units": ATTRIBUTE_UNITS}
+        seams = SeamDuplicates({t.index: t.y * factor for t in tiles},
+                               {t.index: tuple(c * factor for c in t.core) for t in tiles}, opts.overlap * factor)
         merger = OrderedMerger(work, [t.index for t in tiles], attributes=opts.attributes, slide_name=slide_path.name,
                                metadata=meta, overlay=OverlayPainter(overlay_thumb, overlay_scale),
-                               row_group_size=opts.row_group_size)
+                               row_group_size=opts.row_group_size, seams=seams)
         write_time = [0.0]
         resumed = len(done)
         progress = _Progress(self.progress, len(tiles), resumed, sum(done.nuclei.values()))
@@ -663,13 +679,15 @@ class WSIEngine:
             "tiling": {"tile": self.options.tile, "overlap": self.options.overlap, "factor": factor,
                        "model_resolution_size": list(size), "tiles_total": len(all_tiles),
                        "tiles_with_tissue": len(tiles), "tiles_from_earlier_runs": resumed,
-                       "ownership": "centroid in tile core; overlap must be >= 2 x largest nucleus radius"},
+                       "ownership": "centroid in tile core; overlap must be >= 2 x largest nucleus radius; of two "
+                                    "tiles' nuclei sharing >= 50% of the smaller, the larger is kept"},
             "tissue": {"area_mm2": area, "fraction": tissue.fraction, "saturation_threshold": tissue.threshold,
                        "mask_um_per_px": tissue.scale[0] * tissue.slide_mpp},
             "nuclei": {"total": merger.n_nuclei, "per_class": counts,
                        "density_per_mm2": merger.n_nuclei / area if area > 0 else None,
                        "density_per_mm2_per_class": {k: v / area for k, v in counts.items()} if area > 0 else {},
-                       "truncated_at_tile_edge": truncated},
+                       "truncated_at_tile_edge": truncated,
+                       "seam_duplicates_removed": merger.seams.removed if merger.seams is not None else 0},
             "timing_s": {**{k: round(v, 3) for k, v in timing.items()},
                          **{f"{s}_sum": round(v, 3) for s, v in stage.items()}, "wall": round(wall, 3)},
             "execution": execution,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import uuid
@@ -244,14 +245,114 @@ class OverlayPainter:
         return self._colors[key]
 
 
+class SeamDuplicates:
+    """Nuclei found twice where tiles overlap. Each tile keeps the nuclei whose centroid lies in its core, but two
+    tiles' predictions of one nucleus on a seam can put its centroid on either side of the cut, so both keep it
+    (or one keeps a fragment of it). Two rows of different tiles whose polygons share at least ``min_overlap`` of
+    the smaller one are one nucleus, and the larger polygon stays (a fragment loses to the whole; ties keep the
+    earlier tile's).
+
+    Only rows whose boxes come within ``margin`` (level-0 px) of an interior core edge can meet a later tile's, so
+    only they are compared. A tile's rows are released, in tile order, once no later tile can reach them: tiles
+    arrive in row-major order, so a row is safe once a tile whose top (``tops``) lies below its box has arrived.
+    The output is therefore the same whatever the number of workers or resumes."""
+
+    def __init__(self, tops: dict[int, float], cores: dict[int, tuple[float, float, float, float]], margin: float,
+                 min_overlap: float = 0.5, cell: float = 128.0):
+        self.tops, self.cores, self.margin = tops, cores, float(margin)
+        self.min_overlap, self.cell = float(min_overlap), float(cell)
+        self.removed = 0
+        self._queue: list[list] = []  # [tile, part, alive rows, bottom of its compared rows]
+        self._held: dict[tuple[int, int], tuple] = {}  # (tile, row) → (box, polygon, area, alive rows)
+        self._grid: dict[tuple[int, int], set[tuple[int, int]]] = {}
+
+    def add(self, tile: int, part: pa.Table | None) -> list[pa.Table]:
+        """Tile ``tile`` (the next in order) with its rows; returns the tables that are final now, in tile order."""
+        bottom = -math.inf
+        alive = None
+        if part is not None and part.num_rows:
+            boxes = np.stack([part.column(c).to_numpy() for c in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")], 1)
+            boxes = boxes.astype(np.float64)
+            polys = shapely.from_wkb(part.column("polygon_wkb").to_numpy(zero_copy_only=False))
+            areas = shapely.area(polys)
+            x0, y0, x1, y1 = self.cores[tile]
+            m = self.margin
+            near = (boxes[:, 0] - x0 < m) | (x1 - boxes[:, 2] < m) | (boxes[:, 1] - y0 < m) | (y1 - boxes[:, 3] < m)
+            alive = np.ones(part.num_rows, bool)
+            for row in np.flatnonzero(near):
+                if not self._survives(boxes[row], polys[row], areas[row]):
+                    alive[row] = False
+                    self.removed += 1
+                    continue
+                key = (tile, int(row))
+                self._held[key] = (boxes[row], polys[row], areas[row], alive)
+                for cell in self._cells(boxes[row]):
+                    self._grid.setdefault(cell, set()).add(key)
+                bottom = max(bottom, boxes[row, 3])
+        self._queue.append([tile, part, alive, bottom])
+        return self._release(self.tops[tile])
+
+    def finish(self) -> list[pa.Table]:
+        """Everything still held (after the last tile)."""
+        return self._release(math.inf)
+
+    def _survives(self, box, poly, area: float) -> bool:
+        """Compare a new row with the held rows it touches; drop held duplicates it beats."""
+        candidates = set().union(*(self._grid.get(c, ()) for c in self._cells(box)))
+        for key in sorted(candidates):
+            obox, opoly, oarea, oalive = self._held[key]
+            if box[0] >= obox[2] or obox[0] >= box[2] or box[1] >= obox[3] or obox[1] >= box[3]:
+                continue
+            smaller = min(area, oarea)
+            try:
+                shared = shapely.area(shapely.intersection(poly, opoly))
+            except shapely.errors.GEOSException:
+                continue
+            if smaller <= 0 or shared < self.min_overlap * smaller:
+                continue
+            if area > oarea:  # the new row is the whole of what the held one is a part of
+                oalive[key[1]] = False
+                self._forget(key)
+                self.removed += 1
+            else:
+                return False
+        return True
+
+    def _release(self, top: float) -> list[pa.Table]:
+        out = []
+        while self._queue and self._queue[0][3] <= top:
+            tile, part, alive, _ = self._queue.pop(0)
+            if part is None:
+                continue
+            for key in [(tile, int(r)) for r in range(part.num_rows) if (tile, int(r)) in self._held]:
+                self._forget(key)
+            out.append(part if alive.all() else part.filter(pa.array(alive)))
+        return out
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        box = self._held.pop(key)[0]
+        for cell in self._cells(box):
+            members = self._grid.get(cell)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._grid[cell]
+
+    def _cells(self, box) -> list[tuple[int, int]]:
+        c = self.cell
+        return [(i, j) for i in range(int(box[0] // c), int((box[2] - 1) // c) + 1)
+                for j in range(int(box[1] // c), int((box[3] - 1) // c) + 1)]
+
+
 class OrderedMerger:
     """Merge finished parts in tile order into temporary ``nuclei.parquet`` / ``nuclei.geojson`` (renamed into
     ``out_dir`` by :meth:`finish`), numbering nuclei 1..N and counting them per class."""
 
     def __init__(self, work: WorkDir, order: list[int], *, attributes: bool, slide_name: str,
                  metadata: dict | None = None, overlay: OverlayPainter | None = None,
-                 row_group_size: int = 16384):
+                 row_group_size: int = 16384, seams: SeamDuplicates | None = None):
         self.work = work
+        self.seams = seams
         self.order = list(order)
         self.attributes = attributes
         self.slide_name = slide_name
@@ -283,13 +384,16 @@ class OrderedMerger:
         self._pending[tile] = n_nuclei
         while self._pos < len(self.order) and self.order[self._pos] in self._pending:
             index = self.order[self._pos]
+            part = None
             if self._pending.pop(index):
                 if index == tile and table is not None:
                     part = table
                 else:
                     with writing(f"the part of tile {index}", self.work.part_path(index)):
                         part = pq.read_table(self.work.part_path(index))
-                self._emit(part)
+            for final in (self.seams.add(index, part) if self.seams is not None else
+                          [part] if part is not None else []):
+                self._emit(final)
             self._pos += 1
 
     def _emit(self, part: pa.Table) -> None:
@@ -338,6 +442,8 @@ class OrderedMerger:
         """Complete both files and rename them into ``out_dir`` (every tile of ``order`` must be merged)."""
         if self._pos != len(self.order):
             raise RuntimeError(f"merge incomplete: {self._pos} of {len(self.order)} tiles")
+        for final in self.seams.finish() if self.seams is not None else []:
+            self._emit(final)
         self._flush()
         with writing("nuclei.parquet", self.tmp_parquet):
             self._parquet.close()
