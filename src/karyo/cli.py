@@ -279,6 +279,8 @@ def segment(
                 save_result(result, out, image, stem=stem, outputs=kinds)
                 total += result.n_nuclei
             bar.advance(bar_task)
+    if task != "semantic" and "classes" in kinds and not any((out / "classes").glob("*.csv")):
+        (out / "classes.json").unlink(missing_ok=True)  # an earlier run's names, for class files no longer there
     if stated:
         listed = ", ".join(f"{name} {value:.3g}" for name, value in list(stated.items())[:3])
         console.print(f"µm per pixel as the files state it ({listed}{', ...' if len(stated) > 3 else ''}); "

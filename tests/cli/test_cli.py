@@ -184,6 +184,13 @@ def test_segment_without_nuclei_still_evaluates(tmp_path):
     assert list(blank_classes.columns) == ["instance_id", "class_id"] and len(blank_classes) == 0
     res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(tmp_path / "p")])
     assert res.exit_code == 0, res.output
+    # the folder rewritten by a model without classes: no class names are left for class files that are gone
+    assert (tmp_path / "p" / "classes.json").is_file()
+    res = runner.invoke(app, ["segment", str(truth / "images"), "--model", "classical", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "p" / "classes.json").exists() and not any((tmp_path / "p" / "classes").glob("*"))
+    res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
 
 
 @pytest.mark.parametrize(("content", "message"), [

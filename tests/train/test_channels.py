@@ -123,6 +123,13 @@ def test_map_samples_by_name_and_refuses_mismatched_data_without_adapter(ome_lay
     np.testing.assert_array_equal(mapped[0].image[..., 0], samples[0].image[..., 1])  # DAPI is the 2nd channel
     with pytest.raises(InputError, match="has 2 channels, the model takes 3"):
         map_samples(samples, None, 3)
+    # unnamed data cannot be matched to named adapter channels: refused, not pooled into every one of them
+    gray = Sample(image=samples[0].image[..., 1:2], instances=samples[0].instances, name="gray_000")
+    named = with_adapter(PrompterConfig(), ("DAPI", "CD45"), AugmentConfig())
+    with pytest.raises(InputError, match=r"gray_000: its 1 channel\(s\) have no names.*--channels 1"):
+        map_samples([gray], named.adapter)
+    mapped, present = map_samples([gray], cfg.adapter)  # one unnamed channel for one named: taken by position
+    assert present.all() and mapped[0].channel_names == ("DAPI",)
 
 
 def test_prompter_and_segmentor_with_channels_pack_into_a_dapi_promptnucseg(ome_layout, tmp_path):

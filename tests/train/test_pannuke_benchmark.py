@@ -185,3 +185,13 @@ def test_three_fold_prompter_baseline_one_split(release, tmp_path):
     saved = json.loads((out / "fold1" / "ivaan" / "model" / "ivaan.json").read_text())["config"]
     assert (saved["align"], saved["attribute_prediction"], saved["text_classification"]) == (False, False, False)
     assert not (out / "fold1" / "ivaan" / "model" / "levels.json").exists()  # nothing measured for the baseline
+
+
+def test_a_split_without_predictions_reads_n_a_not_a_traceback():
+    """A model that finds nothing has no AJI (None): the log line and the table say n/a."""
+    from karyo.train.pannuke_benchmark import _fmt, markdown_table
+
+    rows = [{"split": "fold1", "mpq": 0.0, "bpq": 0.0, "pq": 0.0, "aji": None, "n_test": 2}]
+    md = markdown_table("pannuke-official", "prompter", rows, summarize(rows))
+    assert "| fold1 | 0.000 | 0.000 | 0.000 | n/a | n/a | 2 |" in md  # AJI and F1d
+    assert _fmt(None, 4) == "n/a" and _fmt(float("nan")) == "n/a" and _fmt(0.12345, 4) == "0.1235"

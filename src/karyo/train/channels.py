@@ -84,6 +84,12 @@ def map_samples(samples: Sequence[Sample], adapter: AdapterConfig | None, in_cha
     present = np.ones((len(samples), adapter.in_channels), bool)
     names = adapter.channel_names or None
     for i, s in enumerate(samples):
+        n = s.image.shape[2]
+        if names and not s.channel_names and n != len(names):
+            raise InputError(s.source or s.name, f"its {n} channel(s) have no names, so they cannot be matched to "
+                                                 f"the adapter's {', '.join(names)} (they would be pooled into every "
+                                                 f"one of them); name them (OME-TIFF channel names) or train with "
+                                                 f"--channels {n}")
         image, present[i] = map_channels(s.image, adapter, s.channel_names, s.source or s.name, warn=False)
         out.append(dataclasses.replace(s, image=image, channel_names=names))
     if not present.all():

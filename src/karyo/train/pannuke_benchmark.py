@@ -173,9 +173,13 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def _fmt(v, digits: int = 3) -> str:
+    """A metric for people: "n/a" where it is undefined (e.g. AJI of a model that found nothing)."""
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
 def markdown_table(protocol: str, method: str, rows: list[dict], summary: dict) -> str:
-    def fmt(v) -> str:
-        return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+    fmt = _fmt
 
     label = "Test fold" if protocol == "pannuke-official" else "Test group"
     lines = [f"| {label} | " + " | ".join(name for _, name in METRICS) + " | test patches |",
@@ -261,7 +265,7 @@ def run_pannuke_benchmark(root: str | os.PathLike, protocol: str, out: str | os.
                "test_tissues": sorted(set(meta.set_index(["pannuke_fold", "index"]).loc[parts["test"], "tissue"]))}
         write_text(result_path, json.dumps(row, indent=1) + "\n")
         rows.append(row)
-        log(f"{sname}: mPQ {row['mpq']:.4f}, PQ {row['pq']:.4f}, AJI {row['aji']:.4f}")
+        log(f"{sname}: mPQ {_fmt(row['mpq'], 4)}, PQ {_fmt(row['pq'], 4)}, AJI {_fmt(row['aji'], 4)}")
     rows.sort(key=lambda r: r["split"])
     # what actually ran: the config's training sections with the command's overrides applied, and the rest
     ran = {**to_dict(cfg), "train": to_dict(tcfg), "segmentor_train": to_dict(scfg)}
