@@ -75,6 +75,9 @@ def main(
     """karyo: nucleus analysis for histology images."""
 
 
+_INSTANCE_OUTPUTS = "instances,classes,table,overlay,geojson"
+
+
 def _expand_images(paths: list[Path]) -> list[Path]:
     from karyo.data.io import list_images
     from karyo.errors import InputError
@@ -90,7 +93,7 @@ def _expand_images(paths: list[Path]) -> list[Path]:
             files.append(p)
         else:
             raise InputError(p, "file not found")
-    return files
+    return list({f.resolve(): f for f in reversed(files)}.values())[::-1]  # a file named twice is segmented once
 
 
 def _unique_stems(files: list[Path]) -> dict[Path, str]:
@@ -122,6 +125,20 @@ def _warnings_as_notes(limit: int = 5):
         console.print(f"note: {message}", highlight=False, soft_wrap=True)
     if len(notes) > limit:
         console.print(f"note: ... and {len(notes) - limit} more", highlight=False)
+
+
+@contextlib.contextmanager
+def _naming_what_was_written(done: int, out: Path):
+    """An image that fails after others were segmented: say that their outputs are in OUT (each is complete)."""
+    from karyo.errors import InputError
+
+    try:
+        yield
+    except InputError as exc:
+        if not done:
+            raise
+        raise InputError(exc.source, f"{exc.problem} (the {done} image(s) before it were segmented into {out}/; "
+                                     f"the rest were not)") from None
 
 
 @contextlib.contextmanager
@@ -199,7 +216,7 @@ def segment(
                                                    "TIFF or PNG resolution), if anything plausible.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "cpu",
     outputs: Annotated[str, typer.Option(help="Comma-separated: instances,classes,table,overlay,geojson.")
-                       ] = "instances,classes,table,overlay,geojson",
+                       ] = _INSTANCE_OUTPUTS,
     task: Annotated[str, typer.Option(help="instance | semantic: semantic models (MONCH, U-Net) can instead write "
                                            "a class-map PNG, a coloured overlay and per-class areas.")
                     ] = "instance",
@@ -238,6 +255,9 @@ def segment(
         raise InputError(None, f"--task must be 'instance' or 'semantic', got {task!r}")
     if task == "semantic" and points is not None:
         raise InputError(points, "--points applies to --task instance only")
+    if task == "semantic" and outputs != _INSTANCE_OUTPUTS:
+        raise InputError(None, "--outputs chooses among the instance outputs; --task semantic always writes class "
+                               "maps, overlays and per-class areas")
     if threads is not None:
         import torch
 
@@ -250,35 +270,37 @@ def segment(
     unknown = 0  # files whose resolution nobody states: taken to be the model's
     with _warnings_as_notes(), progress_bar() as bar:
         bar_task = bar.add_task("segmenting", total=len(files))
-        for path in files:
-            image, meta = read_image_meta(path)
-            if mpp is None and meta.get("mpp"):
-                stated[path.name] = meta["mpp"]
-            elif mpp is None:
-                unknown += 1
-            stem = stems[path]
-            names = meta.get("channel_names")
-            if channels:
-                from karyo.infer.prepare import select_channels
+        for done, path in enumerate(files):
+            with _naming_what_was_written(done, out):
+                image, meta = read_image_meta(path)
+                if mpp is None and meta.get("mpp"):
+                    stated[path.name] = meta["mpp"]
+                elif mpp is None:
+                    unknown += 1
+                stem = stems[path]
+                names = meta.get("channel_names")
+                if channels:
+                    from karyo.infer.prepare import select_channels
 
-                image, names = select_channels(image, names, channels, str(path))
-            fn = net.segment_semantic if task == "semantic" else net.segment
-            named = {"channel_names": names} if names and "channel_names" in inspect.signature(fn).parameters else {}
-            if task == "semantic":
-                from karyo.export.semantic import save_semantic
+                    image, names = select_channels(image, names, channels, str(path))
+                fn = net.segment_semantic if task == "semantic" else net.segment
+                takes_names = "channel_names" in inspect.signature(fn).parameters
+                named = {"channel_names": names} if names and takes_names else {}
+                if task == "semantic":
+                    from karyo.export.semantic import save_semantic
 
-                with _errors_name_file(path, stem):
-                    semantic = net.segment_semantic(image, mpp=mpp or meta.get("mpp"), name=stem, **named)
-                save_semantic(semantic, out, image, stem=stem)
-            else:
-                if points is not None:  # errors name the CSV, not the image
-                    check_prompts(pos, neg, image.shape, points)
-                with _errors_name_file(path, stem):
-                    result = net.segment(image, points=pos, negative=neg, mpp=mpp or meta.get("mpp"), name=stem,
-                                         **named)
-                save_result(result, out, image, stem=stem, outputs=kinds)
-                total += result.n_nuclei
-            bar.advance(bar_task)
+                    with _errors_name_file(path, stem):
+                        semantic = net.segment_semantic(image, mpp=mpp or meta.get("mpp"), name=stem, **named)
+                    save_semantic(semantic, out, image, stem=stem)
+                else:
+                    if points is not None:  # errors name the CSV, not the image
+                        check_prompts(pos, neg, image.shape, points)
+                    with _errors_name_file(path, stem):
+                        result = net.segment(image, points=pos, negative=neg, mpp=mpp or meta.get("mpp"), name=stem,
+                                             **named)
+                    save_result(result, out, image, stem=stem, outputs=kinds)
+                    total += result.n_nuclei
+                bar.advance(bar_task)
     if task != "semantic" and "classes" in kinds and not any((out / "classes").glob("*.csv")):
         (out / "classes.json").unlink(missing_ok=True)  # an earlier run's names, for class files no longer there
     if stated:

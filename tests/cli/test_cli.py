@@ -274,3 +274,23 @@ def test_models_lists_default():
     assert res.exit_code == 0
     assert "default" in res.output
     assert "classical" in res.output
+
+
+def test_segment_inputs_named_twice_and_a_bad_one_after_good_ones(tmp_path):
+    """One file given twice is segmented once; an image that fails after others says what was written; --outputs
+    does not pretend to apply to semantic output."""
+    from karyo.samples import sample_path
+
+    tile = str(sample_path())
+    res = runner.invoke(app, ["segment", tile, tile, "--model", "classical", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "in 1 image(s)" in res.output
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    res = runner.invoke(app, ["segment", tile, str(tmp_path / "bad.png"), "--model", "classical",
+                              "--out", str(tmp_path / "m")])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "bad.png: cannot decode image" in text
+    assert f"(the 1 image(s) before it were segmented into {tmp_path / 'm'}/; the rest were not)" in text
+    res = runner.invoke(app, ["segment", tile, "--task", "semantic", "--outputs", "overlay", "--out",
+                              str(tmp_path / "s")])
+    assert res.exit_code == 2 and "--task semantic always writes" in " ".join(res.output.split())

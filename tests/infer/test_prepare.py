@@ -60,3 +60,18 @@ def test_narrow_uint16_is_noted_with_the_factor_that_fixes_it():
         warnings.simplefilter("error")
         model_input(twelve_bit * np.uint16(16), 3, (0.0,) * 3, (1.0,) * 3, "b.tif")  # the full range: no note
         model_input(np.zeros((8, 8, 3), np.uint16), 3, (0.0,) * 3, (1.0,) * 3, "blank.tif")  # nothing to scale
+
+
+def test_named_markers_given_to_an_h_and_e_model_are_noted():
+    """Three channels named DAPI, CD45, CK would be read as R, G, B by an H&E model: said, naming the file."""
+    import warnings
+
+    from karyo.infer.prepare import model_input
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.warns(UserWarning, match=r"mc\.tif: its channels are named DAPI, CD45, CK, but this model reads"):
+        model_input(image, 3, (0.0,) * 3, (1.0,) * 3, "mc.tif", channel_names=["DAPI", "CD45", "CK"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_input(image, 3, (0.0,) * 3, (1.0,) * 3, "rgb.tif", channel_names=["Red", "Green", "Blue"])
+        model_input(image, 3, (0.0,) * 3, (1.0,) * 3, "plain.png")

@@ -49,7 +49,7 @@ import pandas as pd
 
 from karyo.attributes import names as N
 from karyo.data.io import to_rgb, to_uint8
-from karyo.data.sample import as_hwc, validate_instances
+from karyo.data.sample import as_hwc, channel_key, is_marker_image, validate_instances
 from karyo.errors import InputError
 from karyo.stain.macenko import MacenkoNormalizer
 
@@ -135,21 +135,6 @@ def add_classes(df: pd.DataFrame, classes: Mapping[int, int], class_names: Mappi
 #: dashes and underscores).
 NUCLEAR_STAINS = ("dapi", "hoechst", "hoechst33342", "hoechst33258", "draq5", "draq7", "sytox", "dna", "dna1",
                   "nuclear", "nucleus", "nuclei", "pi", "propidiumiodide", "histone", "h3")
-_RGB_NAMES = (("r", "g", "b"), ("red", "green", "blue"), ("r", "g", "b", "a"), ("red", "green", "blue", "alpha"))
-
-
-def _key(name: str) -> str:
-    return "".join(ch for ch in str(name).lower() if ch.isalnum())
-
-
-def is_marker_image(n_channels: int, channel_names=None) -> bool:
-    """Whether an image is measured as markers (see the module docstring) rather than as RGB or one channel."""
-    if n_channels == 2 or n_channels > 4:
-        return True
-    names = tuple(_key(n) for n in channel_names or ())
-    return n_channels >= 3 and bool(names) and names not in _RGB_NAMES
-
-
 def nuclear_channel_index(channel_names, n_channels: int, nuclear_channel: str | int | None = None,
                           source: str | None = None) -> int:
     """The channel measured as the nuclear stain: ``nuclear_channel`` (a name or a 0-based index), else the first
@@ -158,8 +143,8 @@ def nuclear_channel_index(channel_names, n_channels: int, nuclear_channel: str |
 
     names = list(channel_names or [])
     if nuclear_channel is not None:
-        wanted = _key(nuclear_channel)
-        hits = [i for i, n in enumerate(names) if _key(n) == wanted]
+        wanted = channel_key(nuclear_channel)
+        hits = [i for i, n in enumerate(names) if channel_key(n) == wanted]
         if hits:
             return hits[0]
         if str(nuclear_channel).strip().isdigit() and int(nuclear_channel) < n_channels:
@@ -167,7 +152,7 @@ def nuclear_channel_index(channel_names, n_channels: int, nuclear_channel: str |
         known = f"its channels are {', '.join(map(str, names))}" if names else f"it has {n_channels} unnamed channels"
         raise InputError(source, f"no channel {nuclear_channel!r} to measure as the nuclear stain: {known}")
     for i, n in enumerate(names):
-        if _key(n) in NUCLEAR_STAINS:
+        if channel_key(n) in NUCLEAR_STAINS:
             return i
     label = f" ({names[0]})" if names else ""
     warnings.warn(f"{source or 'image'}: no channel is named as a nuclear stain (DAPI, Hoechst ...): channel "

@@ -231,3 +231,20 @@ class ConcatSamples(SampleSequence):
     def _load(self, i: int) -> Sample:
         k = int(np.searchsorted(self._offsets, i, side="right")) - 1
         return self.parts[k]._load(i - int(self._offsets[k]))
+
+
+_RGB_NAMES = (("r", "g", "b"), ("red", "green", "blue"), ("r", "g", "b", "a"), ("red", "green", "blue", "alpha"))
+
+
+def channel_key(name: str) -> str:
+    """A channel name compared loosely: lower case, letters and digits only ("Hoechst 33342" → "hoechst33342")."""
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+def is_marker_image(n_channels: int, channel_names=None) -> bool:
+    """Markers (multiplex or multi-channel fluorescence), not RGB nor one stain: 2 or more than 4 channels, or 3–4
+    channels whose names are not R, G, B(, A)."""
+    if n_channels == 2 or n_channels > 4:
+        return True
+    names = tuple(channel_key(n) for n in channel_names or ())
+    return n_channels >= 3 and bool(names) and names not in _RGB_NAMES

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from karyo.data.augment import prepare_image
 from karyo.data.io import check_mpp
-from karyo.data.sample import as_hwc
+from karyo.data.sample import as_hwc, is_marker_image
 from karyo.errors import InputError
 
 if TYPE_CHECKING:
@@ -38,6 +38,10 @@ def model_input(image: np.ndarray, in_chans: int, mean: Sequence[float], std: Se
     if adapter is not None:
         return _adapter_input(image, adapter, channel_names, source)
     image = as_hwc(image, source)
+    if in_chans == 3 and channel_names and is_marker_image(image.shape[2], channel_names):
+        warnings.warn(f"{source or 'image'}: its channels are named {', '.join(map(str, channel_names))}, but this "
+                      f"model reads RGB H&E, so they are taken as R, G and B; markers need a model trained on "
+                      f"them (`karyo train` with --channels)", stacklevel=3)
     if in_chans == 3 and image.shape[2] == 1:
         warnings.warn(f"{source or 'image'}: one channel given to a model trained on RGB H&E; it is read as a gray "
                       f"H&E image and many nuclei may be missed (fluorescence needs a model trained on it, e.g. "
