@@ -528,10 +528,10 @@ def train_cmd(
     channels: Annotated[str | None, typer.Option(help="prompter / segmentor / cellvit / monch / stain_agnostic: a "
                                                       "channel adapter for N input channels (e.g. 8) or for these "
                                                       "named channels (DAPI,CD45).")] = None,
-    init: Annotated[Path | None, typer.Option(help="Start from these weights: a checkpoint, a run folder or a "
-                                                   "packed model folder (fine-tuning). Its class layer "
-                                                   "starts afresh when the data have other classes than "
-                                                   "it was trained on.")] = None,
+    init: Annotated[Path | None, typer.Option(help="Start from these weights (fine-tuning): a checkpoint, a run "
+                                                   "folder, a model folder or a shipped model's name such as "
+                                                   "default. Its class layer starts afresh when the data have "
+                                                   "other classes than it was trained on.")] = None,
 ) -> None:
     """Train a model (PromptNucSeg prompter or segmentor, CellViT, IVAAN, MONCH, U-Net): seeded, resumable, best
     checkpoint chosen on the validation split."""
@@ -566,7 +566,8 @@ def pack_cmd(
     out: Annotated[Path, typer.Option(help="Model folder to write (config.json + weights).")],
     prompter: Annotated[Path | None, typer.Option(help="promptnucseg: prompter run (karyo train prompter).")
                         ] = None,
-    segmentor: Annotated[Path | None, typer.Option(help="promptnucseg, ivaan: segmentor run or model folder.")
+    segmentor: Annotated[Path | None, typer.Option(help="promptnucseg, ivaan: segmentor run, model folder or "
+                                                        "shipped model name.")
                          ] = None,
     run: Annotated[Path | None, typer.Option(help="cellvit, ivaan: the training run folder.")] = None,
     tune: Annotated[bool, typer.Option(help="Tune inference thresholds on the run's validation images.")] = True,
@@ -651,7 +652,8 @@ def query_cmd(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("karyo_query"),
     model: Annotated[Path | None, typer.Option(help="IVAAN model folder (or an IVAAN run with --segmentor).")
                      ] = None,
-    segmentor: Annotated[Path | None, typer.Option(help="Segmentor run/model folder when --model is a run.")
+    segmentor: Annotated[Path | None, typer.Option(help="Segmentor run, model folder or shipped model name (e.g. "
+                                                        "default) when --model is a run.")
                          ] = None,
     top_k: Annotated[int, typer.Option(help="Nuclei highlighted in the overlay (the CSV ranks all).")] = 20,
     mpp: Annotated[float | None, typer.Option(help="Microns per pixel of the image.")] = None,

@@ -95,3 +95,19 @@ def test_known_resolution_adds_areas_in_square_microns(tmp_path):
     features = json.loads(written["geojson"].read_text())["features"]
     assert [f["properties"]["measurements"]["Area µm^2"] for f in features] == [16.0, 36.0]
     assert "area_um2" in SegmentationResult(np.zeros((4, 4), np.int32), mpp=0.5).table().columns
+
+
+def test_results_hold_plain_ints_and_print_short():
+    """Whatever integer types a model used, the documented dicts hold int keys (json.dumps works), and a result
+    with embeddings prints as one line."""
+    import json
+
+    from karyo.models.ivaan import IVAANResult
+
+    m = np.zeros((6, 6), np.int32)
+    m[1:3, 1:3] = 1
+    res = IVAANResult(m, classes={np.int64(1): np.int32(2)}, scores={np.int64(1): np.float32(0.5)},
+                      class_names={np.int64(2): "b"}, embeddings=np.zeros((1, 384), np.float32),
+                      embedding_ids=np.array([1]), model="ivaan")
+    assert json.dumps(res.classes) == '{"1": 2}' and type(next(iter(res.scores.values()))) is float
+    assert repr(res) == "<IVAANResult: 1 nuclei in 6×6 px, {'b': 1}, model 'ivaan'>"

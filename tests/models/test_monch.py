@@ -239,6 +239,7 @@ def test_area_table_values():
     assert t.loc[2, "fraction_of_nuclei"] == pytest.approx(2 / 6)
     assert t.loc[1, "area_um2"] == pytest.approx(1.0) and t.loc[2, "regions"] == 2
     assert t.loc[1, "mean_probability"] == pytest.approx(0.9)
+    assert "area_um2" not in SemanticSegmentation(cm, prob, {1: "a", 2: "b"}).area_table().columns  # unknown mpp
 
 
 def test_tiled_probabilities_equal_one_pass_for_a_pointwise_net():
@@ -257,7 +258,8 @@ def test_monch_model_folder_round_trip_and_instance_api(tmp_path):
     sem = model.segment_semantic(image, name="x")
     assert sem.class_map.shape == (80, 72) and sem.probabilities.shape == (3, 80, 72)
     np.testing.assert_array_equal(sem.class_map, sem.probabilities.argmax(0))
-    assert sem.class_names == NAMES and sem.mpp == 0.25
+    assert sem.class_names == NAMES and sem.mpp is None  # not stated: not assumed
+    assert model.segment_semantic(image, mpp=0.5).mpp == 0.5
     model.save(tmp_path / "m")
     assert json.loads((tmp_path / "m" / "config.json").read_text())["arch"] == "monch"
     again = load_model_dir(tmp_path / "m")

@@ -39,6 +39,13 @@ def test_init_weights_reads_a_file_a_run_and_a_packed_model(tmp_path):
         assert all(torch.equal(got[k], state[k]) for k in state)
     with pytest.raises(InputError, match=r"segmentor\.pt"):
         init_weights("segmentor", tmp_path / "packed")
+    # a shipped model by its name, as --model takes it; a missing file stays a missing file
+    shipped = init_weights("prompter", "default")
+    assert shipped.keys() == init_weights("prompter", "promptnucseg_cpu").keys() and len(shipped) > 10
+    with pytest.raises(InputError, match="unknown model 'nonesuch'"):
+        init_weights("prompter", "nonesuch")
+    with pytest.raises(InputError, match=r"missing\.pt"):
+        init_weights("prompter", "missing.pt")
 
 
 def test_run_starts_from_init_weights_on_the_given_validation_images(tmp_path, disc_layout, one_thread):

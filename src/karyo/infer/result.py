@@ -35,6 +35,14 @@ class SegmentationResult:
     properties: dict[int, dict] | None = None
     mpp: float | None = None
 
+    def __post_init__(self) -> None:  # plain ints and floats, so the dicts compare, print and json.dump as documented
+        self.classes = {int(k): int(v) for k, v in self.classes.items()}
+        self.scores = {int(k): float(v) for k, v in self.scores.items()}
+        if self.class_names is not None:
+            self.class_names = {int(k): str(v) for k, v in self.class_names.items()}
+        if self.properties is not None:
+            self.properties = {int(k): v for k, v in self.properties.items()}
+
     @property
     def n_nuclei(self) -> int:
         return len(np.unique(self.instances)) - int((self.instances == 0).any())
@@ -47,7 +55,8 @@ class SegmentationResult:
             counts[label] = counts.get(label, 0) + 1
         per_class = f", {dict(sorted(counts.items()))}" if counts else ""
         named = f" {self.name!r}" if self.name else ""
-        return f"<SegmentationResult{named}: {self.n_nuclei} nuclei in {w}×{h} px{per_class}, model {self.model!r}>"
+        kind = type(self).__name__
+        return f"<{kind}{named}: {self.n_nuclei} nuclei in {w}×{h} px{per_class}, model {self.model!r}>"
 
     def save(self, out_dir: str | os.PathLike, image: np.ndarray | None = None, *, stem: str | None = None,
              outputs: Iterable[str] | None = None) -> dict[str, Path]:

@@ -240,7 +240,7 @@ class IVAANModelConfig(PromptNucSegConfig):
         self.prompter = self.ivaan.prompter
 
 
-@dataclass
+@dataclass(repr=False)  # the short repr of SegmentationResult, not every embedding
 class IVAANResult(SegmentationResult):
     """A :class:`SegmentationResult` plus the instance embeddings (row i ↔ ``embedding_ids[i]``) that
     :meth:`IVAANModel.query` ranks."""

@@ -716,8 +716,9 @@ class SemanticSegmentation:
         return int(self.probabilities.shape[0]) - 1
 
     def area_table(self) -> pd.DataFrame:
-        """One row per class 1..N: pixels, fraction of the image, fraction of all nuclear pixels, area in µm² (when
-        the pixel size is known), connected regions and the mean probability of the class over its pixels."""
+        """One row per class 1..N: pixels, fraction of the image, fraction of all nuclear pixels, area in µm²
+        (``area_um2``, only when the pixel size is known, as in instance tables), connected regions and the mean
+        probability of the class over its pixels."""
         cm = np.asarray(self.class_map)
         total = cm.size
         nuclear = int((cm > 0).sum())
@@ -730,7 +731,7 @@ class SemanticSegmentation:
                 "class_id": c, "class_name": self.class_names.get(c, ""), "pixels": px,
                 "fraction_of_image": px / total if total else float("nan"),
                 "fraction_of_nuclei": px / nuclear if nuclear else float("nan"),
-                "area_um2": px * self.mpp ** 2 if self.mpp else float("nan"),
+                **({"area_um2": px * self.mpp ** 2} if self.mpp else {}),
                 "regions": int(ndi.label(mask)[1]) if px else 0,
                 "mean_probability": float(self.probabilities[c][mask].mean()) if px else float("nan"),
             })
@@ -891,7 +892,7 @@ class SemanticModel(InstanceModel):
         prob = self.predict_probabilities(image, mpp=mpp, name=name, channel_names=channel_names)
         names = self.class_names or {}
         return SemanticSegmentation(prob.argmax(0).astype(np.int32), prob, dict(names),
-                                    mpp=mpp if mpp else self.config.mpp, name=name, model=self.arch)
+                                    mpp=mpp or None, name=name, model=self.arch)  # unknown stays unknown
 
     def segment(self, image: np.ndarray, *, points: Sequence[tuple[float, float]] | None = None,
                 negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,

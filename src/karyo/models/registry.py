@@ -46,6 +46,18 @@ def resolve(name: str) -> dict:
     return {"name": name, **registry[name]}
 
 
+def model_folder(name_or_path: str | os.PathLike) -> Path:
+    """A folder as given, or the installed folder of a shipped model's name (``"default"`` → its weights), for the
+    places that read weights from a folder (``karyo train --init``, ``pack``/``query --segmentor``)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix or os.sep in str(name_or_path) or str(name_or_path).startswith("."):
+        return path
+    entry = resolve(str(name_or_path))
+    if "folder" not in entry:
+        raise InputError(None, f"model {entry['name']!r} has no weights (it is {entry.get('arch', 'built in')})")
+    return Path(str(resources.files("karyo.models").joinpath(entry["folder"])))
+
+
 def load(name_or_path: str | os.PathLike = "default", device: str = "cpu") -> InstanceModel:
     """Load a shipped model by name (``"default"``, ``"classical"``, ...) or any model folder."""
     import karyo.models  # noqa: F401  (registers the architectures)

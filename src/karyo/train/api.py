@@ -238,10 +238,12 @@ def _check_resume_changes(out: Path, saved: dict, given: dict, config: str | os.
 
 def init_weights(task: str, path: str | os.PathLike) -> dict:
     """The state dict to start ``task``'s network from: a checkpoint file, a run folder (its ``best.pt``), or a
-    packed model folder holding ``<task>.pt`` (e.g. ``prompter.pt`` of ``promptnucseg_cpu``)."""
+    packed model folder (or a shipped model's name) holding ``<task>.pt`` (e.g. ``prompter.pt`` of
+    ``promptnucseg_cpu``)."""
+    from karyo.models.registry import model_folder
     from karyo.models.vit import read_state_dict
 
-    p = Path(path)
+    p = model_folder(path)
     if p.is_dir():
         for candidate in (p / "best.pt", p / f"{task}.pt"):
             if candidate.is_file():
@@ -253,7 +255,9 @@ def init_weights(task: str, path: str | os.PathLike) -> dict:
 def init_class_names(task: str, path: str | os.PathLike) -> dict | None:
     """The class names the weights :func:`init_weights` reads from ``path`` were trained on, where the folder
     records them (a run's ``train_config.json``, a packed model's ``config.json``); None for a bare file."""
-    p = Path(path)
+    from karyo.models.registry import model_folder
+
+    p = model_folder(path)
     folder = p if p.is_dir() else p.parent
     try:
         if (folder / "train_config.json").is_file() and (p.is_dir() or p.name in ("best.pt", "last.pt")):

@@ -56,8 +56,11 @@ def _run_model(run: str | os.PathLike, name: str) -> tuple[dict, dict]:
 
 def load_segmentor(source: str | os.PathLike) -> tuple[SegmentorConfig, int, dict]:
     """(config, K negatives, weights) of a segmentor: a ``karyo train segmentor`` run, its ``model`` folder, or a
-    packed PromptNucSeg/IVAAN model folder (re-packing a shipped model with a new prompter keeps its segmentor)."""
-    folder = Path(source)
+    packed PromptNucSeg/IVAAN model folder or a shipped model's name (re-packing a shipped model with a new
+    prompter keeps its segmentor)."""
+    from karyo.models.registry import model_folder
+
+    folder = model_folder(source)
     if (folder / "model" / "segmentor.json").is_file():
         folder = folder / "model"
     if (folder / "segmentor.json").is_file():
