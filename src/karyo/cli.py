@@ -21,7 +21,7 @@ from rich.console import Console
 from karyo import __version__
 from karyo.errors import KaryoError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0],
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0].replace("``", ""),
                   pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
@@ -76,6 +76,7 @@ def main(
 
 
 _INSTANCE_OUTPUTS = "instances,classes,table,overlay,geojson"
+_PROMPT_ATTRIBUTES = "d_eq,eccentricity,color_z,perim_ratio"  # IVAAN's B.2 selection
 
 
 def _expand_images(paths: list[Path]) -> list[Path]:
@@ -227,7 +228,7 @@ def segment(
                                                      "core).", min=1)] = None,
 ) -> None:
     """Find, outline and classify the nuclei of each image; write instance maps, class tables, overlays
-    and QuPath GeoJSON into OUT (``--task semantic``: class maps, overlays and per-class areas)."""
+    and QuPath GeoJSON into OUT (--task semantic: class maps, overlays and per-class areas)."""
     from karyo.data.io import read_image_meta
     from karyo.errors import InputError
     from karyo.export.writers import ALL_OUTPUTS, save_result
@@ -402,7 +403,7 @@ def attributes_cmd(
                       ] = None,
     prompt_attributes: Annotated[str, typer.Option(help="Comma-separated attributes of the prompts (paper "
                                                         "names or columns).")
-                                 ] = "d_eq,eccentricity,color_z,perim_ratio",
+                                 ] = _PROMPT_ATTRIBUTES,
     level_mode: Annotated[str, typer.Option(help="global | per_class quantile levels.")] = "global",
     jobs: Annotated[int, typer.Option(min=1, help="Worker processes (datasets).")] = 1,
     geojson: Annotated[bool, typer.Option(help="Write QuPath GeoJSON with the measurements.")] = True,
@@ -420,6 +421,9 @@ def attributes_cmd(
 
     _check_out_folder(out)
     attrs = [a.strip() for a in prompt_attributes.split(",") if a.strip()]
+    if levels is not None and prompt_attributes != _PROMPT_ATTRIBUTES:
+        raise InputError(levels, "a levels file fixes the prompt attributes it was fitted on; give either "
+                                 "--levels or --prompt-attributes")
     if level_mode not in ("global", "per_class"):
         raise InputError(None, f"--level-mode must be 'global' or 'per_class', got {level_mode!r}")
     with _warnings_as_notes():
@@ -474,13 +478,18 @@ def select_attributes_cmd(
     from karyo.data.io import write_text
 
     cands = [a.strip() for a in attributes.split(",") if a.strip()] if attributes else list(B1_ATTRIBUTES)
+    from karyo.errors import InputError
+
     try:
         result, _ = select_for_dataset(dataset, split=split, n_jobs=jobs, attributes=cands, k=k, alpha=alpha,
                                        lam=lam)
+    except InputError:
+        raise  # names its file already
     except (KeyError, ValueError) as exc:
-        from karyo.errors import InputError
-
-        raise InputError(dataset, str(exc)) from None
+        raise InputError(dataset, str(exc.args[0]) if exc.args else str(exc)) from None
+    if k > len(cands):
+        console.print(f"note: --k {k} asks for more than the {len(cands)} candidate attributes; all are ranked",
+                      highlight=False)
     scores = result.table
     table = Table(title=escape(f"{dataset}: {result.params['n_nuclei']} nuclei ("
                                + ", ".join(f"{c} {n}" for c, n in result.class_counts.items()) + ")"))
@@ -584,6 +593,11 @@ def pack_cmd(
             raise InputError(None, f"karyo pack {arch} needs {option}")
         return value
 
+    takes = {"promptnucseg": {"--prompter", "--segmentor"}, "ivaan": {"--run", "--segmentor"}, "cellvit": {"--run"}}
+    given = {o for o, v in (("--prompter", prompter), ("--segmentor", segmentor), ("--run", run)) if v is not None}
+    if arch in takes and given - takes[arch]:
+        raise InputError(None, f"karyo pack {arch} takes {' and '.join(sorted(takes[arch]))}, not "
+                               f"{', '.join(sorted(given - takes[arch]))}")
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
     if arch == "promptnucseg":
         from karyo.train.pack import pack_promptnucseg

@@ -142,6 +142,10 @@ def test_cli_attributes_on_a_dataset_and_reusing_levels(tmp_path, layout):
                               "--no-geojson"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "t2" / "levels.json").read_text())["meta"]["fit_split"] == "train"
+    # a levels file fixes the prompt attributes: asking for others too is refused, not ignored
+    res = runner.invoke(app, ["attributes", str(layout), "--out", str(tmp_path / "t3"), "--levels",
+                              str(out / "levels.json"), "--prompt-attributes", "d_eq"])
+    assert res.exit_code == 2 and "fixes the prompt attributes" in " ".join(res.output.split())
     fitted = pd.read_parquet(tmp_path / "t2" / "attributes.parquet")
     assert fitted["Text.Prompt"].tolist() == same["Text.Prompt"].tolist()
 
@@ -152,6 +156,11 @@ def test_cli_select_attributes_prints_table_and_choice(tmp_path, layout):
     assert "selected (k=2" in res.output and "d_eq" in res.output and "S_overall" in res.output
     scores = pd.read_csv(tmp_path / "s.csv", index_col=0)
     assert scores.loc["Size.EquivalentDiameter", "selected"] == 1  # the classes differ by size
+    res = runner.invoke(app, ["select-attributes", str(layout), "--k", "20", "--attributes", "size,shape"])
+    assert res.exit_code == 0 and "note: --k 20 asks for more than the 2 candidate attributes" in res.output
+    res = runner.invoke(app, ["select-attributes", str(layout), "--attributes", "size,nosuch"])
+    assert res.exit_code == 2 and f"error: {layout}: unknown attribute 'nosuch'" in " ".join(res.output.split())
+    assert f"{layout}: {layout}" not in res.output
     # selecting nothing is refused before any measuring, by the option itself
     res = runner.invoke(app, ["select-attributes", str(layout), "--k", "0"])
     assert res.exit_code == 2 and "--k" in res.output and "greater than or equal to 1" in " ".join(res.output.split())

@@ -267,6 +267,7 @@ def test_evaluate_matches_classes_by_name_and_skips_foreign_ones(tmp_path):
     report = evaluate_folders(tmp_path / "t", tmp_path / "other")
     assert not report.classified
     assert report.notes[0].startswith("classification metrics skipped: the prediction's classes")
+    assert sum(n.startswith("classification metrics skipped") for n in report.notes) == 1  # one reason, once
 
 
 def test_models_lists_default():

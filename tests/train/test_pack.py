@@ -165,6 +165,9 @@ def test_cli_pack_promptnucseg_tunes_under_the_spacing_cap(tmp_path, disc_layout
     model = karyo.load(tmp_path / "model")
     assert model.config.nms_radius_px in (2.0, 4.0) and model.config.score_threshold == 0.3
     assert model.config.verifier is not None and model.config.verifier.fit["images"] == 6
+    res = CliRunner().invoke(app, ["pack", "cellvit", "--run", str(run), "--prompter", str(run),
+                                   "--out", str(tmp_path / "c")])  # an option of another architecture
+    assert res.exit_code == 2 and "karyo pack cellvit takes --run, not --prompter" in res.output
 
     def cannot_fit(*args, **kwargs):
         raise pack.VerifierFitError("the verifier needs candidates that are nuclei and candidates that are not")

@@ -41,7 +41,7 @@ def _levels(table: pd.DataFrame, fit_rows: pd.DataFrame, levels, prompt_attribut
         try:
             return LevelModel.fit(fit_rows, prompt_attributes, mode=mode)
         except (KeyError, ValueError) as exc:
-            raise InputError(None, f"cannot fit the prompt levels: {exc}") from None
+            raise InputError(None, f"cannot fit the prompt levels: {exc.args[0] if exc.args else exc}") from None
     return levels if isinstance(levels, LevelModel) else LevelModel.load(levels)
 
 

@@ -231,7 +231,7 @@ def evaluate(pairs: Iterable[Any], class_names: Mapping[int, str] | None = None,
         classified = False
         notes.append("classification metrics skipped: no class ids found")
     if not classified and n_typed == 0:
-        notes.append("classification metrics skipped: not every pair has classes on both sides")
+        notes.append("classification metrics skipped: no pair has classes on both sides")
 
     det = NucleiTypeStats(radius=radius)
     rows: list[dict[str, Any]] = []

@@ -85,7 +85,8 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
                 on_image(done, len(scored))
 
     report = evaluate(pairs(), class_names=true_names or None)
-    return dataclasses.replace(report, notes=(*notes, *report.notes)) if notes else report
+    later = tuple(n for n in report.notes if not (classes_off and n.startswith("classification metrics skipped")))
+    return dataclasses.replace(report, notes=(*notes, *later)) if notes else report  # one reason per skip
 
 
 def _class_relabelling(true_names: dict[int, str], pred_names: dict[int, str]) -> tuple[dict[int, int], bool]:

@@ -252,7 +252,9 @@ def plan_channels(n_image: int, config: AdapterConfig, names: Sequence[str] | No
                 f"{list(config.channel_names)}; if that is not their order, reorder them (--channels with 0-based "
                 f"indices) or name them (OME-TIFF channel names, or channel_names= in Python)")
         return ChannelPlan("identity", tuple((k,) for k in range(n)))
-    say(f"the image has {n_image} channels, the model {n}: channels pooled (adaptive average over the channel axis)")
+    plural = "s" if n_image != 1 else ""
+    say(f"the image has {n_image} channel{plural}, the model {n}: channels pooled (adaptive average over the "
+        "channel axis)")
     return ChannelPlan("pooled", _pooled_sources(n_image, n))
 
 

@@ -425,7 +425,8 @@ class IVAANModel(PromptNucSegModel):
     def query(self, result: SegmentationResult, text: str, top_k: int | None = None) -> pd.DataFrame:
         """Nuclei of ``result`` ranked by cosine similarity of their embeddings to the embedding of ``text``
         (any free text; the text encoder is loaded on first use): columns rank, instance_id, similarity,
-        centroid, class and description. ``top_k`` keeps the best k."""
+        centroid_x, centroid_y, area, class_name, and description when the model predicts attribute levels.
+        ``top_k`` keeps the best k."""
         emb = getattr(result, "embeddings", None)
         if emb is None:
             raise InputError(None, "query needs a result of IVAANModel.segment (it carries the embeddings)")
