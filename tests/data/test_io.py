@@ -68,6 +68,20 @@ def test_rgba_opaque_is_silent_and_transparent_is_composited_on_white(tmp_path, 
     expected = np.round(img[10:20].astype(np.float32) * (128 / 255) + 255 * (127 / 255))
     np.testing.assert_array_equal(got[10:20], expected.astype(np.uint8))
     np.testing.assert_array_equal(got[20:], img[20:])
+    # an 8-bit RGBA TIFF reads as the PNG does (transparent = glass); a 16-bit 4-channel array stays 4 markers
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "rgba.tif", np.dstack([img, alpha]), photometric="rgb", extrasamples=["unassalpha"])
+    with pytest.warns(UserWarning, match="rgba.tif: alpha channel composited over white"):
+        np.testing.assert_array_equal(read_image(tmp_path / "rgba.tif"), got)
+    tifffile.imwrite(tmp_path / "premult.tif", np.dstack([np.zeros_like(img), alpha]), photometric="rgb",
+                     extrasamples=["assocalpha"])
+    with pytest.warns(UserWarning, match="composited"):
+        premult = read_image(tmp_path / "premult.tif")
+    assert np.all(premult[:10] == 255) and np.all(premult[20:] == 0) and np.all(premult[10:20] == 127)
+    markers = np.dstack([img, alpha]).astype(np.uint16) * 257
+    tifffile.imwrite(tmp_path / "markers.tif", markers)  # tifffile tags it RGB + alpha by default
+    np.testing.assert_array_equal(read_image(tmp_path / "markers.tif"), markers)
 
 
 def test_16bit_png_gray_and_rgb(tmp_path, he, fluo):

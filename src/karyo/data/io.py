@@ -95,6 +95,11 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | 
             axes = series.axes
             names = None
             mpp = None
+            page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
+            # RGB + alpha as tagged by the file; not OME (named channels) nor 16-bit, where tifffile's default tags
+            # also mark a plain 4-channel marker array as RGBA
+            rgba = (int(page.photometric) == 2 and not tif.is_ome and page.dtype == np.uint8)
+            alpha = tuple(int(e) for e in (getattr(page, "extrasamples", None) or ())) if rgba else ()
             if tif.is_ome and tif.ome_metadata:
                 names, mpp = _ome_channels_and_mpp(tif.ome_metadata)
             else:
@@ -103,6 +108,11 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | 
         raise InputError(path, f"cannot read TIFF ({type(exc).__name__}: {exc}); the file is corrupt or truncated"
                          ) from None
     arr = _to_yxc(arr, axes, path)
+    if alpha and alpha[-1] in (1, 2) and arr.shape[2] == 4:
+        # an 8-bit RGBA TIFF, as a PNG with transparency: transparent pixels are glass
+        premultiplied = alpha[-1] == 1
+        arr = _flatten_alpha(arr[..., :-1], arr[..., -1], path, premultiplied=premultiplied)
+        names = None
     if names is not None and len(names) != arr.shape[2]:
         names = None
     return arr, names, mpp
@@ -284,13 +294,15 @@ def _pil_to_array(im: Image.Image, path: Path) -> np.ndarray:
     return np.array(im)
 
 
-def _flatten_alpha(color: np.ndarray, alpha: np.ndarray, path: Path) -> np.ndarray:
-    """Composite over white: in brightfield, a transparent pixel is empty glass."""
+def _flatten_alpha(color: np.ndarray, alpha: np.ndarray, path: Path, *, premultiplied: bool = False
+                   ) -> np.ndarray:
+    """Composite over white: in brightfield, a transparent pixel is empty glass. ``premultiplied``: the colour was
+    stored multiplied by alpha already (TIFF "associated alpha")."""
     full = float(np.iinfo(alpha.dtype).max)
     if np.all(alpha == full):
         return color
     a = alpha.astype(np.float32)[..., None] / full
-    out = color.astype(np.float32) * a + full * (1.0 - a)
+    out = color.astype(np.float32) * (1.0 if premultiplied else a) + full * (1.0 - a)
     warnings.warn(f"{path}: alpha channel composited over white", stacklevel=_caller_stacklevel())
     return np.clip(np.round(out), 0, full).astype(color.dtype)
 
