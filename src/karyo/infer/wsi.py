@@ -289,6 +289,12 @@ def _model_plugin(source, torch_threads: int | None, device: str = "cpu"):
             self.model = None
 
         def setup(self, worker) -> None:
+            import signal
+
+            with contextlib.suppress(ValueError):  # not the main thread: nothing to change
+                # Ctrl-C reaches the whole process group: the main process stops the run and the cluster; a worker
+                # dying of it on its own only adds tracebacks to the terminal
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             self.model = _load_model(self.source, device)
             _limit_threads(self.torch_threads)
 
@@ -453,6 +459,8 @@ class WSIEngine:
         from distributed import Client, LocalCluster, as_completed
 
         with contextlib.ExitStack() as stack:
+            quiet = logging.getLogger("distributed")
+            stack.callback(quiet.setLevel, quiet.level)  # last out: after the cluster has gone (see below)
             if self.scheduler is not None:
                 try:
                     client = stack.enter_context(Client(self.scheduler,
@@ -496,6 +504,10 @@ class WSIEngine:
                     nxt = next(todo, None)
                     if nxt is not None:
                         pending.add(submit(nxt))
+            except KeyboardInterrupt:
+                # the cluster is torn down mid-run on purpose: its complaints about lost work are noise
+                logging.getLogger("distributed").setLevel(logging.CRITICAL)
+                raise
             finally:
                 if running:
                     with contextlib.suppress(Exception):
