@@ -765,6 +765,9 @@ def wsi_cmd(
                                                      "compute in this process).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto (for each worker).")] = "cpu",
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for the network per worker (default: "
+                                                            "the cores shared out among the local workers).")
+                       ] = None,
 ) -> None:
     """Segment every nucleus of a whole slide, tile by tile; write nuclei.parquet, nuclei.geojson (QuPath),
     tissue_mask.png, overlay.png and summary.json into OUT."""
@@ -774,7 +777,7 @@ def wsi_cmd(
     try:
         result = run_wsi(slide, model, out, mpp=mpp, tile=tile, overlap=overlap, workers=workers,
                          scheduler=scheduler, resume=resume, progress=sys.stderr.isatty(),
-                         options=WSIOptions(device=device))
+                         options=WSIOptions(device=device, threads=threads))
     except KeyboardInterrupt:
         console.print(f"interrupted; finished tiles are kept in {out}: run the same command with --resume to "
                       f"continue", highlight=False)

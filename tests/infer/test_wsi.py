@@ -478,10 +478,11 @@ def test_cli_wsi(slide, tmp_path):
 
     small = write_pyramid(tmp_path / "small.tif", slide[1][:512, :512], factors=())
     res = CliRunner().invoke(app, ["wsi", str(small), "--model", "classical", "--out", str(tmp_path / "o"),
-                                   "--workers", "0", "--tile", "192", "--overlap", "48"])
+                                   "--workers", "0", "--tile", "192", "--overlap", "48", "--threads", "1"])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["tiling"]["tile"] == 192 and summary["nuclei"]["total"] > 0
+    assert summary["execution"]["torch_threads"] == 1
     assert f"{summary['nuclei']['total']:,} nuclei" in res.output
     bad = CliRunner().invoke(app, ["wsi", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o5")])
     assert bad.exit_code == 2 and "file not found" in bad.output

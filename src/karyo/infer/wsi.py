@@ -96,6 +96,7 @@ class WSIOptions:
     backend: str = "auto"  # slide reader (karyo.data.slide.BACKENDS)
     device: str = "cpu"  # where a model loaded by name runs (here and on each worker): cpu, cuda, mps, auto
     scheduler_timeout: float = 30.0  # seconds to wait for an existing dask scheduler
+    threads: int | None = None  # torch threads per worker (None: the cores shared out among local workers)
 
 
 @dataclass
@@ -447,9 +448,10 @@ class WSIEngine:
         object itself (pickled once per worker); default ``model``.
         """
         if self.scheduler is None and self.workers == 0:
+            _limit_threads(self.options.threads)
             for tile in tiles:
                 on_result(processor.process(model, slide, tile))
-            return {"mode": "in-process", "workers": 0, "threads": 1}
+            return {"mode": "in-process", "workers": 0, "threads": 1, "torch_threads": self.options.threads}
         if not tiles:
             return {"mode": "dask", "note": "nothing left to compute"}
         return self._execute_dask(processor, model if worker_model is None else worker_model, tiles, on_result)
@@ -469,14 +471,14 @@ class WSIEngine:
                 except (OSError, TimeoutError) as exc:
                     why = str(exc) or f"no worker joined within {self.options.scheduler_timeout:g} s"
                     raise InputError(None, f"cannot use the dask scheduler {self.scheduler} ({why})") from None
-                torch_threads = None
+                torch_threads = self.options.threads
             else:
                 n = self.workers if self.workers is not None else (os.cpu_count() or 1)
                 stack.enter_context(_fast_worker_start())
                 cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                                            dashboard_address=None, silence_logs=logging.ERROR))
                 client = stack.enter_context(Client(cluster))
-                torch_threads = max(1, (os.cpu_count() or 1) // n)
+                torch_threads = self.options.threads or max(1, (os.cpu_count() or 1) // n)
             plugin = f"karyo-model-{uuid.uuid4().hex[:12]}"
             client.register_plugin(_model_plugin(source, torch_threads, self.options.device), name=plugin)
             if self.scheduler is not None:
@@ -513,7 +515,7 @@ class WSIEngine:
                     with contextlib.suppress(Exception):
                         client.cancel(list(running))
             return {"mode": "dask", "scheduler": self.scheduler or "LocalCluster", "workers": len(info["workers"]),
-                    "threads": threads, "tiles_in_flight": window}
+                    "threads": threads, "torch_threads": torch_threads, "tiles_in_flight": window}
 
     # -------------------------------------------------------------------- driver
     def run(self, slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, mpp: float | None = None,
