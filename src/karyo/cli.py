@@ -564,7 +564,8 @@ def train_cmd(
         console.print(f"interrupted; the last finished epoch is saved in {out}/last.pt: run the same command with "
                       f"--resume to continue", highlight=False)
         raise typer.Exit(130) from None
-    console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1}; "
+    console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1} (epoch "
+                  f"{result.best_epoch} in history.csv and summary.json, which count from 0); "
                   f"model → {result.run_dir / 'model'}", highlight=False)
 
 

@@ -97,6 +97,7 @@ class WSIOptions:
     device: str = "cpu"  # where a model loaded by name runs (here and on each worker): cpu, cuda, mps, auto
     scheduler_timeout: float = 30.0  # seconds to wait for an existing dask scheduler
     threads: int | None = None  # torch threads per worker (None: the cores shared out among local workers)
+    merge_seams: bool = True  # one nucleus where two tiles both found it (wsi_writer.SeamDuplicates); False: both
 
 
 @dataclass
@@ -601,7 +602,8 @@ class WSIEngine:
                 "coordinates": "level-0 pixels", "attributes_at": "model resolution",
                 "attribute_units": ATTRIBUTE_UNITS}
         seams = SeamDuplicates({t.index: t.y * factor for t in tiles},
-                               {t.index: tuple(c * factor for c in t.core) for t in tiles}, opts.overlap * factor)
+                               {t.index: tuple(c * factor for c in t.core) for t in tiles},
+                               opts.overlap * factor) if opts.merge_seams else None
         merger = OrderedMerger(work, [t.index for t in tiles], attributes=opts.attributes, slide_name=slide_path.name,
                                metadata=meta, overlay=OverlayPainter(overlay_thumb, overlay_scale),
                                row_group_size=opts.row_group_size, seams=seams)
@@ -673,7 +675,7 @@ class WSIEngine:
             "tiling": {"tile": opts.tile, "overlap": opts.overlap, "factor": factor,
                        "tiles": hashlib.sha1(json.dumps([t.index for t in tiles]).encode()).hexdigest()},
             "tissue": dataclasses.asdict(opts.tissue),
-            "outputs": {"attributes": opts.attributes, "simplify": opts.simplify,
+            "outputs": {"attributes": opts.attributes, "simplify": opts.simplify, "merge_seams": opts.merge_seams,
                         "attribute_units": ATTRIBUTE_UNITS if opts.attributes else None},
         }
 

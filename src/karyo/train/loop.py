@@ -7,6 +7,10 @@ validated; :func:`fit` does the rest. A run folder holds::
     RUN/last.pt             model + optimiser + scheduler + RNG state after the last finished epoch
     RUN/best.pt             model weights with the best validation score so far
     RUN/history.csv         one row per epoch: losses, validation metrics, learning rate, seconds
+    RUN/summary.json        the best validation score and its epoch
+
+Files count epochs from 0 (``epoch`` in history.csv, ``best_epoch`` in summary.json and the checkpoints); messages
+for people count from 1 and say which row of history.csv they mean.
 
 Resume (``resume=True``) continues from ``last.pt``. Every epoch draws its data order and augmentations
 from ``(seed, epoch)`` alone and the RNG states are restored, so a run killed and resumed gives the same
