@@ -278,7 +278,7 @@ def test_disk_full_mid_run_leaves_nothing_corrupt_and_resumes(slide, reference, 
     assert not any((out / f).exists() for f in ("nuclei.parquet", "nuclei.geojson", "summary.json", "overlay.png"))
     work = out / wsi_writer.WORK_NAME
     assert not list(work.glob("*.tmp")) and not list((work / "parts").glob("*.tmp"))
-    assert sorted(p.name for p in out.iterdir()) == [wsi_writer.WORK_NAME, "tissue_mask.png"]
+    assert sorted(p.name for p in out.iterdir()) == [wsi_writer.WORK_NAME]  # the mask comes with the results
     for line in (work / "manifest.jsonl").read_text().splitlines():
         entry = json.loads(line)
         assert entry["n"] == 0 or pq.read_table(work / "parts" / f"{entry['tile']:08d}.parquet").num_rows == entry["n"]
@@ -455,6 +455,18 @@ def test_decoded_png_cache_is_removed_unless_a_resume_needs_it(slide, tmp_path):
     with pytest.raises(InputError, match="pixel size"):
         run_wsi(png_nompp, "classical", tmp_path / "c", workers=0)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_slide_failing_before_any_tile_leaves_nothing_to_resume(slide, tmp_path, monkeypatch):
+    """A damaged slide whose first tile cannot be read: the error, and no work folder a --resume would fail on
+    again (nor a tissue mask: it comes with the results)."""
+    def damaged(self, slide_, tile):
+        raise InputError("slide.tif", f"cannot decode tile {tile.index}")
+
+    monkeypatch.setattr(TileProcessor, "read", damaged)
+    with pytest.raises(InputError, match="cannot decode tile 0"):
+        run_wsi(slide[0], "classical", tmp_path / "o", workers=0)
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_refused_run_leaves_a_finished_folder_as_it_was(slide, tmp_path):

@@ -400,6 +400,7 @@ class WSIEngine:
         self.workers = workers
         self.scheduler = scheduler
         self.progress = progress
+        self._started_work = False  # this run reset OUT's work folder (so a refusal may clear it again)
 
     # -------------------------------------------------------------------- steps
     def open_slide(self, path: Path, mpp: float | None, cache_dir: Path) -> Slide:
@@ -524,6 +525,7 @@ class WSIEngine:
         t_start = time.perf_counter()
         slide_path, out_dir = Path(slide_path), Path(out_dir)
         created = not out_dir.exists()
+        self._started_work = False
         with writing("the output folder", out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)
         timing: dict[str, float] = {}
@@ -536,6 +538,9 @@ class WSIEngine:
                 slide.close()
         except KaryoError:  # refused (unreadable, no pixel size, no tissue, changed settings): nothing will resume
             shutil.rmtree(cache_dir, ignore_errors=True)  # from the decoded image
+            work = WorkDir(out_dir)
+            if self._started_work and work.exists() and not len(work.finished()):  # nor from this run, which
+                work.remove()  # finished no tile
             if created:
                 with contextlib.suppress(OSError):
                     out_dir.rmdir()  # only if the refusal left it empty
@@ -594,7 +599,7 @@ class WSIEngine:
                 log.warning("%s: an unfinished run there (%d tiles done) is discarded and started over; pass "
                             "--resume to continue it instead", out_dir, finished)
             work.reset(settings)
-        self._write_mask(out_dir, tissue)
+            self._started_work = True
 
         overlay_thumb, overlay_scale = slide.read_downsampled(max(1.0, max(slide.dimensions) / opts.overlay_max_size),
                                                               at_least=True)
@@ -641,6 +646,7 @@ class WSIEngine:
             raise
         finally:
             progress.close()
+        self._write_mask(out_dir, tissue)  # with the other results: a failed run leaves an earlier one's as it was
         with writing("overlay.png", out_dir):
             write_image(out_dir / "overlay.png", merger.overlay.image)
         write_time[0] += time.perf_counter() - t
