@@ -1,16 +1,21 @@
 """Does tiling a slide cost accuracy at the seams? Whole images in one pass vs `karyo wsi` tile by tile.
 
-    python -m benchmarks.wsi_seams --model promptnucseg_cpu --threads 2
+    python -m benchmarks.wsi_seams --model promptnucseg_cpu --threads 2 --images validation
+    python -m benchmarks.wsi_seams --model promptnucseg_cpu --threads 2 --images monuseg
 
-Each MoNuSeg test image (1000² px at 40x, 0.25 µm/px) is written as a tiled TIFF stating that resolution and run
+``validation``: the CoNSeP source images a prompter run held out (``--run``), each rebuilt as a 1024² mosaic
+of its 16 patches (a 4×4 grid that does not overlap; a nucleus cut by a patch border stays two annotated pieces,
+for every way of segmenting alike). This is where the tiling defaults are chosen. ``monuseg``: the 14 MoNuSeg
+test images, to confirm on other organs; nothing is chosen on them.
+
+Each image (40x, 0.25 µm/px) is written as a tiled TIFF stating that resolution and run
 through the whole-slide engine (tissue detection off so every pixel is covered) with the tilings of ``RUNS``,
 the seam merge on (the default) and off; its nuclei are drawn back from the polygons of ``nuclei.parquet``.
 The same image segmented in one ``model.segment`` call is the reference a perfect stitch reproduces. Duplicates
 are pairs of output nuclei whose polygons share at least half of the smaller one (within one model call there are
 none: an instance map cannot overlap itself).
 
-The test images are used to measure the stitching, not to choose anything: the merge rule (half of the smaller
-polygon, the larger kept) was fixed before this ran.
+The merge rule (half of the smaller polygon, the larger kept) was fixed before this ran.
 """
 
 from __future__ import annotations
@@ -59,14 +64,46 @@ def draw_nuclei(parquet: Path, shape: tuple[int, int]) -> tuple[np.ndarray, int]
     return out, int(np.count_nonzero(shared >= 0.5 * smaller))
 
 
-def run(model_name: str, data: Path) -> dict:
+def validation_mosaics(run_dir: Path) -> list:
+    """The CoNSeP source images whose 16 patches are all among the run's validation images, as 1024² mosaics."""
+    from karyo.data.sample import Sample
+    from karyo.train.pack import validation_samples
+
+    by_source: dict[str, dict[int, object]] = {}
+    for s in validation_samples(run_dir):
+        source, _, k = s.name.rpartition("_")
+        if source.startswith(("train_", "test_")) and k.isdigit():
+            by_source.setdefault(source, {})[int(k)] = s
+    mosaics = []
+    for source, patches in sorted(by_source.items()):
+        if sorted(patches) != list(range(16)):
+            continue
+        rows_img, rows_inst, offset = [], [], 0
+        for r in range(4):
+            row_img, row_inst = [], []
+            for c in range(4):
+                p = patches[4 * r + c]
+                inst = p.instances.astype(np.int32)
+                row_inst.append(np.where(inst > 0, inst + offset, 0))
+                offset += int(inst.max())
+                row_img.append(p.image[..., :3])
+            rows_img.append(np.concatenate(row_img, axis=1))
+            rows_inst.append(np.concatenate(row_inst, axis=1))
+        mosaics.append(Sample(image=np.concatenate(rows_img), instances=np.concatenate(rows_inst), name=source))
+    return mosaics
+
+
+def run(model_name: str, images: str, run_dir: Path, data: Path) -> dict:
     model = karyo.load(model_name)
-    ds = LayoutDataset(data)
+    if images == "validation":
+        samples = validation_mosaics(run_dir)
+    else:
+        ds = LayoutDataset(data)
+        samples = [ds[i] for i in range(len(ds))]
     rows = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(len(ds)):
-            s = ds[i]
+        for s in samples:
             image = s.image[..., :3]
             path = Path(tmp) / f"{s.name}.tif"
             tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb",
@@ -86,13 +123,15 @@ def run(model_name: str, data: Path) -> dict:
                                        result.summary["nuclei"]["total"], duplicates)
             rows.append(row)
             print(row["name"], {k: v for k, v in row.items() if k.startswith(("one", "wsi"))}, flush=True)
-    return {"rows": rows, "seconds": time.perf_counter() - t0, "model": model_name}
+    return {"rows": rows, "seconds": time.perf_counter() - t0, "model": model_name, "images": images}
 
 
 def markdown(r: dict) -> str:
     rows = r["rows"]
-    lines = [f"Model `{r['model']}`; {len(rows)} MoNuSeg test images (1000² px, 0.25 µm/px). PQ and AJI: mean over "
-             "images (HoVer-Net definitions).", "",
+    what = ("CoNSeP validation source images rebuilt from their patches (1024² px)" if r["images"] == "validation"
+            else "MoNuSeg test images (1000² px)")
+    lines = [f"Model `{r['model']}`; {len(rows)} {what}, 0.25 µm/px. PQ and AJI: mean over images (HoVer-Net "
+             "definitions).", "",
              "| segmented | PQ | AJI | nuclei | duplicate pairs |", "|---|---|---|---|---|"]
     for key, label in (("one_pass", "whole image, one `model.segment` call"),
                        ("wsi_256", "`karyo wsi`, tiles 256 / overlap 64, seams merged"),
@@ -107,13 +146,17 @@ def markdown(r: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="promptnucseg_cpu")
-    ap.add_argument("--data", type=Path, default=Path("../shared/data/monuseg_test"))
+    ap.add_argument("--images", choices=("validation", "monuseg"), default="validation")
+    ap.add_argument("--run", type=Path, default=Path("runs/default_prompter_continue"),
+                    help="validation: the prompter run whose held-out CoNSeP images to rebuild")
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/monuseg_test"), help="monuseg: its folder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-docs", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(args.model, args.data)
-    publish(markdown(result), "wsi_seams", "Whole-slide seams: one pass vs tiles (MoNuSeg test)",
+    result = run(args.model, args.images, args.run, args.data)
+    title = {"validation": "CoNSeP validation mosaics", "monuseg": "MoNuSeg test"}[args.images]
+    publish(markdown(result), f"wsi_seams_{args.images}", f"Whole-slide seams: one pass vs tiles ({title})",
             "benchmarks.wsi_seams", write=not args.no_docs)
     print(f"({result['seconds']:.0f} s; {invocation('benchmarks.wsi_seams')})")
 

@@ -758,8 +758,10 @@ def wsi_cmd(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("karyo_wsi"),
     mpp: Annotated[float | None, typer.Option(help="Microns per pixel of level 0 (overrides the file; needed when "
                                                    "the file does not state it).")] = None,
-    tile: Annotated[int, typer.Option(help="Tile size in px at the model's resolution.")] = 256,
-    overlap: Annotated[int, typer.Option(help="Tile overlap in px; at least 2 × the largest nucleus radius.")] = 64,
+    tile: Annotated[int | None, typer.Option(help="Tile size in px at the model's resolution (default 256).")
+                    ] = None,
+    overlap: Annotated[int | None, typer.Option(help="Tile overlap in px; at least 2 × the largest nucleus radius "
+                                                     "(default 64).")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Address of an existing dask scheduler (tcp://HOST:PORT); "
                                                        "its workers must see SLIDE.")] = None,
     workers: Annotated[int | None, typer.Option(help="Local worker processes (default: one per CPU core; 0: "

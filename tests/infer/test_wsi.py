@@ -488,6 +488,9 @@ def test_a_refused_run_leaves_a_finished_folder_as_it_was(slide, tmp_path):
 def test_cli_wsi(slide, tmp_path):
     from karyo.cli import app
 
+    text = " ".join(CliRunner().invoke(app, ["wsi", "--help"]).output.replace("│", " ").split())
+    assert f"(default {WSIOptions().tile})" in text and f"(default {WSIOptions().overlap})" in text  # no drift
+
     small = write_pyramid(tmp_path / "small.tif", slide[1][:512, :512], factors=())
     res = CliRunner().invoke(app, ["wsi", str(small), "--model", "classical", "--out", str(tmp_path / "o"),
                                    "--workers", "0", "--tile", "192", "--overlap", "48", "--threads", "1"])

@@ -767,7 +767,7 @@ def _accepts_n_workers(client) -> bool:
 
 
 def run_wsi(slide_path: str | os.PathLike, model: Any = "default", out_dir: str | os.PathLike = "karyo_wsi", *,
-            mpp: float | None = None, tile: int = 256, overlap: int = 64, workers: int | None = None,
+            mpp: float | None = None, tile: int | None = None, overlap: int | None = None, workers: int | None = None,
             scheduler: str | None = None, resume: bool = False,
             progress: bool | Callable[[int, int, int], None] = False, options: WSIOptions | None = None
             ) -> WSIResult:
@@ -778,13 +778,13 @@ def run_wsi(slide_path: str | os.PathLike, model: Any = "default", out_dir: str 
     this process, N a local dask cluster of N processes (None: one per CPU core); ``scheduler`` (``tcp://host:port``)
     uses an existing dask cluster instead, whose workers must see ``slide_path``. ``resume`` continues an
     interrupted run in ``out_dir`` (same settings) and gives the same files as an uninterrupted one. ``tile`` and
-    ``overlap`` are in pixels at the model's resolution; ``options`` holds every other setting (its tile and
-    overlap apply when ``tile``/``overlap`` are left at 256/64). ``progress``: a rich progress bar on stderr, or a
-    callback ``(tiles_done, tiles_total, nuclei)``.
+    ``overlap`` (pixels at the model's resolution) override those of ``options``, which holds every other setting.
+    ``progress``: a rich progress bar on stderr, or a callback ``(tiles_done, tiles_total, nuclei)``.
     """
     opts = options or WSIOptions()
-    if (tile, overlap) != (256, 64):
-        opts = dataclasses.replace(opts, tile=tile, overlap=overlap)
+    if tile is not None or overlap is not None:
+        opts = dataclasses.replace(opts, tile=opts.tile if tile is None else tile,
+                                   overlap=opts.overlap if overlap is None else overlap)
     if workers is not None and workers < 0:
         raise InputError(None, f"workers must be ≥ 0, got {workers}")
     engine = WSIEngine(model, options=opts, workers=workers, scheduler=scheduler, progress=progress)
