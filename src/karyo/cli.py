@@ -785,6 +785,9 @@ def wsi_cmd(
         console.print(f"interrupted; finished tiles are kept in {out}: run the same command with --resume to "
                       f"continue", highlight=False)
         raise typer.Exit(130) from None
+    stated = result.summary["slide"].get("metadata_mpp")
+    if mpp is not None and stated and abs(stated - mpp) > 1e-3 * mpp:
+        console.print(f"note: --mpp {mpp:g} was used; the file states {stated:.4g} µm/px", highlight=False)
     n = result.summary["nuclei"]
     area = result.summary["tissue"]["area_mm2"]
     console.print(f"{n['total']:,} nuclei in {area:.3g} mm² of tissue "

@@ -499,5 +499,9 @@ def test_cli_wsi(slide, tmp_path):
     assert summary["tiling"]["tile"] == 192 and summary["nuclei"]["total"] > 0
     assert summary["execution"]["torch_threads"] == 1
     assert f"{summary['nuclei']['total']:,} nuclei" in res.output
+    assert "note: --mpp" not in res.output
+    res = CliRunner().invoke(app, ["wsi", str(small), "--model", "classical", "--out", str(tmp_path / "o2"),
+                                   "--workers", "0", "--mpp", "0.5"])
+    assert res.exit_code == 0 and "note: --mpp 0.5 was used; the file states 0.25 µm/px" in res.output
     bad = CliRunner().invoke(app, ["wsi", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o5")])
     assert bad.exit_code == 2 and "file not found" in bad.output
