@@ -295,3 +295,16 @@ def test_segment_inputs_named_twice_and_a_bad_one_after_good_ones(tmp_path):
     res = runner.invoke(app, ["segment", tile, "--task", "semantic", "--outputs", "overlay", "--out",
                               str(tmp_path / "s")])
     assert res.exit_code == 2 and "--task semantic always writes" in " ".join(res.output.split())
+
+
+def test_one_models_output_is_the_reference_for_anothers(tmp_path):
+    """`karyo evaluate --true A --pred B` with two segment outputs (no images/ in either): agreement scores."""
+    from karyo.samples import sample_path
+
+    for model, out in (("classical", "a"), ("classical", "b")):
+        res = runner.invoke(app, ["segment", str(sample_path()), "--model", model, "--out", str(tmp_path / out)])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", "--true", str(tmp_path / "a"), "--pred", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "b" / "evaluation.json").read_text())
+    assert report["instance"]["pq"] == pytest.approx(1.0)  # the same model agrees with itself exactly

@@ -29,6 +29,8 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
                      true_format: str = "auto", missing: str = "error",
                      on_image: Callable[[int, int], None] | None = None) -> EvaluationReport:
     """Pair every ground-truth image with ``PRED/instances/<id>.*`` (+ ``PRED/classes/<id>.csv``) and evaluate.
+    ``true`` is any dataset :func:`~karyo.data.datasets.open_dataset` reads, or a labels-only folder in karyo's
+    output layout (``instances/`` without ``images/``: one model's output as the reference for another's).
 
     ``missing="error"`` refuses a ground-truth image without a prediction; ``"empty"`` scores it as an
     empty prediction (every nucleus missed); ``"skip"`` scores only the images that have one (a few images
@@ -36,7 +38,11 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
     """
     if missing not in ("error", "empty", "skip"):
         raise InputError(None, f"missing must be 'error', 'empty' or 'skip', got {missing!r}")
-    truth = open_dataset(true, format=true_format, split=split)
+    true_root = Path(true)
+    if true_format == "auto" and (true_root / "instances").is_dir() and not (true_root / "images").is_dir():
+        truth = LayoutDataset(true_root, split=split)  # labels only: e.g. another model's output, as reference
+    else:
+        truth = open_dataset(true, format=true_format, split=split)
     pred_root = Path(pred)
     if not (pred_root / "instances").is_dir():
         raise InputError(pred_root, "no instances/ folder: expected karyo's output layout "
