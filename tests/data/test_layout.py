@@ -232,3 +232,22 @@ def test_class_csv_checked_to_cover_its_instance_map(tmp_path):
     with pytest.raises(InputError, match=r"c\.csv: lists 1 instance\(s\) but the instance map holds 3; no row for "
                                          r"id\(s\) \[2, 3\]"):
         read_class_csv(path, instances, complete=True)
+
+
+def test_ome_tiff_ids_and_split_csv_resolution_are_checked(tmp_path):
+    """`images/mk1.ome.tif` is id mk1 (as `karyo segment` names its outputs); an implausible mpp in split.csv is
+    refused naming the file, as --mpp is."""
+    from karyo.data.io import write_instances
+
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    inst = np.zeros((16, 16), np.int32)
+    inst[4:9, 4:9] = 1
+    tifffile.imwrite(root / "images" / "mk1.ome.tif", np.zeros((2, 16, 16), np.uint16), ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "CD45"]}})
+    write_instances(root / "instances" / "mk1.png", inst)
+    ds = LayoutDataset(root)
+    assert ds.ids == ["mk1"] and ds[0].channel_names == ("DAPI", "CD45")
+    (root / "split.csv").write_text("id,split,mpp\nmk1,train,-0.25\n")
+    with pytest.raises(InputError, match=r"split\.csv: mpp -0\.25 µm/px is outside the plausible range"):
+        LayoutDataset(root)[0]

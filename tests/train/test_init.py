@@ -46,6 +46,16 @@ def test_init_weights_reads_a_file_a_run_and_a_packed_model(tmp_path):
         init_weights("prompter", "nonesuch")
     with pytest.raises(InputError, match=r"missing\.pt"):
         init_weights("prompter", "missing.pt")
+    # another architecture's model: the error says what the folder holds
+    with pytest.raises(InputError, match=r"no cellvit weights here.*it holds prompter\.pt, segmentor\.pt"):
+        init_weights("cellvit", "default")
+    # a segmentor fine-tuned from a packed model rebuilds that model's network (no config needed)
+    from karyo.config import from_dict
+    from karyo.models.segmentor import Segmentor, SegmentorConfig
+    from karyo.train.api import init_model_config
+
+    net = Segmentor(from_dict(SegmentorConfig, init_model_config("segmentor", "default")))
+    net.load_state_dict(init_weights("segmentor", "default"))  # strict: the same network
 
 
 def test_run_starts_from_init_weights_on_the_given_validation_images(tmp_path, disc_layout, one_thread):

@@ -23,6 +23,8 @@ import numpy as np
 
 from karyo.data.io import (
     IMAGE_SUFFIXES,
+    check_mpp,
+    image_stem,
     read_image_meta,
     read_instances,
     write_image,
@@ -274,14 +276,16 @@ def _index_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes:
-            if p.stem in out:
-                raise InputError(p, f"two files for id {p.stem!r} ({out[p.stem].name}, {p.name})")
-            out[p.stem] = p
+            stem = image_stem(p)  # cells.ome.tif → cells, as everywhere else
+            if stem in out:
+                raise InputError(p, f"two files for id {stem!r} ({out[stem].name}, {p.name})")
+            out[stem] = p
     return out
 
 
 def _find_by_stem(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
-    return next((folder / f"{stem}{s}" for s in suffixes if (folder / f"{stem}{s}").is_file()), None)
+    names = [f"{stem}{s}" for s in suffixes] + [f"{stem}.ome{s}" for s in suffixes if s.startswith(".tif")]
+    return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
 def _remove_other_suffixes(target: Path, suffixes: tuple[str, ...]) -> None:
@@ -292,9 +296,11 @@ def _remove_other_suffixes(target: Path, suffixes: tuple[str, ...]) -> None:
 
 
 def _float_or_none(text: str | None, source: Path) -> float | None:
+    """An mpp cell of split.csv: empty, or a plausible µm/px (the range ``--mpp`` has)."""
     if not text:
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise InputError(source, f"mpp {text!r} is not a number") from None
+    return check_mpp(value, source)

@@ -183,6 +183,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             meta.update(extra)
         else:
             base = dict(file_cfg.get("model") or {})
+            if not base and preset is None and init_state is not None:  # fine-tune the network the weights are of
+                base = init_model_config("segmentor", init) or {}
             if "encoder" in base:
                 model_cfg = from_dict(SegmentorConfig, base)
             else:
@@ -248,7 +250,10 @@ def init_weights(task: str, path: str | os.PathLike) -> dict:
         for candidate in (p / "best.pt", p / f"{task}.pt"):
             if candidate.is_file():
                 return read_state_dict(candidate)
-        raise InputError(p, f"no initial weights here: expected best.pt (a run folder) or {task}.pt (a packed model)")
+        held = sorted(f.name for f in p.glob("*.pt"))
+        there = f"; it holds {', '.join(held)}" if held else ""
+        raise InputError(p, f"no {task} weights here: expected best.pt (a {task} run folder) or {task}.pt (a packed "
+                            f"model with a {task}){there}")
     return read_state_dict(p)
 
 
@@ -266,6 +271,25 @@ def init_class_names(task: str, path: str | os.PathLike) -> dict | None:
         if (folder / "config.json").is_file() and (p.is_dir() or p.name == f"{task}.pt"):
             config = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("config") or {}
             return (config.get(task) or {}).get("class_names") or config.get("class_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def init_model_config(task: str, path: str | os.PathLike) -> dict | None:
+    """The network config (as saved) of the weights :func:`init_weights` reads from ``path``, where its folder
+    records one: a run's ``train_config.json`` ``model``, a packed model's ``config.json`` (its ``task`` part)."""
+    from karyo.models.registry import model_folder
+
+    p = model_folder(path)
+    folder = p if p.is_dir() else p.parent
+    try:
+        if (folder / "train_config.json").is_file():
+            saved = json.loads((folder / "train_config.json").read_text(encoding="utf-8"))
+            return saved.get("model") if saved.get("task") == task else None
+        if (folder / "config.json").is_file():
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("config") or {}
+            return config.get(task)
     except (OSError, ValueError, AttributeError):
         return None
     return None
