@@ -413,7 +413,9 @@ def attributes_cmd(
     nuclear_channel: Annotated[str | None, typer.Option(help="Marker images: the channel (name or 0-based "
                                                              "index) measured as the nuclear stain; default: "
                                                              "DAPI/Hoechst by name, else channel 0. Every "
-                                                             "channel adds Marker.<name>.Mean/Std.")] = None,
+                                                             "channel adds Marker.<name>.Mean/Std. A single "
+                                                             "IMAGE given it is measured as markers; in a "
+                                                             "dataset, RGB images stay H&E.")] = None,
 ) -> None:
     """Measure every nucleus (IVAAN B.1 attributes + standard morphology and intensities) and describe it in
     a sentence; write the table (Parquet + CSV), QuPath GeoJSON and the fitted level model into OUT."""
@@ -789,6 +791,11 @@ def wsi_cmd(
     if mpp is not None and stated and abs(stated - mpp) > 1e-3 * mpp:
         console.print(f"note: --mpp {mpp:g} was used; the file states {stated:.4g} µm/px", highlight=False)
     n = result.summary["nuclei"]
+    if n.get("truncated_at_tile_edge"):
+        overlap = result.summary["tiling"]["overlap"]
+        console.print(f"note: {n['truncated_at_tile_edge']:,} nuclei touch the edge of the tile that kept them: they "
+                      f"are wider than the overlap ({overlap} px) allows and may be cut; raise --overlap",
+                      highlight=False)
     area = result.summary["tissue"]["area_mm2"]
     console.print(f"{n['total']:,} nuclei in {area:.3g} mm² of tissue "
                   f"({result.summary['tiling']['tiles_with_tissue']} tiles) → {out}/", highlight=False)

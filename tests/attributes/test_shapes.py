@@ -322,3 +322,14 @@ def test_paper_names_resolve_to_columns():
     assert set(PAPER_NAMES.values()) <= set(ALL_COLUMNS)
     with pytest.raises(KeyError):
         resolve("colour")
+
+
+def test_a_dim_16_bit_stain_keeps_its_grey_levels():
+    """DAPI at 1..108 of 65535 (or 12-bit data) would round to 0 in 8 bits: its attributes must not all be 0."""
+    labels = _blobs(3, shape=(64, 64), n=8)
+    rng = np.random.default_rng(0)
+    dapi = np.where(labels > 0, rng.integers(40, 109, labels.shape), rng.integers(1, 10, labels.shape))
+    df = measure_nuclei(dapi.astype(np.uint16)[..., None], labels)
+    assert (df["Color.HematoxylinRaw"] > 0.3).all() and (df["Texture.HematoxylinVarianceRaw"] > 0).all()
+    as8 = measure_nuclei(np.round(dapi * 255 / 108).astype(np.uint8)[..., None], labels)
+    np.testing.assert_allclose(df["Color.HematoxylinRaw"], as8["Color.HematoxylinRaw"], atol=0.02)

@@ -256,3 +256,17 @@ def test_micron_columns_follow_the_stated_resolution(tmp_path, samples):
     assert not any(c.endswith(("_um", "_um2")) for c in pd.read_parquet(tmp_path / "p2" / "a_attributes.parquet"))
     res = runner.invoke(app, [*base, "--out", str(tmp_path / "p3"), "--mpp", "-1"])
     assert res.exit_code == 2 and "outside the plausible range" in res.output
+
+
+def test_nuclear_channel_applies_to_the_marker_images_of_a_mixed_dataset(samples):
+    import dataclasses
+
+    he = samples[0]
+    dapi = (he.instances > 0).astype(np.uint16) * 3000 + 100
+    marker = dataclasses.replace(he, image=np.stack([dapi, dapi // 2], axis=-1), channel_names=("CD45", "DAPI"),
+                                 name="mk")
+    table = measure_samples([he, marker], nuclear_channel="DAPI")
+    rows_he = table[table["Identifier.Image"] == he.name]
+    rows_mk = table[table["Identifier.Image"] == "mk"]
+    assert np.isfinite(rows_he["Nucleus.Red.Mean"]).all() and rows_he["Marker.DAPI.Mean"].isna().all()
+    assert rows_mk["Nucleus.Red.Mean"].isna().all() and (rows_mk["Marker.CD45.Mean"] == 3100).all()

@@ -287,3 +287,17 @@ def test_image_stem_drops_only_the_image_suffix():
     assert image_stem("slide.B.tif") == "slide.B"
     assert image_stem("cells.ome.tif") == "cells" and image_stem("cells.OME.TIFF") == "cells"
     assert image_stem("noext") == "noext"
+
+
+def test_pixels_that_are_not_square_are_said_and_keep_areas_exact(tmp_path):
+    img = np.zeros((8, 8), np.uint8)
+    tifffile.imwrite(tmp_path / "aniso.ome.tif", img, ome=True,
+                     metadata={"axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5})
+    with pytest.warns(UserWarning, match=r"aniso\.ome\.tif: its pixels are 0\.25 × 0\.5 µm \(not square\)"):
+        _, meta = read_image_meta(tmp_path / "aniso.ome.tif")
+    assert meta["mpp"] ** 2 == pytest.approx(0.125)  # a pixel's area
+    tifffile.imwrite(tmp_path / "tags.tif", img, resolution=(1e4 / 0.25, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with pytest.warns(UserWarning, match="not square"):
+        assert read_image_meta(tmp_path / "tags.tif")[1]["mpp"] ** 2 == pytest.approx(0.125)
+    tifffile.imwrite(tmp_path / "square.tif", img, resolution=(1e4 / 0.25, 1e4 / 0.2501), resolutionunit="CENTIMETER")
+    assert read_image_meta(tmp_path / "square.tif")[1]["mpp"] == pytest.approx(0.25)

@@ -503,5 +503,8 @@ def test_cli_wsi(slide, tmp_path):
     res = CliRunner().invoke(app, ["wsi", str(small), "--model", "classical", "--out", str(tmp_path / "o2"),
                                    "--workers", "0", "--mpp", "0.5"])
     assert res.exit_code == 0 and "note: --mpp 0.5 was used; the file states 0.25 µm/px" in res.output
+    res = CliRunner().invoke(app, ["wsi", str(small), "--model", "classical", "--out", str(tmp_path / "o3"),
+                                   "--workers", "0", "--tile", "128", "--overlap", "0"])
+    assert res.exit_code == 0 and "may be cut; raise --overlap" in " ".join(res.output.split())
     bad = CliRunner().invoke(app, ["wsi", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o5")])
     assert bad.exit_code == 2 and "file not found" in bad.output

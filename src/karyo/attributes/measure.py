@@ -30,7 +30,8 @@ Conventions (the paper leaves them open; chosen here and tested):
 * aspect_ratio is NaN when the minor axis length is 0 (one-pixel-wide nuclei).
 
 Images with one channel (fluorescence) have no stains: the "hematoxylin" channel is the intensity scaled to
-[0, 1], and the eosin and RGB means are NaN.
+[0, 1] (8-bit by 255; other depths between the image's 0.1 and 99.9 percentiles, :func:`intensity_plane`), and the
+eosin and RGB means are NaN.
 
 Marker images (multiplex or multi-channel fluorescence: 2 or more than 4 channels, or 3–4 channels whose names are
 not R, G, B) are measured the same way on their *nuclear* channel (DAPI, Hoechst ... by name, or the one given),
@@ -48,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from karyo.attributes import names as N
-from karyo.data.io import to_rgb, to_uint8
+from karyo.data.io import to_rgb
 from karyo.data.sample import as_hwc, channel_key, is_marker_image, validate_instances
 from karyo.errors import InputError
 from karyo.stain.macenko import MacenkoNormalizer
@@ -178,9 +179,23 @@ def measure_arrays(image: np.ndarray, instances: np.ndarray, *, normalizer: Mace
         hema, eosin = (normalizer or _DEFAULT_NORMALIZER).stain_planes(rgb, source=source)
     else:
         rgb = None
-        hema = to_uint8(image)[..., 0].astype(np.float32) / 255.0
+        hema = intensity_plane(image[..., 0])
         eosin = None
     return _measure(labels, rgb, hema, eosin, opts)
+
+
+def intensity_plane(plane: np.ndarray) -> np.ndarray:
+    """One channel as float32 in [0, 1]: 8-bit by 255; any other dtype stretched between its 0.1 and 99.9
+    percentiles, so a dim 16-bit stain (or 12-bit camera data) keeps its grey levels instead of rounding to a
+    few 8-bit ones or to zero."""
+    plane = np.asarray(plane)
+    if plane.dtype == np.uint8:
+        return plane.astype(np.float32) / 255.0
+    work = plane.astype(np.float32)
+    lo, hi = np.percentile(work, (0.1, 99.9)) if work.size else (0.0, 1.0)
+    if hi <= lo:
+        return np.zeros_like(work)
+    return np.clip((work - lo) / (hi - lo), 0.0, 1.0)
 
 
 def _measure_markers(image: np.ndarray, labels: np.ndarray, channel_names, nuclear_channel, opts: AttributeOptions,
@@ -189,7 +204,7 @@ def _measure_markers(image: np.ndarray, labels: np.ndarray, channel_names, nucle
 
     n_channels = image.shape[2]
     k = nuclear_channel_index(channel_names, n_channels, nuclear_channel, source)
-    nuclear = to_uint8(image[..., k:k + 1])[..., 0].astype(np.float32) / 255.0
+    nuclear = intensity_plane(image[..., k])
     cols = _measure(labels, None, nuclear, None, opts)
     ids = cols["Identifier.Label"]
     names = [str(n) for n in channel_names] if channel_names is not None else [f"Channel{c}" for c in range(n_channels)]

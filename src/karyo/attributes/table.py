@@ -14,7 +14,7 @@ import pandas as pd
 from karyo.attributes import names as N
 from karyo.attributes.measure import AttributeOptions, add_classes, add_micron_columns, empty_columns, measure_arrays
 from karyo.data.io import atomic_path
-from karyo.data.sample import Sample, SampleSequence
+from karyo.data.sample import Sample, SampleSequence, is_marker_image
 from karyo.stain.macenko import MacenkoNormalizer
 
 
@@ -26,7 +26,8 @@ def measure_samples(samples: Sequence[Sample] | Iterable[Sample], *, n_jobs: int
     Samples without an instance map are skipped. ``n_jobs > 1`` measures chunks of images on that many
     processes; a lazy :class:`~karyo.data.sample.SampleSequence` (e.g. ``LayoutDataset``) is then decoded in
     the workers too. Class columns are added when any sample has classes. Marker images are measured on
-    ``nuclear_channel`` (see :func:`karyo.attributes.measure.nuclear_channel_index`).
+    ``nuclear_channel`` (see :func:`karyo.attributes.measure.nuclear_channel_index`); RGB and one-channel images
+    of the same dataset are measured as usual.
     """
     if n_jobs > 1 and isinstance(samples, Sequence) and len(samples) > 1:
         n = len(samples)
@@ -61,9 +62,10 @@ def _measure_chunk(samples, indices, normalizer, options, nuclear_channel=None) 
     for s in items:
         if s.instances is None:
             continue
+        markers = is_marker_image(s.image.shape[2] if s.image.ndim == 3 else 1, s.channel_names)
         cols = measure_arrays(s.image, s.instances, normalizer=normalizer, options=options,
                               source=s.source or s.name or None, channel_names=s.channel_names,
-                              nuclear_channel=nuclear_channel)
+                              nuclear_channel=nuclear_channel if markers else None)  # H&E images stay H&E
         out.append((s.name, cols, s.classes, s.class_names, s.mpp))
     return out
 

@@ -101,7 +101,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | 
             rgba = (int(page.photometric) == 2 and not tif.is_ome and page.dtype == np.uint8)
             alpha = tuple(int(e) for e in (getattr(page, "extrasamples", None) or ())) if rgba else ()
             if tif.is_ome and tif.ome_metadata:
-                names, mpp = _ome_channels_and_mpp(tif.ome_metadata)
+                names, mpp = _ome_channels_and_mpp(tif.ome_metadata, path)
             else:
                 mpp = _tiff_tags_mpp(tif)
     except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
@@ -145,7 +145,8 @@ def _to_yxc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
     return arr.transpose(axes.index("Y"), axes.index("X"))[..., None]
 
 
-def _ome_channels_and_mpp(xml: str) -> tuple[tuple[str, ...] | None, float | None]:
+def _ome_channels_and_mpp(xml: str, source: str | os.PathLike | None = None
+                          ) -> tuple[tuple[str, ...] | None, float | None]:
     import xml.etree.ElementTree as ET
 
     try:
@@ -159,14 +160,24 @@ def _ome_channels_and_mpp(xml: str) -> tuple[tuple[str, ...] | None, float | Non
     # Writers fill only the ID ("Channel:0:0") when they know no names; such IDs are not names.
     names = (tuple(ch.get("Name") or f"C{i}" for i, ch in enumerate(channels))
              if any(ch.get("Name") for ch in channels) else None)
-    mpp = None
-    size = pixels.get("PhysicalSizeX")
-    unit = pixels.get("PhysicalSizeXUnit", "µm")
-    if size is not None:
+    sizes = []
+    for axis in ("X", "Y"):
+        size, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
         scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit)
-        if scale is not None:
-            mpp = plausible_mpp(float(size) * scale)
-    return (names or None), mpp
+        with contextlib.suppress(TypeError, ValueError):
+            sizes.append(plausible_mpp(float(size) * scale) if size is not None and scale is not None else None)
+    return (names or None), square_mpp(*sizes, source=source) if sizes else None
+
+
+def square_mpp(x: float | None, y: float | None = None, source: str | os.PathLike | None = None) -> float | None:
+    """One µm/px for a file stating X and Y sizes. Pixels that are not square (more than 1 % apart) are said,
+    and the geometric mean is used: areas in µm² stay exact, lengths are off by at most the anisotropy."""
+    if x is None or y is None or abs(x - y) <= 0.01 * max(x, y):
+        return x if x is not None else y
+    warnings.warn(f"{source or 'image'}: its pixels are {x:.4g} × {y:.4g} µm (not square); karyo takes "
+                  f"{math.sqrt(x * y):.4g} µm/px, so areas in µm² are exact and lengths approximate",
+                  stacklevel=_caller_stacklevel())
+    return math.sqrt(x * y)
 
 
 def plausible_mpp(value: Any) -> float | None:
@@ -190,17 +201,20 @@ def _tiff_tags_mpp(tif) -> float | None:
     tags = page.tags
     if "XResolution" not in tags:
         return None
-    numerator, denominator = tags["XResolution"].value
-    if not numerator or not denominator:
-        return None
-    pixels_per_unit = numerator / denominator
     unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2  # TIFF default: inch
     imagej_unit = (tif.imagej_metadata or {}).get("unit", "") if tif.is_imagej else ""
     if imagej_unit in ("micron", "um", "µm", "\\u00B5m"):
         microns_per_unit = 1.0
     else:
         microns_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)
-    return plausible_mpp(microns_per_unit / pixels_per_unit) if microns_per_unit else None
+    if not microns_per_unit:
+        return None
+    sizes = []
+    for tag in ("XResolution", "YResolution"):
+        numerator, denominator = tags[tag].value if tag in tags else (0, 0)
+        sizes.append(plausible_mpp(microns_per_unit * denominator / numerator) if numerator and denominator
+                     else None)
+    return square_mpp(*sizes, source=tif.filehandle.path)
 
 
 def pil_mpp(im: Image.Image) -> float | None:

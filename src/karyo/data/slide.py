@@ -213,7 +213,7 @@ def _ome_mpp(slide) -> float | None:
     tif = slide.ts_tifffile
     if not (tif.is_ome and tif.ome_metadata):
         return None
-    return _ome_channels_and_mpp(tif.ome_metadata)[1]
+    return _ome_channels_and_mpp(tif.ome_metadata, tif.filehandle.path)[1]
 
 
 # ------------------------------------------------------------------------------------------------ OpenSlide
