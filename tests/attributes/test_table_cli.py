@@ -223,6 +223,23 @@ def test_marker_images_are_measured_on_their_nuclear_channel_with_each_marker(tm
     np.testing.assert_allclose(cols["Color.HematoxylinRaw"], gray["Color.HematoxylinRaw"])
 
 
+def test_an_unnamed_gray_stack_is_measured_as_markers_not_as_h_and_e(tmp_path, samples):
+    """Four gray pages (MINISBLACK: the file says they are not RGB) without names: markers, channel 0 nuclear."""
+    import tifffile
+
+    labels = samples[0].instances
+    dapi = np.where(labels > 0, 3000, 100).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([dapi, dapi // 3, dapi // 5, dapi // 7]),
+                     photometric="minisblack")
+    write_instances(tmp_path / "m.png", labels)
+    res = runner.invoke(app, ["attributes", str(tmp_path / "stack.tif"), "--instances", str(tmp_path / "m.png"),
+                              "--out", str(tmp_path / "o"), "--no-geojson"])
+    assert res.exit_code == 0, res.output
+    assert "channel 0 (Channel0) is measured as the nucleus' stain" in " ".join(res.output.split())
+    table = pd.read_parquet(tmp_path / "o" / "stack_attributes.parquet")
+    assert (table["Marker.Channel3.Mean"] == 3000 // 7).all() and table["Nucleus.Red.Mean"].isna().all()
+
+
 def test_micron_columns_follow_the_stated_resolution(tmp_path, samples):
     """Size.* and the neighbour distance get µm twins when the resolution is known: from split.csv per image
     (NaN where unknown), or one --mpp for all; without any, no µm columns."""

@@ -69,8 +69,11 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
     classes = read_class_csv(classes_path, instances, complete=True) if classes_path is not None else None
     if classes is not None and class_names is None:
         class_names = _class_names_near(Path(classes_path))
+    names = meta.get("channel_names")
+    if names is None and meta.get("photometric") == "minisblack" and image.shape[2] > 1:
+        names = tuple(f"Channel{c}" for c in range(image.shape[2]))  # the file says: gray channels, not RGB
     table = measure_nuclei(image, instances, classes, class_names=class_names, normalizer=normalizer,
-                           options=options, source=str(image_path), channel_names=meta.get("channel_names"),
+                           options=options, source=str(image_path), channel_names=names,
                            nuclear_channel=nuclear_channel)
     mpp = mpp or meta.get("mpp")
     if mpp is not None:

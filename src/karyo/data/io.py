@@ -85,7 +85,8 @@ def check_file(path: Path, expected: str = "an image file") -> None:
         raise InputError(path, "file is empty (0 bytes)")
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | None]:
+def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | None, str]:
+    """(Y×X×C pixels, channel names, µm/px, photometric: "rgb", "minisblack", ...)."""
     import tifffile
 
     try:
@@ -98,6 +99,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | 
             page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
             # RGB + alpha as tagged by the file; not OME (named channels) nor 16-bit, where tifffile's default tags
             # also mark a plain 4-channel marker array as RGBA
+            photometric = getattr(page.photometric, "name", str(page.photometric)).lower()
             rgba = (int(page.photometric) == 2 and not tif.is_ome and page.dtype == np.uint8)
             alpha = tuple(int(e) for e in (getattr(page, "extrasamples", None) or ())) if rgba else ()
             if tif.is_ome and tif.ome_metadata:
@@ -115,7 +117,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | 
         names = None
     if names is not None and len(names) != arr.shape[2]:
         names = None
-    return arr, names, mpp
+    return arr, names, mpp, photometric
 
 
 def _to_yxc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
@@ -230,7 +232,7 @@ def _read_pixels(path: Path) -> tuple[np.ndarray, dict]:
     check_file(path)
     meta: dict = {"channel_names": None, "mpp": None}
     if path.suffix.lower() in TIFF_SUFFIXES:
-        arr, meta["channel_names"], meta["mpp"] = _read_tiff(path)
+        arr, meta["channel_names"], meta["mpp"], meta["photometric"] = _read_tiff(path)
         return arr, meta
     if path.suffix.lower() == ".png" and _png_is_16bit_color(path):
         return _read_png16(path), meta
@@ -266,7 +268,8 @@ def _read_png16(path: Path) -> np.ndarray:
 
 
 def read_image_meta(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """Read an image and what its file says about it: ``{"channel_names": ..., "mpp": ...}``."""
+    """Read an image and what its file says about it: ``{"channel_names": ..., "mpp": ...}`` (and, for TIFFs,
+    ``"photometric"``: ``"rgb"``, or ``"minisblack"`` for stacks of gray channels)."""
     path = Path(path)
     arr, meta = _read_pixels(path)
     arr = as_hwc(arr, str(path))
