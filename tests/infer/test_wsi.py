@@ -134,6 +134,22 @@ def test_a_nucleus_found_by_two_tiles_across_their_seam_is_kept_once():
     assert [t.num_rows for t in seams.add(2, None)] == [1]
 
 
+def test_neighbours_of_two_tiles_that_overlap_a_little_no_longer_overlap():
+    """Two nuclei of two tiles sharing 14 % of the smaller (not one nucleus): the later one loses the shared
+    pixels, and its area, centroid and box follow its polygon."""
+    inf = np.inf
+    cores = {0: (-inf, -inf, 100, inf), 1: (100, -inf, inf, inf)}
+    seams = wsi_writer.SeamDuplicates({0: 0.0, 1: 0.0}, cores, margin=64)
+    assert seams.add(0, _part(0, [(95, 40, 10)])) == [] and seams.add(1, _part(1, [(110, 40, 10)])) == []
+    left, right = seams.finish()
+    a, b = (shapely.from_wkb(t.column("polygon_wkb")[0].as_py()) for t in (left, right))
+    assert shapely.area(shapely.intersection(a, b)) < 1e-6 and seams.clipped == 1 and seams.removed == 0
+    assert right.column("area")[0].as_py() == pytest.approx(b.area, rel=1e-6)
+    assert right.column("centroid_x")[0].as_py() == pytest.approx(b.centroid.x - 0.5)
+    assert right.column("bbox_x0")[0].as_py() == 102  # the tips of the cut-away lens lie at x = 102.5
+    assert left.column("area")[0].as_py() == pytest.approx(a.area)
+
+
 def test_tiled_run_finds_the_nuclei_of_one_pass(slide, reference):
     """Seam-free stitching: ≥ 99 % of the nuclei found in one pass over the whole 1024² image have a tiled nucleus
     with IoU > 0.9, and no tiled nucleus is duplicated."""

@@ -702,14 +702,16 @@ class WSIEngine:
                        "model_resolution_size": list(size), "tiles_total": len(all_tiles),
                        "tiles_with_tissue": len(tiles), "tiles_from_earlier_runs": resumed,
                        "ownership": "centroid in tile core; overlap must be >= 2 x largest nucleus radius; of two "
-                                    "tiles' nuclei sharing >= 50% of the smaller, the larger is kept"},
+                                    "tiles' nuclei sharing >= 50% of the smaller, the larger is kept; one sharing "
+                                    "less loses the shared pixels to the earlier tile's"},
             "tissue": {"area_mm2": area, "fraction": tissue.fraction, "saturation_threshold": tissue.threshold,
                        "mask_um_per_px": tissue.scale[0] * tissue.slide_mpp},
             "nuclei": {"total": merger.n_nuclei, "per_class": counts,
                        "density_per_mm2": merger.n_nuclei / area if area > 0 else None,
                        "density_per_mm2_per_class": {k: v / area for k, v in counts.items()} if area > 0 else {},
                        "truncated_at_tile_edge": truncated,
-                       "seam_duplicates_removed": merger.seams.removed if merger.seams is not None else 0},
+                       "seam_duplicates_removed": merger.seams.removed if merger.seams is not None else 0,
+                       "seam_overlaps_clipped": merger.seams.clipped if merger.seams is not None else 0},
             "timing_s": {**{k: round(v, 3) for k, v in timing.items()},
                          **{f"{s}_sum": round(v, 3) for s, v in stage.items()}, "wall": round(wall, 3)},
             "execution": execution,

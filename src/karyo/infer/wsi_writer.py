@@ -262,6 +262,7 @@ class SeamDuplicates:
         self.tops, self.cores, self.margin = tops, cores, float(margin)
         self.min_overlap, self.cell = float(min_overlap), float(cell)
         self.removed = 0
+        self.clipped = 0  # rows cut down to the pixels a kept neighbour of another tile did not already hold
         self._queue: list[list] = []  # [tile, part, alive rows, bottom of its compared rows]
         self._held: dict[tuple[int, int], tuple] = {}  # (tile, row) → (box, polygon, area, alive rows)
         self._grid: dict[tuple[int, int], set[tuple[int, int]]] = {}
@@ -279,8 +280,20 @@ class SeamDuplicates:
             m = self.margin
             near = (boxes[:, 0] - x0 < m) | (x1 - boxes[:, 2] < m) | (boxes[:, 1] - y0 < m) | (y1 - boxes[:, 3] < m)
             alive = np.ones(part.num_rows, bool)
+            clipped: dict[int, object] = {}
             for row in np.flatnonzero(near):
-                if not self._survives(boxes[row], polys[row], areas[row]):
+                overlapping = self._survives(boxes[row], polys[row], areas[row])
+                if overlapping:  # pixels a kept neighbour of another tile holds already stay its own
+                    rest = shapely.difference(polys[row], shapely.union_all(overlapping))
+                    if rest.is_empty or shapely.area(rest) < 1.0:
+                        overlapping = None
+                    else:
+                        clipped[int(row)] = rest
+                        polys[row], areas[row] = rest, shapely.area(rest)
+                        bx0, by0, bx1, by1 = rest.bounds
+                        boxes[row] = (max(boxes[row, 0], math.floor(bx0)), max(boxes[row, 1], math.floor(by0)),
+                                      min(boxes[row, 2], math.ceil(bx1)), min(boxes[row, 3], math.ceil(by1)))
+                if overlapping is None:
                     alive[row] = False
                     self.removed += 1
                     continue
@@ -289,6 +302,8 @@ class SeamDuplicates:
                 for cell in self._cells(boxes[row]):
                     self._grid.setdefault(cell, set()).add(key)
                 bottom = max(bottom, boxes[row, 3])
+            if clipped:
+                part = self._with_clipped(part, clipped)
         self._queue.append([tile, part, alive, bottom])
         return self._release(self.tops[tile])
 
@@ -296,8 +311,37 @@ class SeamDuplicates:
         """Everything still held (after the last tile)."""
         return self._release(math.inf)
 
-    def _survives(self, box, poly, area: float) -> bool:
-        """Compare a new row with the held rows it touches; drop held duplicates it beats."""
+    def _with_clipped(self, part: pa.Table, clipped: dict[int, object]) -> pa.Table:
+        """``part`` with some rows' polygons cut down: their area, area_um2, centroid and box follow the polygon
+        (the attribute columns stay those measured on the whole mask)."""
+        self.clipped += len(clipped)
+        rows = np.array(sorted(clipped))
+        old = shapely.from_wkb(part.column("polygon_wkb").to_numpy(zero_copy_only=False)[rows])
+        new = np.array([clipped[r] for r in rows], dtype=object)
+        share = shapely.area(new) / np.maximum(shapely.area(old), 1e-9)
+        shift = shapely.get_coordinates(shapely.centroid(new)) - shapely.get_coordinates(shapely.centroid(old))
+        bounds = shapely.bounds(new)
+        cols = {name: part.column(name).to_numpy(zero_copy_only=False).copy() for name in
+                ("polygon_wkb", "area", "area_um2", "centroid_x", "centroid_y", "bbox_x0", "bbox_y0", "bbox_x1",
+                 "bbox_y1")}
+        cols["polygon_wkb"][rows] = shapely.to_wkb(new)
+        cols["area"][rows] *= share
+        cols["area_um2"][rows] *= share
+        cols["centroid_x"][rows] += shift[:, 0]
+        cols["centroid_y"][rows] += shift[:, 1]
+        for k, name in enumerate(("bbox_x0", "bbox_y0")):
+            cols[name][rows] = np.maximum(cols[name][rows], np.floor(bounds[:, k] + 1e-9).astype(np.int64))
+        for k, name in enumerate(("bbox_x1", "bbox_y1")):
+            cols[name][rows] = np.minimum(cols[name][rows], np.ceil(bounds[:, k + 2] - 1e-9).astype(np.int64))
+        for name, values in cols.items():
+            i = part.schema.get_field_index(name)
+            part = part.set_column(i, part.schema.field(i), pa.array(values, type=part.schema.field(i).type))
+        return part
+
+    def _survives(self, box, poly, area: float) -> list | None:
+        """Compare a new row with the held rows it touches: None when it is a duplicate of one (drop it), else the
+        polygons of the kept rows it overlaps less than that (to cut it down by). Held duplicates it beats go."""
+        partial = []
         candidates = set().union(*(self._grid.get(c, ()) for c in self._cells(box)))
         for key in sorted(candidates):
             obox, opoly, oarea, oalive = self._held[key]
@@ -308,15 +352,17 @@ class SeamDuplicates:
                 shared = shapely.area(shapely.intersection(poly, opoly))
             except shapely.errors.GEOSException:
                 continue
-            if smaller <= 0 or shared < self.min_overlap * smaller:
+            if smaller <= 0 or shared <= 0.5:  # touching, or sharing less than a pixel
                 continue
-            if area > oarea:  # the new row is the whole of what the held one is a part of
+            if shared < self.min_overlap * smaller:
+                partial.append(opoly)
+            elif area > oarea:  # the new row is the whole of what the held one is a part of
                 oalive[key[1]] = False
                 self._forget(key)
                 self.removed += 1
             else:
-                return False
-        return True
+                return None
+        return partial
 
     def _release(self, top: float) -> list[pa.Table]:
         out = []
