@@ -257,42 +257,41 @@ def init_weights(task: str, path: str | os.PathLike) -> dict:
     return read_state_dict(p)
 
 
-def init_class_names(task: str, path: str | os.PathLike) -> dict | None:
-    """The class names the weights :func:`init_weights` reads from ``path`` were trained on, where the folder
-    records them (a run's ``train_config.json``, a packed model's ``config.json``); None for a bare file."""
+def _init_record(task: str, path: str | os.PathLike) -> tuple[dict | None, dict | None]:
+    """What the folder of :func:`init_weights`' ``path`` records about the weights: (a run's ``train_config.json``,
+    a packed model's ``config.json`` ``config``), each None where absent, unreadable or not of those weights."""
     from karyo.models.registry import model_folder
 
     p = model_folder(path)
     folder = p if p.is_dir() else p.parent
     try:
         if (folder / "train_config.json").is_file() and (p.is_dir() or p.name in ("best.pt", "last.pt")):
-            return (json.loads((folder / "train_config.json").read_text(encoding="utf-8")).get("model") or {}
-                    ).get("class_names")
+            return json.loads((folder / "train_config.json").read_text(encoding="utf-8")), None
         if (folder / "config.json").is_file() and (p.is_dir() or p.name == f"{task}.pt"):
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("config") or {}
-            return (config.get(task) or {}).get("class_names") or config.get("class_names")
+            return None, json.loads((folder / "config.json").read_text(encoding="utf-8")).get("config") or {}
     except (OSError, ValueError, AttributeError):
-        return None
+        pass
+    return None, None
+
+
+def init_class_names(task: str, path: str | os.PathLike) -> dict | None:
+    """The class names the weights :func:`init_weights` reads from ``path`` were trained on, where the folder
+    records them (a run's ``train_config.json``, a packed model's ``config.json``); None for a bare file."""
+    run, packed = _init_record(task, path)
+    if run is not None:
+        return (run.get("model") or {}).get("class_names")
+    if packed is not None:
+        return (packed.get(task) or {}).get("class_names") or packed.get("class_names")
     return None
 
 
 def init_model_config(task: str, path: str | os.PathLike) -> dict | None:
     """The network config (as saved) of the weights :func:`init_weights` reads from ``path``, where its folder
     records one: a run's ``train_config.json`` ``model``, a packed model's ``config.json`` (its ``task`` part)."""
-    from karyo.models.registry import model_folder
-
-    p = model_folder(path)
-    folder = p if p.is_dir() else p.parent
-    try:
-        if (folder / "train_config.json").is_file():
-            saved = json.loads((folder / "train_config.json").read_text(encoding="utf-8"))
-            return saved.get("model") if saved.get("task") == task else None
-        if (folder / "config.json").is_file():
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("config") or {}
-            return config.get(task)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return None
+    run, packed = _init_record(task, path)
+    if run is not None:
+        return run.get("model") if run.get("task") == task else None
+    return packed.get(task) if packed is not None else None
 
 
 def _name_list(class_names: dict) -> list[tuple[int, str]]:
