@@ -15,8 +15,10 @@ TIAToolbox's engines):
    Per tile, :class:`TileProcessor` reads (resampling to the model's mpp), predicts and keeps the nuclei the tile
    owns, as rows in level-0 slide coordinates.
 6. Results come back to this process, which writes each tile's part and manifest line and merges parts in tile
-   order into ``nuclei.parquet`` and ``nuclei.geojson`` (:mod:`karyo.infer.wsi_writer`), then writes
-   ``overlay.png`` and ``summary.json`` (counts per class, densities per mm² of tissue, time per stage).
+   order into ``nuclei.parquet`` and ``nuclei.geojson`` (:mod:`karyo.infer.wsi_writer`; a nucleus two tiles both
+   found is kept once, and overlaps between neighbouring tiles' nuclei are cut: ``SeamDuplicates``), then writes
+   ``tissue_mask.png``, ``overlay.png`` and ``summary.json`` (counts per class, densities per mm² of tissue,
+   time per stage).
 
 Memory does not grow with the number of nuclei: the main process holds the tile list, the overlay canvas (at most
 ``overlay_max_size``²), one Parquet row group and at most ``tiles_in_flight`` × worker threads tile results; each
