@@ -27,6 +27,7 @@ from karyo.config import from_dict, load_json, save_json, to_dict
 from karyo.data.augment import AugmentConfig
 from karyo.data.dataset import NucleusDataset, collate_nuclei
 from karyo.data.sample import Sample
+from karyo.errors import InputError
 from karyo.infer.hovernet import hovernet_postprocess
 from karyo.metrics.detection import NucleiTypeStats
 from karyo.metrics.instance import aggregated_jaccard_index, panoptic_quality
@@ -190,7 +191,15 @@ def export_cellvit_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     The result opens with ``karyo.load(out_dir)``; model cards and registry entries are the packager's job.
     """
-    model_dir = Path(run_dir) / "model"
+    run_dir = Path(run_dir)
+    model_dir = run_dir / "model"
+    if not (model_dir / "cellvit.json").is_file():
+        if not run_dir.is_dir():
+            raise InputError(run_dir, "run folder not found")
+        task = (load_json(run_dir / "train_config.json").get("task") if (run_dir / "train_config.json").is_file()
+                else None)
+        raise InputError(run_dir, f"is a {task} run, not a cellvit run" if task and task != "cellvit" else
+                         "no model/cellvit.json: not a finished `karyo train cellvit` run")
     meta = load_json(model_dir / "cellvit.json")
     cfg = from_dict(CellViTConfig, meta.get("config", {}), model_dir / "cellvit.json")
     model = CellViTModel(cfg, device=device)
