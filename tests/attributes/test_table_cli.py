@@ -245,6 +245,8 @@ def test_micron_columns_follow_the_stated_resolution(tmp_path, samples):
     (NaN where unknown), or one --mpp for all; without any, no µm columns."""
     import dataclasses
 
+    import tifffile
+
     from karyo.attributes.pipeline import attributes_for_dataset
 
     root = tmp_path / "ds"
@@ -271,6 +273,11 @@ def test_micron_columns_follow_the_stated_resolution(tmp_path, samples):
     np.testing.assert_allclose(one["Size.Perimeter_um"], one["Size.Perimeter"] * 0.5)
     assert runner.invoke(app, [*base, "--out", str(tmp_path / "p2")]).exit_code == 0
     assert not any(c.endswith(("_um", "_um2")) for c in pd.read_parquet(tmp_path / "p2" / "a_attributes.parquet"))
+    tifffile.imwrite(tmp_path / "stated.tif", samples[0].image, photometric="rgb", resolution=(1e4 / 0.25,
+                     1e4 / 0.25), resolutionunit="CENTIMETER")
+    res = runner.invoke(app, ["attributes", str(tmp_path / "stated.tif"), "--instances", str(tmp_path / "m.png"),
+                              "--no-geojson", "--out", str(tmp_path / "p4"), "--mpp", "0.5"])
+    assert res.exit_code == 0 and "mpp 0.5 was used; the file states 0.25 µm/px" in " ".join(res.output.split())
     res = runner.invoke(app, [*base, "--out", str(tmp_path / "p3"), "--mpp", "-1"])
     assert res.exit_code == 2 and "outside the plausible range" in res.output
 

@@ -75,7 +75,12 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
     table = measure_nuclei(image, instances, classes, class_names=class_names, normalizer=normalizer,
                            options=options, source=str(image_path), channel_names=names,
                            nuclear_channel=nuclear_channel)
-    mpp = mpp or meta.get("mpp")
+    stated = meta.get("mpp")
+    if mpp is not None and stated and abs(stated - mpp) > 1e-3 * mpp:
+        import warnings
+
+        warnings.warn(f"{image_path}: mpp {mpp:g} was used; the file states {stated:.4g} µm/px", stacklevel=2)
+    mpp = mpp or stated
     if mpp is not None:
         add_micron_columns(table, mpp)
     model = _levels(table, table, levels, prompt_attributes, level_mode)
