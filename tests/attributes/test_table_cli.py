@@ -294,3 +294,4 @@ def test_nuclear_channel_applies_to_the_marker_images_of_a_mixed_dataset(samples
     rows_mk = table[table["Identifier.Image"] == "mk"]
     assert np.isfinite(rows_he["Nucleus.Red.Mean"]).all() and rows_he["Marker.DAPI.Mean"].isna().all()
     assert rows_mk["Nucleus.Red.Mean"].isna().all() and (rows_mk["Marker.CD45.Mean"] == 3100).all()
+    assert (rows_mk["Identifier.NuclearChannel"] == "DAPI").all() and (rows_he["Identifier.NuclearChannel"] == "").all()

@@ -132,6 +132,8 @@ def add_classes(df: pd.DataFrame, classes: Mapping[int, int], class_names: Mappi
     df[N.CLASS_NAME] = [names.get(int(c), f"class {c}") if c else "" for c in cid]
 
 
+#: Column naming, for a marker image, the channel its intensity attributes (Color.*, Texture.*) come from.
+NUCLEAR_CHANNEL = "Identifier.NuclearChannel"
 #: Channel names taken for the nuclear stain of a marker image (compared case-insensitively, without spaces,
 #: dashes and underscores).
 NUCLEAR_STAINS = ("dapi", "hoechst", "hoechst33342", "hoechst33258", "draq5", "draq7", "sytox", "dna", "dna1",
@@ -208,6 +210,7 @@ def _measure_markers(image: np.ndarray, labels: np.ndarray, channel_names, nucle
     cols = _measure(labels, None, nuclear, None, opts)
     ids = cols["Identifier.Label"]
     names = [str(n) for n in channel_names] if channel_names is not None else [f"Channel{c}" for c in range(n_channels)]
+    cols[NUCLEAR_CHANNEL] = np.full(ids.size, names[k], dtype=object)  # what Color.*/Texture.* were measured on
     seen: dict[str, int] = {}
     for c, name in enumerate(names):
         seen[name] = seen.get(name, 0) + 1

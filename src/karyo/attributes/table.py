@@ -82,8 +82,10 @@ def concat_parts(parts: list[tuple]) -> pd.DataFrame:
     for c in N.ALL_COLUMNS:
         data[c] = np.concatenate([p[1][c] for p in parts])
     extra = list(dict.fromkeys(c for p in parts for c in p[1] if c not in N.ALL_COLUMNS))  # marker columns
-    for c in extra:  # NaN for the images without that channel
-        data[c] = np.concatenate([np.asarray(p[1][c], np.float64) if c in p[1] else np.full(n, np.nan)
+    for c in extra:  # NaN (or "" for text) for the images without that column
+        text = any(c in p[1] and np.asarray(p[1][c]).dtype == object for p in parts)
+        data[c] = np.concatenate([np.asarray(p[1][c], object if text else np.float64) if c in p[1]
+                                  else np.full(n, "" if text else np.nan, object if text else np.float64)
                                   for p, n in zip(parts, sizes, strict=True)])
     df = pd.DataFrame(data)
     mpps = [p[4] if len(p) > 4 and p[4] is not None else np.nan for p in parts]
