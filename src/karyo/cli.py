@@ -582,10 +582,13 @@ def pack_cmd(
                                                         "shipped model name.")
                          ] = None,
     run: Annotated[Path | None, typer.Option(help="cellvit, ivaan: the training run folder.")] = None,
-    tune: Annotated[bool, typer.Option(help="Tune inference thresholds on the run's validation images.")] = True,
-    verifier: Annotated[bool, typer.Option(help="promptnucseg, ivaan: fit a mask verifier and a duplicate "
-                                                "judge on the run's training images and let the tuning decide "
-                                                "whether to use them.")] = True,
+    tune: Annotated[bool | None, typer.Option("--tune/--no-tune", help="promptnucseg, ivaan: tune inference "
+                                                                       "thresholds on the run's validation images "
+                                                                       "(default: tune).")] = None,
+    verifier: Annotated[bool | None, typer.Option("--verifier/--no-verifier", help="promptnucseg, ivaan: fit a "
+                                                  "mask verifier and a duplicate judge on the run's training images "
+                                                  "and let the tuning decide whether to use them (default: "
+                                                  "fit).")] = None,
 ) -> None:
     """Build a model folder from training runs (thresholds tuned on validation data only; of the settings within one
     standard error of the best, the fastest ships)."""
@@ -598,6 +601,9 @@ def pack_cmd(
 
     takes = {"promptnucseg": {"--prompter", "--segmentor"}, "ivaan": {"--run", "--segmentor"}, "cellvit": {"--run"}}
     given = {o for o, v in (("--prompter", prompter), ("--segmentor", segmentor), ("--run", run)) if v is not None}
+    if arch == "cellvit":  # nothing to tune or verify: its post-processing has no thresholds to fit
+        given |= {o for o, v in (("--tune/--no-tune", tune), ("--verifier/--no-verifier", verifier)) if v is not None}
+    tune, verifier = tune is not False, verifier is not False
     if arch in takes and given - takes[arch]:
         raise InputError(None, f"karyo pack {arch} takes {' and '.join(sorted(takes[arch]))}, not "
                                f"{', '.join(sorted(given - takes[arch]))}")

@@ -170,6 +170,8 @@ def test_cli_pack_promptnucseg_tunes_under_the_spacing_cap(tmp_path, disc_layout
     assert res.exit_code == 2 and "karyo pack cellvit takes --run, not --prompter" in res.output
     res = CliRunner().invoke(app, ["pack", "cellvit", "--run", str(run), "--out", str(tmp_path / "c")])
     assert res.exit_code == 2 and "is a prompter run, not a cellvit run" in res.output
+    res = CliRunner().invoke(app, ["pack", "cellvit", "--run", str(run), "--no-tune", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "takes --run, not --tune/--no-tune" in res.output
 
     def cannot_fit(*args, **kwargs):
         raise pack.VerifierFitError("the verifier needs candidates that are nuclei and candidates that are not")
