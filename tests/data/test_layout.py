@@ -251,3 +251,12 @@ def test_ome_tiff_ids_and_split_csv_resolution_are_checked(tmp_path):
     (root / "split.csv").write_text("id,split,mpp\nmk1,train,-0.25\n")
     with pytest.raises(InputError, match=r"split\.csv: mpp -0\.25 µm/px is outside the plausible range"):
         LayoutDataset(root)[0]
+
+
+def test_a_sample_prints_one_line():
+    m = np.zeros((8, 9), np.int32)
+    m[1:3, 1:3] = 1
+    sample = Sample(image=np.zeros((8, 9, 2), np.uint16), instances=m, name="t", mpp=0.25,
+                    channel_names=("DAPI", "CD45"))
+    assert repr(sample) == "<Sample 't': 9×8 px × 2 uint16, 1 nuclei, mpp 0.25, channels ('DAPI', 'CD45')>"
+    assert repr(Sample(image=np.zeros((4, 4, 3), np.uint8))) == "<Sample: 4×4 px × 3 uint8, no annotation>"

@@ -2,8 +2,10 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from karyo.data.io import read_image, read_instances
+from karyo.errors import InputError
 from karyo.export.overlay import draw_overlay
 from karyo.export.writers import save_result
 from karyo.infer.result import SegmentationResult
@@ -81,6 +83,9 @@ def test_result_save_mirrors_the_cli_and_repr_is_a_summary(tmp_path):
     assert set(written) == {"instances", "classes", "class_names", "table", "overlay", "geojson"}
     assert written["instances"] == tmp_path / "instances" / "t.png"
     assert set(res.save(tmp_path / "b", outputs=["instances"])) == {"instances"}
+    with pytest.raises(InputError, match="no name to write its files under: pass stem="):
+        SegmentationResult(res.instances).save(tmp_path / "c")  # not silently as image.*
+    assert not (tmp_path / "c").exists()
     assert repr(res) == "<SegmentationResult 't': 2 nuclei in 32×32 px, {'inflammatory': 1, 'neoplastic': 1}, model ''>"
 
 

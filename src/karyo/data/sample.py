@@ -44,6 +44,15 @@ class Sample:
     def shape(self) -> tuple[int, int]:
         return self.image.shape[0], self.image.shape[1]
 
+    def __repr__(self) -> str:  # the dataclass default prints every pixel
+        h, w, c = self.image.shape
+        nuclei = "no annotation" if self.instances is None else \
+            f"{len(np.unique(self.instances)) - int((self.instances == 0).any())} nuclei"
+        named = f" {self.name!r}" if self.name else ""
+        extra = "".join(f", {k} {v}" for k, v in (("mpp", self.mpp), ("channels", self.channel_names),
+                                                   ("tissue", self.tissue)) if v)
+        return f"<Sample{named}: {w}×{h} px × {c} {self.image.dtype}, {nuclei}{extra}>"
+
     @property
     def n_instances(self) -> int:
         return 0 if self.instances is None else len(np.unique(self.instances[self.instances > 0]))

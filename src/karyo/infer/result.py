@@ -65,6 +65,11 @@ class SegmentationResult:
         :func:`karyo.export.writers.save_result`."""
         from karyo.export.writers import ALL_OUTPUTS, save_result
 
+        if not (stem or self.name):
+            from karyo.errors import InputError
+
+            raise InputError(None, "this result has no name to write its files under: pass stem=... (or segment "
+                                   "with name=...)")
         return save_result(self, out_dir, image, stem=stem, outputs=ALL_OUTPUTS if outputs is None else outputs)
 
     def table(self) -> pd.DataFrame:
