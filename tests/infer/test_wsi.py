@@ -449,6 +449,10 @@ def test_attribute_lengths_and_areas_share_the_unit_of_area():
     assert level0["Size.ConvexHullArea"][0] == pytest.approx(model_px["Size.ConvexHullArea"][0] * 0.25)
     assert level0["Shape.Solidity"][0] == pytest.approx(model_px["Shape.Solidity"][0])
     assert model_px["Size.ConvexHullArea"][0] >= (instances > 0).sum() * 0.95
+    # with the slide's µm per level-0 px: the µm twins karyo attributes writes (the model at 0.25, the slide at 0.5)
+    twins = _attributes(image, instances, ids, 0.5, 0.5)
+    assert twins["Size.Perimeter_um"][0] == pytest.approx(level0["Size.Perimeter"][0] * 0.5)
+    assert twins["Size.ConvexHullArea_um2"][0] == pytest.approx(model_px["Size.ConvexHullArea"][0] * 0.25 ** 2)
 
 
 def test_decoded_png_cache_is_removed_unless_a_resume_needs_it(slide, tmp_path):

@@ -58,7 +58,7 @@ import pyarrow as pa
 import shapely
 from scipy import ndimage as ndi
 
-from karyo.attributes.names import LENGTH_POWER
+from karyo.attributes.names import LENGTH_POWER, MICRON_COLUMNS
 from karyo.data.io import write_image, write_text
 from karyo.data.slide import Slide, SlideSpec, open_slide
 from karyo.errors import InputError, KaryoError
@@ -194,7 +194,7 @@ class TileProcessor:
             "polygon_wkb": shapely.to_wkb(polys).tolist(),
         }
         if self.attributes:
-            cols.update(_attributes(image, result.instances, ids, f))
+            cols.update(_attributes(image, result.instances, ids, f, self.model_mpp / f))
         return pa.Table.from_pydict(cols, schema=schema), truncated
 
     def process(self, model, slide: Slide, tile: Tile) -> TileResult:
@@ -237,19 +237,25 @@ def _polygons(instances: np.ndarray, ids: np.ndarray, offset: tuple[int, int], s
 
 # Recorded in the parquet metadata and in the resume settings: a run begun when Size.* came in model px must
 # not be resumed into a parquet whose other rows are in level-0 px.
-ATTRIBUTE_UNITS = "level-0 pixels (Size.* lengths, px; Size.ConvexHullArea, px²)"
+ATTRIBUTE_UNITS = "level-0 pixels (Size.* lengths, px; Size.ConvexHullArea, px²), and µm twins (*_um, *_um2)"
 
 
-def _attributes(image: np.ndarray, instances: np.ndarray, ids: np.ndarray, factor: float) -> dict[str, np.ndarray]:
+def _attributes(image: np.ndarray, instances: np.ndarray, ids: np.ndarray, factor: float,
+                level0_mpp: float | None = None) -> dict[str, np.ndarray]:
     """The attributes of ``ids``, measured on the model-resolution tile; lengths and areas in level-0 px
-    (× ``factor`` or its square), so that they share the unit of ``area`` and the coordinates."""
+    (× ``factor`` or its square), so that they share the unit of ``area`` and the coordinates, and (with
+    ``level0_mpp``) their µm twins."""
     from karyo.attributes import measure_arrays
 
     cols = measure_arrays(image, instances)
     labels = cols["Identifier.Label"]
     pos = np.searchsorted(labels, ids)
-    return {c: np.asarray(cols[c], dtype=np.float64)[pos] * factor ** LENGTH_POWER.get(c, 0)
-            for c in ATTRIBUTE_COLUMNS}
+    out = {c: np.asarray(cols[c], dtype=np.float64)[pos] * factor ** LENGTH_POWER.get(c, 0)
+           for c in ATTRIBUTE_COLUMNS}
+    if level0_mpp is not None:
+        out.update({MICRON_COLUMNS[c]: out[c] * level0_mpp ** LENGTH_POWER[c] for c in ATTRIBUTE_COLUMNS
+                    if c in MICRON_COLUMNS})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ workers

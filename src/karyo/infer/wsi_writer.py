@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
+from karyo.attributes.names import MICRON_COLUMNS
 from karyo.errors import InputError
 from karyo.export.colors import class_color
 from karyo.export.geojson import GeoJSONWriter, geometry_feature
@@ -49,6 +50,8 @@ ATTRIBUTE_COLUMNS = (
     "Nucleus.Green.Mean", "Nucleus.Blue.Mean", "Nucleus.Hematoxylin.Mean", "Nucleus.Eosin.Mean",
     "Color.HematoxylinRaw", "Texture.HematoxylinVarianceRaw", "Boundary.GradientMean",
 )
+#: Their µm twins (``Size.Perimeter_um`` ...), as ``karyo attributes`` writes them: a slide always states its mpp.
+MICRON_ATTRIBUTE_COLUMNS = tuple(MICRON_COLUMNS[c] for c in ATTRIBUTE_COLUMNS if c in MICRON_COLUMNS)
 
 BASE_FIELDS = (
     ("tile", pa.int32()),
@@ -64,7 +67,7 @@ def part_schema(attributes: bool) -> pa.Schema:
     """Columns of a tile's part (the final table adds ``nucleus_id`` in front)."""
     fields = [pa.field(n, t) for n, t in BASE_FIELDS]
     if attributes:
-        fields += [pa.field(c, pa.float64()) for c in ATTRIBUTE_COLUMNS]
+        fields += [pa.field(c, pa.float64()) for c in (*ATTRIBUTE_COLUMNS, *MICRON_ATTRIBUTE_COLUMNS)]
     return pa.schema(fields)
 
 
@@ -465,7 +468,8 @@ class OrderedMerger:
                                                                               "area_um2", "centroid_x",
                                                                               "centroid_y")}
         names = table.column("class_name").to_pylist()
-        attrs = {c: table.column(c).to_numpy() for c in ATTRIBUTE_COLUMNS} if self.attributes else {}
+        attrs = ({c: table.column(c).to_numpy() for c in (*ATTRIBUTE_COLUMNS, *MICRON_ATTRIBUTE_COLUMNS)}
+                 if self.attributes else {})
         for k, geom in enumerate(geoms):
             nid = int(cols["nucleus_id"][k])
             meas = {"Area µm^2": cols["area_um2"][k], "Detection probability": cols["score"][k]}
