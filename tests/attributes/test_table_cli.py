@@ -238,6 +238,14 @@ def test_an_unnamed_gray_stack_is_measured_as_markers_not_as_h_and_e(tmp_path, s
     assert "channel 0 (Channel0) is measured as the nucleus' stain" in " ".join(res.output.split())
     table = pd.read_parquet(tmp_path / "o" / "stack_attributes.parquet")
     assert (table["Marker.Channel3.Mean"] == 3000 // 7).all() and table["Nucleus.Red.Mean"].isna().all()
+    # the same stack inside a dataset folder
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    (tmp_path / "stack.tif").rename(tmp_path / "ds" / "images" / "stack.tif")
+    write_instances(tmp_path / "ds" / "instances" / "stack.png", labels)
+    res = runner.invoke(app, ["attributes", str(tmp_path / "ds"), "--out", str(tmp_path / "d"), "--no-geojson"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_parquet(tmp_path / "d" / "attributes.parquet")
+    assert (table["Marker.Channel3.Mean"] == 3000 // 7).all() and table["Nucleus.Red.Mean"].isna().all()
 
 
 def test_micron_columns_follow_the_stated_resolution(tmp_path, samples):

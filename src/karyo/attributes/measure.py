@@ -138,6 +138,14 @@ NUCLEAR_CHANNEL = "Identifier.NuclearChannel"
 #: dashes and underscores).
 NUCLEAR_STAINS = ("dapi", "hoechst", "hoechst33342", "hoechst33258", "draq5", "draq7", "sytox", "dna", "dna1",
                   "nuclear", "nucleus", "nuclei", "pi", "propidiumiodide", "histone", "h3")
+def gray_stack_names(image: np.ndarray, channel_names, photometric: str | None):
+    """The channel names to measure ``image`` with: its own, or ``Channel0..`` for an unnamed stack of gray TIFF
+    pages (MINISBLACK), which the file says are not R, G, B; None otherwise."""
+    if channel_names is None and photometric == "minisblack" and np.ndim(image) == 3 and image.shape[2] > 1:
+        return tuple(f"Channel{c}" for c in range(image.shape[2]))
+    return channel_names
+
+
 def nuclear_channel_index(channel_names, n_channels: int, nuclear_channel: str | int | None = None,
                           source: str | None = None) -> int:
     """The channel measured as the nuclear stain: ``nuclear_channel`` (a name or a 0-based index), else the first

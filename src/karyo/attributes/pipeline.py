@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from karyo.attributes import names as N
-from karyo.attributes.measure import AttributeOptions, add_micron_columns, measure_nuclei
+from karyo.attributes.measure import AttributeOptions, add_micron_columns, gray_stack_names, measure_nuclei
 from karyo.attributes.table import measure_samples, nucleus_geojson, write_table
 from karyo.errors import InputError
 from karyo.stain.macenko import MacenkoNormalizer
@@ -69,9 +69,7 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
     classes = read_class_csv(classes_path, instances, complete=True) if classes_path is not None else None
     if classes is not None and class_names is None:
         class_names = _class_names_near(Path(classes_path))
-    names = meta.get("channel_names")
-    if names is None and meta.get("photometric") == "minisblack" and image.shape[2] > 1:
-        names = tuple(f"Channel{c}" for c in range(image.shape[2]))  # the file says: gray channels, not RGB
+    names = gray_stack_names(image, meta.get("channel_names"), meta.get("photometric"))
     table = measure_nuclei(image, instances, classes, class_names=class_names, normalizer=normalizer,
                            options=options, source=str(image_path), channel_names=names,
                            nuclear_channel=nuclear_channel)

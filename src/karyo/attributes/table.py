@@ -12,7 +12,14 @@ import numpy as np
 import pandas as pd
 
 from karyo.attributes import names as N
-from karyo.attributes.measure import AttributeOptions, add_classes, add_micron_columns, empty_columns, measure_arrays
+from karyo.attributes.measure import (
+    AttributeOptions,
+    add_classes,
+    add_micron_columns,
+    empty_columns,
+    gray_stack_names,
+    measure_arrays,
+)
 from karyo.data.io import atomic_path
 from karyo.data.sample import Sample, SampleSequence, is_marker_image
 from karyo.stain.macenko import MacenkoNormalizer
@@ -62,9 +69,10 @@ def _measure_chunk(samples, indices, normalizer, options, nuclear_channel=None) 
     for s in items:
         if s.instances is None:
             continue
-        markers = is_marker_image(s.image.shape[2] if s.image.ndim == 3 else 1, s.channel_names)
+        names = gray_stack_names(s.image, s.channel_names, (s.meta or {}).get("photometric"))
+        markers = is_marker_image(s.image.shape[2], names)
         cols = measure_arrays(s.image, s.instances, normalizer=normalizer, options=options,
-                              source=s.source or s.name or None, channel_names=s.channel_names,
+                              source=s.source or s.name or None, channel_names=names,
                               nuclear_channel=nuclear_channel if markers else None)  # H&E images stay H&E
         out.append((s.name, cols, s.classes, s.class_names, s.mpp))
     return out

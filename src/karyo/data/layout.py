@@ -200,7 +200,7 @@ class LayoutDataset(SampleSequence):
         mpp = _float_or_none(row.get("mpp"), self.root / "split.csv") or meta["mpp"] or self.mpp
         return Sample(image=image, instances=instances, classes=classes, name=id_, tissue=row.get("tissue") or None,
                       class_names=self.class_names, mpp=mpp, channel_names=meta["channel_names"], source=str(path),
-                      meta={"split": row.get("split") or None})
+                      meta={"split": row.get("split") or None, "photometric": meta.get("photometric")})
 
 
 def write_layout_sample(root: str | os.PathLike, sample: Sample, split: str | None = None,
