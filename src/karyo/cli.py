@@ -413,9 +413,10 @@ def attributes_cmd(
     nuclear_channel: Annotated[str | None, typer.Option(help="Marker images: the channel (name or 0-based "
                                                              "index) measured as the nuclear stain; default: "
                                                              "DAPI/Hoechst by name, else channel 0. Every "
-                                                             "channel adds Marker.<name>.Mean/Std. A single "
-                                                             "IMAGE given it is measured as markers; in a "
-                                                             "dataset, RGB images stay H&E.")] = None,
+                                                             "channel adds Marker.<name>.Mean/Std. Giving it "
+                                                             "for a single IMAGE measures that image as markers; "
+                                                             "in a dataset, RGB and one-channel images stay as "
+                                                             "they are.")] = None,
 ) -> None:
     """Measure every nucleus (IVAAN B.1 attributes + standard morphology and intensities) and describe it in
     a sentence; write the table (Parquet + CSV), QuPath GeoJSON and the fitted level model into OUT."""
