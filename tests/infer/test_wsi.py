@@ -517,6 +517,9 @@ def test_cli_wsi(slide, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["tiling"]["tile"] == 192 and summary["nuclei"]["total"] > 0
+    other = run_wsi(small, "classical", tmp_path / "o_default", workers=0)  # other tiling: other nuclei, other ids
+    first_ids = {f["id"] for f in json.loads((tmp_path / "o" / "nuclei.geojson").read_text())["features"]}
+    assert not first_ids & {f["id"] for f in json.loads(other.paths["geojson"].read_text())["features"]}
     assert summary["execution"]["torch_threads"] == 1
     assert f"{summary['nuclei']['total']:,} nuclei" in res.output
     assert "note: --mpp" not in res.output

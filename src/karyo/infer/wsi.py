@@ -619,7 +619,7 @@ class WSIEngine:
                                opts.overlap * factor) if opts.merge_seams else None
         merger = OrderedMerger(work, [t.index for t in tiles], attributes=opts.attributes, slide_name=slide_path.name,
                                metadata=meta, overlay=OverlayPainter(overlay_thumb, overlay_scale),
-                               row_group_size=opts.row_group_size, seams=seams)
+                               row_group_size=opts.row_group_size, seams=seams, id_seed=digest)
         write_time = [0.0]
         resumed = len(done)
         progress = _Progress(self.progress, len(tiles), resumed, sum(done.nuclei.values()))

@@ -399,9 +399,10 @@ class OrderedMerger:
 
     def __init__(self, work: WorkDir, order: list[int], *, attributes: bool, slide_name: str,
                  metadata: dict | None = None, overlay: OverlayPainter | None = None,
-                 row_group_size: int = 16384, seams: SeamDuplicates | None = None):
+                 row_group_size: int = 16384, seams: SeamDuplicates | None = None, id_seed: str = ""):
         self.work = work
         self.seams = seams
+        self.id_seed = id_seed  # feature ids: the same for the same run, other for other settings or slides
         self.order = list(order)
         self.attributes = attributes
         self.slide_name = slide_name
@@ -476,7 +477,7 @@ class OrderedMerger:
             meas.update({c: v[k] for c, v in attrs.items()})
             meas = {c: float(v) for c, v in meas.items() if np.isfinite(v)}  # QuPath measurements are numbers
             self._geojson.write(geometry_feature(
-                geom, feature_id=str(uuid.uuid5(_NAMESPACE, f"{self.slide_name}:{nid}")),
+                geom, feature_id=str(uuid.uuid5(_NAMESPACE, f"{self.slide_name}:{self.id_seed}:{nid}")),
                 class_id=int(cols["class_id"][k]), class_name=names[k], measurements=meas,
                 properties={"nucleus_id": nid}))
 
