@@ -104,12 +104,12 @@ def _unique_stems(files: list[Path]) -> dict[Path, str]:
 
     stems: dict[Path, str] = {}
     seen: dict[str, Path] = {}
-    for path in files:
+    for path in files:  # (one file named twice was already made one by _expand_images)
         stem = image_stem(path)
-        if stem in seen and seen[stem].resolve() != path.resolve():
+        if stem in seen:
             raise InputError(path, f"its outputs would overwrite those of {seen[stem]} (both are named {stem!r}); "
                                    f"rename one or run them into different --out folders")
-        seen.setdefault(stem, path)
+        seen[stem] = path
         stems[path] = stem
     return stems
 
@@ -479,10 +479,9 @@ def select_attributes_cmd(
     from karyo.attributes.names import B1_ATTRIBUTES
     from karyo.attributes.pipeline import select_for_dataset
     from karyo.data.io import write_text
-
-    cands = [a.strip() for a in attributes.split(",") if a.strip()] if attributes else list(B1_ATTRIBUTES)
     from karyo.errors import InputError
 
+    cands = [a.strip() for a in attributes.split(",") if a.strip()] if attributes else list(B1_ATTRIBUTES)
     try:
         result, _ = select_for_dataset(dataset, split=split, n_jobs=jobs, attributes=cands, k=k, alpha=alpha,
                                        lam=lam)
@@ -783,6 +782,7 @@ def wsi_cmd(
 ) -> None:
     """Segment every nucleus of a whole slide, tile by tile; write nuclei.parquet, nuclei.geojson (QuPath),
     tissue_mask.png, overlay.png and summary.json into OUT."""
+    from karyo.data.io import mpp_override
     from karyo.infer.wsi import WSIOptions, run_wsi
 
     _check_out_folder(out)
@@ -794,9 +794,9 @@ def wsi_cmd(
         console.print(f"interrupted; finished tiles are kept in {out}: run the same command with --resume to "
                       f"continue", highlight=False)
         raise typer.Exit(130) from None
-    stated = result.summary["slide"].get("metadata_mpp")
-    if mpp is not None and stated and abs(stated - mpp) > 1e-3 * mpp:
-        console.print(f"note: --mpp {mpp:g} was used; the file states {stated:.4g} µm/px", highlight=False)
+    override = mpp_override(mpp, result.summary["slide"].get("metadata_mpp"))
+    if override:
+        console.print(f"note: --{override}", highlight=False)
     n = result.summary["nuclei"]
     if n.get("truncated_at_tile_edge"):
         overlap = result.summary["tiling"]["overlap"]

@@ -138,6 +138,8 @@ NUCLEAR_CHANNEL = "Identifier.NuclearChannel"
 #: dashes and underscores).
 NUCLEAR_STAINS = ("dapi", "hoechst", "hoechst33342", "hoechst33258", "draq5", "draq7", "sytox", "dna", "dna1",
                   "nuclear", "nucleus", "nuclei", "pi", "propidiumiodide", "histone", "h3")
+
+
 def gray_stack_names(image: np.ndarray, channel_names, photometric: str | None):
     """The channel names to measure ``image`` with: its own, or ``Channel0..`` for an unnamed stack of gray TIFF
     pages (MINISBLACK), which the file says are not R, G, B; None otherwise."""

@@ -58,7 +58,7 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
     ``mpp`` (µm/px; default: what the file states) adds the µm columns (``Size.Area_um2`` ...). A marker image
     is measured on its nuclear channel (``nuclear_channel``, else DAPI/Hoechst by name, else channel 0) and gets
     ``Marker.<channel>.Mean/Std`` columns (:mod:`karyo.attributes.measure`)."""
-    from karyo.data.io import check_mpp, image_stem, read_image_meta, read_instances
+    from karyo.data.io import check_mpp, image_stem, mpp_override, read_image_meta, read_instances
     from karyo.data.layout import read_class_csv
 
     image_path = Path(image_path)
@@ -73,12 +73,12 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
     table = measure_nuclei(image, instances, classes, class_names=class_names, normalizer=normalizer,
                            options=options, source=str(image_path), channel_names=names,
                            nuclear_channel=nuclear_channel)
-    stated = meta.get("mpp")
-    if mpp is not None and stated and abs(stated - mpp) > 1e-3 * mpp:
+    override = mpp_override(mpp, meta.get("mpp"))
+    if override:
         import warnings
 
-        warnings.warn(f"{image_path}: mpp {mpp:g} was used; the file states {stated:.4g} µm/px", stacklevel=2)
-    mpp = mpp or stated
+        warnings.warn(f"{image_path}: {override}", stacklevel=2)
+    mpp = mpp or meta.get("mpp")
     if mpp is not None:
         add_micron_columns(table, mpp)
     model = _levels(table, table, levels, prompt_attributes, level_mode)

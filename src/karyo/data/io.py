@@ -347,6 +347,13 @@ def check_mpp(mpp: float | None, source: str | os.PathLike | None = None) -> flo
     return value
 
 
+def mpp_override(given: float | None, stated: float | None) -> str | None:
+    """What to tell a user whose ``mpp`` replaced a different one the file states (None when they agree)."""
+    if given is None or not stated or abs(stated - given) <= 1e-3 * given:
+        return None
+    return f"mpp {given:g} was used; the file states {stated:.4g} µm/px"
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read PNG, JPEG, BMP or (OME-)TIFF as H×W×C (grayscale → C = 1; RGBA → RGB over white).
 

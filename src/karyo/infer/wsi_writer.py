@@ -52,6 +52,8 @@ ATTRIBUTE_COLUMNS = (
 )
 #: Their µm twins (``Size.Perimeter_um`` ...), as ``karyo attributes`` writes them: a slide always states its mpp.
 MICRON_ATTRIBUTE_COLUMNS = tuple(MICRON_COLUMNS[c] for c in ATTRIBUTE_COLUMNS if c in MICRON_COLUMNS)
+#: Every per-nucleus attribute column of the parquet and the GeoJSON measurements.
+ALL_ATTRIBUTE_COLUMNS = (*ATTRIBUTE_COLUMNS, *MICRON_ATTRIBUTE_COLUMNS)
 
 BASE_FIELDS = (
     ("tile", pa.int32()),
@@ -67,7 +69,7 @@ def part_schema(attributes: bool) -> pa.Schema:
     """Columns of a tile's part (the final table adds ``nucleus_id`` in front)."""
     fields = [pa.field(n, t) for n, t in BASE_FIELDS]
     if attributes:
-        fields += [pa.field(c, pa.float64()) for c in (*ATTRIBUTE_COLUMNS, *MICRON_ATTRIBUTE_COLUMNS)]
+        fields += [pa.field(c, pa.float64()) for c in ALL_ATTRIBUTE_COLUMNS]
     return pa.schema(fields)
 
 
@@ -291,11 +293,11 @@ class SeamDuplicates:
                     if rest.is_empty or shapely.area(rest) < 1.0:
                         overlapping = None
                     else:
-                        clipped[int(row)] = rest
-                        polys[row], areas[row] = rest, shapely.area(rest)
                         bx0, by0, bx1, by1 = rest.bounds
-                        boxes[row] = (max(boxes[row, 0], math.floor(bx0)), max(boxes[row, 1], math.floor(by0)),
-                                      min(boxes[row, 2], math.ceil(bx1)), min(boxes[row, 3], math.ceil(by1)))
+                        box = (max(boxes[row, 0], math.floor(bx0 + 1e-9)), max(boxes[row, 1], math.floor(by0 + 1e-9)),
+                               min(boxes[row, 2], math.ceil(bx1 - 1e-9)), min(boxes[row, 3], math.ceil(by1 - 1e-9)))
+                        clipped[int(row)] = (polys[row], rest, box)
+                        polys[row], areas[row], boxes[row] = rest, shapely.area(rest), box
                 if overlapping is None:
                     alive[row] = False
                     self.removed += 1
@@ -314,16 +316,17 @@ class SeamDuplicates:
         """Everything still held (after the last tile)."""
         return self._release(math.inf)
 
-    def _with_clipped(self, part: pa.Table, clipped: dict[int, object]) -> pa.Table:
-        """``part`` with some rows' polygons cut down: their area, area_um2, centroid and box follow the polygon
-        (the attribute columns stay those measured on the whole mask)."""
+    def _with_clipped(self, part: pa.Table, clipped: dict[int, tuple]) -> pa.Table:
+        """``part`` with some rows' polygons cut down (row → (old polygon, new polygon, new box)): their area,
+        area_um2, centroid and box follow the polygon (the attribute columns stay those measured on the whole
+        mask)."""
         self.clipped += len(clipped)
         rows = np.array(sorted(clipped))
-        old = shapely.from_wkb(part.column("polygon_wkb").to_numpy(zero_copy_only=False)[rows])
-        new = np.array([clipped[r] for r in rows], dtype=object)
+        old = np.array([clipped[r][0] for r in rows], dtype=object)
+        new = np.array([clipped[r][1] for r in rows], dtype=object)
+        boxes = np.array([clipped[r][2] for r in rows], dtype=np.int64)
         share = shapely.area(new) / np.maximum(shapely.area(old), 1e-9)
         shift = shapely.get_coordinates(shapely.centroid(new)) - shapely.get_coordinates(shapely.centroid(old))
-        bounds = shapely.bounds(new)
         cols = {name: part.column(name).to_numpy(zero_copy_only=False).copy() for name in
                 ("polygon_wkb", "area", "area_um2", "centroid_x", "centroid_y", "bbox_x0", "bbox_y0", "bbox_x1",
                  "bbox_y1")}
@@ -332,10 +335,8 @@ class SeamDuplicates:
         cols["area_um2"][rows] *= share
         cols["centroid_x"][rows] += shift[:, 0]
         cols["centroid_y"][rows] += shift[:, 1]
-        for k, name in enumerate(("bbox_x0", "bbox_y0")):
-            cols[name][rows] = np.maximum(cols[name][rows], np.floor(bounds[:, k] + 1e-9).astype(np.int64))
-        for k, name in enumerate(("bbox_x1", "bbox_y1")):
-            cols[name][rows] = np.minimum(cols[name][rows], np.ceil(bounds[:, k + 2] - 1e-9).astype(np.int64))
+        for k, name in enumerate(("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")):
+            cols[name][rows] = boxes[:, k]
         for name, values in cols.items():
             i = part.schema.get_field_index(name)
             part = part.set_column(i, part.schema.field(i), pa.array(values, type=part.schema.field(i).type))
@@ -469,8 +470,7 @@ class OrderedMerger:
                                                                               "area_um2", "centroid_x",
                                                                               "centroid_y")}
         names = table.column("class_name").to_pylist()
-        attrs = ({c: table.column(c).to_numpy() for c in (*ATTRIBUTE_COLUMNS, *MICRON_ATTRIBUTE_COLUMNS)}
-                 if self.attributes else {})
+        attrs = {c: table.column(c).to_numpy() for c in ALL_ATTRIBUTE_COLUMNS} if self.attributes else {}
         for k, geom in enumerate(geoms):
             nid = int(cols["nucleus_id"][k])
             meas = {"Area µm^2": cols["area_um2"][k], "Detection probability": cols["score"][k]}

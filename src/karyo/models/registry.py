@@ -55,6 +55,10 @@ def model_folder(name_or_path: str | os.PathLike) -> Path:
     entry = resolve(str(name_or_path))
     if "folder" not in entry:
         raise InputError(None, f"model {entry['name']!r} has no weights (it is {entry.get('arch', 'built in')})")
+    return _installed_folder(entry)
+
+
+def _installed_folder(entry: dict) -> Path:
     return Path(str(resources.files("karyo.models").joinpath(entry["folder"])))
 
 
@@ -67,7 +71,7 @@ def load(name_or_path: str | os.PathLike = "default", device: str = "cpu") -> In
         return load_model_dir(path, device=device)
     entry = resolve(str(name_or_path))
     if "folder" in entry:
-        folder = Path(str(resources.files("karyo.models").joinpath(entry["folder"])))
+        folder = _installed_folder(entry)
         for file_name, expected in (entry.get("sha256") or {}).items():
             weights = folder / file_name
             if not weights.is_file():

@@ -6,7 +6,6 @@ trains exactly what the interrupted one did (only ``epochs`` may be raised).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -266,9 +265,9 @@ def _init_record(task: str, path: str | os.PathLike) -> tuple[dict | None, dict 
     folder = p if p.is_dir() else p.parent
     try:
         if (folder / "train_config.json").is_file() and (p.is_dir() or p.name in ("best.pt", "last.pt")):
-            return json.loads((folder / "train_config.json").read_text(encoding="utf-8")), None
+            return load_json(folder / "train_config.json"), None
         if (folder / "config.json").is_file() and (p.is_dir() or p.name == f"{task}.pt"):
-            return None, json.loads((folder / "config.json").read_text(encoding="utf-8")).get("config") or {}
+            return None, load_json(folder / "config.json").get("config") or {}
     except (OSError, ValueError, AttributeError):
         pass
     return None, None
