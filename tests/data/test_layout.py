@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import tifffile
@@ -260,3 +262,19 @@ def test_a_sample_prints_one_line():
                     channel_names=("DAPI", "CD45"))
     assert repr(sample) == "<Sample 't': 9×8 px × 2 uint16, 1 nuclei, mpp 0.25, channels ('DAPI', 'CD45')>"
     assert repr(Sample(image=np.zeros((4, 4, 3), np.uint8))) == "<Sample: 4×4 px × 3 uint8, no annotation>"
+
+
+def test_split_csv_mpp_that_differs_from_the_files_is_used_with_a_warning(tmp_path):
+    """split.csv wins over what the file states (a user fixing a wrong header), but the disagreement is said."""
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    tifffile.imwrite(root / "images" / "a.ome.tif", np.zeros((3, 16, 16), np.uint8), ome=True,
+                     metadata={"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    (root / "split.csv").write_text("id,split,mpp\na,train,0.25\n")
+    with pytest.warns(UserWarning, match=r"split\.csv: id 'a': mpp 0\.25 was used; the file states 0\.5 µm/px "
+                                         r"\(a\.ome\.tif\)"):
+        assert LayoutDataset(root)[0].mpp == 0.25
+    (root / "split.csv").write_text("id,split,mpp\na,train,0.5\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LayoutDataset(root)[0].mpp == 0.5

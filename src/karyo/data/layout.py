@@ -17,14 +17,17 @@ import csv
 import io as _io
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from karyo.data.io import (
     IMAGE_SUFFIXES,
+    _caller_stacklevel,
     check_mpp,
     image_stem,
+    mpp_override,
     read_image_meta,
     read_instances,
     write_image,
@@ -197,7 +200,12 @@ class LayoutDataset(SampleSequence):
         path = self.image_path(id_)
         image, meta = read_image_meta(path)
         instances, classes = self._labels(id_, image.shape[:2])
-        mpp = _float_or_none(row.get("mpp"), self.root / "split.csv") or meta["mpp"] or self.mpp
+        listed = _float_or_none(row.get("mpp"), self.root / "split.csv")
+        override = mpp_override(listed, meta["mpp"])
+        if override:
+            warnings.warn(f"{self.root / 'split.csv'}: id {id_!r}: {override} ({path.name})",
+                          stacklevel=_caller_stacklevel())
+        mpp = listed or meta["mpp"] or self.mpp
         return Sample(image=image, instances=instances, classes=classes, name=id_, tissue=row.get("tissue") or None,
                       class_names=self.class_names, mpp=mpp, channel_names=meta["channel_names"], source=str(path),
                       meta={"split": row.get("split") or None, "photometric": meta.get("photometric")})
