@@ -307,6 +307,20 @@ def test_two_channel_image_is_measured_as_markers():
         measure_nuclei(image, labels, channel_names=["DAPI"])
 
 
+def test_marker_columns_never_overwrite_each_other():
+    """Repeated, blank and already-suffixed channel names each keep their own Marker.* columns."""
+    from karyo.attributes.measure import marker_column_names
+
+    assert marker_column_names(["DAPI", "DAPI", "DAPI#2", " ", "CD45.RO"], 5) == [
+        "DAPI", "DAPI#2", "DAPI#2#2", "Channel3", "CD45.RO"]
+    assert marker_column_names(None, 2) == ["Channel0", "Channel1"]
+    labels = _blobs(2, shape=(64, 64), n=6)
+    planes = [np.full((64, 64), v, np.uint8) for v in (10, 20, 30)]
+    image = np.stack(planes, axis=-1)
+    df = measure_nuclei(image, labels, channel_names=["DAPI", "DAPI", "DAPI#2"])
+    assert [df[f"Marker.{n}.Mean"].iloc[0] for n in ("DAPI", "DAPI#2", "DAPI#2#2")] == [10, 20, 30]
+
+
 def test_uint16_and_float_rgb_images_are_accepted():
     labels = _blobs(1, shape=(64, 64), n=8)
     img8 = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)

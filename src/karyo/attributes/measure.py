@@ -36,7 +36,8 @@ eosin and RGB means are NaN.
 Marker images (multiplex or multi-channel fluorescence: 2 or more than 4 channels, or 3–4 channels whose names are
 not R, G, B) are measured the same way on their *nuclear* channel (DAPI, Hoechst ... by name, or the one given),
 and every channel adds ``Marker.<name>.Mean`` and ``Marker.<name>.Std``: the mean and (population) standard
-deviation of its raw values over the nucleus mask, as QuPath's nucleus intensity measurements are.
+deviation of its raw values over the nucleus mask, as QuPath's nucleus intensity measurements are (a repeated
+channel name gets ``#2``, ``#3`` ..., see :func:`marker_column_names`).
 """
 
 from __future__ import annotations
@@ -210,6 +211,24 @@ def intensity_plane(plane: np.ndarray) -> np.ndarray:
     return np.clip((work - lo) / (hi - lo), 0.0, 1.0)
 
 
+def marker_column_names(channel_names, n_channels: int) -> list[str]:
+    """One distinct name per channel for its ``Marker.<name>.*`` columns: a blank name becomes ``Channel<c>`` and
+    a repeated one gets ``#2``, ``#3`` ... (never a name another channel already has), so no column overwrites
+    another."""
+    given = [str(n).strip() for n in channel_names] if channel_names is not None else [""] * n_channels
+    names = [n or f"Channel{c}" for c, n in enumerate(given)]
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        unique, k = name, 1
+        while unique in taken:
+            k += 1
+            unique = f"{name}#{k}"
+        taken.add(unique)
+        out.append(unique)
+    return out
+
+
 def _measure_markers(image: np.ndarray, labels: np.ndarray, channel_names, nuclear_channel, opts: AttributeOptions,
                      source: str | None) -> dict[str, np.ndarray]:
     from scipy import ndimage as ndi
@@ -219,13 +238,9 @@ def _measure_markers(image: np.ndarray, labels: np.ndarray, channel_names, nucle
     nuclear = intensity_plane(image[..., k])
     cols = _measure(labels, None, nuclear, None, opts)
     ids = cols["Identifier.Label"]
-    names = [str(n) for n in channel_names] if channel_names is not None else [f"Channel{c}" for c in range(n_channels)]
+    names = marker_column_names(channel_names, n_channels)
     cols[NUCLEAR_CHANNEL] = np.full(ids.size, names[k], dtype=object)  # what Color.*/Texture.* were measured on
-    seen: dict[str, int] = {}
     for c, name in enumerate(names):
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:  # two channels of one name stay apart
-            name = f"{name}#{seen[name]}"
         plane = image[..., c].astype(np.float64)
         if ids.size:
             mean = np.asarray(ndi.mean(plane, labels, ids), dtype=np.float64)
