@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 from skimage.draw import disk, ellipse
@@ -319,6 +321,32 @@ def test_marker_columns_never_overwrite_each_other():
     image = np.stack(planes, axis=-1)
     df = measure_nuclei(image, labels, channel_names=["DAPI", "DAPI", "DAPI#2"])
     assert [df[f"Marker.{n}.Mean"].iloc[0] for n in ("DAPI", "DAPI#2", "DAPI#2#2")] == [10, 20, 30]
+
+
+def test_one_channel_images_keep_their_raw_intensity():
+    """Nucleus.Intensity.Mean of a 16-bit channel is on its stretched 0–255 scale; the raw mean is Marker.*."""
+    labels = _blobs(3, shape=(64, 64), n=6)
+    plane = np.where(labels > 0, 1800, 300).astype(np.uint16)[..., None]
+    df = measure_nuclei(plane, labels)
+    assert (df["Marker.Channel0.Mean"] == 1800).all() and (df["Marker.Channel0.Std"] == 0).all()
+    named = measure_nuclei(plane, labels, channel_names=["DAPI"])
+    assert (named["Marker.DAPI.Mean"] == 1800).all()
+
+
+def test_fluorescence_saved_as_rgb_is_measured_as_one_channel():
+    """Equal R, G, B on a dark background: one fluorescence channel (bright = stained), with a warning; the same
+    grey levels on a bright background (grey brightfield) stay RGB."""
+    labels = _blobs(4, shape=(64, 64), n=6)
+    grey = np.where(labels > 0, 200, 15).astype(np.uint8)
+    one = measure_nuclei(grey[..., None], labels)
+    with pytest.warns(UserWarning, match="R, G and B are equal and the background is dark"):
+        rgb = measure_nuclei(np.repeat(grey[..., None], 3, axis=2), labels)
+    pd.testing.assert_frame_equal(rgb, one)
+    brightfield = np.repeat((255 - grey)[..., None], 3, axis=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bf = measure_nuclei(brightfield, labels)
+    assert "Marker.Channel0.Mean" not in bf.columns and np.isfinite(bf["Nucleus.Red.Mean"]).all()
 
 
 def test_uint16_and_float_rgb_images_are_accepted():

@@ -57,14 +57,15 @@ def test_polygon_keeps_holes_and_offset():
 
 def test_features_carry_class_score_measurements(tmp_path):
     m = _two_nuclei()
-    meas = pd.DataFrame({"Size.Area": [200.0, np.nan]}, index=[3, 7])
+    meas = pd.DataFrame({"Size.Area": [200.0, np.nan], "Flag.Valid": [True, False]}, index=[3, 7])
     feats = nucleus_features(m, classes={3: 1, 7: 2}, class_names={1: "tumor", 2: "inflammatory"},
                              scores={3: 0.9}, measurements=meas, image_name="x")
     by_id = {f["properties"]["instance_id"]: f for f in feats}
     assert by_id[3]["properties"]["objectType"] == "detection"
     assert by_id[3]["properties"]["classification"] == {"name": "tumor", "color": [255, 0, 0]}
-    assert by_id[3]["properties"]["measurements"] == {"Size.Area": 200.0, "Detection probability": 0.9}
-    assert by_id[7]["properties"]["measurements"] == {"Size.Area": None}
+    assert by_id[3]["properties"]["measurements"] == {"Size.Area": 200.0, "Flag.Valid": 1, "Detection probability": 0.9}
+    # QuPath reads every measurement as a double: NaN is left out, a flag is 0/1, never null or a boolean
+    assert by_id[7]["properties"]["measurements"] == {"Flag.Valid": 0}
     path = write_geojson(tmp_path / "a.geojson", iter(feats))
     data = json.loads(path.read_text())
     assert data["type"] == "FeatureCollection" and len(data["features"]) == 2

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,19 @@ def test_named_markers_given_to_an_h_and_e_model_are_noted():
         warnings.simplefilter("error")
         model_input(image, 3, (0.0,) * 3, (1.0,) * 3, "rgb.tif", channel_names=["Red", "Green", "Blue"])
         model_input(image, 3, (0.0,) * 3, (1.0,) * 3, "plain.png")
+
+
+def test_fluorescence_saved_as_rgb_is_noted_and_a_wrong_channel_count_names_the_fix():
+    from karyo.infer.prepare import model_input
+
+    grey = np.full((16, 16), 10, np.uint8)
+    grey[4:9, 4:9] = 220
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    with pytest.warns(UserWarning, match=r"f\.png: R, G and B are equal on a dark background.*--model classical"):
+        model_input(rgb, 3, (0.0,) * 3, (1.0,) * 3, "f.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_input(255 - rgb, 3, (0.0,) * 3, (1.0,) * 3, "brightfield.png")  # grey brightfield: read as it is
+    with pytest.raises(InputError, match=r"m\.tif: this model takes 3-channel images, got 2 channels; pick them "
+                                         r"with --channels"):
+        model_input(np.zeros((16, 16, 2), np.uint16), 3, (0.0,) * 3, (1.0,) * 3, "m.tif")

@@ -110,3 +110,32 @@ def test_slide_calibration_is_robust_to_a_few_very_dark_pixels(shared_data):
     model = ClassicalModel()
     clean = model.for_slide(tissue).config.threshold
     assert model.for_slide([*tissue, inked]).config.threshold == pytest.approx(clean, rel=0.1)
+
+
+@pytest.fixture(scope="module")
+def dsb_image(shared_data):
+    """A real DSB2018 fluorescence image (one channel) and its annotated nuclei."""
+    from karyo.data.io import read_image, read_instances
+
+    root = shared_data / "dsb2018_fluo_subset"
+    path = sorted((root / "images").glob("*.png"))[0]
+    image = read_image(path)
+    return image[..., :1], read_instances(next((root / "instances").glob(path.stem + ".*")))
+
+
+def test_fluorescence_saved_as_rgb_or_beside_a_marker_is_segmented_on_its_nuclear_channel(dsb_image):
+    """Averaging channels (or reading grey fluorescence as H&E) used to find the background as one nucleus."""
+    from karyo.metrics import aggregated_jaccard_index
+
+    image, truth = dsb_image
+    model = ClassicalModel()
+    one = model.segment(image).instances
+    assert aggregated_jaccard_index(truth, one).value > 0.5  # 0.56
+    with pytest.warns(UserWarning, match="R, G and B are equal and the background is dark"):
+        rgb = model.segment(np.repeat(image, 3, axis=2)).instances
+    np.testing.assert_array_equal(rgb, one)
+    other = np.roll(image, 17, axis=1)
+    with pytest.warns(UserWarning, match="2 channels, none named as a nuclear stain.*channel 0"):
+        np.testing.assert_array_equal(model.segment(np.concatenate([image, other], axis=2)).instances, one)
+    named = model.segment(np.concatenate([other, image], axis=2), channel_names=["CD45", "DAPI"]).instances
+    np.testing.assert_array_equal(named, one)

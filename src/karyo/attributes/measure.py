@@ -43,6 +43,7 @@ channel name gets ``#2``, ``#3`` ..., see :func:`marker_column_names`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -50,8 +51,14 @@ import numpy as np
 import pandas as pd
 
 from karyo.attributes import names as N
-from karyo.data.io import to_rgb
-from karyo.data.sample import as_hwc, channel_key, is_marker_image, validate_instances
+from karyo.data.io import _caller_stacklevel, to_rgb
+from karyo.data.sample import (
+    as_hwc,
+    grey_fluorescence,
+    is_marker_image,
+    nuclear_channel_index,
+    validate_instances,
+)
 from karyo.errors import InputError
 from karyo.stain.macenko import MacenkoNormalizer
 
@@ -135,44 +142,12 @@ def add_classes(df: pd.DataFrame, classes: Mapping[int, int], class_names: Mappi
 
 #: Column naming, for a marker image, the channel its intensity attributes (Color.*, Texture.*) come from.
 NUCLEAR_CHANNEL = "Identifier.NuclearChannel"
-#: Channel names taken for the nuclear stain of a marker image (compared case-insensitively, without spaces,
-#: dashes and underscores).
-NUCLEAR_STAINS = ("dapi", "hoechst", "hoechst33342", "hoechst33258", "draq5", "draq7", "sytox", "dna", "dna1",
-                  "nuclear", "nucleus", "nuclei", "pi", "propidiumiodide", "histone", "h3")
-
-
 def gray_stack_names(image: np.ndarray, channel_names, photometric: str | None):
     """The channel names to measure ``image`` with: its own, or ``Channel0..`` for an unnamed stack of gray TIFF
     pages (MINISBLACK), which the file says are not R, G, B; None otherwise."""
     if channel_names is None and photometric == "minisblack" and np.ndim(image) == 3 and image.shape[2] > 1:
         return tuple(f"Channel{c}" for c in range(image.shape[2]))
     return channel_names
-
-
-def nuclear_channel_index(channel_names, n_channels: int, nuclear_channel: str | int | None = None,
-                          source: str | None = None) -> int:
-    """The channel measured as the nuclear stain: ``nuclear_channel`` (a name or a 0-based index), else the first
-    channel named as a nuclear stain (:data:`NUCLEAR_STAINS`), else channel 0 with a warning."""
-    import warnings
-
-    names = list(channel_names or [])
-    if nuclear_channel is not None:
-        wanted = channel_key(nuclear_channel)
-        hits = [i for i, n in enumerate(names) if channel_key(n) == wanted]
-        if hits:
-            return hits[0]
-        if str(nuclear_channel).strip().isdigit() and int(nuclear_channel) < n_channels:
-            return int(nuclear_channel)
-        known = f"its channels are {', '.join(map(str, names))}" if names else f"it has {n_channels} unnamed channels"
-        raise InputError(source, f"no channel {nuclear_channel!r} to measure as the nuclear stain: {known}")
-    for i, n in enumerate(names):
-        if channel_key(n) in NUCLEAR_STAINS:
-            return i
-    label = f" ({names[0]})" if names else ""
-    warnings.warn(f"{source or 'image'}: no channel is named as a nuclear stain (DAPI, Hoechst ...): channel "
-                  f"0{label} is measured as the nucleus' stain; name another with nuclear_channel "
-                  f"(--nuclear-channel)", stacklevel=3)
-    return 0
 
 
 def measure_arrays(image: np.ndarray, instances: np.ndarray, *, normalizer: MacenkoNormalizer | None = None,
@@ -187,14 +162,19 @@ def measure_arrays(image: np.ndarray, instances: np.ndarray, *, normalizer: Mace
         raise InputError(source, f"{len(channel_names)} channel names for an image with {image.shape[2]} channels")
     if is_marker_image(image.shape[2], channel_names) or nuclear_channel is not None:
         return _measure_markers(image, labels, channel_names, nuclear_channel, opts, source)
+    if channel_names is None and grey_fluorescence(image):
+        warnings.warn(f"{source or 'image'}: R, G and B are equal and the background is dark: measured as one "
+                      f"fluorescence channel, not as H&E (save it as one channel to silence this)",
+                      stacklevel=_caller_stacklevel())
+        image = image[..., :1]
     if image.shape[2] >= 3:
         rgb = to_rgb(image)
         hema, eosin = (normalizer or _DEFAULT_NORMALIZER).stain_planes(rgb, source=source)
-    else:
-        rgb = None
-        hema = intensity_plane(image[..., 0])
-        eosin = None
-    return _measure(labels, rgb, hema, eosin, opts)
+        return _measure(labels, rgb, hema, eosin, opts)
+    cols = _measure(labels, None, intensity_plane(image[..., 0]), None, opts)
+    cols.update(_raw_channel_columns(image, labels, cols["Identifier.Label"],
+                                     marker_column_names(channel_names, image.shape[2])))
+    return cols
 
 
 def intensity_plane(plane: np.ndarray) -> np.ndarray:
@@ -231,8 +211,6 @@ def marker_column_names(channel_names, n_channels: int) -> list[str]:
 
 def _measure_markers(image: np.ndarray, labels: np.ndarray, channel_names, nuclear_channel, opts: AttributeOptions,
                      source: str | None) -> dict[str, np.ndarray]:
-    from scipy import ndimage as ndi
-
     n_channels = image.shape[2]
     k = nuclear_channel_index(channel_names, n_channels, nuclear_channel, source)
     nuclear = intensity_plane(image[..., k])
@@ -240,6 +218,16 @@ def _measure_markers(image: np.ndarray, labels: np.ndarray, channel_names, nucle
     ids = cols["Identifier.Label"]
     names = marker_column_names(channel_names, n_channels)
     cols[NUCLEAR_CHANNEL] = np.full(ids.size, names[k], dtype=object)  # what Color.*/Texture.* were measured on
+    cols.update(_raw_channel_columns(image, labels, ids, names))
+    return cols
+
+
+def _raw_channel_columns(image: np.ndarray, labels: np.ndarray, ids: np.ndarray, names: list[str]
+                         ) -> dict[str, np.ndarray]:
+    """``Marker.<name>.Mean/Std`` of each channel's raw values over each nucleus (as QuPath measures them)."""
+    from scipy import ndimage as ndi
+
+    cols = {}
     for c, name in enumerate(names):
         plane = image[..., c].astype(np.float64)
         if ids.size:

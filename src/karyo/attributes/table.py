@@ -33,7 +33,7 @@ def measure_samples(samples: Sequence[Sample] | Iterable[Sample], *, n_jobs: int
     Samples without an instance map are skipped. ``n_jobs > 1`` measures chunks of images on that many
     processes; a lazy :class:`~karyo.data.sample.SampleSequence` (e.g. ``LayoutDataset``) is then decoded in
     the workers too. Class columns are added when any sample has classes. Marker images are measured on
-    ``nuclear_channel`` (see :func:`karyo.attributes.measure.nuclear_channel_index`); RGB and one-channel images
+    ``nuclear_channel`` (see :func:`karyo.data.sample.nuclear_channel_index`); RGB and one-channel images
     of the same dataset are measured as usual.
     """
     if n_jobs > 1 and isinstance(samples, Sequence) and len(samples) > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -250,6 +251,36 @@ def channel_key(name: str) -> str:
     return "".join(ch for ch in str(name).lower() if ch.isalnum())
 
 
+#: Channel names taken for the nuclear stain of a marker image (compared case-insensitively, without spaces,
+#: dashes and underscores).
+NUCLEAR_STAINS = ("dapi", "hoechst", "hoechst33342", "hoechst33258", "draq5", "draq7", "sytox", "dna", "dna1",
+                  "nuclear", "nucleus", "nuclei", "pi", "propidiumiodide", "histone", "h3")
+
+
+def nuclear_channel_index(channel_names, n_channels: int, nuclear_channel: str | int | None = None,
+                          source: str | None = None) -> int:
+    """The channel measured as the nuclear stain: ``nuclear_channel`` (a name or a 0-based index), else the first
+    channel named as a nuclear stain (:data:`NUCLEAR_STAINS`), else channel 0 with a warning."""
+    names = list(channel_names or [])
+    if nuclear_channel is not None:
+        wanted = channel_key(nuclear_channel)
+        hits = [i for i, n in enumerate(names) if channel_key(n) == wanted]
+        if hits:
+            return hits[0]
+        if str(nuclear_channel).strip().isdigit() and int(nuclear_channel) < n_channels:
+            return int(nuclear_channel)
+        known = f"its channels are {', '.join(map(str, names))}" if names else f"it has {n_channels} unnamed channels"
+        raise InputError(source, f"no channel {nuclear_channel!r} to measure as the nuclear stain: {known}")
+    for i, n in enumerate(names):
+        if channel_key(n) in NUCLEAR_STAINS:
+            return i
+    label = f" ({names[0]})" if names else ""
+    warnings.warn(f"{source or 'image'}: no channel is named as a nuclear stain (DAPI, Hoechst ...): channel "
+                  f"0{label} is measured as the nucleus' stain; name another with nuclear_channel "
+                  f"(--nuclear-channel)", stacklevel=3)
+    return 0
+
+
 def is_marker_image(n_channels: int, channel_names=None) -> bool:
     """Markers (multiplex or multi-channel fluorescence), not RGB nor one stain: 2 or more than 4 channels, or 3–4
     channels whose names are not R, G, B(, A)."""
@@ -257,3 +288,17 @@ def is_marker_image(n_channels: int, channel_names=None) -> bool:
         return True
     names = tuple(channel_key(n) for n in channel_names or ())
     return n_channels >= 3 and bool(names) and names not in _RGB_NAMES
+
+
+def grey_fluorescence(image: np.ndarray) -> bool:
+    """True for a fluorescence image saved as RGB (as ImageJ exports and DSB2018 ships them): R, G and B equal at
+    every pixel, and a dark background (the median below the middle of the 1st–99th percentile range). Read as
+    H&E, its bright nuclei look unstained; a grey *brightfield* image (bright background) stays RGB."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or not image.size:
+        return False
+    red = image[..., 0]
+    if not (np.array_equal(red, image[..., 1]) and np.array_equal(red, image[..., 2])):
+        return False
+    lo, hi = np.percentile(red, (1, 99))
+    return bool(hi > lo and np.median(red) < (lo + hi) / 2)

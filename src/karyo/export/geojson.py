@@ -34,6 +34,18 @@ def _clean(value):
     return value
 
 
+def qupath_measurements(values: Mapping[str, object]) -> dict[str, float]:
+    """Measurements as QuPath reads them: numbers only (it converts each to a double, so a null or a boolean stops
+    the import). NaN (not measurable) is left out, as QuPath shows a missing measurement; booleans become 0/1."""
+    out = {}
+    for name, value in values.items():
+        if isinstance(value, (bool, np.bool_, int, np.integer)):
+            out[name] = int(value)
+        elif value is not None and math.isfinite(float(value)):
+            out[name] = float(value)
+    return out
+
+
 def nucleus_features(instances: np.ndarray, *, classes: Mapping[int, int] | None = None,
                      class_names: Mapping[int, str] | None = None, scores: Mapping[int, float] | None = None,
                      measurements=None, properties: Mapping[int, Mapping] | None = None,
@@ -42,13 +54,14 @@ def nucleus_features(instances: np.ndarray, *, classes: Mapping[int, int] | None
     """Build one GeoJSON Feature per instance.
 
     ``measurements`` is a pandas DataFrame indexed by instance id whose numeric columns become QuPath
-    measurements (NaN is written as null); ``properties`` adds arbitrary extra properties per instance.
+    measurements (:func:`qupath_measurements`: NaN left out, flags 0/1); ``properties`` adds arbitrary extra
+    properties per instance.
     """
     polys = instance_polygons(instances, simplify=simplify, offset=offset)
     table = None
     if measurements is not None and len(measurements):
         numeric = measurements.select_dtypes(include=["number", "bool"])
-        table = {int(k): {c: _clean(v) for c, v in row.items()} for k, row in numeric.iterrows()}
+        table = {int(k): qupath_measurements(row.to_dict()) for k, row in numeric.iterrows()}
     features = []
     for label, poly in polys.items():
         props: dict = {"objectType": "detection", "instance_id": int(label)}
@@ -58,7 +71,7 @@ def nucleus_features(instances: np.ndarray, *, classes: Mapping[int, int] | None
             props["classification"] = {"name": name, "color": list(class_color(cid, name))}
         meas = dict(table.get(int(label), {})) if table else {}
         if scores is not None and label in scores:
-            meas["Detection probability"] = _clean(scores[label])
+            meas.update(qupath_measurements({"Detection probability": scores[label]}))
         if meas:
             props["measurements"] = meas
         if properties is not None and label in properties:
@@ -89,14 +102,14 @@ def geometry_feature(geometry, *, feature_id: str, class_id: int = 0, class_name
                      properties: Mapping[str, object] | None = None) -> dict:
     """One QuPath detection Feature from a shapely geometry (whole-slide export, where there is no instance map).
 
-    ``class_id`` 0 means unclassified (no ``classification``); NaN measurements are written as null.
+    ``class_id`` 0 means unclassified (no ``classification``); measurements as :func:`qupath_measurements`.
     """
     props: dict = {"objectType": "detection"}
     if class_id:
         name = class_name or f"class {class_id}"
         props["classification"] = {"name": name, "color": list(class_color(int(class_id), name))}
     if measurements:
-        props["measurements"] = {k: _clean(v) for k, v in measurements.items()}
+        props["measurements"] = qupath_measurements(measurements)
     if properties:
         props.update({k: _clean(v) for k, v in properties.items()})
     return {"type": "Feature", "id": feature_id, "geometry": mapping(geometry), "properties": props}

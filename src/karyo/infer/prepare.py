@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from karyo.data.augment import prepare_image
 from karyo.data.io import check_mpp
-from karyo.data.sample import as_hwc, is_marker_image
+from karyo.data.sample import as_hwc, grey_fluorescence, is_marker_image
 from karyo.errors import InputError
 
 if TYPE_CHECKING:
@@ -42,15 +42,23 @@ def model_input(image: np.ndarray, in_chans: int, mean: Sequence[float], std: Se
         warnings.warn(f"{source or 'image'}: its channels are named {', '.join(map(str, channel_names))}, but this "
                       f"model reads RGB H&E, so they are taken as R, G and B; markers need a model trained on "
                       f"them (`karyo train` with --channels)", stacklevel=3)
+    fluorescence = None
     if in_chans == 3 and image.shape[2] == 1:
-        warnings.warn(f"{source or 'image'}: one channel given to a model trained on RGB H&E; it is read as a gray "
-                      f"H&E image and many nuclei may be missed (fluorescence needs a model trained on it, e.g. "
-                      f"`karyo train` with a channel adapter)", stacklevel=3)
+        fluorescence = "one channel given to a model trained on RGB H&E"
+    elif in_chans == 3 and not channel_names and grey_fluorescence(image):
+        fluorescence = "R, G and B are equal on a dark background (fluorescence saved as RGB?), but this model was " \
+                       "trained on RGB H&E"
+    if fluorescence:
+        warnings.warn(f"{source or 'image'}: {fluorescence}; it is read as a gray H&E image and many nuclei may be "
+                      f"missed. For fluorescence use `--model classical` (bright nuclei on one channel) or a model "
+                      f"trained on it (`karyo train` with a channel adapter)", stacklevel=3)
+    if in_chans == 3 and image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     elif in_chans == 3 and image.shape[2] == 4:
         image = image[..., :3]
     if image.shape[2] != in_chans:
-        raise InputError(source, f"this model takes {in_chans}-channel images, got {image.shape[2]} channels")
+        raise InputError(source, f"this model takes {in_chans}-channel images, got {image.shape[2]} channels; pick "
+                                 f"them with --channels (e.g. --channels 0,1,2, or names)")
     _note_narrow_uint16(image, source)
     x = prepare_image(image, source)
     x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)

@@ -475,7 +475,6 @@ class OrderedMerger:
             nid = int(cols["nucleus_id"][k])
             meas = {"Area µm^2": cols["area_um2"][k], "Detection probability": cols["score"][k]}
             meas.update({c: v[k] for c, v in attrs.items()})
-            meas = {c: float(v) for c, v in meas.items() if np.isfinite(v)}  # QuPath measurements are numbers
             self._geojson.write(geometry_feature(
                 geom, feature_id=str(uuid.uuid5(_NAMESPACE, f"{self.slide_name}:{self.id_seed}:{nid}")),
                 class_id=int(cols["class_id"][k]), class_name=names[k], measurements=meas,

@@ -6,6 +6,7 @@ anywhere. Parameters are in pixels at the config's ``mpp`` and rescaled to the i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -16,7 +17,7 @@ from skimage.color import rgb2hed
 from skimage.feature import peak_local_max
 
 from karyo.data.io import to_uint8
-from karyo.data.sample import as_hwc
+from karyo.data.sample import NUCLEAR_STAINS, as_hwc, channel_key, grey_fluorescence, is_marker_image
 from karyo.infer.postprocess import remove_small_instances
 from karyo.infer.prepare import check_mpp, check_prompts
 from karyo.infer.result import SegmentationResult, finish
@@ -31,6 +32,7 @@ class ClassicalConfig:
     mpp: float = 0.25  # pixel size the pixel parameters below refer to
     signal: str = "auto"  # "auto": hematoxylin for RGB, the single channel otherwise; "hematoxylin", "intensity"
     bright_nuclei: bool | None = None  # None: True for 1-channel (fluorescence), False for RGB (brightfield)
+    # (with "auto", marker images give their nuclear channel and fluorescence saved as RGB one channel: see signal)
     smooth_sigma: float = 1.0
     threshold_scale: float = 1.1  # multiplies the Otsu threshold
     min_area: int = 30
@@ -53,12 +55,15 @@ class ClassicalModel(InstanceModel):
     arch = "classical"
     config_class = ClassicalConfig
 
-    def signal(self, image: np.ndarray) -> np.ndarray:
-        """The scalar image in which nuclei are bright: hematoxylin optical density for RGB."""
+    def signal(self, image: np.ndarray, channel_names: Sequence[str] | None = None, source: str = "") -> np.ndarray:
+        """The scalar image in which nuclei are bright: hematoxylin optical density for RGB (alpha dropped), the
+        channel itself for one channel, the nuclear channel (DAPI, Hoechst ... by name, else channel 0) of a marker
+        image, and the grey level of a fluorescence image saved as RGB (:func:`grey_fluorescence`)."""
         cfg = self.config
         image = as_hwc(image)
         kind = cfg.signal
         if kind == "auto":
+            image = self._one_stain(image, channel_names, source)
             kind = "hematoxylin" if image.shape[2] == 3 else "intensity"
         if kind == "hematoxylin":
             if image.shape[2] != 3:
@@ -70,14 +75,33 @@ class ClassicalModel(InstanceModel):
             bright = (image.shape[2] == 1) if cfg.bright_nuclei is None else cfg.bright_nuclei
         return sig if bright else -sig
 
+    @staticmethod
+    def _one_stain(image: np.ndarray, channel_names: Sequence[str] | None, source: str) -> np.ndarray:
+        """RGB for H&E, else the one channel that shows nuclei; averaging marker channels (or reading fluorescence
+        as H&E) would find the background instead."""
+        n = image.shape[2]
+        if is_marker_image(n, channel_names):
+            names = [channel_key(c) for c in channel_names or ()]
+            hits = [i for i, c in enumerate(names) if c in NUCLEAR_STAINS]
+            if not hits:
+                warnings.warn(f"{source or 'image'}: {n} channels, none named as a nuclear stain (DAPI, Hoechst ...): "
+                              f"channel 0 is segmented as bright nuclei; pick another with --channels",
+                              stacklevel=4)
+            return image[..., hits[:1] or [0]]
+        if channel_names is None and grey_fluorescence(image):
+            warnings.warn(f"{source or 'image'}: R, G and B are equal and the background is dark: segmented as one "
+                          f"fluorescence channel (bright nuclei)", stacklevel=4)
+            return image[..., :1]
+        return image[..., :3] if n == 4 else image
+
     def segment(self, image: np.ndarray, *, points: Sequence[tuple[float, float]] | None = None,
                 negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,
-                name: str = "") -> SegmentationResult:
+                name: str = "", channel_names: Sequence[str] | None = None) -> SegmentationResult:
         cfg = self.config
         mpp = check_mpp(mpp, name or None)
         points, negative = check_prompts(points, negative, np.shape(image), name or None)
         scale = 1.0 if mpp is None else cfg.mpp / mpp  # > 1 when the image is more magnified
-        sig = self._smoothed(image, scale)
+        sig = self._smoothed(image, scale, channel_names, name)
         if cfg.threshold is not None:
             fg = sig > cfg.threshold
         else:
@@ -114,8 +138,9 @@ class ClassicalModel(InstanceModel):
         labels = remove_small_instances(labels, min_area)
         return finish(SegmentationResult(labels, name=name, model=self.arch), None, mpp)
 
-    def _smoothed(self, image: np.ndarray, scale: float) -> np.ndarray:
-        sig = self.signal(image)
+    def _smoothed(self, image: np.ndarray, scale: float, channel_names: Sequence[str] | None = None,
+                  source: str = "") -> np.ndarray:
+        sig = self.signal(image, channel_names, source)
         return filters.gaussian(sig, self.config.smooth_sigma * scale) if self.config.smooth_sigma > 0 else sig
 
     def for_slide(self, images: Sequence[np.ndarray], mpp: float | None = None) -> ClassicalModel:
