@@ -561,7 +561,7 @@ def train_cmd(
     try:
         result = train(task, data, out, config=config, resume=resume, preset=preset, val_fraction=val_fraction,
                        train_overrides=overrides, progress=True, channels=channels, init=init,
-                       on_resume=say_resumed)
+                       on_resume=say_resumed, on_split=lambda line: console.print(line, highlight=False))
     except KeyboardInterrupt:
         console.print(f"interrupted; the last finished epoch is saved in {out}/last.pt: run the same command with "
                       f"--resume to continue", highlight=False)

@@ -240,3 +240,24 @@ def test_resume_refuses_changed_settings(tmp_path, disc_layout, one_thread):
     res = CliRunner().invoke(app, ["train", "prompter", "--out", str(run), "--resume", "--epochs", "3"])
     assert res.exit_code == 0, res.output
     assert f"resuming {run} after epoch 2" in " ".join(res.output.split())
+
+
+def test_a_split_that_cannot_hold_out_whole_source_images_says_why(tmp_path, disc_layout):
+    """Patches of one source image are held out together: with one source there is no split, and the message says
+    so (raising val_fraction cannot help) and names val_ids; a split that works is reported in one line."""
+    from tests.train.test_train import disc_samples
+
+    from karyo.data.layout import write_layout_sample
+
+    one = tmp_path / "one"
+    for s in disc_samples(2):  # syn_0_000 and syn_0_001: one source image
+        write_layout_sample(one, s, split="train")
+    for fraction in (0.15, 0.9):
+        with pytest.raises(InputError, match=r"cannot split 2 image\(s\) from 1 source image\(s\).*val_ids"):
+            train("prompter", None, tmp_path / "run", config=_config(tmp_path, one, val_fraction=fraction),
+                  progress=False)
+    lines = []
+    train("prompter", None, tmp_path / "ok", config=_config(tmp_path, disc_layout, val_fraction=0.25), progress=False,
+          on_split=lines.append)
+    assert lines == ["training on 6 image(s), validating on 2 (25%; 1 of 4 source images held out whole (patches "
+                     "named <source>_<n> stay together), val_fraction 0.25)"]

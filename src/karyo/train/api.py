@@ -19,7 +19,7 @@ from karyo.errors import InputError, naming
 from karyo.models.prompter import PrompterConfig
 from karyo.models.segmentor import SegmentorConfig, segmentor_config
 from karyo.train.channels import adapt_training_data
-from karyo.train.data import DataSpec, group_split, load_specs
+from karyo.train.data import DataSpec, group_split, load_specs, source_group
 from karyo.train.loop import FitResult, TrainConfig, fit
 from karyo.train.prompter import PrompterTask
 from karyo.train.segmentor import SegmentorTask, SegmentorTrainSettings
@@ -70,7 +70,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
           resume: bool = False, preset: str | None = None, val_fraction: float | None = None,
           train_overrides: dict[str, Any] | None = None, progress: bool = True,
           channels: str | int | list[str] | None = None, init: str | os.PathLike | None = None,
-          on_resume: Callable[[int], None] | None = None) -> FitResult:
+          on_resume: Callable[[int], None] | None = None, on_split: Callable[[str], None] | None = None
+          ) -> FitResult:
     """Train one of :data:`TASKS` into ``out`` (see the module docstring).
 
     ``channels`` (the :data:`CHANNEL_TASKS`): put a channel adapter for N channels (an int or ``"8"``) or for these
@@ -82,6 +83,9 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     shipped model on new data, or a second schedule after a finished run (see :func:`init_weights`). The model
     config must build the same network. A config may also fix the validation images (``val_ids:``), so that a
     continued run is selected on exactly the images its starting point never saw.
+
+    ``on_split(message)``: called once the training and validation images are settled, with a line saying how many
+    of each (and, for a drawn split, from how many source images).
     """
     if task not in TASKS:
         raise InputError(None, f"unknown training task {task!r}; choose from {', '.join(TASKS)}")
@@ -126,11 +130,23 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             unknown = sorted(keep - set(samples.ids))
             raise InputError(config, f"val_ids names {len(unknown)} image(s) not in the training data, e.g. "
                                      f"{unknown[:3]}")
+        drawn = f"the images val_ids names{f' in {config}' if config and not resume else ''}"
     else:
         present = [set((s.classes or {}).values()) for s in items]
         tr_idx, va_idx = group_split(samples.ids, vf, seed=tcfg.seed, item_classes=present)
-    if not va_idx:
-        raise InputError(None, "the validation split is empty: raise --val-fraction or add data")
+        sources = {source_group(n) for n in samples.ids}
+        held = {source_group(samples.ids[i]) for i in va_idx}
+        drawn = (f"{len(held)} of {len(sources)} source images held out whole (patches named <source>_<n> stay "
+                 f"together), val_fraction {vf:g}")
+        if len(sources) < 2 or not va_idx or not tr_idx:
+            raise InputError(None, f"cannot split {len(items)} image(s) from {len(sources)} source image(s) into "
+                                   f"training and validation: {drawn}. Add images from other sources, or name the "
+                                   f"validation images in the config (val_ids:)")
+    if not va_idx or not tr_idx:
+        raise InputError(config, f"{'no validation' if not va_idx else 'no training'} images left: {drawn}")
+    if on_split is not None:
+        on_split(f"training on {len(tr_idx)} image(s), validating on {len(va_idx)} ({len(va_idx) / len(items):.0%}; "
+                 f"{drawn})")
     train_samples = [items[i] for i in tr_idx]
     val_samples = [items[i] for i in va_idx]
     meta: dict[str, Any] = {"data": [str(s) for s in specs], "val_fraction": vf, "augment": augment.to_dict(),
