@@ -261,3 +261,12 @@ def test_a_split_that_cannot_hold_out_whole_source_images_says_why(tmp_path, dis
           on_split=lines.append)
     assert lines == ["training on 6 image(s), validating on 2 (25%; 1 of 4 source images held out whole (patches "
                      "named <source>_<n> stay together), val_fraction 0.25)"]
+
+
+def test_fewer_crops_than_the_batch_size_is_refused_before_anything_is_written(tmp_path, disc_layout):
+    """Incomplete batches are dropped: 6 training tiles with batch size 8 would train nothing for every epoch."""
+    with pytest.raises(InputError, match=r"6 training image\(s\) give 6 crop\(s\) per epoch, fewer than batch_size 8: "
+                                         r"no training step would run; lower it \(--batch-size 6\)"):
+        train("prompter", None, tmp_path / "run", config=_config(tmp_path, disc_layout, val_fraction=0.25),
+              progress=False, train_overrides={"batch_size": 8})
+    assert not (tmp_path / "run").exists()

@@ -209,6 +209,11 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
             meta["settings"] = to_dict(settings)
             t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
+    crops = len(getattr(t, "train_set", None) or ())
+    if crops and crops < tcfg.batch_size:  # incomplete batches are dropped: every epoch would be empty
+        raise InputError(config, f"{len(train_samples)} training image(s) give {crops} crop(s) per epoch, fewer than "
+                                 f"batch_size {tcfg.batch_size}: no training step would run; lower it (--batch-size "
+                                 f"{crops}) or add images")
     other_classes = False
     if init_state is not None:
         before, now = init_class_names(task, init), getattr(model_cfg, "class_names", None)
