@@ -3,6 +3,7 @@ a layout folder of synthetic H&E-like tiles."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -50,8 +51,9 @@ def ome_layout(tmp_path):
 
 @pytest.fixture
 def disc_layout(tmp_path):
-    """8 synthetic H&E-like tiles from 4 source images (syn_0 … syn_3) in a karyo layout folder."""
+    """8 synthetic H&E-like tiles from 4 source images (syn_0 … syn_3) in a karyo layout folder, classes small and
+    large named in classes.json."""
     root = tmp_path / "data"
     for s in disc_samples(8):
-        write_layout_sample(root, s, split="train")
+        write_layout_sample(root, dataclasses.replace(s, class_names={1: "small", 2: "large"}), split="train")
     return root

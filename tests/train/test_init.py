@@ -72,8 +72,8 @@ def test_run_starts_from_init_weights_on_the_given_validation_images(tmp_path, d
     assert saved["val_ids"] == ["syn_3_000", "syn_3_001"] and saved["init"] == str(first)
     # Without init the same settings give other (random) weights: the equality above is not trivial.
     third = tmp_path / "third"
-    train("prompter", None, third, config=_config(tmp_path, disc_layout, train={"epochs": 1, "lr": 0.0, "seed": 5}),
-          progress=False)
+    settings = {"epochs": 1, "batch_size": 2, "lr": 0.0, "seed": 5}
+    train("prompter", None, third, config=_config(tmp_path, disc_layout, train=settings), progress=False)
     fresh = _exported(third)
     assert not all(torch.equal(fresh[k], start[k]) for k in start)
 
@@ -251,7 +251,7 @@ def test_a_split_that_cannot_hold_out_whole_source_images_says_why(tmp_path, dis
 
     one = tmp_path / "one"
     for s in disc_samples(2):  # syn_0_000 and syn_0_001: one source image
-        write_layout_sample(one, s, split="train")
+        write_layout_sample(one, dataclasses.replace(s, class_names={1: "small", 2: "large"}), split="train")
     for fraction in (0.15, 0.9):
         with pytest.raises(InputError, match=r"cannot split 2 image\(s\) from 1 source image\(s\).*val_ids"):
             train("prompter", None, tmp_path / "run", config=_config(tmp_path, one, val_fraction=fraction),
@@ -269,4 +269,13 @@ def test_fewer_crops_than_the_batch_size_is_refused_before_anything_is_written(t
                                          r"no training step would run; lower it \(--batch-size 6\)"):
         train("prompter", None, tmp_path / "run", config=_config(tmp_path, disc_layout, val_fraction=0.25),
               progress=False, train_overrides={"batch_size": 8})
+    assert not (tmp_path / "run").exists()
+
+
+def test_class_csvs_without_classes_json_are_refused_not_dropped(tmp_path, disc_layout):
+    """Without classes.json the classes/ CSVs used to be ignored: the model trained with one class, silently."""
+    (disc_layout / "classes.json").unlink()
+    with pytest.raises(InputError, match=r"classes\.json: not found, but classes/ holds per-nucleus classes.*"
+                                         r"--data .*data:train@none"):
+        train("prompter", None, tmp_path / "run", config=_config(tmp_path, disc_layout), progress=False)
     assert not (tmp_path / "run").exists()

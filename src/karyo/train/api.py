@@ -60,9 +60,15 @@ def _class_names(specs: list[DataSpec]) -> dict[int, str]:
 
     for spec in specs:
         if spec.classes == "keep":
-            names = open_dataset(spec.path, split=spec.split).class_names
-            if names:
-                return dict(names)
+            dataset = open_dataset(spec.path, split=spec.split)
+            if dataset.class_names:
+                return dict(dataset.class_names)
+            root = getattr(dataset, "root", None)
+            if root is not None and any((Path(root) / "classes").glob("*.csv")):  # would silently train class-free
+                raise InputError(Path(root) / "classes.json",
+                                 'not found, but classes/ holds per-nucleus classes: write it to name them (e.g. '
+                                 '{"1": "tumour", "2": "lymphocyte"}, ids as in the class CSVs), or train on nuclei '
+                                 f"only with --data {spec.path}{':' + spec.split if spec.split else ''}@none")
     return {}
 
 
