@@ -279,3 +279,23 @@ def test_class_csvs_without_classes_json_are_refused_not_dropped(tmp_path, disc_
                                          r"--data .*data:train@none"):
         train("prompter", None, tmp_path / "run", config=_config(tmp_path, disc_layout), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_init_on_the_same_class_names_numbered_otherwise_reorders_the_class_layer(tmp_path, disc_layout, one_thread):
+    """Same taxonomy, other ids (e.g. sorted by name): the class layer's rows follow the names instead of
+    starting afresh; every other weight is carried over unchanged."""
+    first = tmp_path / "first"
+    train("prompter", None, first, config=_config(tmp_path, disc_layout), progress=False)
+    start = _exported(first)
+    saved = json.loads((first / "train_config.json").read_text())
+    saved["model"]["class_names"] = {"1": "large", "2": "small"}  # the init called class 1 "large"
+    (first / "train_config.json").write_text(json.dumps(saved))
+    second = tmp_path / "second"
+    train("prompter", None, second, config=_config(tmp_path, disc_layout, init=str(first)), progress=False,
+          train_overrides={"lr": 0.0})
+    end = _exported(second)
+    record = json.loads((second / "train_config.json").read_text())
+    assert record["init_class_order"] == [0, 2, 1] and "init_restarted" not in record
+    for key in ("cls_head.3.weight", "cls_head.3.bias"):
+        torch.testing.assert_close(end[key], start[key][[0, 2, 1]], rtol=0, atol=0)
+    assert all(torch.equal(end[k], start[k]) for k in start if not k.startswith("cls_head.3."))

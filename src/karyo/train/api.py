@@ -220,12 +220,17 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         raise InputError(config, f"{len(train_samples)} training image(s) give {crops} crop(s) per epoch, fewer than "
                                  f"batch_size {tcfg.batch_size}: no training step would run; lower it (--batch-size "
                                  f"{crops}) or add images")
-    other_classes = False
+    other_classes, class_order = False, None
     if init_state is not None:
         before, now = init_class_names(task, init), getattr(model_cfg, "class_names", None)
         other_classes = bool(before and now) and _name_list(before) != _name_list(now)
+        class_order = _class_order(before, now) if other_classes else None
+        if class_order is not None:
+            other_classes = False
+            meta["init_class_order"] = class_order
     return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta,
-               init_state=init_state, init_source=init, init_other_classes=other_classes, on_resume=on_resume)
+               init_state=init_state, init_source=init, init_other_classes=other_classes,
+               init_class_order=class_order, on_resume=on_resume)
 
 
 #: What a resumed run may change: how long it trains and where it computes, not what it learns.
@@ -318,6 +323,18 @@ def init_model_config(task: str, path: str | os.PathLike) -> dict | None:
     if run is not None:
         return run.get("model") if run.get("task") == task else None
     return packed.get(task) if packed is not None else None
+
+
+def _class_order(before: dict, now: dict) -> list[int] | None:
+    """Where the init's class layer holds each of this run's classes (background first), when both name the same
+    classes numbered otherwise (e.g. alphabetically): None when the names differ."""
+    old = {name: i for i, name in _name_list(before)}
+    new = _name_list(now)
+    if len(old) != len(before) or sorted(old) != sorted(name for _, name in new):
+        return None
+    if [i for i, _ in new] != list(range(1, len(new) + 1)) or sorted(old.values()) != list(range(1, len(old) + 1)):
+        return None  # ids with gaps: rows and ids do not correspond one to one
+    return [0] + [old[name] for _, name in new]
 
 
 def _name_list(class_names: dict) -> list[tuple[int, str]]:

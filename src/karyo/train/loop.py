@@ -27,7 +27,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -272,16 +272,24 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLike | None, *,
-                    other_classes: bool = False) -> list[str]:
+                    other_classes: bool = False, class_order: Sequence[int] | None = None) -> list[str]:
     """Load starting weights strictly, except parameters under the model's ``optional_init_prefixes`` (heads a
     config may add to an older network), which keep their fresh initialisation when the weights lack them, and
     those under its ``class_head_prefixes`` when their shape differs or ``other_classes`` says the weights name
     other classes (weights for another taxonomy: the class layer starts afresh, everything else is fine-tuned).
-    Returns the names of the parameters so restarted."""
+    ``class_order``: the same classes numbered otherwise; row ``j`` of the class layer (0 = background) is the
+    weights' row ``class_order[j]``, so what the layer learned is kept. Returns the names of the restarted
+    parameters."""
     refused = "these weights do not fit the model the config builds: "
     optional = tuple(getattr(model, "optional_init_prefixes", ()))
     class_head = tuple(getattr(model, "class_head_prefixes", ()))
     own = model.state_dict()
+    if class_order is not None and class_head:
+        order = torch.as_tensor(list(class_order))
+        state = {k: v[order] if k.startswith(class_head) and v.ndim and v.shape[0] == len(order) else v
+                 for k, v in state.items()}
+        log.warning("%s: class layer rows reordered to this data's class ids (the same names, numbered otherwise)",
+                    source)
     restarted = sorted(k for k, v in state.items() if class_head and k.startswith(class_head) and k in own
                        and (other_classes or tuple(v.shape) != tuple(own[k].shape)))
     if restarted:
@@ -305,7 +313,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
         model_config: Any | None = None, progress: bool = True, meta: dict | None = None,
         on_epoch_end: Callable[[dict], None] | None = None, init_state: dict | None = None,
         init_source: str | os.PathLike | None = None, init_other_classes: bool = False,
-        on_resume: Callable[[int], None] | None = None) -> FitResult:
+        init_class_order: Sequence[int] | None = None, on_resume: Callable[[int], None] | None = None) -> FitResult:
     """Train ``task``'s model with ``cfg`` into ``run_dir``; returns the best validation score and history.
 
     ``cfg.accumulate_steps`` k > 1: the loss of each batch is divided by k and the optimiser steps every k batches
@@ -314,7 +322,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     counts batches. ``cfg.amp``: the task's loss runs under autocast (validation stays float32). ``init_state``:
     weights the model starts from (a fresh run only; a resumed run continues from its checkpoint); weights that do
     not fit the model raise :class:`InputError` naming ``init_source``, the file they came from;
-    ``init_other_classes``: they were trained on other class names, so the class layer starts afresh.
+    ``init_other_classes``: they were trained on other class names, so the class layer starts afresh;
+    ``init_class_order``: on the same names numbered otherwise, so its rows are reordered (:func:`load_init_state`).
     ``on_resume(epoch)``: called once a resumed run has read its checkpoint, with the last finished epoch (1-based).
     """
     from karyo.device import pick_device
@@ -329,7 +338,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     model = task.model().to(device)
     restarted: list[str] = []
     if init_state is not None and not (resume and (run_dir / "last.pt").exists()):
-        restarted = load_init_state(model, init_state, init_source, other_classes=init_other_classes)
+        restarted = load_init_state(model, init_state, init_source, other_classes=init_other_classes,
+                                    class_order=init_class_order)
     run_dir.mkdir(parents=True, exist_ok=True)  # after the checks above: a refused run leaves no folder behind
     optimizer = make_optimizer(parameter_groups(model, cfg), cfg)
     acc = int(cfg.accumulate_steps)
