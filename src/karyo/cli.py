@@ -354,7 +354,7 @@ def evaluate(
 
     if missing not in ("error", "empty", "skip"):
         raise InputError(None, f"--missing must be 'error', 'empty' or 'skip', got {missing!r}")
-    with progress_bar() as bar:
+    with _warnings_as_notes(), progress_bar() as bar:
         task = bar.add_task("evaluating", total=None)
         report = evaluate_folders(true, pred, split=split, missing=missing,
                                   on_image=lambda done, total: bar.update(task, completed=done, total=total))

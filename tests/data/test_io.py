@@ -301,3 +301,20 @@ def test_pixels_that_are_not_square_are_said_and_keep_areas_exact(tmp_path):
         assert read_image_meta(tmp_path / "tags.tif")[1]["mpp"] ** 2 == pytest.approx(0.125)
     tifffile.imwrite(tmp_path / "square.tif", img, resolution=(1e4 / 0.25, 1e4 / 0.2501), resolutionunit="CENTIMETER")
     assert read_image_meta(tmp_path / "square.tif")[1]["mpp"] == pytest.approx(0.25)
+
+
+def test_a_binary_mask_read_as_instances_is_noted(tmp_path):
+    """0/255 foreground masks are the commonest mix-up: every metric would score one object."""
+    from karyo.data.io import read_instances, write_image
+
+    mask = np.zeros((32, 32), np.uint8)
+    mask[2:6, 2:6] = mask[10:15, 10:15] = mask[20:25, 3:8] = 255
+    write_image(tmp_path / "m.png", mask)
+    with pytest.warns(UserWarning, match=r"m\.png: one id \(255\) covers 3 separate regions: a binary"):
+        assert read_instances(tmp_path / "m.png").max() == 255
+    labelled = mask.astype(np.int32) // 255
+    labelled[10:15, 10:15], labelled[20:25, 3:8] = 2, 3
+    write_image(tmp_path / "ok.png", labelled.astype(np.uint16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_instances(tmp_path / "ok.png")

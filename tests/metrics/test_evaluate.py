@@ -156,6 +156,10 @@ def test_images_without_any_prediction_are_named_in_the_aji_note():
     note = next(n for n in r.notes if n.startswith("AJI:"))
     assert "1 image(s)" in note and note.endswith("AJI would be 0.5000")
     assert not any(n.startswith("AJI:") for n in evaluate([ImagePair("seen", inst, inst)]).notes)
+    # F1d's dummy point for the empty side is the reference's; the note says why an empty prediction scores
+    dummy = next(n for n in r.notes if n.startswith("F1d/F1c:"))
+    assert dummy.startswith("F1d/F1c: 1 image(s) have nuclei on one side only") and "(0, 0)" in dummy
+    assert not any(n.startswith("F1d") for n in evaluate([ImagePair("seen", inst, inst)]).notes)
 
 
 def test_bad_input():

@@ -457,7 +457,24 @@ def read_instances(path: str | os.PathLike, shape: tuple[int, int] | None = None
             if arr.shape[2] != 1:
                 raise InputError(path, f"instance map must have one channel, got {arr.shape[2]}")
             arr = arr[..., 0]
-    return validate_instances(arr, shape, str(path))
+    instances = validate_instances(arr, shape, str(path))
+    _note_binary_mask(instances, path)
+    return instances
+
+
+def _note_binary_mask(instances: np.ndarray, path: Path) -> None:
+    """A 0/255 (or 0/1) foreground mask read as an instance map is one "nucleus" spread over the image; every
+    metric then quietly scores one object. Several separate regions under a single id give it away."""
+    ids = np.unique(instances)
+    if len(ids) != 2 or ids[0] != 0:
+        return
+    from scipy import ndimage as ndi
+
+    regions = ndi.label(instances > 0)[1]
+    if regions >= 3:
+        warnings.warn(f"{path}: one id ({ids[1]}) covers {regions} separate regions: a binary (semantic) mask, not an "
+                      f"instance map? Give each nucleus its own id first (e.g. skimage.measure.label)",
+                      stacklevel=_caller_stacklevel())
 
 
 def write_instances(path: str | os.PathLike, instances: np.ndarray) -> Path:

@@ -286,6 +286,11 @@ def evaluate(pairs: Iterable[Any], class_names: Mapping[int, str] | None = None,
         notes.append(f"AJI: {int(lacking.sum())} image(s) with annotated nuclei but no predicted one have no value "
                      f"(HoVer-Net's implementation raises there) and are left out of the mean; counted as 0 (the "
                      f"definition read literally, as AJI+ does) AJI would be {literal:.4f}")
+    one_sided = int(((per_image["n_true"] == 0) != (per_image["n_pred"] == 0)).sum())
+    if one_sided:
+        notes.append(f"F1d/F1c: {one_sided} image(s) have nuclei on one side only; as in HoVer-Net's implementation "
+                     f"the empty side gets a dummy point at (0, 0), which counts as one false positive or negative "
+                     f"(or, near a nucleus in the image's corner, a match)")
     detection = det.compute(list(cls) if classified else None)
 
     pannuke = conic = None
