@@ -270,6 +270,26 @@ def test_evaluate_matches_classes_by_name_and_skips_foreign_ones(tmp_path):
     assert sum(n.startswith("classification metrics skipped") for n in report.notes) == 1  # one reason, once
 
 
+def test_evaluate_blames_a_ground_truth_mask_that_does_not_fit_its_own_image(tmp_path):
+    from karyo.data.io import write_instances
+    from karyo.errors import InputError
+    from karyo.metrics.folders import evaluate_folders
+
+    img = np.zeros((16, 16, 3), np.uint8)
+    inst = np.zeros((16, 16), np.int32)
+    inst[2:6, 2:6] = 1
+    write_layout_sample(tmp_path / "t", karyo.Sample(image=img, instances=inst, name="a"))
+    write_layout_sample(tmp_path / "p", karyo.Sample(image=img, instances=inst, name="a"), image=False)
+    write_instances(tmp_path / "t" / "instances" / "a.png", inst[:12])  # the annotation is cropped
+    with pytest.raises(InputError, match=r"t/images/a\.png: the ground truth's instance map of a is 16×12 px, its "
+                                         r"image 16×16 px"):
+        evaluate_folders(tmp_path / "t", tmp_path / "p")
+    write_instances(tmp_path / "t" / "instances" / "a.png", inst)
+    write_instances(tmp_path / "p" / "instances" / "a.png", inst[:12])  # now the prediction is wrong
+    with pytest.raises(InputError, match=r"p/instances/a: prediction shape \(12, 16\) differs"):
+        evaluate_folders(tmp_path / "t", tmp_path / "p")
+
+
 def test_models_lists_default():
     res = runner.invoke(app, ["models"])
     assert res.exit_code == 0
