@@ -518,20 +518,24 @@ def select_attributes_cmd(
 def train_cmd(
     task: Annotated[str, typer.Argument(help="prompter | segmentor | cellvit | ivaan | monch | unet | "
                                              "stain_agnostic")],
-    data: Annotated[list[str] | None, typer.Option("--data", help="PATH[:SPLIT][@CLASSES], repeatable; @none "
-                                                                   "uses a dataset for nuclei but not classes.")
+    data: Annotated[list[str] | None, typer.Option("--data", help="PATH[:SPLIT][@CLASSES], repeatable (layout in "
+                                                                   "docs/data.md): :train picks split.csv's split; "
+                                                                   "@none uses a dataset for nuclei but not classes, "
+                                                                   "@1=3,2=0 maps its class ids onto the model's.")
                     ] = None,
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, history, exported model).")] = Path("runs/run"),
     config: Annotated[Path | None, typer.Option(help="JSON/YAML run config (model/train/augment/data sections).")
                       ] = None,
     preset: Annotated[str | None, typer.Option(help="Model preset (prompter: cpu, pannuke, kumar, cpm; "
-                                                    "segmentor: small, tiny, vit_b, vit_l, vit_h).")] = None,
+                                                    "segmentor: cpu, small, tiny, vit_b, vit_l, vit_h).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (overrides the config).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (PromptNucSeg: Adam 1e-4).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (data order, augmentation, initialisation).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Fraction of source images held out.")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Fraction of source images held out for validation "
+                                                            "(patches named <source>_<n> stay together; a config's "
+                                                            "val_ids: names them instead).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Cap steps per epoch (quick runs).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, mps or auto.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint.")
