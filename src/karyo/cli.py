@@ -571,8 +571,19 @@ def train_cmd(
                       f"--resume to continue", highlight=False)
         raise typer.Exit(130) from None
     console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1} (epoch "
-                  f"{result.best_epoch} in history.csv and summary.json, which count from 0); "
-                  f"model → {result.run_dir / 'model'}", highlight=False)
+                  f"{result.best_epoch} in history.csv and summary.json, which count from 0)", highlight=False)
+    console.print(_trained_next_step(task, result.run_dir), highlight=False)
+
+
+def _trained_next_step(task: str, run: Path) -> str:
+    """Where a run's network went and what makes it a model folder (karyo segment --model, karyo.load)."""
+    pack = {"prompter": f"karyo pack promptnucseg --prompter {run} --segmentor SEGMENTOR_RUN_OR_MODEL --out DIR",
+            "segmentor": f"karyo pack promptnucseg --prompter PROMPTER_RUN --segmentor {run} --out DIR",
+            "cellvit": f"karyo pack cellvit --run {run} --out DIR",
+            "ivaan": f"karyo pack ivaan --run {run} --segmentor SEGMENTOR_RUN_OR_MODEL --out DIR"}
+    if task in pack:
+        return f"network → {run / 'model'}; to segment with it, build a model folder: {pack[task]}"
+    return f"model → {run / 'model'} (karyo segment --model {run / 'model'})"
 
 
 @app.command("pack")

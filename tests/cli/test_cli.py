@@ -328,3 +328,13 @@ def test_one_models_output_is_the_reference_for_anothers(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "b" / "evaluation.json").read_text())
     assert report["instance"]["pq"] == pytest.approx(1.0)  # the same model agrees with itself exactly
+
+
+def test_train_says_which_runs_need_packing_before_segment_takes_them(tmp_path):
+    from karyo.cli import _trained_next_step
+
+    assert _trained_next_step("prompter", tmp_path / "p").endswith(
+        f"karyo pack promptnucseg --prompter {tmp_path / 'p'} --segmentor SEGMENTOR_RUN_OR_MODEL --out DIR")
+    assert "karyo pack ivaan --run" in _trained_next_step("ivaan", tmp_path / "i")
+    monch = _trained_next_step("monch", tmp_path / "m")
+    assert monch.startswith(f"model → {tmp_path / 'm' / 'model'}") and "pack" not in monch
