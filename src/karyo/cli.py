@@ -462,7 +462,8 @@ def _attributes_run(path, out, instances, classes, split, levels, attrs, level_m
 @app.command("select-attributes")
 @friendly_errors
 def select_attributes_cmd(
-    dataset: Annotated[Path, typer.Argument(help="Labelled dataset folder in karyo's layout.")],
+    dataset: Annotated[Path, typer.Argument(help="Labelled dataset folder in karyo's layout, or an attribute table "
+                                                 "(.parquet/.csv from karyo attributes) with a Class.Name column.")],
     split: Annotated[str | None, typer.Option(help="Use only this split (e.g. train).")] = None,
     k: Annotated[int, typer.Option(min=1, help="Number of attributes to select.")] = 4,
     lam: Annotated[float, typer.Option("--lambda", min=0.0, help="Redundancy penalty λ.")] = 0.4,
@@ -477,14 +478,17 @@ def select_attributes_cmd(
     from rich.table import Table
 
     from karyo.attributes.names import B1_ATTRIBUTES
-    from karyo.attributes.pipeline import select_for_dataset
+    from karyo.attributes.pipeline import select_for_dataset, select_for_table
     from karyo.data.io import write_text
     from karyo.errors import InputError
 
     cands = [a.strip() for a in attributes.split(",") if a.strip()] if attributes else list(B1_ATTRIBUTES)
     try:
-        result, _ = select_for_dataset(dataset, split=split, n_jobs=jobs, attributes=cands, k=k, alpha=alpha,
-                                       lam=lam)
+        if dataset.is_file():
+            result = select_for_table(dataset, attributes=cands, k=k, alpha=alpha, lam=lam)
+        else:
+            result, _ = select_for_dataset(dataset, split=split, n_jobs=jobs, attributes=cands, k=k, alpha=alpha,
+                                           lam=lam)
     except InputError:
         raise  # names its file already
     except (KeyError, ValueError) as exc:
@@ -492,8 +496,12 @@ def select_attributes_cmd(
     if k > len(cands):
         console.print(f"note: --k {k} asks for more than the {len(cands)} candidate attributes; all are ranked",
                       highlight=False)
+    small = [f"{c} ({n})" for c, n in result.class_counts.items() if n < result.params["min_class_size"]]
+    if small:
+        console.print(f"note: class(es) {', '.join(small)} have fewer than {result.params['min_class_size']} valid "
+                      f"nuclei: their pairs have no Cohen's d and their S_class column is empty", highlight=False)
     scores = result.table
-    table = Table(title=escape(f"{dataset}: {result.params['n_nuclei']} nuclei ("
+    table = Table(title=escape(f"{dataset}: {result.params['n_nuclei']} valid classified nuclei ("
                                + ", ".join(f"{c} {n}" for c, n in result.class_counts.items()) + ")"))
     table.add_column("attribute")
     table.add_column("column")

@@ -166,6 +166,29 @@ def test_cli_select_attributes_prints_table_and_choice(tmp_path, layout):
     assert res.exit_code == 2 and "--k" in res.output and "greater than or equal to 1" in " ".join(res.output.split())
 
 
+def test_cli_select_attributes_on_the_table_attributes_wrote(tmp_path, layout):
+    """The table karyo attributes wrote (Parquet or CSV) selects as its dataset does; a class with one valid
+    nucleus is noted; a table without classes says what it lacks."""
+    runner.invoke(app, ["attributes", str(layout), "--out", str(tmp_path / "ds"), "--no-geojson"])
+    from_dataset = runner.invoke(app, ["select-attributes", str(layout), "--k", "2", "--out", str(tmp_path / "a.csv")])
+    for table in ("attributes.parquet", "attributes.csv"):
+        res = runner.invoke(app, ["select-attributes", str(tmp_path / "ds" / table), "--k", "2", "--out",
+                                  str(tmp_path / "b.csv")])
+        assert res.exit_code == 0, res.output
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "b.csv", index_col=0),  # the CSV keeps 6 digits
+                                      pd.read_csv(tmp_path / "a.csv", index_col=0), rtol=1e-4)
+    assert from_dataset.output.splitlines()[-1] == res.output.splitlines()[-1]  # the same choice
+    df = pd.read_parquet(tmp_path / "ds" / "attributes.parquet")
+    rare = df["Class.Name"].iloc[0]
+    lone = df[(df["Class.Name"] != rare) | (df.index == df.index[df["Flag.Valid"] & (df["Class.Name"] == rare)][0])]
+    lone.to_parquet(tmp_path / "lone.parquet")
+    res = runner.invoke(app, ["select-attributes", str(tmp_path / "lone.parquet"), "--k", "2"])
+    assert res.exit_code == 0 and f"note: class(es) {rare} (1) have fewer than 2 valid nuclei" in res.output
+    df.drop(columns=["Class.Name"]).to_parquet(tmp_path / "plain.parquet")
+    res = runner.invoke(app, ["select-attributes", str(tmp_path / "plain.parquet")])
+    assert res.exit_code == 2 and "has no Class.Name column" in " ".join(res.output.split())
+
+
 def test_cli_reports_bad_input_without_traceback(tmp_path, samples):
     write_image(tmp_path / "a.png", samples[0].image)
     res = runner.invoke(app, ["attributes", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])

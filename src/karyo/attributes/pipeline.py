@@ -189,3 +189,26 @@ def select_for_dataset(root: str | os.PathLike, *, split: str | None = None, n_j
     if not len(table) or N.CLASS_NAME not in table.columns:
         raise InputError(root, "no classified nuclei found")
     return select_attributes(table, attributes, k=k, alpha=alpha, lam=lam), table
+
+
+def select_for_table(path: str | os.PathLike, *, attributes: Sequence[str] = N.B1_ATTRIBUTES, k: int = 4,
+                     alpha: float = 0.5, lam: float = 0.4):
+    """The B.2 selection on an attribute table that ``karyo attributes`` wrote (Parquet or CSV) with classes."""
+    import pandas as pd
+
+    from karyo.attributes.select import select_attributes
+    from karyo.data.io import check_file
+
+    path = Path(path)
+    check_file(path)
+    try:
+        table = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read the attribute table ({exc})") from None
+    if N.CLASS_NAME not in table.columns:
+        raise InputError(path, f"the table has no {N.CLASS_NAME} column: the selection needs class labels (measure "
+                               f"a dataset with classes.json, or give --classes to karyo attributes)")
+    try:
+        return select_attributes(table, attributes, k=k, alpha=alpha, lam=lam)
+    except (KeyError, ValueError) as exc:
+        raise InputError(path, str(exc.args[0]) if exc.args else str(exc)) from None
