@@ -349,6 +349,17 @@ def test_fluorescence_saved_as_rgb_is_measured_as_one_channel():
     assert "Marker.Channel0.Mean" not in bf.columns and np.isfinite(bf["Nucleus.Red.Mean"]).all()
 
 
+def test_mpp_adds_the_micron_twins_as_the_cli_does():
+    labels = _blobs(5, shape=(64, 64), n=6)
+    px = measure_nuclei(_rgb(labels.shape), labels)
+    um = measure_nuclei(_rgb(labels.shape), labels, mpp=0.5)
+    assert "Size.Area_um2" not in px.columns
+    np.testing.assert_allclose(um["Size.Area_um2"], px["Size.Area"] * 0.25)
+    np.testing.assert_allclose(um["Size.Perimeter_um"], px["Size.Perimeter"] * 0.5)
+    with pytest.raises(InputError, match="outside the plausible range"):
+        measure_nuclei(_rgb(labels.shape), labels, mpp=-1)
+
+
 def test_uint16_and_float_rgb_images_are_accepted():
     labels = _blobs(1, shape=(64, 64), n=8)
     img8 = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)

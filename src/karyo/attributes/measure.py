@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from karyo.attributes import names as N
-from karyo.data.io import _caller_stacklevel, to_rgb
+from karyo.data.io import _caller_stacklevel, check_mpp, to_rgb
 from karyo.data.sample import (
     as_hwc,
     grey_fluorescence,
@@ -97,18 +97,22 @@ _DEFAULT_NORMALIZER = MacenkoNormalizer()
 def measure_nuclei(image: np.ndarray, instances: np.ndarray, classes: Mapping[int, int] | None = None, *,
                    class_names: Mapping[int, str] | None = None, normalizer: MacenkoNormalizer | None = None,
                    options: AttributeOptions | None = None, source: str | None = None, channel_names=None,
-                   nuclear_channel: str | int | None = None) -> pd.DataFrame:
+                   nuclear_channel: str | int | None = None, mpp: float | None = None) -> pd.DataFrame:
     """Measure every nucleus of ``instances`` (H×W labels, 0 = background) on ``image`` (H×W×C).
 
     Returns one row per instance, indexed by instance id, with the columns of
-    :data:`karyo.attributes.names.ALL_COLUMNS` (and ``Class.Id``/``Class.Name`` when ``classes`` is given).
+    :data:`karyo.attributes.names.ALL_COLUMNS` (and ``Class.Id``/``Class.Name`` when ``classes`` is given; with
+    ``mpp``, µm per pixel, the µm twins of the lengths and areas: :func:`add_micron_columns`).
     An instance map without nuclei gives an empty table with the same columns. Stain normalisation uses
     ``normalizer`` (default: Macenko with the reference target). Marker images (``channel_names`` from the
     file; see the module docstring) are measured on their nuclear channel and add ``Marker.<name>.Mean/Std``.
     """
     cols = measure_arrays(image, instances, normalizer=normalizer, options=options, source=source,
                           channel_names=channel_names, nuclear_channel=nuclear_channel)
-    return to_frame(cols, classes, class_names)
+    df = to_frame(cols, classes, class_names)
+    if mpp is not None:
+        add_micron_columns(df, check_mpp(mpp, source))
+    return df
 
 
 def to_frame(cols: dict[str, np.ndarray], classes: Mapping[int, int] | None = None,
