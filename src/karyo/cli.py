@@ -216,8 +216,8 @@ def segment(
                                                    "model's resolution). Default: what each file states (OME, "
                                                    "TIFF or PNG resolution), if anything plausible.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "cpu",
-    outputs: Annotated[str, typer.Option(help="Comma-separated: instances,classes,table,overlay,geojson.")
-                       ] = _INSTANCE_OUTPUTS,
+    outputs: Annotated[str, typer.Option(help="Comma-separated, any of: instances, classes, table, overlay, geojson.",
+                                         show_default="all five")] = _INSTANCE_OUTPUTS,
     task: Annotated[str, typer.Option(help="instance | semantic: semantic models (MONCH, U-Net) can instead write "
                                            "a class-map PNG, a coloured overlay and per-class areas.")
                     ] = "instance",
@@ -396,14 +396,16 @@ def attributes_cmd(
     out: Annotated[Path, typer.Option(help="Output folder.")],
     instances: Annotated[Path | None, typer.Option(help="Instance map of IMAGE (16-bit PNG, TIFF or .npy).")
                          ] = None,
-    classes: Annotated[Path | None, typer.Option(help="instance_id,class_id CSV of IMAGE.")] = None,
+    classes: Annotated[Path | None, typer.Option(help="CSV of IMAGE's classes (header: instance_id, class_id).")
+                       ] = None,
     split: Annotated[str | None, typer.Option(help="Dataset: measure only this split.")] = None,
     levels: Annotated[Path | None, typer.Option(help="Fitted level model (levels.json) to reuse; default: fit "
                                                      "on the dataset's train split (or on what is measured).")
                       ] = None,
     prompt_attributes: Annotated[str, typer.Option(help="Comma-separated attributes of the prompts (paper "
-                                                        "names or columns).")
-                                 ] = _PROMPT_ATTRIBUTES,
+                                                        "names or columns).",
+                                                   show_default="d_eq, eccentricity, color_z, perim_ratio (IVAAN's "
+                                                                "B.2 choice)")] = _PROMPT_ATTRIBUTES,
     level_mode: Annotated[str, typer.Option(help="global | per_class quantile levels.")] = "global",
     jobs: Annotated[int, typer.Option(min=1, help="Worker processes (datasets).")] = 1,
     geojson: Annotated[bool, typer.Option(help="Write QuPath GeoJSON with the measurements.")] = True,
@@ -413,7 +415,7 @@ def attributes_cmd(
     nuclear_channel: Annotated[str | None, typer.Option(help="Marker images: the channel (name or 0-based "
                                                              "index) measured as the nuclear stain; default: "
                                                              "DAPI/Hoechst by name, else channel 0. Every "
-                                                             "channel adds Marker.<name>.Mean/Std. Giving it "
+                                                             "channel adds Marker.<name>.Mean and .Std. Giving it "
                                                              "for a single IMAGE measures that image as markers; "
                                                              "in a dataset, RGB and one-channel images stay as "
                                                              "they are.")] = None,
