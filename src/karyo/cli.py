@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from karyo import __version__
+from karyo.data.sample import nuclei_phrase
 from karyo.errors import KaryoError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0].replace("``", ""),
@@ -315,7 +316,7 @@ def segment(
     if task == "semantic":
         console.print(f"class maps, overlays and per-class areas of {len(files)} image(s) → {out}/", highlight=False)
     else:
-        console.print(f"{total} nuclei in {len(files)} image(s) → {out}/", highlight=False)
+        console.print(f"{nuclei_phrase(total)} in {len(files)} image(s) → {out}/", highlight=False)
 
 
 @app.command("models")
@@ -435,7 +436,7 @@ def attributes_cmd(
         run, where = _attributes_run(path, out, instances, classes, split, levels, attrs, level_mode, jobs, geojson,
                                      mpp, nuclear_channel)
     valid = int(run.table["Flag.Valid"].sum()) if len(run.table) else 0
-    console.print(f"{run.n_nuclei} nuclei in {where} ({valid} not truncated and ≥ 10 px) → {out}/",
+    console.print(f"{nuclei_phrase(run.n_nuclei)} in {where} ({valid} not truncated and ≥ 10 px) → {out}/",
                   highlight=False)
 
 
@@ -735,7 +736,7 @@ def query_cmd(
                            highlight=highlight)
     write_image(out / f"{stem}_query.png", overlay)
     write_table_csv(out / f"{stem}_query.csv", ranked)
-    console.print(f"{len(ranked)} nuclei ranked for {text!r}; top {len(top)} highlighted → "
+    console.print(f"{nuclei_phrase(len(ranked))} ranked for {text!r}; top {len(top)} highlighted → "
                   f"{out}/{stem}_query.png, {stem}_query.csv", highlight=False)
 
 

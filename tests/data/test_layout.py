@@ -260,7 +260,7 @@ def test_a_sample_prints_one_line():
     m[1:3, 1:3] = 1
     sample = Sample(image=np.zeros((8, 9, 2), np.uint16), instances=m, name="t", mpp=0.25,
                     channel_names=("DAPI", "CD45"))
-    assert repr(sample) == "<Sample 't': 9×8 px × 2 uint16, 1 nuclei, mpp 0.25, channels ('DAPI', 'CD45')>"
+    assert repr(sample) == "<Sample 't': 9×8 px × 2 uint16, 1 nucleus, mpp 0.25, channels ('DAPI', 'CD45')>"
     assert repr(Sample(image=np.zeros((4, 4, 3), np.uint8))) == "<Sample: 4×4 px × 3 uint8, no annotation>"
 
 

@@ -115,4 +115,4 @@ def test_results_hold_plain_ints_and_print_short():
                       class_names={np.int64(2): "b"}, embeddings=np.zeros((1, 384), np.float32),
                       embedding_ids=np.array([1]), model="ivaan")
     assert json.dumps(res.classes) == '{"1": 2}' and type(next(iter(res.scores.values()))) is float
-    assert repr(res) == "<IVAANResult: 1 nuclei in 6×6 px, {'b': 1}, model 'ivaan'>"
+    assert repr(res) == "<IVAANResult: 1 nucleus in 6×6 px, {'b': 1}, model 'ivaan'>"

@@ -48,7 +48,7 @@ class Sample:
     def __repr__(self) -> str:  # the dataclass default prints every pixel
         h, w, c = self.image.shape
         nuclei = "no annotation" if self.instances is None else \
-            f"{len(np.unique(self.instances)) - int((self.instances == 0).any())} nuclei"
+            nuclei_phrase(len(np.unique(self.instances)) - int((self.instances == 0).any()))
         named = f" {self.name!r}" if self.name else ""
         extra = "".join(f", {k} {v}" for k, v in (("mpp", self.mpp), ("channels", self.channel_names),
                                                    ("tissue", self.tissue)) if v)
@@ -302,3 +302,8 @@ def grey_fluorescence(image: np.ndarray) -> bool:
         return False
     lo, hi = np.percentile(red, (1, 99))
     return bool(hi > lo and np.median(red) < (lo + hi) / 2)
+
+
+def nuclei_phrase(n: int) -> str:
+    """"1 nucleus", "1,234 nuclei": counts in messages and reprs."""
+    return "1 nucleus" if n == 1 else f"{n:,} nuclei"

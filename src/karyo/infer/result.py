@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from karyo.data.sample import Sample
+from karyo.data.sample import Sample, nuclei_phrase
 
 
 @dataclass
@@ -56,7 +56,7 @@ class SegmentationResult:
         per_class = f", {dict(sorted(counts.items()))}" if counts else ""
         named = f" {self.name!r}" if self.name else ""
         kind = type(self).__name__
-        return f"<{kind}{named}: {self.n_nuclei} nuclei in {w}×{h} px{per_class}, model {self.model!r}>"
+        return f"<{kind}{named}: {nuclei_phrase(self.n_nuclei)} in {w}×{h} px{per_class}, model {self.model!r}>"
 
     def save(self, out_dir: str | os.PathLike, image: np.ndarray | None = None, *, stem: str | None = None,
              outputs: Iterable[str] | None = None) -> dict[str, Path]:
