@@ -78,6 +78,15 @@ def main(
 
 _INSTANCE_OUTPUTS = "instances,classes,table,overlay,geojson"
 _PROMPT_ATTRIBUTES = "d_eq,eccentricity,color_z,perim_ratio"  # IVAAN's B.2 selection
+_Threads = Annotated[int | None, typer.Option(min=1, help="CPU threads for the networks (default: torch's, one "
+                                                        "per core).")]
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _expand_images(paths: list[Path]) -> list[Path]:
@@ -225,8 +234,7 @@ def segment(
     channels: Annotated[str | None, typer.Option(help="Channels to use, in this order: names from the OME-TIFF "
                                                       "metadata or 0-based indices, e.g. DAPI,CD45 or 0,2.")
                         ] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for the networks (default: torch's, one per "
-                                                     "core).", min=1)] = None,
+    threads: _Threads = None,
 ) -> None:
     """Find, outline and classify the nuclei of each image; write instance maps, class tables, overlays
     and QuPath GeoJSON into OUT (--task semantic: class maps, overlays and per-class areas)."""
@@ -260,10 +268,7 @@ def segment(
     if task == "semantic" and outputs != _INSTANCE_OUTPUTS:
         raise InputError(None, "--outputs chooses among the instance outputs; --task semantic always writes class "
                                "maps, overlays and per-class areas")
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     net = load(model, device=device)
     if task == "semantic" and not hasattr(net, "segment_semantic"):
         raise InputError(None, f"model {model!r} ({net.arch}) has no semantic output; use a MONCH or U-Net model")
@@ -615,6 +620,7 @@ def pack_cmd(
                                                   "mask verifier and a duplicate judge on the run's training images "
                                                   "and let the tuning decide whether to use them (default: "
                                                   "fit).")] = None,
+    threads: _Threads = None,
 ) -> None:
     """Build a model folder from training runs (thresholds tuned on validation data only; of the settings within one
     standard error of the best, the fastest ships)."""
@@ -633,6 +639,7 @@ def pack_cmd(
     if arch in takes and given - takes[arch]:
         raise InputError(None, f"karyo pack {arch} takes {' and '.join(sorted(takes[arch]))}, not "
                                f"{', '.join(sorted(given - takes[arch]))}")
+    _set_threads(threads)
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
     if arch == "promptnucseg":
         from karyo.train.pack import pack_promptnucseg
@@ -707,6 +714,7 @@ def query_cmd(
     top_k: Annotated[int, typer.Option(help="Nuclei highlighted in the overlay (the CSV ranks all).")] = 20,
     mpp: Annotated[float | None, typer.Option(help="Microns per pixel of the image.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "cpu",
+    threads: _Threads = None,
 ) -> None:
     """Rank the nuclei of IMAGE by similarity to free TEXT (IVAAN instance–text embeddings); write an overlay
     highlighting the top matches and a ranked CSV."""
@@ -722,6 +730,7 @@ def query_cmd(
         raise InputError(None, f"--top-k must be ≥ 1, got {top_k}")
     _check_out_folder(out)
     check_mpp(mpp, "--mpp")
+    _set_threads(threads)
     net = _load_ivaan(model, segmentor, device)
     img, meta = read_image_meta(image)
     stem = image_stem(image)
