@@ -290,6 +290,32 @@ def test_evaluate_blames_a_ground_truth_mask_that_does_not_fit_its_own_image(tmp
         evaluate_folders(tmp_path / "t", tmp_path / "p")
 
 
+def test_evaluate_notes_unclassified_truth_and_names_unmatched_prediction_ids(tmp_path):
+    from karyo.errors import InputError
+    from karyo.metrics.folders import evaluate_folders
+
+    img = np.zeros((16, 16, 3), np.uint8)
+    inst = np.zeros((16, 16), np.int32)
+    inst[2:6, 2:6], inst[9:14, 9:14] = 1, 2
+    write_layout_sample(tmp_path / "t", karyo.Sample(image=img, instances=inst, classes={1: 1, 2: 2}, name="a",
+                                                     class_names={1: "tumour", 2: "immune"}))
+    write_layout_sample(tmp_path / "p", karyo.Sample(image=img, instances=inst, classes={1: 1, 2: 2}, name="a",
+                                                     class_names={1: "tumour", 2: "immune"}), image=False)
+    (tmp_path / "t" / "classes" / "a.csv").write_text("instance_id,class_id\n1,1\n")  # nucleus 2 lost its row
+    report = evaluate_folders(tmp_path / "t", tmp_path / "p")
+    assert "1 nucleus of the ground truth have no class" in " ".join(report.notes)
+    (tmp_path / "p" / "instances" / "a.png").rename(tmp_path / "p" / "instances" / "a_mask.png")
+    with pytest.raises(InputError, match=r"p/instances/a\.png: instance map not found; a_mask\.png is there: the "
+                                         r"instance map must be named by its image's id exactly"):
+        evaluate_folders(tmp_path / "t", tmp_path / "p")  # split.csv names id a
+    (tmp_path / "p" / "split.csv").unlink()
+    for f in (tmp_path / "p" / "classes").iterdir():
+        f.unlink()
+    with pytest.raises(InputError, match=r"no prediction for 1 of 1 image\(s\), e\.g\. \['a'\]; the predictions' "
+                                         r"ids that match no ground truth are e\.g\. \['a_mask'\]"):
+        evaluate_folders(tmp_path / "t", tmp_path / "p")
+
+
 def test_models_lists_default():
     res = runner.invoke(app, ["models"])
     assert res.exit_code == 0

@@ -132,7 +132,7 @@ class LayoutDataset(SampleSequence):
             if unknown:
                 raise InputError(self.root / "split.csv" if self.splits else self.root,
                                  f"no split named {', '.join(map(repr, unknown))}; splits here: "
-                                 f"{', '.join(sorted(self.splits)) or 'none'}")
+                                 f"{', '.join(sorted(self.splits)) or 'none (no split.csv with id,split rows)'}")
             selected = [i for i in selected if self._rows[i].get("split") in wanted]
         if ids is not None:
             missing = [i for i in ids if i not in self._rows]
@@ -187,7 +187,10 @@ class LayoutDataset(SampleSequence):
             return None, None
         path = _find_by_stem(inst_dir, id_, INSTANCE_SUFFIXES)
         if path is None:
-            raise InputError(inst_dir / f"{id_}.png", "instance map not found")
+            near = sorted(p.name for p in inst_dir.glob(f"{id_}*"))[:3]
+            hint = (f"; {', '.join(near)} is there: the instance map must be named by its image's id exactly"
+                    if near else f" (looked for {id_} with {', '.join(INSTANCE_SUFFIXES)})")
+            raise InputError(inst_dir / f"{id_}.png", "instance map not found" + hint)
         instances = read_instances(path, shape)
         csv_path = self.root / "classes" / f"{id_}.csv"
         if self.class_names is None and not csv_path.is_file():

@@ -12,7 +12,7 @@ import numpy as np
 from karyo.data.datasets import open_dataset
 from karyo.data.io import read_image_meta
 from karyo.data.layout import LayoutDataset
-from karyo.data.sample import type_map
+from karyo.data.sample import nuclei_phrase, type_map
 from karyo.errors import InputError
 from karyo.metrics.evaluate import EvaluationReport, ImagePair, evaluate
 
@@ -53,9 +53,12 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
     names = list(truth.ids)
     absent = [n for n in names if n not in pred_index]
     if absent and missing == "error":
+        unmatched = sorted(set(pred_index) - set(names))
+        others = (f"; the predictions' ids that match no ground truth are e.g. {unmatched[:3]} (ids are file names "
+                  f"without suffix, e.g. instances/<id>.png)" if unmatched else "")
         raise InputError(pred_root, f"no prediction for {len(absent)} of {len(names)} image(s), e.g. "
-                                    f"{absent[:3]} (use --missing empty to score them as empty, --missing skip "
-                                    f"to score only the predicted ones)")
+                                    f"{absent[:3]}{others} (use --missing empty to score them as empty, --missing "
+                                    f"skip to score only the predicted ones)")
     if missing == "skip" and len(absent) == len(names):
         raise InputError(pred_root, f"no prediction for any of the {len(names)} ground-truth image(s)")
     scored = [i for i, n in enumerate(names) if missing != "skip" or n in pred_index]
@@ -73,7 +76,10 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
         for done, i in enumerate(scored, start=1):
             t_inst, t_cls, name, tissue = _labels(truth, i)
             if t_inst is None:
-                raise InputError(Path(true), f"{name}: ground truth has no instance map")
+                raise InputError(Path(true), f"{name}: ground truth has no instance map (a karyo layout keeps them "
+                                             f"in instances/<id>.png or .tif beside images/; see docs/data.md)")
+            if t_cls is not None:
+                unclassified[0] += int(np.count_nonzero(np.unique(t_inst))) - sum(1 for c in t_cls.values() if c)
             if name in pred_index:
                 p_inst, p_cls, _, _ = _labels(preds, pred_index[name])
                 if classes_off:
@@ -92,7 +98,11 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
             if on_image is not None:
                 on_image(done, len(scored))
 
+    unclassified = [0]  # ground-truth nuclei without a class (no CSV row, or class 0), counted as pairs are read
     report = evaluate(pairs(), class_names=true_names or None)
+    if unclassified[0] and report.classified:
+        notes.append(f"{nuclei_phrase(unclassified[0])} of the ground truth have no class (no row in classes/<id>.csv "
+                     f"or class 0): they count for detection and segmentation, not for classification")
     later = tuple(n for n in report.notes if not (classes_off and n.startswith("classification metrics skipped")))
     return dataclasses.replace(report, notes=(*notes, *later)) if notes else report  # one reason per skip
 

@@ -73,7 +73,8 @@ class MappedSamples(SampleSequence):
     def _load(self, i: int) -> Sample:
         s = self.base[i]
         if s.instances is None:
-            raise InputError(s.source or s.name, "training needs an instance map")
+            raise InputError(s.source or s.name, "training needs an instance map of this image (in a karyo layout: "
+                                                 "instances/<id>.png or .tif beside images/; docs/data.md)")
         ids = np.unique(s.instances)
         ids = ids[ids > 0].tolist()
         if self.spec.classes == "none" or s.classes is None:
