@@ -318,3 +318,13 @@ def test_a_binary_mask_read_as_instances_is_noted(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_instances(tmp_path / "ok.png")
+
+
+def test_a_channels_first_array_is_refused_with_the_fix():
+    """torch's C×H×W given where H×W×C belongs used to reach the model as 3 rows of 256 channels."""
+    import karyo
+    from karyo.errors import InputError
+
+    with pytest.raises(InputError, match=r"\(3, 64, 64\) looks channels-first.*np\.moveaxis\(image, 0, -1\)"):
+        karyo.load("classical").segment(np.zeros((3, 64, 64), np.uint8))
+    assert karyo.load("classical").segment(np.zeros((64, 64, 3), np.uint8)).n_nuclei == 0

@@ -76,6 +76,9 @@ def as_hwc(image: np.ndarray, source: str | None = None) -> np.ndarray:
         raise InputError(source, f"image is empty (shape {image.shape})")
     if image.dtype.kind not in "uif" and image.dtype != bool:
         raise InputError(source, f"image has unsupported dtype {image.dtype}")
+    if image.shape[0] <= 4 and min(image.shape[1:]) > 16:  # 3×256×256 read as 3 rows of 256 channels
+        raise InputError(source, f"image of shape {image.shape} looks channels-first (C×H×W, as torch holds it); "
+                                 f"karyo takes H×W×C: pass np.moveaxis(image, 0, -1)")
     return image
 
 
