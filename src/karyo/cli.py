@@ -718,7 +718,7 @@ def query_cmd(
 ) -> None:
     """Rank the nuclei of IMAGE by similarity to free TEXT (IVAAN instance–text embeddings); write an overlay
     highlighting the top matches and a ranked CSV."""
-    from karyo.data.io import image_stem, read_image_meta, write_image
+    from karyo.data.io import image_stem, read_image_meta, write_image, write_instances
     from karyo.errors import InputError
     from karyo.export.overlay import draw_overlay
     from karyo.export.writers import write_table_csv
@@ -734,8 +734,9 @@ def query_cmd(
     net = _load_ivaan(model, segmentor, device)
     img, meta = read_image_meta(image)
     stem = image_stem(image)
-    result = net.segment(img, mpp=mpp or meta.get("mpp"), name=stem)
-    ranked = net.query(result, text)
+    with _warnings_as_notes():
+        result = net.segment(img, mpp=mpp or meta.get("mpp"), name=stem)
+        ranked = net.query(result, text)
     top = ranked.head(max(0, top_k))
     # best match white, fading to orange down the top-k; all other nuclei keep their class colours (dimmed)
     n = max(1, len(top) - 1)
@@ -745,8 +746,11 @@ def query_cmd(
                            highlight=highlight)
     write_image(out / f"{stem}_query.png", overlay)
     write_table_csv(out / f"{stem}_query.csv", ranked)
-    console.print(f"{nuclei_phrase(len(ranked))} ranked for {text!r}; top {len(top)} highlighted → "
-                  f"{out}/{stem}_query.png, {stem}_query.csv", highlight=False)
+    write_instances(out / f"{stem}_instances.png", result.instances)  # instance_id → pixels, for joins
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    console.print(f"{nuclei_phrase(len(ranked))} ranked for {shown!r}; top {len(top)} highlighted → "
+                  f"{out}/{stem}_query.png, {stem}_query.csv ({stem}_instances.png: their instance map)",
+                  highlight=False)
 
 
 benchmark_app = typer.Typer(no_args_is_help=True, help="Benchmark protocols that train and evaluate models.")

@@ -312,5 +312,9 @@ def test_karyo_query_writes_overlay_and_ranked_csv(tmp_path, monkeypatch):
     overlay = read_image(tmp_path / "q" / "tile_query.png")
     assert overlay.shape == img.shape
     assert ((overlay == (255, 255, 255)).all(-1)).any()  # the best match is outlined in white
+    from karyo.data.io import read_instances
+
+    instances = read_instances(tmp_path / "q" / "tile_instances.png")  # the ranked ids, joinable to attributes
+    assert set(ranked["instance_id"]) == set(np.unique(instances[instances > 0]).tolist())
     bad = CliRunner().invoke(app, ["query", str(tmp_path / "tile.png"), "x", "--out", str(tmp_path / "q2")])
     assert bad.exit_code == 2 and "--model" in bad.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -113,6 +114,14 @@ def test_minilm_embeddings_are_unit_vectors_and_meaningful(minilm, tmp_path):
     assert cached.encoder_calls == 1 and cached.hits == 1
     assert np.array_equal(a, b)
     assert np.allclose(a, minilm.encode(["a large nucleus"]), atol=1e-6)
+
+
+def test_minilm_says_when_it_cuts_a_long_text(minilm):
+    with pytest.warns(UserWarning, match=r"tokens long; the text encoder \(all-MiniLM-L6-v2\) reads only its first"):
+        minilm.encode(["large dark nucleus " * 200])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        minilm.encode(["large dark nucleus"])
 
 
 def test_class_prompt_embeddings_are_normalised_means(tmp_path):

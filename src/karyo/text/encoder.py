@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -61,6 +62,15 @@ class SentenceTransformerEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32)
+        limit = getattr(self._model, "max_seq_length", None)
+        tokenizer = getattr(self._model, "tokenizer", None)
+        if limit and tokenizer is not None:
+            for text in texts:
+                n = len(tokenizer(text, add_special_tokens=True)["input_ids"])
+                if n > limit:  # the encoder silently keeps the first tokens only
+                    shown = text if len(text) <= 60 else text[:57] + "..."
+                    warnings.warn(f"text {shown!r} is {n} tokens long; the text encoder ({self.name}) reads only "
+                                  f"its first {limit}", stacklevel=2)
         emb = self._model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
                                  normalize_embeddings=True, show_progress_bar=False)
         return np.ascontiguousarray(emb, dtype=np.float32)
