@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,10 @@ class LevelModel:
         rows = df[df["Flag.Valid"].to_numpy(dtype=bool)] if valid_only and "Flag.Valid" in df.columns else df
         if mode == "per_class" and class_column not in rows.columns:
             raise KeyError(f"per-class levels need the class column {class_column!r}")
+        if len(rows) < min_class_count:
+            warnings.warn(f"attribute levels fitted on {len(rows)} nuclei: the words (small ... large, pale ... dark) "
+                          f"compare each nucleus with so few others that they say little; fit them on a dataset and "
+                          f"reuse its levels.json (--levels)", stacklevel=2)
         thresholds: dict[str, dict[str, list[float]]] = {}
         for col in cols:
             n_levels = len(level_words(col))
@@ -134,8 +139,6 @@ class LevelModel:
         model = cls.from_json(path.read_text(encoding="utf-8"), str(path))
         current = prompts_version()
         if model.prompts_version != current:
-            import warnings
-
             warnings.warn(f"{path}: fitted with prompts version {model.prompts_version}, the installed prompts "
                           f"are version {current}; sentences may differ from training", stacklevel=2)
         return model
