@@ -202,18 +202,18 @@ def test_model_folder_round_trip_descriptions_and_geojson(tmp_path):
     sim = res.embeddings @ model.prompter.class_text[1:].numpy().T
     assert [res.classes[i] for i in ids] == (sim.argmax(1) + 1).tolist()
     props = res.properties[ids[0]]
-    assert set(props) == {"level_d_eq", "level_eccentricity", "level_color_z", "level_perim_ratio", "description",
+    assert set(props) == {"predicted_level_d_eq", "predicted_level_eccentricity", "predicted_level_color_z", "predicted_level_perim_ratio", "predicted_description",
                           "text_similarity"}
-    assert props["level_d_eq"] in ("small", "medium-sized", "large")
-    assert props["description"].endswith(("contour", "nucleus")) and props["level_d_eq"] in props["description"]
+    assert props["predicted_level_d_eq"] in ("small", "medium-sized", "large")
+    assert props["predicted_description"].endswith(("contour", "nucleus")) and props["predicted_level_d_eq"] in props["predicted_description"]
     table = res.table()
-    assert {"description", "level_d_eq"} <= set(table.columns)
-    assert table.set_index("instance_id").loc[ids[0], "description"] == props["description"]
+    assert {"predicted_description", "predicted_level_d_eq"} <= set(table.columns)
+    assert table.set_index("instance_id").loc[ids[0], "predicted_description"] == props["predicted_description"]
     written = save_result(res, tmp_path / "out", img, stem="im")
     feats = json.loads(written["geojson"].read_text())["features"]
     by_id = {f["properties"]["instance_id"]: f["properties"] for f in feats}
-    assert by_id[ids[0]]["description"] == props["description"]
-    assert "level_color_z" in by_id[ids[-1]]
+    assert by_id[ids[0]]["predicted_description"] == props["predicted_description"]
+    assert "predicted_level_color_z" in by_id[ids[-1]]
     # the folder round trip gives the same output, level model included
     model.save(tmp_path / "m")
     again = karyo.models.load_model_dir(tmp_path / "m")
@@ -237,7 +237,7 @@ def test_query_ranks_by_text_similarity_and_loads_encoder_lazily(monkeypatch):
     q = enc.encode(["large dark nuclei"])[0]
     emb = np.stack([enc.encode(["small pale"])[0], q, 0.6 * q + 0.4 * enc.encode(["small"])[0]])
     res = IVAANResult(inst, classes={1: 1, 2: 2, 3: 3}, class_names={1: "a", 2: "b", 3: "c"},
-                      properties={i: {"description": f"n{i}"} for i in (1, 2, 3)}, embeddings=emb,
+                      properties={i: {"predicted_description": f"n{i}"} for i in (1, 2, 3)}, embeddings=emb,
                       embedding_ids=np.array([1, 2, 3]))
     before = enc.calls
     assert loads == []  # segmenting and building results never needs the text encoder
@@ -246,7 +246,7 @@ def test_query_ranks_by_text_similarity_and_loads_encoder_lazily(monkeypatch):
     assert ranked["instance_id"].tolist() == [2, 3, 1]
     assert ranked["rank"].tolist() == [1, 2, 3] and ranked["similarity"].is_monotonic_decreasing
     assert ranked["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-5)
-    assert ranked["description"].tolist() == ["n2", "n3", "n1"] and ranked["class_name"].tolist() == ["b", "c", "a"]
+    assert ranked["predicted_description"].tolist() == ["n2", "n3", "n1"] and ranked["class_name"].tolist() == ["b", "c", "a"]
     assert model.query(res, "large dark nuclei", top_k=1)["instance_id"].tolist() == [2]
     assert enc.calls - before == 2 and len(loads) == 1  # one encode per query; the encoder is loaded once
     with pytest.raises(karyo.InputError, match=r"IVAANModel\.segment"):

@@ -171,7 +171,7 @@ def test_karyo_train_ivaan_exports_a_model(consep, shared_data, tmp_path, one_th
     model.config.score_threshold, model.config.mask_threshold, model.config.min_kept_fraction = 0.05, 0.2, 0.0
     out = model.segment(LayoutDataset(root, ids=IDS[:1])[0].image)
     assert out.n_nuclei > 0
-    assert all("sharp boundary" in p["description"] or "blurred boundary" in p["description"]
+    assert all("sharp boundary" in p["predicted_description"] or "blurred boundary" in p["predicted_description"]
                for p in out.properties.values())
     # tuned on the run's validation images: the chosen setting is the rule's pick of the rows saved beside it
     import karyo.train.pack as pack

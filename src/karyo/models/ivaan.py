@@ -402,7 +402,8 @@ class IVAANModel(PromptNucSegModel):
         instances, prompt_of, scores = resolved.instances, resolved.classes, resolved.scores
         ids = np.array(sorted(prompt_of), np.int64)
         rows = np.array([prompt_of[i] for i in ids], np.int64)
-        # levels and sentences only from a model trained to predict them (untrained heads would say nonsense)
+        # levels and sentences only from a model trained to predict them (untrained heads would say nonsense); named
+        # predicted_*, as they are the head's guess and can disagree with the measured attributes
         described = cfg.ivaan.attribute_prediction
         sentences = self.describe_levels(levels[rows], cls[rows]) if len(rows) and described else []
         words = _level_words(cfg.ivaan.attributes)
@@ -410,9 +411,9 @@ class IVAANModel(PromptNucSegModel):
         for k, (inst, j) in enumerate(zip(ids.tolist(), rows.tolist(), strict=True)):
             props: dict = {}
             if described:
-                props = {f"level_{N.paper_name(a)}": words[a][int(levels[j, m])]
+                props = {f"predicted_level_{N.paper_name(a)}": words[a][int(levels[j, m])]
                          for m, a in enumerate(cfg.ivaan.attributes)}
-                props["description"] = sentences[k]
+                props["predicted_description"] = sentences[k]
             if cfg.ivaan.text_classification and np.isfinite(text_sim[j]):
                 props["text_similarity"] = round(float(text_sim[j]), 4)
             properties[inst] = props
@@ -425,7 +426,8 @@ class IVAANModel(PromptNucSegModel):
     def query(self, result: SegmentationResult, text: str, top_k: int | None = None) -> pd.DataFrame:
         """Nuclei of ``result`` ranked by cosine similarity of their embeddings to the embedding of ``text``
         (any free text; the text encoder is loaded on first use): columns rank, instance_id, similarity,
-        centroid_x, centroid_y, area, class_name, and description when the model predicts attribute levels.
+        centroid_x, centroid_y, area, class_name, and predicted_description when the model predicts attribute levels
+        (the sentence of the levels its head predicts, not of measured attributes: ``karyo attributes`` measures).
         ``top_k`` keeps the best k."""
         emb = getattr(result, "embeddings", None)
         if emb is None:
@@ -446,7 +448,7 @@ class IVAANModel(PromptNucSegModel):
         ranked = ids[order]
         df = pd.DataFrame({"rank": np.arange(1, len(order) + 1), "instance_id": ranked,
                            "similarity": sim[order].astype(np.float64)})
-        for col in ("centroid_x", "centroid_y", "area", "class_name", "description"):
+        for col in ("centroid_x", "centroid_y", "area", "class_name", "predicted_description"):
             if col in table.columns:
                 df[col] = table[col].reindex(ranked).to_numpy()
         return df
