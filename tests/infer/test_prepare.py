@@ -93,3 +93,25 @@ def test_fluorescence_saved_as_rgb_is_noted_and_a_wrong_channel_count_names_the_
     with pytest.raises(InputError, match=r"m\.tif: this model takes 3-channel images, got 2 channels; pick them "
                                          r"with --channels"):
         model_input(np.zeros((16, 16, 2), np.uint16), 3, (0.0,) * 3, (1.0,) * 3, "m.tif")
+
+
+def test_inputs_smaller_than_the_model_tile_are_padded_with_reflected_tissue():
+    """A 96-px crop padded with a flat colour to the 256-px model tile lost its nuclei (0 of 7 on the sample);
+    reflected, it finds about what the whole tile finds there."""
+    import karyo
+    from karyo.data.io import read_image
+    from karyo.infer.prepare import pad_input
+    from karyo.samples import sample_path
+
+    x = torch.arange(6, dtype=torch.float32).view(1, 1, 2, 3)
+    padded = pad_input(x, multiple=8)
+    assert padded.shape == (1, 1, 8, 8)
+    np.testing.assert_array_equal(padded[0, 0, 0].numpy(), [0, 1, 2, 1, 0, 1, 2, 1])  # reflected again and again
+    np.testing.assert_array_equal(padded[0, 0, :, 0].numpy(), [0, 3, 0, 3, 0, 3, 0, 3])
+    image = read_image(sample_path())
+    model = karyo.load("default")
+    whole = model.segment(image).table()
+    y0 = x0 = 80
+    inside = whole[whole.centroid_x.between(x0 + 4, x0 + 91) & whole.centroid_y.between(y0 + 4, y0 + 91)]
+    crop = model.segment(image[y0:y0 + 96, x0:x0 + 96])
+    assert len(inside) == 7 and 6 <= crop.n_nuclei <= 10
