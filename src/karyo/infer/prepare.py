@@ -186,8 +186,8 @@ def resample_to_model(x: torch.Tensor, mpp: float | None, model_mpp: float, sour
 def pad_input(x: torch.Tensor, multiple: int = 32, min_size: int = 0) -> torch.Tensor:
     """Pad bottom/right to a multiple of ``multiple`` and at least ``min_size``, by reflection (repeated where the
     padding is wider than the image). Tissue, not a flat colour: padded with the mean colour, a 128-px tile at the
-    256-px model tile lost half its nuclei (validation images cut to 128 px: PQ 0.206 against 0.425 reflected;
-    to 64 px 0.164 against 0.354; docs/benchmarks.md)."""
+    256-px model tile lost half its nuclei (validation images cut to 128 px: PQ 0.206 against 0.433 reflected;
+    to 64 px 0.164 against 0.416; docs/benchmarks.md)."""
     h, w = x.shape[2:]
     ph, pw = max(h, min_size), max(w, min_size)
     ph, pw = ph + (-ph) % multiple, pw + (-pw) % multiple
