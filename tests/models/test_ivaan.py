@@ -202,10 +202,11 @@ def test_model_folder_round_trip_descriptions_and_geojson(tmp_path):
     sim = res.embeddings @ model.prompter.class_text[1:].numpy().T
     assert [res.classes[i] for i in ids] == (sim.argmax(1) + 1).tolist()
     props = res.properties[ids[0]]
-    assert set(props) == {"predicted_level_d_eq", "predicted_level_eccentricity", "predicted_level_color_z", "predicted_level_perim_ratio", "predicted_description",
-                          "text_similarity"}
+    assert set(props) == {"predicted_level_d_eq", "predicted_level_eccentricity", "predicted_level_color_z",
+                          "predicted_level_perim_ratio", "predicted_description", "text_similarity"}
     assert props["predicted_level_d_eq"] in ("small", "medium-sized", "large")
-    assert props["predicted_description"].endswith(("contour", "nucleus")) and props["predicted_level_d_eq"] in props["predicted_description"]
+    sentence = props["predicted_description"]
+    assert sentence.endswith(("contour", "nucleus")) and props["predicted_level_d_eq"] in sentence
     table = res.table()
     assert {"predicted_description", "predicted_level_d_eq"} <= set(table.columns)
     assert table.set_index("instance_id").loc[ids[0], "predicted_description"] == props["predicted_description"]
@@ -246,7 +247,8 @@ def test_query_ranks_by_text_similarity_and_loads_encoder_lazily(monkeypatch):
     assert ranked["instance_id"].tolist() == [2, 3, 1]
     assert ranked["rank"].tolist() == [1, 2, 3] and ranked["similarity"].is_monotonic_decreasing
     assert ranked["similarity"].iloc[0] == pytest.approx(1.0, abs=1e-5)
-    assert ranked["predicted_description"].tolist() == ["n2", "n3", "n1"] and ranked["class_name"].tolist() == ["b", "c", "a"]
+    assert ranked["predicted_description"].tolist() == ["n2", "n3", "n1"]
+    assert ranked["class_name"].tolist() == ["b", "c", "a"]
     assert model.query(res, "large dark nuclei", top_k=1)["instance_id"].tolist() == [2]
     assert enc.calls - before == 2 and len(loads) == 1  # one encode per query; the encoder is loaded once
     with pytest.raises(karyo.InputError, match=r"IVAANModel\.segment"):

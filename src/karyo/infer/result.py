@@ -142,6 +142,30 @@ def tag_prompted(result: SegmentationResult, points: np.ndarray | None) -> Segme
     return result
 
 
+def drop_unprompted(result: SegmentationResult, points) -> SegmentationResult:
+    """Only the nuclei under ``points`` (x, y, the image's pixels), ids renumbered 1..N in their order: a prompt
+    whose mask missed its own point (a click on background can give a sliver beside it) gave no nucleus the
+    caller asked for, and a row without ``point_index`` cannot be traced to a click. Changed in place."""
+    if points is None:
+        return result
+    h, w = result.instances.shape[:2]
+    xy = np.clip(np.floor(np.asarray(points, np.float64).reshape(-1, 2) + 0.5), 0, [w - 1, h - 1]).astype(np.int64)
+    hit = set(result.instances[xy[:, 1], xy[:, 0]].tolist()) - {0}
+    present = np.unique(result.instances)
+    kept = [int(i) for i in present if i and int(i) in hit]
+    if len(kept) == len(present) - int(present[0] == 0):
+        return result
+    lut = np.zeros(int(present.max()) + 1, np.int32)
+    lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    new = {old: int(lut[old]) for old in kept}
+    result.instances = lut[result.instances]
+    result.classes = {new[k]: v for k, v in result.classes.items() if k in new}
+    result.scores = {new[k]: v for k, v in result.scores.items() if k in new}
+    if result.properties is not None:
+        result.properties = {new[k]: v for k, v in result.properties.items() if k in new} or None
+    return result
+
+
 def finish(result: SegmentationResult, points: np.ndarray | None, mpp: float | None) -> SegmentationResult:
     """What every model's ``segment`` does last: record the image's ``mpp`` and tag prompted nuclei
     (:func:`tag_prompted`)."""
