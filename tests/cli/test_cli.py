@@ -271,6 +271,7 @@ def test_evaluate_matches_classes_by_name_and_skips_foreign_ones(tmp_path):
 
 
 def test_evaluate_blames_a_ground_truth_mask_that_does_not_fit_its_own_image(tmp_path):
+    """Whether or not class CSVs come first (a cropped map loses the ids its CSV names)."""
     from karyo.data.io import write_instances
     from karyo.errors import InputError
     from karyo.metrics.folders import evaluate_folders
@@ -281,8 +282,15 @@ def test_evaluate_blames_a_ground_truth_mask_that_does_not_fit_its_own_image(tmp
     write_layout_sample(tmp_path / "t", karyo.Sample(image=img, instances=inst, name="a"))
     write_layout_sample(tmp_path / "p", karyo.Sample(image=img, instances=inst, name="a"), image=False)
     write_instances(tmp_path / "t" / "instances" / "a.png", inst[:12])  # the annotation is cropped
-    with pytest.raises(InputError, match=r"t/images/a\.png: the ground truth's instance map of a is 16×12 px, its "
-                                         r"image 16×16 px"):
+    with pytest.raises(InputError, match=r"t/instances/a\.png: instance map shape 16×12 differs from image shape "
+                                         r"16×16 \(a\.png\)"):
+        evaluate_folders(tmp_path / "t", tmp_path / "p")
+    classified = karyo.Sample(image=img, instances=inst, classes={1: 1}, class_names={1: "tumour"}, name="a")
+    write_layout_sample(tmp_path / "t", classified)
+    cropped = np.zeros_like(inst)
+    cropped[12:, 12:] = 1  # the nucleus is cut away: classes/a.csv names an id the map no longer holds
+    write_instances(tmp_path / "t" / "instances" / "a.png", cropped[:12])
+    with pytest.raises(InputError, match=r"t/instances/a\.png: instance map shape 16×12 differs from image shape"):
         evaluate_folders(tmp_path / "t", tmp_path / "p")
     write_instances(tmp_path / "t" / "instances" / "a.png", inst)
     write_instances(tmp_path / "p" / "instances" / "a.png", inst[:12])  # now the prediction is wrong

@@ -195,7 +195,24 @@ class LayoutDataset(SampleSequence):
         csv_path = self.root / "classes" / f"{id_}.csv"
         if self.class_names is None and not csv_path.is_file():
             return instances, None
-        return instances, read_class_csv(csv_path, instances, self.class_names)
+        try:
+            return instances, read_class_csv(csv_path, instances, self.class_names)
+        except InputError:
+            if shape is None:  # read without the image: a cropped map loses ids, so say that first if it is so
+                self.check_against_image(id_, instances.shape)
+            raise
+
+    def check_against_image(self, id_: str, shape: tuple[int, ...]) -> None:
+        """Refuse, naming the file, an instance map of ``shape`` read without its image (evaluation reads labels
+        only) that does not fit that image; nothing to check in a labels-only folder."""
+        image = self._images.get(id_)
+        if image is None:
+            return
+        path = _find_by_stem(self.root / "instances", id_, INSTANCE_SUFFIXES)
+        image_shape = read_image_meta(image)[0].shape[:2]
+        if tuple(image_shape) != tuple(shape[:2]):
+            raise InputError(path, f"instance map shape {shape[1]}×{shape[0]} differs from image shape "
+                                   f"{image_shape[1]}×{image_shape[0]} ({image.name})")
 
     def _load(self, i: int) -> Sample:
         id_ = self._ids[i]

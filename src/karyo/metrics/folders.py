@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from karyo.data.datasets import open_dataset
-from karyo.data.io import read_image_meta
 from karyo.data.layout import LayoutDataset
 from karyo.data.sample import nuclei_phrase, type_map
 from karyo.errors import InputError
@@ -89,7 +88,8 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
             else:
                 p_inst, p_cls = np.zeros_like(t_inst), ({} if t_cls is not None else None)
             if p_inst.shape != t_inst.shape:
-                _check_truth_against_its_image(truth, name, t_inst.shape)
+                if isinstance(truth, LayoutDataset):  # the ground truth's own map may be what does not fit
+                    truth.check_against_image(name, t_inst.shape)
                 raise InputError(pred_root / "instances" / name, f"prediction shape {p_inst.shape} differs from "
                                                                  f"ground truth {t_inst.shape}")
             yield ImagePair(name=name, true_inst=t_inst, pred_inst=p_inst, tissue=tissue,
@@ -105,22 +105,6 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
                      f"or class 0): they count for detection and segmentation, not for classification")
     later = tuple(n for n in report.notes if not (classes_off and n.startswith("classification metrics skipped")))
     return dataclasses.replace(report, notes=(*notes, *later)) if notes else report  # one reason per skip
-
-
-def _check_truth_against_its_image(truth, name: str, shape: tuple[int, ...]) -> None:
-    """When the shapes disagree, blame the ground truth if its own instance map does not fit its image (evaluation
-    reads labels without decoding images, so this is only checked once something is wrong)."""
-    image_path = getattr(truth, "image_path", None)
-    if image_path is None:
-        return
-    try:
-        path = image_path(name)
-        image_shape = read_image_meta(path)[0].shape[:2]
-    except InputError:  # no image beside the labels (a labels-only folder): nothing to compare with
-        return
-    if tuple(image_shape) != tuple(shape):
-        raise InputError(path, f"the ground truth's instance map of {name} is {shape[1]}×{shape[0]} px, its image "
-                               f"{image_shape[1]}×{image_shape[0]} px")
 
 
 def _class_relabelling(true_names: dict[int, str], pred_names: dict[int, str]) -> tuple[dict[int, int], bool]:
