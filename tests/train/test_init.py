@@ -299,3 +299,14 @@ def test_init_on_the_same_class_names_numbered_otherwise_reorders_the_class_laye
     for key in ("cls_head.3.weight", "cls_head.3.bias"):
         torch.testing.assert_close(end[key], start[key][[0, 2, 1]], rtol=0, atol=0)
     assert all(torch.equal(end[k], start[k]) for k in start if not k.startswith("cls_head.3."))
+
+
+def test_init_onto_data_without_classes_says_the_model_finds_nuclei_only(tmp_path, caplog):
+    from karyo.train.loop import load_init_state
+
+    two = Prompter(tiny_prompter()).state_dict()
+    one = Prompter(dataclasses.replace(tiny_prompter(), num_classes=1, class_names={1: "nucleus"}))
+    with caplog.at_level("WARNING"):
+        assert load_init_state(one, two, tmp_path / "two.pt") == ["cls_head.3.bias", "cls_head.3.weight"]
+    assert "two.pt: its class layer is not used (it starts afresh): these data have no classes, so the model " \
+           "learns to find nuclei only (one class, 'nucleus')" in caplog.text

@@ -295,8 +295,12 @@ def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLi
     if restarted:
         state = {k: v for k, v in state.items() if k not in restarted}
         optional = (*optional, *class_head)
-        why = "names other classes" if other_classes else "has another class count"
-        log.warning("%s: class layer %s %s; it starts afresh", source, ", ".join(restarted), why)
+        names = getattr(getattr(model, "config", None), "class_names", None) or {}
+        if list(names.values()) == ["nucleus"]:  # the data name no classes (@none, or no classes.json)
+            why = "these data have no classes, so the model learns to find nuclei only (one class, 'nucleus')"
+        else:
+            why = "it was trained on other classes" if other_classes else "it has another number of classes"
+        log.warning("%s: its class layer is not used (it starts afresh): %s", source, why)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even when not strict
