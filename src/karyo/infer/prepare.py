@@ -38,7 +38,7 @@ def model_input(image: np.ndarray, in_chans: int, mean: Sequence[float], std: Se
     if adapter is not None:
         return _adapter_input(image, adapter, channel_names, source)
     image = as_hwc(image, source)
-    if in_chans == 3 and channel_names and is_marker_image(image.shape[2], channel_names):
+    if in_chans == 3 and channel_names and image.shape[2] in (3, 4) and is_marker_image(image.shape[2], channel_names):
         warnings.warn(f"{source or 'image'}: its channels are named {', '.join(map(str, channel_names))}, but this "
                       f"model reads RGB H&E, so they are taken as R, G and B; markers need a model trained on "
                       f"them (`karyo train` with --channels)", stacklevel=3)
@@ -57,8 +57,12 @@ def model_input(image: np.ndarray, in_chans: int, mean: Sequence[float], std: Se
     elif in_chans == 3 and image.shape[2] == 4:
         image = image[..., :3]
     if image.shape[2] != in_chans:
-        raise InputError(source, f"this model takes {in_chans}-channel images, got {image.shape[2]} channels; pick "
-                                 f"them with --channels (e.g. --channels 0,1,2, or names)")
+        n = image.shape[2]
+        fix = (f"choose {in_chans} with --channels (Python: karyo.infer.prepare.select_channels), e.g. "
+               f"{','.join(map(str, range(in_chans)))} or names" if n > in_chans else
+               "give it one channel (--channels 0) to read as gray, or for fluorescence use the classical model "
+               "(--model classical) or one trained on such images")
+        raise InputError(source, f"this model takes {in_chans}-channel images, got {n} channels; {fix}")
     _note_narrow_uint16(image, source)
     x = prepare_image(image, source)
     x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
