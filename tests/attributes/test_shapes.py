@@ -366,6 +366,10 @@ def test_uint16_and_float_rgb_images_are_accepted():
     a = measure_nuclei(img8, labels)
     b = measure_nuclei(img8.astype(np.uint16) * 257, labels)
     assert a["Color.HematoxylinRaw"].to_numpy() == pytest.approx(b["Color.HematoxylinRaw"].to_numpy())
+    # float in [0, 1], as segment() takes it: the same table (it used to be stretched by its percentiles)
+    pd.testing.assert_frame_equal(measure_nuclei(img8 / 255.0, labels), a)
+    with pytest.raises(InputError, match=r"float images must hold values in \[0, 1\]"):
+        measure_nuclei(img8.astype(np.float32), labels)
 
 
 def test_paper_names_resolve_to_columns():

@@ -166,6 +166,10 @@ def measure_arrays(image: np.ndarray, instances: np.ndarray, *, normalizer: Mace
         raise InputError(source, f"{len(channel_names)} channel names for an image with {image.shape[2]} channels")
     if is_marker_image(image.shape[2], channel_names) or nuclear_channel is not None:
         return _measure_markers(image, labels, channel_names, nuclear_channel, opts, source)
+    if image.dtype.kind == "f" and image.shape[2] >= 3:  # RGB as segment() reads it: [0, 1] (else refused), so
+        from karyo.data.augment import prepare_image  # img / 255 measures as img does
+
+        image = np.round(prepare_image(image, source) * 255.0).astype(np.uint8)
     if channel_names is None and grey_fluorescence(image):
         warnings.warn(f"{source or 'image'}: R, G and B are equal and the background is dark: measured as one "
                       f"fluorescence channel, not as H&E (save it as one channel to silence this)",
