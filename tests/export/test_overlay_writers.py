@@ -116,3 +116,24 @@ def test_results_hold_plain_ints_and_print_short():
                       embedding_ids=np.array([1]), model="ivaan")
     assert json.dumps(res.classes) == '{"1": 2}' and type(next(iter(res.scores.values()))) is float
     assert repr(res) == "<IVAANResult: 1 nucleus in 6×6 px, {'b': 1}, model 'ivaan'>"
+
+
+def test_save_names_files_by_the_image_id_and_refuses_paths(tmp_path):
+    import os
+
+    import numpy as np
+    import pytest
+
+    from karyo.errors import InputError
+    from karyo.infer.result import SegmentationResult
+
+    inst = np.zeros((8, 8), np.int32)
+    inst[2:5, 2:5] = 1
+    result = SegmentationResult(inst, classes={1: 1}, scores={1: 0.9}, name="x.tif")
+    result.save(tmp_path)
+    assert os.listdir(tmp_path / "instances") == ["x.png"]  # the id evaluate pairs with ground truth x
+    for bad in ("../escape", "sub/dir"):
+        with pytest.raises(InputError, match="cannot be a file name"):
+            result.save(tmp_path, stem=bad)
+    with pytest.raises(InputError, match="the overlay needs the image"):
+        result.save(tmp_path, outputs=["overlay"])

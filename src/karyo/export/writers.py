@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from karyo.data.io import write_image, write_instances, write_text
+from karyo.data.io import image_stem, write_image, write_instances, write_text
+from karyo.errors import InputError
 from karyo.export.geojson import nucleus_features, write_geojson
 from karyo.export.overlay import draw_overlay
 from karyo.infer.result import SegmentationResult
@@ -41,11 +42,16 @@ def save_result(result: SegmentationResult, out_dir: str | os.PathLike, image: n
                 properties=None) -> dict[str, Path]:
     """Write the requested outputs of one image; returns {output kind: path}."""
     out = Path(out_dir)
-    stem = stem or result.name or "image"
+    name = stem or result.name or "image"
+    if name != Path(name).name or name in (".", ".."):
+        raise InputError(None, f"name {name!r} cannot be a file name in {out} (no folders in it)")
+    stem = image_stem(name)  # "x.tif" writes x.png, the id that karyo evaluate pairs with ground truth x
     outputs = set(outputs)
     unknown = outputs - set(ALL_OUTPUTS)
     if unknown:
         raise ValueError(f"unknown output kind(s) {sorted(unknown)}; choose from {ALL_OUTPUTS}")
+    if "overlay" in outputs and image is None and outputs != set(ALL_OUTPUTS):
+        raise InputError(None, "the overlay needs the image: pass it (result.save(out, image, ...))")
     written: dict[str, Path] = {}
     if "instances" in outputs:
         suffix, other = (".png", ".tif") if result.instances.max(initial=0) <= 65535 else (".tif", ".png")

@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from karyo.data.sample import Sample, nuclei_phrase
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: a generated __eq__ over the instance array raises
 class SegmentationResult:
     """Nuclei found in one image.
 
@@ -148,11 +148,27 @@ def drop_unprompted(result: SegmentationResult, points) -> SegmentationResult:
     caller asked for, and a row without ``point_index`` cannot be traced to a click. Changed in place."""
     if points is None:
         return result
-    h, w = result.instances.shape[:2]
+    return _keep_instances(result, _ids_under(result.instances, points))
+
+
+def drop_negated(result: SegmentationResult, negative) -> SegmentationResult:
+    """Every nucleus but those under ``negative`` points (automatic segmentation with some nuclei clicked away,
+    as CellViT's and HoVer-Net's selection does); ids renumbered 1..N. Changed in place."""
+    if negative is None or len(negative) == 0:
+        return result
+    present = set(np.unique(result.instances).tolist()) - {0}
+    return _keep_instances(result, present - _ids_under(result.instances, negative))
+
+
+def _ids_under(instances: np.ndarray, points) -> set[int]:
+    h, w = instances.shape[:2]
     xy = np.clip(np.floor(np.asarray(points, np.float64).reshape(-1, 2) + 0.5), 0, [w - 1, h - 1]).astype(np.int64)
-    hit = set(result.instances[xy[:, 1], xy[:, 0]].tolist()) - {0}
+    return set(instances[xy[:, 1], xy[:, 0]].tolist()) - {0}
+
+
+def _keep_instances(result: SegmentationResult, keep: set[int]) -> SegmentationResult:
     present = np.unique(result.instances)
-    kept = [int(i) for i in present if i and int(i) in hit]
+    kept = [int(i) for i in present if i and int(i) in keep]
     if len(kept) == len(present) - int(present[0] == 0):
         return result
     lut = np.zeros(int(present.max()) + 1, np.int32)

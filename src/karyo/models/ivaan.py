@@ -240,7 +240,7 @@ class IVAANModelConfig(PromptNucSegConfig):
         self.prompter = self.ivaan.prompter
 
 
-@dataclass(repr=False)  # the short repr of SegmentationResult, not every embedding
+@dataclass(repr=False, eq=False)  # the short repr of SegmentationResult, not every embedding; identity equality
 class IVAANResult(SegmentationResult):
     """A :class:`SegmentationResult` plus the instance embeddings (row i ↔ ``embedding_ids[i]``) that
     :meth:`IVAANModel.query` ranks."""
