@@ -181,9 +181,15 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
     rows = [{**dict(zip(keys, k, strict=True)), "val_pq": float(np.mean(v)),
              "se_vs_best": _standard_error(np.subtract(pq[best], v)), "prompts": float(np.mean(prompts[k]))}
             for k, v in pq.items()]
-    for r in rows:
+    shown = sorted(rows, key=lambda r: -r["val_pq"])[:TUNING_ROWS_SHOWN]
+    scored = len(pq[best])  # validation images with nuclei
+    log(f"{len(rows)} settings tried on {scored} validation image(s) with nuclei; the best {len(shown)} (all in "
+        f"tuning.json):")
+    for r in shown:
         log("  " + ", ".join(f"{k} {r[k]}" for k in keys) + f": PQ {r['val_pq']:.4f} ± {r['se_vs_best']:.4f}, "
             f"{r['prompts']:.1f} prompts")
+    if scored < 2:
+        log("one validation image gives no standard error: the best setting is taken as it is")
     chosen = select_setting(rows)
     log("chosen (the fewest prompts within one standard error of the best): "
         + ", ".join(f"{k} {chosen[k]}" for k in keys) + f": PQ {chosen['val_pq']:.4f}")
@@ -207,6 +213,10 @@ def select_setting(rows: list[dict]) -> dict:
         return best
     tied = [r for r in rows if best["val_pq"] - r["val_pq"] <= r["se_vs_best"]]
     return min(tied, key=lambda r: (r["prompts"], -r["val_pq"]))
+
+
+#: Tuning rows printed (best first); tuning.json keeps every one.
+TUNING_ROWS_SHOWN = 10
 
 
 def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log=print, *, verifier: bool = False
