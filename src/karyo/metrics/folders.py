@@ -101,8 +101,9 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
     unclassified = [0]  # ground-truth nuclei without a class (no CSV row, or class 0), counted as pairs are read
     report = evaluate(pairs(), class_names=true_names or None)
     if unclassified[0] and report.classified:
-        notes.append(f"{nuclei_phrase(unclassified[0])} of the ground truth have no class (no row in classes/<id>.csv "
-                     f"or class 0): they count for detection and segmentation, not for classification")
+        verb = "has" if unclassified[0] == 1 else "have"
+        notes.append(f"{nuclei_phrase(unclassified[0])} of the ground truth {verb} no class (no row in "
+                     f"classes/<id>.csv, or class 0): counted for detection and segmentation, not classification")
     later = tuple(n for n in report.notes if not (classes_off and n.startswith("classification metrics skipped")))
     return dataclasses.replace(report, notes=(*notes, *later)) if notes else report  # one reason per skip
 
