@@ -60,6 +60,10 @@ def test_loading_a_training_run_says_how_to_get_a_model(tmp_path):
         karyo.load(run / "model")
     with pytest.raises(karyo.InputError, match="not a karyo model folder"):
         karyo.load(tmp_path)
+    with pytest.raises(karyo.InputError, match=r"nowhere: model folder not found \(shipped models: .*default"):
+        karyo.load(tmp_path / "nowhere")  # a path, not a name: not "unknown model"
+    with pytest.raises(karyo.InputError, match="no model given"):
+        karyo.load("")
 
 
 def test_cli_default_model_on_real_consep_patches(shared_data, tmp_path, one_thread):

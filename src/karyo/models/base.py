@@ -44,7 +44,13 @@ class InstanceModel(ABC):
     def segment(self, image: np.ndarray, *, points: Sequence[tuple[float, float]] | None = None,
                 negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,
                 name: str = "") -> SegmentationResult:
-        """Find, outline and classify the nuclei of one H×W×C image."""
+        """Find, outline and classify the nuclei of one H×W or H×W×C image: uint8, uint16, or float in [0, 1]
+        (RGB H&E for the shipped models; other channel counts need a model trained on them). ``mpp``: the image's
+        µm per pixel, resampled to the model's (None: taken to be the model's own, so a 20x tile given to a 40x
+        model without it loses nuclei). ``points``/``negative`` (x, y in pixels): segment only the nuclei at
+        ``points``; ``negative`` marks places that are not one. Returns a
+        :class:`~karyo.infer.result.SegmentationResult` (``instances``, ``classes``, ``scores``, ``table()``,
+        ``save()``)."""
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` (and weights, for learned models) into ``directory``."""

@@ -63,12 +63,19 @@ def _installed_folder(entry: dict) -> Path:
 
 
 def load(name_or_path: str | os.PathLike = "default", device: str = "cpu") -> InstanceModel:
-    """Load a shipped model by name (``"default"``, ``"classical"``, ...) or any model folder."""
+    """Load a shipped model by name (:func:`available`: ``"default"``, ``"promptnucseg_cpu"``, ``"cellvit_cpu"``,
+    ``"classical"``) or any model folder (``karyo pack`` output, ``model.save``), on ``device`` (``"cpu"``,
+    ``"cuda"``, ``"cuda:1"``, ``"mps"`` or ``"auto"``). The model's ``segment(image)`` takes one H×W or H×W×C
+    array (uint8, uint16, or float in [0, 1]) and returns a :class:`~karyo.infer.result.SegmentationResult`."""
     import karyo.models  # noqa: F401  (registers the architectures)
 
+    if not str(name_or_path).strip():
+        raise InputError(None, "no model given: a shipped name (karyo.available()) or a model folder")
     path = Path(name_or_path)
     if path.is_dir():
         return load_model_dir(path, device=device)
+    if (path.suffix or len(path.parts) > 1) and not path.exists():  # looks like a path, not a name
+        raise InputError(path, f"model folder not found (shipped models: {', '.join(available())})")
     entry = resolve(str(name_or_path))
     if "folder" in entry:
         folder = _installed_folder(entry)
