@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from karyo.data.io import image_stem, write_image, write_instances, write_text
+from karyo.data.io import IMAGE_SUFFIXES, image_stem, write_image, write_instances, write_text
 from karyo.errors import InputError
 from karyo.export.geojson import nucleus_features, write_geojson
 from karyo.export.overlay import draw_overlay
@@ -45,7 +45,8 @@ def save_result(result: SegmentationResult, out_dir: str | os.PathLike, image: n
     name = stem or result.name or "image"
     if name != Path(name).name or name in (".", ".."):
         raise InputError(None, f"name {name!r} cannot be a file name in {out} (no folders in it)")
-    stem = image_stem(name)  # "x.tif" writes x.png, the id that karyo evaluate pairs with ground truth x
+    # "x.tif" writes x.png, the id karyo evaluate pairs with ground truth x; "slide.A" (a stem already) stays
+    stem = image_stem(name) if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
     outputs = set(outputs)
     unknown = outputs - set(ALL_OUTPUTS)
     if unknown:
