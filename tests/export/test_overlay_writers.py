@@ -137,3 +137,20 @@ def test_save_names_files_by_the_image_id_and_refuses_paths(tmp_path):
             result.save(tmp_path, stem=bad)
     with pytest.raises(InputError, match="the overlay needs the image"):
         result.save(tmp_path, outputs=["overlay"])
+
+
+def test_result_gives_its_class_map_and_overlay_for_a_notebook(tmp_path):
+    import numpy as np
+
+    from karyo.data.io import read_image
+    from karyo.infer.result import SegmentationResult
+
+    inst = np.zeros((12, 12), np.int32)
+    inst[1:5, 1:5], inst[6:11, 6:11] = 1, 2
+    result = SegmentationResult(inst, classes={1: 2, 2: 1}, scores={1: 0.9, 2: 0.8}, name="n",
+                                class_names={1: "tumour", 2: "immune"})
+    cmap = result.class_map()
+    assert cmap[2, 2] == 2 and cmap[8, 8] == 1 and cmap[0, 0] == 0
+    image = np.full((12, 12, 3), 200, np.uint8)
+    saved = result.save(tmp_path, image, outputs=["overlay"])
+    np.testing.assert_array_equal(result.overlay(image), read_image(saved["overlay"]))  # as karyo segment draws it

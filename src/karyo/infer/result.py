@@ -112,6 +112,19 @@ class SegmentationResult:
         return {(k if k not in reserved else f"property_{k}"):
                 [self.properties.get(int(i), {}).get(k) for i in ids] for k in keys}
 
+    def class_map(self) -> np.ndarray:
+        """H×W int32 map of class ids (0 = background or unclassified): per-class masks are ``class_map() == c``."""
+        from karyo.data.sample import type_map
+
+        return type_map(self.instances, self.classes)
+
+    def overlay(self, image: np.ndarray, thickness: int = 1) -> np.ndarray:
+        """``image`` as uint8 RGB with each nucleus outlined in its class colour (what ``karyo segment`` writes to
+        ``overlays/``), e.g. for ``plt.imshow`` in a notebook."""
+        from karyo.export.overlay import draw_overlay
+
+        return draw_overlay(image, self.instances, self.classes, self.class_names, thickness=thickness)
+
     def to_sample(self, image: np.ndarray | None = None) -> Sample:
         """The result as a :class:`Sample` (e.g. to evaluate it against ground truth)."""
         img = image if image is not None else np.zeros((*self.instances.shape, 1), np.uint8)
