@@ -99,12 +99,12 @@ def test_user_given_points_are_never_judged_duplicates():
     original = model.mask_candidates
     model.mask_candidates = lambda *a, **k: made.append(original(*a, **k)) or made[-1]
     try:
-        model.segment(image(), points=[(30.0, 30.0), (33.0, 31.0)])
+        model.segment(image(), points=[(30.0, 30.0), (35.0, 31.0)])
     finally:
         del model.mask_candidates
     assert len(made[0].scores) == 2
     prep = model.prepare(image())
-    pts = np.array([[30.0, 30.0], [33.0, 31.0]], np.float32)
+    pts = np.array([[30.0, 30.0], [35.0, 31.0]], np.float32)
     detected = model.mask_candidates(prep, pts, np.array([1, 1]), np.array([0.9, 0.5], np.float32),
                                      np.zeros((0, 2), np.float32))
     assert len(detected.scores) == 1
