@@ -208,7 +208,7 @@ def _read_points(path: Path) -> tuple[list[tuple[float, float]], list[tuple[floa
                                f"nucleus), got {value!r}")
     pos = [(float(x), float(y)) for x, y, lab in zip(table.x, table.y, label, strict=True) if int(lab) == 1]
     neg = [(float(x), float(y)) for x, y, lab in zip(table.x, table.y, label, strict=True) if int(lab) == 0]
-    return pos, neg
+    return pos or None, neg  # negatives alone: the automatic result without the nuclei under them
 
 
 @app.command()
@@ -220,7 +220,9 @@ def segment(
     sample: Annotated[bool, typer.Option("--sample", help="Run on the bundled sample H&E tile.")] = False,
     points: Annotated[Path | None, typer.Option(help="CSV of x,y[,label] prompts: segment only these nuclei "
                                                      "(each one's point_index in the table: the 0-based index of "
-                                                     "its point among the label-1 rows).")
+                                                     "its point among the label-1 rows); label-0 rows mark what is "
+                                                     "not a nucleus, and alone they remove the nuclei under them "
+                                                     "from the automatic result.")
                       ] = None,
     mpp: Annotated[float | None, typer.Option(help="Microns per pixel of the images (rescaled to the "
                                                    "model's resolution). Default: what each file states (OME, "

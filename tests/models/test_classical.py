@@ -139,3 +139,23 @@ def test_fluorescence_saved_as_rgb_or_beside_a_marker_is_segmented_on_its_nuclea
         np.testing.assert_array_equal(model.segment(np.concatenate([image, other], axis=2)).instances, one)
     named = model.segment(np.concatenate([other, image], axis=2), channel_names=["CD45", "DAPI"]).instances
     np.testing.assert_array_equal(named, one)
+
+
+def test_negative_points_alone_remove_their_nuclei_as_the_learned_models_do(tmp_path):
+    """Also through `karyo segment --points` with label-0 rows only (they used to select nothing)."""
+    from typer.testing import CliRunner
+
+    from karyo.cli import app
+    from karyo.data.io import read_instances, write_image
+
+    centres = [(20, 20), (20, 90), (70, 50), (105, 100)]
+    img, _ = synthetic_he(centres)
+    model = ClassicalModel()
+    without = model.segment(img, negative=[(90, 20), (50, 70)])  # x, y on the 2nd and 3rd nuclei
+    assert without.n_nuclei == 2 and without.instances[20, 90] == 0 and without.instances[70, 50] == 0
+    write_image(tmp_path / "t.png", img)
+    (tmp_path / "p.csv").write_text("x,y,label\n90,20,0\n")
+    res = CliRunner().invoke(app, ["segment", str(tmp_path / "t.png"), "--model", "classical", "--points",
+                                   str(tmp_path / "p.csv"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert len(np.unique(read_instances(tmp_path / "o" / "instances" / "t.png"))) - 1 == 3

@@ -20,7 +20,7 @@ from karyo.data.io import to_uint8
 from karyo.data.sample import NUCLEAR_STAINS, as_hwc, channel_key, grey_fluorescence, is_marker_image
 from karyo.infer.postprocess import remove_small_instances
 from karyo.infer.prepare import check_mpp, check_prompts
-from karyo.infer.result import SegmentationResult, finish
+from karyo.infer.result import SegmentationResult, drop_negated, finish
 from karyo.infer.tissue import saturation
 from karyo.models.base import InstanceModel, register
 
@@ -119,11 +119,10 @@ class ClassicalModel(InstanceModel):
         dist = ndi.distance_transform_edt(fg)
         if cfg.distance_smooth > 0:
             dist = filters.gaussian(dist, cfg.distance_smooth * scale)
-        if points is not None or negative is not None:
+        if points is not None:
             none = np.zeros((0, 2))
-            return finish(self._segment_at_points(fg, dist, points if points is not None else none,
-                                                  negative if negative is not None else none, min_area, name),
-                          points, mpp)
+            return finish(self._segment_at_points(fg, dist, points, negative if negative is not None else none,
+                                                  min_area, name), points, mpp)
         md = max(1, round(cfg.marker_min_distance * scale))
         comps, _ = ndi.label(fg)
         fp = np.ones((2 * md + 1,) * 2, bool) if cfg.marker_footprint <= 0 else \
@@ -136,7 +135,8 @@ class ClassicalModel(InstanceModel):
         rest, _ = ndi.label(fg & (labels == 0))
         labels = np.where(rest > 0, rest + labels.max(), labels)
         labels = remove_small_instances(labels, min_area)
-        return finish(SegmentationResult(labels, name=name, model=self.arch), None, mpp)
+        # negative points alone: every nucleus but those under them (as the learned models do)
+        return finish(drop_negated(SegmentationResult(labels, name=name, model=self.arch), negative), None, mpp)
 
     def _smoothed(self, image: np.ndarray, scale: float, channel_names: Sequence[str] | None = None,
                   source: str = "") -> np.ndarray:
