@@ -328,3 +328,18 @@ def test_a_channels_first_array_is_refused_with_the_fix():
     with pytest.raises(InputError, match=r"\(3, 64, 64\) looks channels-first.*np\.moveaxis\(image, 0, -1\)"):
         karyo.load("classical").segment(np.zeros((3, 64, 64), np.uint8))
     assert karyo.load("classical").segment(np.zeros((64, 64, 3), np.uint8)).n_nuclei == 0
+
+
+def test_float_in_unit_range_converts_back_to_its_8_bit_image():
+    """As the models read floats: img / 255 → img (it was stretched by its own percentiles, so classical and the
+    overlays differed between img and img / 255)."""
+    import karyo
+    from karyo.data.io import read_image, to_uint8
+    from karyo.samples import sample_path
+
+    img = read_image(sample_path())
+    np.testing.assert_array_equal(to_uint8(img / 255.0), img)
+    raw = np.linspace(-3.0, 40.0, 64, dtype=np.float32).reshape(8, 8, 1)  # other floats: percentile stretch
+    assert to_uint8(raw).min() == 0 and to_uint8(raw).max() == 255
+    classical = karyo.load("classical")
+    np.testing.assert_array_equal(classical.segment(img / 255.0).instances, classical.segment(img).instances)

@@ -364,12 +364,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 def to_uint8(image: np.ndarray, percentiles: tuple[float, float] | None = None) -> np.ndarray:
     """Convert to uint8. uint16 and float images are rescaled; by default by the full dtype range for
-    uint16, by (0.1, 99.9) percentiles for float (or when ``percentiles`` is given, per channel)."""
+    uint16 and for float in [0, 1] (as the models read them, so ``img / 255`` converts back to ``img``), by
+    (0.1, 99.9) percentiles for other floats (or when ``percentiles`` is given, per channel)."""
     image = np.asarray(image)
     if image.dtype == np.uint8 and percentiles is None:
         return image
     if percentiles is None and image.dtype == np.uint16:
         return (image.astype(np.float32) / 257.0).round().astype(np.uint8)
+    if percentiles is None and image.dtype.kind == "f" and image.size:
+        lo, hi = float(np.nanmin(image)), float(np.nanmax(image))
+        if lo >= 0.0 and hi <= 1.0:
+            return np.round(image.astype(np.float32) * 255.0).astype(np.uint8)
     lo_p, hi_p = percentiles or (0.1, 99.9)
     work = image.astype(np.float32)
     lo = np.percentile(work, lo_p, axis=(0, 1), keepdims=True)
