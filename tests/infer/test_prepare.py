@@ -117,3 +117,25 @@ def test_inputs_smaller_than_the_model_tile_are_padded_with_reflected_tissue():
     inside = whole[whole.centroid_x.between(x0 + 4, x0 + 91) & whole.centroid_y.between(y0 + 4, y0 + 91)]
     crop = model.segment(image[y0:y0 + 96, x0:x0 + 96])
     assert len(inside) == 7 and 6 <= crop.n_nuclei <= 10
+
+
+def test_double_clicks_and_a_negative_on_a_click_are_refused_by_every_model():
+    """1 µm at the image's resolution (4 px at 0.25 µm/px, 2 px at 0.5): one nucleus clicked twice. Classical used
+    to split the nucleus in two, CellViT to return one row."""
+    import karyo
+    from karyo.infer.prepare import check_prompts, double_click_px
+
+    assert double_click_px(None, 0.25) == 4.0 and double_click_px(0.5, 0.25) == 2.0
+    shape = (64, 64, 3)
+    points, _ = check_prompts([(10, 10), (20, 10)], None, shape, "c.csv", 4.0)
+    assert len(points) == 2
+    with pytest.raises(InputError, match=r"c\.csv: points 0 \(10, 10\) and 1 \(13, 10\) \(0-based\) are 3 px apart"):
+        check_prompts([(10, 10), (13, 10)], None, shape, "c.csv", 4.0)
+    with pytest.raises(InputError, match=r"negative point 0 \(11, 10\) lies 1 px from point 0"):
+        check_prompts([(10, 10)], [(11, 10)], shape, "c.csv", 4.0)
+    image = np.full((64, 64, 3), 230, np.uint8)
+    for name in ("classical", "cellvit_cpu"):
+        with pytest.raises(InputError, match="one nucleus clicked twice"):
+            karyo.load(name).segment(image, points=[(30, 30), (31, 30)])
+        with pytest.raises(InputError, match="are 1 px apart"):
+            karyo.load(name).segment(image, points=[(30, 30), (31, 30)], mpp=0.1)  # 1 µm is 10 px here

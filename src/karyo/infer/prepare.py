@@ -158,10 +158,41 @@ def check_points(points: Sequence[tuple[float, float]] | np.ndarray | None, shap
     return xy
 
 
-def check_prompts(points, negative, shape: tuple[int, ...], source: str | os.PathLike | None = None
-                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """:func:`check_points` of a model's positive and negative prompts, as every promptable ``segment`` takes them."""
-    return check_points(points, shape, source), check_points(negative, shape, source, "negative point")
+#: Clicks closer than this (µm) are one nucleus clicked twice: no two nuclei have centres so close.
+DOUBLE_CLICK_UM = 1.0
+
+
+def check_prompts(points, negative, shape: tuple[int, ...], source: str | os.PathLike | None = None,
+                  min_separation_px: float = 0.0) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """:func:`check_points` of a model's positive and negative prompts, as every promptable ``segment`` takes them.
+    Positive points closer than ``min_separation_px`` (:data:`DOUBLE_CLICK_UM` at the image's resolution) are one
+    nucleus clicked twice: each would be cut by or compete with the other, so they are refused, as is a negative
+    point that close to a positive one."""
+    points, negative = check_points(points, shape, source), check_points(negative, shape, source, "negative point")
+    if min_separation_px > 0 and points is not None and len(points):
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(points)
+        pairs = tree.query_pairs(min_separation_px, output_type="ndarray")
+        if len(pairs):
+            i, j = sorted(pairs[0].tolist())
+            a, b = points[i], points[j]
+            raise InputError(source, f"points {i} ({a[0]:g}, {a[1]:g}) and {j} ({b[0]:g}, {b[1]:g}) (0-based) are "
+                                     f"{np.hypot(*(a - b)):.3g} px apart: one nucleus clicked twice? Give each "
+                                     f"nucleus one point")
+        if negative is not None and len(negative):
+            dist, near = tree.query(negative)
+            if (dist < min_separation_px).any():
+                k = int(np.argmax(dist < min_separation_px))
+                raise InputError(source, f"negative point {k} ({negative[k, 0]:g}, {negative[k, 1]:g}) lies "
+                                         f"{dist[k]:.3g} px from point {int(near[k])}: a place cannot be both the "
+                                         f"nucleus and not it")
+    return points, negative
+
+
+def double_click_px(mpp: float | None, model_mpp: float) -> float:
+    """:data:`DOUBLE_CLICK_UM` in the image's pixels (at the model's µm/px when the image's is unknown)."""
+    return DOUBLE_CLICK_UM / float(mpp or model_mpp)
 
 
 #: The most pixels an image may have once resampled to a model's µm/px; larger ones belong to ``karyo wsi``.

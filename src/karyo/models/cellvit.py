@@ -49,7 +49,14 @@ from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.binary import BinaryConfig, binary_instances, instance_scores
 from karyo.infer.hovernet import ENERGIES, hovernet_postprocess
-from karyo.infer.prepare import check_prompts, model_input, resample_to_model, resize_instances
+from karyo.infer.prepare import (
+    check_mpp,
+    check_prompts,
+    double_click_px,
+    model_input,
+    resample_to_model,
+    resize_instances,
+)
 from karyo.infer.result import SegmentationResult, finish
 from karyo.infer.tiling import tile_starts
 from karyo.models.adapter import AdapterConfig, ChannelAdapter
@@ -677,7 +684,8 @@ class CellViTModel(InstanceModel):
         nuclei containing one of these points are dropped. Kept nuclei are renumbered 1..N. ``channel_names``:
         the image's channel names, mapped onto an adapter's (:mod:`karyo.models.adapter`).
         """
-        points, negative = check_prompts(points, negative, np.shape(image), name or None)
+        points, negative = check_prompts(points, negative, np.shape(image), name or None,
+                                         double_click_px(check_mpp(mpp, name or None), self.config.mpp))
         x = self._prepare(image, name, channel_names)
         h0, w0 = x.shape[2:]
         x, scale = resample_to_model(x, mpp, self.config.mpp, name or None)
@@ -692,11 +700,11 @@ class CellViTModel(InstanceModel):
 def _ids_at(instances: np.ndarray, pts: Sequence[tuple[float, float]] | None, scale: float) -> set[int]:
     if pts is None:
         return set()
-    xy = np.floor(np.asarray(list(pts), np.float64).reshape(-1, 2) * scale).astype(np.int64)
+    # The pixel a point (x, y, pixel indices as everywhere in karyo) lies in, at the model's scale
     h, w = instances.shape
-    ok = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
-    ids = instances[xy[ok, 1], xy[ok, 0]]
-    return {int(i) for i in ids if i > 0}
+    xy = np.floor((np.asarray(list(pts), np.float64).reshape(-1, 2) + 0.5) * scale).astype(np.int64)
+    xy = np.clip(xy, 0, [w - 1, h - 1])
+    return {int(i) for i in instances[xy[:, 1], xy[:, 0]] if i > 0}
 
 
 def _select(instances: np.ndarray, classes: dict[int, int], scores: dict[int, float],

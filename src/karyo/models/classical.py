@@ -19,7 +19,7 @@ from skimage.feature import peak_local_max
 from karyo.data.io import to_uint8
 from karyo.data.sample import NUCLEAR_STAINS, as_hwc, channel_key, grey_fluorescence, is_marker_image
 from karyo.infer.postprocess import remove_small_instances
-from karyo.infer.prepare import check_mpp, check_prompts
+from karyo.infer.prepare import check_mpp, check_prompts, double_click_px
 from karyo.infer.result import SegmentationResult, drop_negated, finish
 from karyo.infer.tissue import saturation
 from karyo.models.base import InstanceModel, register
@@ -99,7 +99,8 @@ class ClassicalModel(InstanceModel):
                 name: str = "", channel_names: Sequence[str] | None = None) -> SegmentationResult:
         cfg = self.config
         mpp = check_mpp(mpp, name or None)
-        points, negative = check_prompts(points, negative, np.shape(image), name or None)
+        points, negative = check_prompts(points, negative, np.shape(image), name or None,
+                                         double_click_px(mpp, cfg.mpp))
         scale = 1.0 if mpp is None else cfg.mpp / mpp  # > 1 when the image is more magnified
         sig = self._smoothed(image, scale, channel_names, name)
         if cfg.threshold is not None:

@@ -43,7 +43,7 @@ from torch import nn
 from karyo.attributes import names as N
 from karyo.device import pick_device
 from karyo.errors import InputError
-from karyo.infer.prepare import check_prompts
+from karyo.infer.prepare import check_mpp, check_prompts, double_click_px
 from karyo.infer.result import SegmentationResult, finish
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, _head, anchor_points
@@ -375,7 +375,8 @@ class IVAANModel(PromptNucSegModel):
         """As :meth:`PromptNucSegModel.segment`, with classes from text similarity and, per nucleus,
         predicted attribute levels, a sentence and the embedding (for :meth:`query`)."""
         cfg = self.config
-        points, negative = check_prompts(points, negative, np.shape(image), name or None)
+        points, negative = check_prompts(points, negative, np.shape(image), name or None,
+                                         double_click_px(check_mpp(mpp, name or None), cfg.mpp))
         prep = self.prepare(image, mpp=mpp, name=name)
         out, scale = prep.prompter_outputs, prep.scale
         pts, cls, score = self.detect(prep, cfg.score_threshold, cfg.nms_radius_px)

@@ -21,9 +21,16 @@ import torch
 from scipy.spatial import cKDTree
 
 from karyo.device import pick_device
-from karyo.errors import InputError
 from karyo.infer.assemble import assemble_instances, stability_scores, suppress_duplicate_masks, suppress_pairs
-from karyo.infer.prepare import check_prompts, model_input, pad_input, resample_to_model, resize_instances
+from karyo.infer.prepare import (
+    check_mpp,
+    check_prompts,
+    double_click_px,
+    model_input,
+    pad_input,
+    resample_to_model,
+    resize_instances,
+)
 from karyo.infer.result import SegmentationResult, drop_negated, drop_unprompted, finish
 from karyo.models.base import InstanceModel, register
 from karyo.models.duplicates import DuplicateJudgeConfig, mask_pairs
@@ -156,13 +163,13 @@ class PromptNucSegModel(InstanceModel):
         itself gives nothing. ``channel_names`` are mapped onto the networks' channel adapters when they have
         them (:mod:`karyo.models.adapter`)."""
         cfg = self.config
-        points, negative = check_prompts(points, negative, np.shape(image), name or None)
+        points, negative = check_prompts(points, negative, np.shape(image), name or None,
+                                         double_click_px(check_mpp(mpp, name or None), cfg.mpp))
         prep = self.prepare(image, mpp=mpp, name=name, channel_names=channel_names)
         pts, cls, score = self.detect(prep, cfg.score_threshold, cfg.nms_radius_px)
         neg = np.zeros((0, 2), np.float32)
         if points is not None:
             user = np.asarray(list(points), np.float64).reshape(-1, 2) * prep.scale
-            _refuse_double_clicks(user, prep.scale, name)
             context = _context_points(user, pts, radius=float(CONTEXT_RADIUS) * prep.scale)
             cls, score = _nearest_class(user, pts, cls, score, radius=12.0 * prep.scale)
             pts = user.astype(np.float32)
@@ -443,20 +450,3 @@ def _context_points(user: np.ndarray, detected: np.ndarray, radius: float) -> np
         return np.asarray(detected, np.float32).reshape(-1, 2)
     dist, _ = cKDTree(user).query(detected)
     return np.asarray(detected[dist > radius], np.float32)
-
-
-DOUBLE_CLICK_PX = 4.0  # model px (1 µm at 0.25 µm/px): no two nuclei have centres this close
-
-
-def _refuse_double_clicks(user: np.ndarray, scale: float, source: str) -> None:
-    """Two points this close are one nucleus clicked twice: each would be the other's negative prompt and cut it
-    in two, so they are refused like exact duplicates."""
-    if len(user) < 2:
-        return
-    pairs = cKDTree(user).query_pairs(DOUBLE_CLICK_PX, output_type="ndarray")
-    if len(pairs):
-        i, j = sorted(pairs[0].tolist())
-        a, b = user[i] / scale, user[j] / scale
-        raise InputError(source or None, f"points {i + 1} ({a[0]:g}, {a[1]:g}) and {j + 1} ({b[0]:g}, {b[1]:g}) are "
-                                         f"{np.hypot(*(a - b)):.3g} px apart: one nucleus clicked twice? Give each "
-                                         f"nucleus one point")
