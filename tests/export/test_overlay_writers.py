@@ -154,3 +154,12 @@ def test_result_gives_its_class_map_and_overlay_for_a_notebook(tmp_path):
     image = np.full((12, 12, 3), 200, np.uint8)
     saved = result.save(tmp_path, image, outputs=["overlay"])
     np.testing.assert_array_equal(result.overlay(image), read_image(saved["overlay"]))  # as karyo segment draws it
+    import pytest
+
+    from karyo.errors import InputError
+
+    with pytest.raises(InputError, match=r"the image \(12×10 px\) is not the one segmented \(12×12 px\)"):
+        result.save(tmp_path / "wrong", image[:10])
+    assert not (tmp_path / "wrong").exists()  # refused before anything was written
+    with pytest.raises(InputError, match="is not the one segmented"):
+        result.overlay(image[:10])

@@ -8,6 +8,7 @@ import numpy as np
 from skimage.segmentation import find_boundaries
 
 from karyo.data.io import to_rgb
+from karyo.errors import InputError
 from karyo.export.colors import class_color
 
 
@@ -19,6 +20,9 @@ def draw_overlay(image: np.ndarray, instances: np.ndarray, classes: Mapping[int,
     Colour comes from the instance's class (unclassified: yellow); ``highlight`` overrides per instance.
     """
     rgb = to_rgb(image).copy()
+    if rgb.shape[:2] != np.shape(instances)[:2]:
+        raise InputError(None, f"the image ({rgb.shape[1]}×{rgb.shape[0]} px) is not the one segmented "
+                               f"({np.shape(instances)[1]}×{np.shape(instances)[0]} px)")
     if instances.max(initial=0) == 0:
         return rgb
     boundary = find_boundaries(instances, mode="inner")

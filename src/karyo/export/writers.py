@@ -53,6 +53,9 @@ def save_result(result: SegmentationResult, out_dir: str | os.PathLike, image: n
         raise ValueError(f"unknown output kind(s) {sorted(unknown)}; choose from {ALL_OUTPUTS}")
     if "overlay" in outputs and image is None and outputs != set(ALL_OUTPUTS):
         raise InputError(None, "the overlay needs the image: pass it (result.save(out, image, ...))")
+    if image is not None and np.shape(image)[:2] != result.instances.shape:  # before anything is written
+        raise InputError(None, f"the image ({np.shape(image)[1]}×{np.shape(image)[0]} px) is not the one segmented "
+                               f"({result.instances.shape[1]}×{result.instances.shape[0]} px)")
     written: dict[str, Path] = {}
     if "instances" in outputs:
         suffix, other = (".png", ".tif") if result.instances.max(initial=0) <= 65535 else (".tif", ".png")
