@@ -58,10 +58,11 @@ def model_input(image: np.ndarray, in_chans: int, mean: Sequence[float], std: Se
         image = image[..., :3]
     if image.shape[2] != in_chans:
         n = image.shape[2]
-        fix = (f"choose {in_chans} with --channels (Python: karyo.infer.prepare.select_channels), e.g. "
-               f"{','.join(map(str, range(in_chans)))} or names" if n > in_chans else
-               "give it one channel (--channels 0) to read as gray, or for fluorescence use the classical model "
-               "(--model classical) or one trained on such images")
+        picked = ",".join(map(str, range(in_chans)))
+        fix = (f"choose {in_chans} with --channels {picked} (or names; in Python image[..., [{picked}]])"
+               if n > in_chans else
+               "give it one channel to read as gray (--channels 0; in Python image[..., :1]), or for fluorescence "
+               "use the classical model (--model classical; karyo.load(\"classical\")) or one trained on such images")
         raise InputError(source, f"this model takes {in_chans}-channel images, got {n} channels; {fix}")
     _note_narrow_uint16(image, source)
     x = prepare_image(image, source)
