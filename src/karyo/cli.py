@@ -578,7 +578,14 @@ def train_cmd(
                       f"again from epoch 1 with the run's saved settings", highlight=False)
 
     def say_resumed(epoch: int) -> None:
-        console.print(f"resuming {out} after epoch {epoch} ({out / 'last.pt'})", highlight=False)
+        import json
+
+        planned = epochs or json.loads((out / "train_config.json").read_text()).get("train", {}).get("epochs")
+        if planned is not None and epoch >= planned:
+            console.print(f"{out} already finished its {planned} epoch(s): nothing to train; raise --epochs to "
+                          f"train on", highlight=False)
+        else:
+            console.print(f"resuming {out} after epoch {epoch} ({out / 'last.pt'})", highlight=False)
 
     try:
         result = train(task, data, out, config=config, resume=resume, preset=preset, val_fraction=val_fraction,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,6 +230,11 @@ def test_resume_refuses_changed_settings(tmp_path, disc_layout, one_thread):
                                                     "threads": 1})
     with pytest.raises(InputError, match=r"differs from the run being resumed in train\.batch_size"):
         train("prompter", None, run, config=changed, resume=True, progress=False)
+    wider = yaml.safe_load(Path(cfg).read_text())
+    wider["model"]["fpn_dim"] = 24  # a changed network used to be ignored silently on resume
+    (tmp_path / "wider.yaml").write_text(yaml.safe_dump(wider))
+    with pytest.raises(InputError, match=r"differs from the run being resumed in model\.fpn_dim"):
+        train("prompter", None, run, config=tmp_path / "wider.yaml", resume=True, progress=False)
     before = json.loads((run / "train_config.json").read_text())
     assert before["train"]["lr"] == pytest.approx(3e-3)  # the refused resumes changed nothing
     result = train("prompter", None, run, config=cfg, resume=True, progress=False, train_overrides={"epochs": 2})
@@ -240,6 +246,9 @@ def test_resume_refuses_changed_settings(tmp_path, disc_layout, one_thread):
     res = CliRunner().invoke(app, ["train", "prompter", "--out", str(run), "--resume", "--epochs", "3"])
     assert res.exit_code == 0, res.output
     assert f"resuming {run} after epoch 2" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["train", "prompter", "--out", str(run), "--resume"])  # finished: nothing to do
+    assert res.exit_code == 0 and f"{run} already finished its 3 epoch(s): nothing to train; raise --epochs" in \
+        " ".join(res.output.split())
 
 
 def test_a_split_that_cannot_hold_out_whole_source_images_says_why(tmp_path, disc_layout):
@@ -260,7 +269,9 @@ def test_a_split_that_cannot_hold_out_whole_source_images_says_why(tmp_path, dis
     train("prompter", None, tmp_path / "ok", config=_config(tmp_path, disc_layout, val_fraction=0.25), progress=False,
           on_split=lines.append)
     assert lines == ["training on 6 image(s), validating on 2 (25%; 1 of 4 source images held out whole (patches "
-                     "named <source>_<n> stay together), val_fraction 0.25)"]
+                     "named <source>_<n> stay together), val_fraction 0.25); no image states its resolution: the "
+                     "model records the config's µm/px (mpp), and inference resamples inputs that state another one "
+                     "to it"]
 
 
 def test_fewer_crops_than_the_batch_size_is_refused_before_anything_is_written(tmp_path, disc_layout):

@@ -151,8 +151,11 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     if not va_idx or not tr_idx:
         raise InputError(config, f"{'no validation' if not va_idx else 'no training'} images left: {drawn}")
     if on_split is not None:
+        unstated = "" if any(s.mpp for s in items) else (
+            "; no image states its resolution: the model records the config's µm/px (mpp), and inference "
+            "resamples inputs that state another one to it")
         on_split(f"training on {len(tr_idx)} image(s), validating on {len(va_idx)} ({len(va_idx) / len(items):.0%}; "
-                 f"{drawn})")
+                 f"{drawn}){unstated}")
     train_samples = [items[i] for i in tr_idx]
     val_samples = [items[i] for i in va_idx]
     meta: dict[str, Any] = {"data": [str(s) for s in specs], "val_fraction": vf, "augment": augment.to_dict(),
@@ -261,12 +264,36 @@ def _check_resume_changes(out: Path, saved: dict, given: dict, config: str | os.
         for key in ("val_fraction", "val_ids"):
             if key in given and given[key] != saved.get(key):
                 diffs.append(key)
+        diffs += _changed_model_keys(given.get("model") or {}, saved.get("model") or {}, "model")
         if diffs:
             raise InputError(config, f"differs from the run being resumed in {', '.join(diffs)}; a resumed run "
                                      f"keeps the settings in {out / 'train_config.json'} (only train.epochs may "
                                      f"be raised)")
     if data and [str(DataSpec.parse(d)) for d in data] != saved.get("data"):
         raise InputError(out, "--data differs from the run being resumed; a resumed run keeps its data")
+
+
+def _changed_model_keys(given: dict, saved: dict, prefix: str) -> list[str]:
+    """The keys of a config's ``model:`` section whose values differ from the saved model config's (nested
+    sections compared key by key; keys the saved config does not hold, such as ``preset``, cannot be compared)."""
+    changed = []
+    for key, value in given.items():
+        if key not in saved:
+            continue
+        if isinstance(value, dict) and isinstance(saved[key], dict):
+            changed += _changed_model_keys(value, saved[key], f"{prefix}.{key}")
+        elif _plain(value) != _plain(saved[key]):
+            changed.append(f"{prefix}.{key}")
+    return changed
+
+
+def _plain(value: Any) -> Any:
+    """YAML and JSON spell sequences and mappings alike (tuples become lists, int keys strings)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 def init_weights(task: str, path: str | os.PathLike) -> dict:
