@@ -60,6 +60,13 @@ def test_loading_a_training_run_says_how_to_get_a_model(tmp_path):
         karyo.load(run / "model")
     with pytest.raises(karyo.InputError, match="not a karyo model folder"):
         karyo.load(tmp_path)
+    cellvit = tmp_path / "cv"  # a finished CellViT run: the run and its network both say how to pack them
+    (cellvit / "model").mkdir(parents=True)
+    (cellvit / "train_config.json").write_text(json.dumps({"task": "cellvit"}))
+    (cellvit / "model" / "cellvit.json").write_text("{}")
+    for folder in (cellvit, cellvit / "model"):
+        with pytest.raises(karyo.InputError, match=rf"not a model yet: karyo pack cellvit --run {cellvit} --out"):
+            karyo.load(folder)
     with pytest.raises(karyo.InputError, match=r"nowhere: model folder not found \(shipped models: .*default"):
         karyo.load(tmp_path / "nowhere")  # a path, not a name: not "unknown model"
     with pytest.raises(karyo.InputError, match="no model given"):

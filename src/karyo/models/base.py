@@ -92,6 +92,12 @@ def _not_a_model(directory: Path) -> None:
     parts = [name for name in ("prompter", "segmentor") if (directory / f"{name}.json").is_file()]
     if parts:
         raise InputError(directory, f"the {' and '.join(parts)} of a training run, not a model; {pack}")
+    run = directory.parent if (directory.parent / "train_config.json").is_file() else directory
+    for task in ("cellvit", "ivaan"):  # runs whose network karyo pack turns into a model
+        if (directory / f"{task}.json").is_file() or (run / "model" / f"{task}.json").is_file():
+            extra = " --segmentor SEGMENTOR_RUN_OR_MODEL" if task == "ivaan" else ""
+            raise InputError(directory, f"the network of a {task} training run, not a model yet: karyo pack {task} "
+                                        f"--run {run}{extra} --out MODEL")
     if (directory / "train_config.json").is_file():
         task = config_io.load_json(directory / "train_config.json").get("task", "?")
         if task in ("prompter", "segmentor"):
