@@ -631,8 +631,9 @@ def pack_cmd(
                                                   "fit).")] = None,
     threads: _Threads = None,
 ) -> None:
-    """Build a model folder from training runs (thresholds tuned on validation data only; of the settings within one
-    standard error of the best, the fastest ships)."""
+    """Build a model folder from training runs. PromptNucSeg and IVAAN: thresholds tuned on validation data only (of
+    the settings within one standard error of the best, the fastest ships); CellViT: its best checkpoint in
+    float16. MONCH, U-Net and stain-agnostic runs need no packing (RUN/model is the model)."""
     from karyo.errors import InputError
 
     def need(value: Path | None, option: str) -> Path:
@@ -664,8 +665,11 @@ def pack_cmd(
         from karyo.train.pack import pack_cellvit
 
         pack_cellvit(need(run, "--run"), out)
-        console.print(f"model → {out}", highlight=False)
+        console.print(f"model → {out} (weights in float16; karyo segment --model {out})", highlight=False)
         return
+    elif arch in ("monch", "unet", "stain_agnostic"):
+        raise InputError(None, f"{arch} runs need no packing: their model is RUN/model (karyo segment --model "
+                               f"RUN/model{' --task semantic' if arch != 'stain_agnostic' else ''})")
     else:
         raise InputError(None, f"unknown architecture {arch!r} for pack; choose promptnucseg, cellvit or ivaan")
     cfg = model.config
@@ -673,7 +677,8 @@ def pack_cmd(
                   if cfg.min_duplicate_probability is not None else
                   f"mask NMS {cfg.mask_nms_overlap}" if cfg.mask_nms_overlap is not None else "no duplicate removal")
     console.print(f"model → {out} (score ≥ {cfg.score_threshold}, NMS {cfg.nms_radius_px} px, {duplicates}, "
-                  f"{cfg.refine_points} point refinement(s), mask ≥ {cfg.mask_threshold})", highlight=False)
+                  f"{cfg.refine_points} point refinement(s), mask ≥ {cfg.mask_threshold}); karyo segment --model "
+                  f"{out}", highlight=False)
 
 
 def _load_ivaan(model: Path | None, segmentor: Path | None, device: str):

@@ -172,6 +172,14 @@ def test_cli_pack_promptnucseg_tunes_under_the_spacing_cap(tmp_path, disc_layout
     assert res.exit_code == 2 and "is a prompter run, not a cellvit run" in res.output
     res = CliRunner().invoke(app, ["pack", "cellvit", "--run", str(run), "--no-tune", "--out", str(tmp_path / "c")])
     assert res.exit_code == 2 and "takes --run, not --tune/--no-tune" in res.output
+    res = CliRunner().invoke(app, ["pack", "unet", "--run", str(run), "--out", str(tmp_path / "u")])
+    assert res.exit_code == 2 and "unet runs need no packing: their model is RUN/model" in " ".join(res.output.split())
+    interrupted = tmp_path / "cv"  # checkpoints, no exported network: say to resume it
+    interrupted.mkdir()
+    (interrupted / "train_config.json").write_text('{"task": "cellvit"}')
+    (interrupted / "last.pt").write_bytes(b"")
+    res = CliRunner().invoke(app, ["pack", "cellvit", "--run", str(interrupted), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "it was interrupted; finish it with karyo train" in " ".join(res.output.split())
 
     def cannot_fit(*args, **kwargs):
         raise pack.VerifierFitError("the verifier needs candidates that are nuclei and candidates that are not")

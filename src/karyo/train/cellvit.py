@@ -198,8 +198,12 @@ def export_cellvit_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
             raise InputError(run_dir, "run folder not found")
         task = (load_json(run_dir / "train_config.json").get("task") if (run_dir / "train_config.json").is_file()
                 else None)
-        raise InputError(run_dir, f"is a {task} run, not a cellvit run" if task and task != "cellvit" else
-                         "no model/cellvit.json: not a finished `karyo train cellvit` run")
+        if task and task != "cellvit":
+            raise InputError(run_dir, f"is a {task} run, not a cellvit run")
+        if (run_dir / "last.pt").is_file():
+            raise InputError(run_dir, f"has checkpoints but no exported network (model/cellvit.json): it was "
+                                      f"interrupted; finish it with karyo train cellvit --out {run_dir} --resume")
+        raise InputError(run_dir, "no model/cellvit.json: not a finished `karyo train cellvit` run")
     meta = load_json(model_dir / "cellvit.json")
     cfg = from_dict(CellViTConfig, meta.get("config", {}), model_dir / "cellvit.json")
     model = CellViTModel(cfg, device=device)
