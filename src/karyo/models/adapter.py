@@ -244,8 +244,9 @@ def plan_channels(n_image: int, config: AdapterConfig, names: Sequence[str] | No
                 say(f"channel(s) {lost} missing from the image; filled by the adapter's '{config.missing}' rule")
             mode = "identity" if sources == tuple((k,) for k in range(n)) and n == n_image else "named"
             return ChannelPlan(mode, sources, ignored)
-        say(f"no channel name of the image ({list(names)}) matches the model's ({list(config.channel_names)}); "
-            "channels are taken by position/pooling instead")
+        say(f"no channel name of the image ({list(names)}) matches the model's ({list(config.channel_names)}): "
+            f"its channels are read as the model's by position or pooled, which is probably not what they are; "
+            f"name them as the model's (OME-TIFF channel names, or channel_names= in Python) to be sure")
     if n_image == n:
         if config.channel_names and not names:
             say(f"the image names no channels: they are taken by position as the model's "
