@@ -113,6 +113,9 @@ def test_named_mapping_reorders_ignores_extra_and_marks_missing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert plan_channels(2, cfg, ["DAPI", "CD45"]).mode == "identity"
+    with pytest.warns(ChannelWarning, match=r"no channel name of the image \(\['CD3', 'PanCK'\]\) matches the "
+                                            r"model's.*probably not what they are"):
+        plan_channels(2, cfg, ["CD3", "PanCK"])
     with pytest.warns(ChannelWarning, match=r"names no channels: they are taken by position as the model's "
                                             r"\['DAPI', 'CD45'\]"):
         assert plan_channels(2, cfg, None).mode == "identity"  # unnamed, same count: by position, said
