@@ -50,6 +50,9 @@ class SentenceTransformerEncoder:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         try:
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # its "Loading weights" bar would land in karyo's output
         except ImportError as exc:
             raise ImportError(f"sentence-transformers is needed for text encoders ({exc}); {_INSTALL_HINT}"
                               ) from None
