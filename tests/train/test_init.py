@@ -86,6 +86,10 @@ def test_init_weights_of_another_network_are_refused_naming_the_file(tmp_path, d
     with pytest.raises(InputError, match=r"other\.pt.*do not fit"):
         train("prompter", None, tmp_path / "run", config=cfg, progress=False)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    first = tmp_path / "first"  # a run of another network: named as such, not as a list of parameter names
+    train("prompter", None, first, config=_config(tmp_path, disc_layout), progress=False)
+    with pytest.raises(InputError, match=r"first: is a prompter run: its weights cannot start a segmentor network"):
+        init_weights("segmentor", first)
 
 
 def test_init_without_the_optional_mask_head_trains_it_fresh(tmp_path):
