@@ -195,3 +195,18 @@ def test_a_split_without_predictions_reads_n_a_not_a_traceback():
     md = markdown_table("pannuke-official", "prompter", rows, summarize(rows))
     assert "| fold1 | 0.000 | 0.000 | 0.000 | n/a | n/a | 2 |" in md  # AJI and F1d
     assert _fmt(None, 4) == "n/a" and _fmt(float("nan")) == "n/a" and _fmt(0.12345, 4) == "0.1235"
+
+
+def test_a_folder_that_is_not_the_release_says_what_it_is(tmp_path):
+    from karyo.data.pannuke import open_pannuke
+    from karyo.errors import InputError
+    from karyo.train.pannuke_benchmark import open_release
+
+    with pytest.raises(InputError, match="nowhere: folder not found"):
+        open_release(tmp_path / "nowhere")
+    (tmp_path / "lay" / "images").mkdir(parents=True)
+    (tmp_path / "lay" / "split.csv").write_text("id,split\n")
+    with pytest.raises(InputError, match="a karyo layout folder, not the PanNuke release"):
+        open_pannuke(tmp_path / "lay")
+    with pytest.raises(InputError, match=r"no PanNuke images\.npy found \(the release's Fold 1\.\.3"):
+        open_release(tmp_path)

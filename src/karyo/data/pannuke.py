@@ -201,7 +201,7 @@ def open_pannuke(root: str | os.PathLike, folds: list[int] | None = None) -> Sam
         return fold
     found = find_pannuke_folds(root)
     if not found:
-        raise InputError(root, "no PanNuke images.npy found")
+        raise InputError(root, no_release_here(root))
     wanted = list(found) if folds is None else folds
     missing = [f for f in wanted if f not in found]
     if missing:
@@ -238,3 +238,14 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
         raise InputError(path, f"cannot read .npy ({exc})") from None
     except (OSError, EOFError) as exc:
         raise InputError(path, f"cannot read .npy ({exc}); the file is corrupt or truncated") from None
+
+
+def no_release_here(root: str | os.PathLike) -> str:
+    """Why ``root`` is not a PanNuke release, for the error message."""
+    root = Path(root)
+    if not root.exists():
+        return "folder not found"
+    if (root / "images").is_dir() and ((root / "split.csv").is_file() or (root / "instances").is_dir()):
+        return ("a karyo layout folder, not the PanNuke release: the benchmark needs the release's Fold 1..3 "
+                "(images.npy, masks.npy, types.npy per fold)")
+    return "no PanNuke images.npy found (the release's Fold 1..3 hold images.npy, masks.npy and types.npy)"

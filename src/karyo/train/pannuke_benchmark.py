@@ -36,7 +36,7 @@ import numpy as np
 from karyo.config import from_dict, to_dict
 from karyo.data.augment import AugmentConfig
 from karyo.data.io import write_text
-from karyo.data.pannuke import PANNUKE_CLASS_NAMES, PanNukeFold, find_pannuke_folds
+from karyo.data.pannuke import PANNUKE_CLASS_NAMES, PanNukeFold, find_pannuke_folds, no_release_here
 from karyo.data.protocols import ProtocolSplit, apply_protocol, protocol_splits
 from karyo.data.sample import ConcatSamples
 from karyo.errors import InputError
@@ -91,7 +91,7 @@ def open_release(root: str | os.PathLike) -> tuple[ConcatSamples, dict[tuple[int
 
     found = find_pannuke_folds(root)
     if not found:
-        raise InputError(root, "no PanNuke images.npy found")
+        raise InputError(root, no_release_here(root))
     folds = [PanNukeFold(path, k) for k, path in found.items()]
     meta = pd.concat([f.metadata() for f in folds], ignore_index=True)
     position, offset = {}, 0
