@@ -582,8 +582,8 @@ def train_cmd(
 
         planned = epochs or json.loads((out / "train_config.json").read_text()).get("train", {}).get("epochs")
         if planned is not None and epoch >= planned:
-            console.print(f"{out} already finished its {planned} epoch(s): nothing to train; raise --epochs to "
-                          f"train on", highlight=False)
+            console.print(f"{out} already finished {epoch} epoch(s) (of {planned} asked): nothing to train; raise "
+                          f"--epochs to train on", highlight=False)
         else:
             console.print(f"resuming {out} after epoch {epoch} ({out / 'last.pt'})", highlight=False)
 

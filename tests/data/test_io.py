@@ -343,3 +343,5 @@ def test_float_in_unit_range_converts_back_to_its_8_bit_image():
     assert to_uint8(raw).min() == 0 and to_uint8(raw).max() == 255
     classical = karyo.load("classical")
     np.testing.assert_array_equal(classical.segment(img / 255.0).instances, classical.segment(img).instances)
+    with pytest.raises(InputError, match=r"float images must hold values in \[0, 1\], got .*\.\.1\.0001;"):
+        classical.segment(np.minimum(img / 255.0 * 1.0001, 1.0001))  # refused as the learned models refuse it

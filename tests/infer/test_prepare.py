@@ -135,6 +135,8 @@ def test_double_clicks_and_a_negative_on_a_click_are_refused_by_every_model():
         check_prompts([(10, 10), (13, 10)], None, shape, "c.csv", 4.0)
     with pytest.raises(InputError, match=r"negative point 0 \(11, 10\) lies 1 px from point 0"):
         check_prompts([(10, 10)], [(11, 10)], shape, "c.csv", 4.0)
+    assert check_prompts([], [(11, 10)], shape)[0] is None  # no clicks, only negatives: as the CLI reads them
+    assert len(check_prompts([], None, shape)[0]) == 0  # no clicks at all: nothing to segment
     image = np.full((64, 64, 3), 230, np.uint8)
     for name in ("classical", "cellvit_cpu"):
         with pytest.raises(InputError, match="one nucleus clicked twice"):

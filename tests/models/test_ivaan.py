@@ -215,6 +215,11 @@ def test_model_folder_round_trip_descriptions_and_geojson(tmp_path):
     by_id = {f["properties"]["instance_id"]: f["properties"] for f in feats}
     assert by_id[ids[0]]["predicted_description"] == props["predicted_description"]
     assert "predicted_level_color_z" in by_id[ids[-1]]
+    # negative points alone drop their nuclei, embeddings and all (as every model's do)
+    ys, xs = np.nonzero(res.instances == ids[0])
+    without = model.segment(img, negative=[(float(xs[0]), float(ys[0]))])
+    assert without.n_nuclei == res.n_nuclei - 1 and list(without.embedding_ids) == sorted(without.classes)
+    assert len(without.embeddings) == without.n_nuclei
     # the folder round trip gives the same output, level model included
     model.save(tmp_path / "m")
     again = karyo.models.load_model_dir(tmp_path / "m")

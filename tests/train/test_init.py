@@ -239,6 +239,11 @@ def test_resume_refuses_changed_settings(tmp_path, disc_layout, one_thread):
     (tmp_path / "wider.yaml").write_text(yaml.safe_dump(wider))
     with pytest.raises(InputError, match=r"differs from the run being resumed in model\.fpn_dim"):
         train("prompter", None, run, config=tmp_path / "wider.yaml", resume=True, progress=False)
+    cropped = yaml.safe_load(Path(cfg).read_text())
+    cropped["augment"]["crop_size"] = 32
+    (tmp_path / "cropped.yaml").write_text(yaml.safe_dump(cropped))
+    with pytest.raises(InputError, match=r"differs from the run being resumed in augment\.crop_size"):
+        train("prompter", None, run, config=tmp_path / "cropped.yaml", resume=True, progress=False)
     before = json.loads((run / "train_config.json").read_text())
     assert before["train"]["lr"] == pytest.approx(3e-3)  # the refused resumes changed nothing
     result = train("prompter", None, run, config=cfg, resume=True, progress=False, train_overrides={"epochs": 2})
@@ -251,8 +256,8 @@ def test_resume_refuses_changed_settings(tmp_path, disc_layout, one_thread):
     assert res.exit_code == 0, res.output
     assert f"resuming {run} after epoch 2" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["train", "prompter", "--out", str(run), "--resume"])  # finished: nothing to do
-    assert res.exit_code == 0 and f"{run} already finished its 3 epoch(s): nothing to train; raise --epochs" in \
-        " ".join(res.output.split())
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and f"{run} already finished 3 epoch(s) (of 3 asked): nothing to train" in said
 
 
 def test_a_split_that_cannot_hold_out_whole_source_images_says_why(tmp_path, disc_layout):
@@ -272,6 +277,14 @@ def test_a_split_that_cannot_hold_out_whole_source_images_says_why(tmp_path, dis
     lines = []
     train("prompter", None, tmp_path / "ok", config=_config(tmp_path, disc_layout, val_fraction=0.25), progress=False,
           on_split=lines.append)
+    stated = tmp_path / "stated"  # images that state 0.5 µm/px, a model config at 0.25: said, not ignored
+    for s in disc_samples(8):
+        write_layout_sample(stated, dataclasses.replace(s, class_names={1: "small", 2: "large"}, mpp=0.5),
+                            split="train")
+    said = []
+    train("prompter", None, tmp_path / "ok_mpp", config=_config(tmp_path, stated, val_fraction=0.25), progress=False,
+          on_split=said.append)
+    assert said[-1].startswith("note: 8 of 8 image(s) state 0.5 µm/px, the model records 0.25 (its config's mpp)")
     assert lines == ["training on 6 image(s), validating on 2 (25%; 1 of 4 source images held out whole (patches "
                      "named <source>_<n> stay together), val_fraction 0.25); no image states its resolution: the "
                      "model records the config's µm/px (mpp), and inference resamples inputs that state another one "

@@ -455,7 +455,7 @@ def prepare_image(image: np.ndarray, source: str | None = None) -> np.ndarray:
             raise InputError(source, "image holds NaN or infinite values")
         lo, hi = (float(out.min()), float(out.max())) if out.size else (0.0, 0.0)
         if lo < -1e-6 or hi > 1.0 + 1e-6:
-            raise InputError(source, f"float images must hold values in [0, 1], got {lo:.4g}..{hi:.4g}; "
+            raise InputError(source, f"float images must hold values in [0, 1], got {lo:.6g}..{hi:.6g}; "
                                      f"rescale it (or store it as uint8/uint16)")
         return out
     raise InputError(source, f"unsupported image dtype {image.dtype}")

@@ -170,6 +170,8 @@ def check_prompts(points, negative, shape: tuple[int, ...], source: str | os.Pat
     nucleus clicked twice: each would be cut by or compete with the other, so they are refused, as is a negative
     point that close to a positive one."""
     points, negative = check_points(points, shape, source), check_points(negative, shape, source, "negative point")
+    if points is not None and len(points) == 0 and negative is not None and len(negative):
+        points = None  # no clicks, only negatives: the automatic result without the nuclei under them
     if min_separation_px > 0 and points is not None and len(points):
         from scipy.spatial import cKDTree
 

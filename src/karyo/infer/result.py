@@ -192,6 +192,11 @@ def _keep_instances(result: SegmentationResult, keep: set[int]) -> SegmentationR
     result.scores = {new[k]: v for k, v in result.scores.items() if k in new}
     if result.properties is not None:
         result.properties = {new[k]: v for k, v in result.properties.items() if k in new} or None
+    ids = getattr(result, "embedding_ids", None)  # IVAAN results: one embedding row per instance id
+    if ids is not None:
+        rows = [r for r, i in enumerate(np.asarray(ids).tolist()) if int(i) in new]
+        result.embeddings = np.asarray(result.embeddings)[rows]
+        result.embedding_ids = np.array([new[int(ids[r])] for r in rows], np.int64)
     return result
 
 

@@ -96,7 +96,8 @@ def _not_a_model(directory: Path) -> None:
     for task in ("cellvit", "ivaan"):  # runs whose network karyo pack turns into a model
         if (directory / f"{task}.json").is_file() or (run / "model" / f"{task}.json").is_file():
             extra = " --segmentor SEGMENTOR_RUN_OR_MODEL" if task == "ivaan" else ""
-            raise InputError(directory, f"the network of a {task} training run, not a model yet: karyo pack {task} "
+            raise InputError(directory, f"the network of {'an' if task[0] in 'aeiou' else 'a'} {task} training run, "
+                                        f"not a model yet: karyo pack {task} "
                                         f"--run {run}{extra} --out MODEL")
     if (directory / "train_config.json").is_file():
         task = config_io.load_json(directory / "train_config.json").get("task", "?")
@@ -104,5 +105,8 @@ def _not_a_model(directory: Path) -> None:
             raise InputError(directory, f"a {task} training run, not a model; {pack}")
         if (directory / "model" / "config.json").is_file():
             raise InputError(directory, f"a {task} training run; its model is {directory / 'model'}")
+        if (directory / "last.pt").is_file():
+            raise InputError(directory, f"a {task} training run interrupted before it exported its network: finish "
+                                        f"it with karyo train {task} --out {directory} --resume")
         raise InputError(directory, f"a {task} training run without an exported model (did it finish an epoch?)")
     raise InputError(directory / "config.json", "file not found: not a karyo model folder")

@@ -98,6 +98,10 @@ class ClassicalModel(InstanceModel):
                 negative: Sequence[tuple[float, float]] | None = None, mpp: float | None = None,
                 name: str = "", channel_names: Sequence[str] | None = None) -> SegmentationResult:
         cfg = self.config
+        if np.asarray(image).dtype.kind == "f":  # as the learned models read floats: [0, 1], else refused
+            from karyo.data.augment import prepare_image
+
+            prepare_image(np.asarray(image), name or None)
         mpp = check_mpp(mpp, name or None)
         points, negative = check_prompts(points, negative, np.shape(image), name or None,
                                          double_click_px(mpp, cfg.mpp))

@@ -44,7 +44,7 @@ from karyo.attributes import names as N
 from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.prepare import check_mpp, check_prompts, double_click_px
-from karyo.infer.result import SegmentationResult, finish
+from karyo.infer.result import SegmentationResult, drop_negated, finish
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, _head, anchor_points
 from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, _nearest_class
@@ -422,6 +422,8 @@ class IVAANModel(PromptNucSegModel):
                              scores=scores, class_names=self.class_names, name=name, model=self.arch,
                              properties=properties, embeddings=emb[rows] if len(rows) else
                              np.zeros((0, cfg.ivaan.embed_dim), np.float32), embedding_ids=ids)
+        if points is None:  # negative points alone: every nucleus but those under them
+            result = drop_negated(result, negative)
         return finish(result, points, mpp)
 
     def query(self, result: SegmentationResult, text: str, top_k: int | None = None) -> pd.DataFrame:

@@ -218,6 +218,13 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
             meta["settings"] = to_dict(settings)
             t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
+    stated = sorted({round(float(s.mpp), 4) for s in items if s.mpp})
+    model_mpp = getattr(model_cfg, "mpp", None)
+    if on_split is not None and stated and model_mpp and any(abs(m - model_mpp) > 0.05 * model_mpp for m in stated):
+        n_stated = sum(1 for s in items if s.mpp)
+        on_split(f"note: {n_stated} of {len(items)} image(s) state {', '.join(f'{m:g}' for m in stated[:3])} µm/px, "
+                 f"the model records {model_mpp:g} (its config's mpp) and training does not resample: set "
+                 f"model: {{mpp: ...}} in the config to the data's, or inference will resample inputs to {model_mpp:g}")
     crops = len(getattr(t, "train_set", None) or ())
     if crops and crops < tcfg.batch_size:  # incomplete batches are dropped: every epoch would be empty
         raise InputError(config, f"{len(train_samples)} training image(s) give {crops} crop(s) per epoch, fewer than "
@@ -265,6 +272,7 @@ def _check_resume_changes(out: Path, saved: dict, given: dict, config: str | os.
             if key in given and given[key] != saved.get(key):
                 diffs.append(key)
         diffs += _changed_model_keys(given.get("model") or {}, saved.get("model") or {}, "model")
+        diffs += _changed_model_keys(given.get("augment") or {}, saved.get("augment") or {}, "augment")
         if diffs:
             raise InputError(config, f"differs from the run being resumed in {', '.join(diffs)}; a resumed run "
                                      f"keeps the settings in {out / 'train_config.json'} (only train.epochs may "
