@@ -131,9 +131,9 @@ def test_double_clicks_and_a_negative_on_a_click_are_refused_by_every_model():
     shape = (64, 64, 3)
     points, _ = check_prompts([(10, 10), (20, 10)], None, shape, "c.csv", 4.0)
     assert len(points) == 2
-    with pytest.raises(InputError, match=r"c\.csv: points 0 \(10, 10\) and 1 \(13, 10\) \(0-based\) are 3 px apart"):
+    with pytest.raises(InputError, match=r"c\.csv: points 1 \(10, 10\) and 2 \(13, 10\) are 3 px apart"):
         check_prompts([(10, 10), (13, 10)], None, shape, "c.csv", 4.0)
-    with pytest.raises(InputError, match=r"negative point 0 \(11, 10\) lies 1 px from point 0"):
+    with pytest.raises(InputError, match=r"negative point 1 \(11, 10\) lies 1 px from point 1"):
         check_prompts([(10, 10)], [(11, 10)], shape, "c.csv", 4.0)
     assert check_prompts([], [(11, 10)], shape)[0] is None  # no clicks, only negatives: as the CLI reads them
     assert len(check_prompts([], None, shape)[0]) == 0  # no clicks at all: nothing to segment

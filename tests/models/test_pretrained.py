@@ -71,6 +71,9 @@ def test_loading_a_training_run_says_how_to_get_a_model(tmp_path):
         karyo.load(tmp_path / "nowhere")  # a path, not a name: not "unknown model"
     with pytest.raises(karyo.InputError, match="no model given"):
         karyo.load("")
+    (tmp_path / "weights.pt").write_bytes(b"")
+    with pytest.raises(karyo.InputError, match=r"weights\.pt: a file, not a model: a model is a folder"):
+        karyo.load(tmp_path / "weights.pt")
 
 
 def test_cli_default_model_on_real_consep_patches(shared_data, tmp_path, one_thread):

@@ -180,15 +180,15 @@ def check_prompts(points, negative, shape: tuple[int, ...], source: str | os.Pat
         if len(pairs):
             i, j = sorted(pairs[0].tolist())
             a, b = points[i], points[j]
-            raise InputError(source, f"points {i} ({a[0]:g}, {a[1]:g}) and {j} ({b[0]:g}, {b[1]:g}) (0-based) are "
+            raise InputError(source, f"points {i + 1} ({a[0]:g}, {a[1]:g}) and {j + 1} ({b[0]:g}, {b[1]:g}) are "
                                      f"{np.hypot(*(a - b)):.3g} px apart: one nucleus clicked twice? Give each "
                                      f"nucleus one point")
         if negative is not None and len(negative):
             dist, near = tree.query(negative)
             if (dist < min_separation_px).any():
                 k = int(np.argmax(dist < min_separation_px))
-                raise InputError(source, f"negative point {k} ({negative[k, 0]:g}, {negative[k, 1]:g}) lies "
-                                         f"{dist[k]:.3g} px from point {int(near[k])}: a place cannot be both the "
+                raise InputError(source, f"negative point {k + 1} ({negative[k, 0]:g}, {negative[k, 1]:g}) lies "
+                                         f"{dist[k]:.3g} px from point {int(near[k]) + 1}: a place cannot be both the "
                                          f"nucleus and not it")
     return points, negative
 

@@ -76,6 +76,9 @@ def load(name_or_path: str | os.PathLike = "default", device: str = "cpu") -> In
         return load_model_dir(path, device=device)
     if (path.suffix or len(path.parts) > 1) and not path.exists():  # looks like a path, not a name
         raise InputError(path, f"model folder not found (shipped models: {', '.join(available())})")
+    if path.is_file():
+        raise InputError(path, "a file, not a model: a model is a folder (config.json + weights; karyo pack makes "
+                               "one from training runs)")
     entry = resolve(str(name_or_path))
     if "folder" in entry:
         folder = _installed_folder(entry)

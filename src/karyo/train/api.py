@@ -316,7 +316,8 @@ def init_weights(task: str, path: str | os.PathLike) -> dict:
     if (run / "train_config.json").is_file() and (p.is_dir() or p.name in ("best.pt", "last.pt")):
         other = load_json(run / "train_config.json").get("task")
         if other and other != task and {other, task} not in ({"ivaan", "prompter"}, {"stain_agnostic", "cellvit"}):
-            raise InputError(p, f"is a {other} run: its weights cannot start a {task} network (--init takes a "
+            what = f"a checkpoint of a {other} run" if p.is_file() else f"a {other} run"
+            raise InputError(p, f"is {what}: its weights cannot start a {task} network (--init takes a "
                                 f"{task} run, a {task} checkpoint or a model folder holding {task}.pt)")
     if p.is_dir():
         for candidate in (p / "best.pt", p / f"{task}.pt"):
