@@ -312,6 +312,10 @@ def test_evaluate_notes_unclassified_truth_and_names_unmatched_prediction_ids(tm
     (tmp_path / "t" / "classes" / "a.csv").write_text("instance_id,class_id\n1,1\n")  # nucleus 2 lost its row
     report = evaluate_folders(tmp_path / "t", tmp_path / "p")
     assert "1 nucleus of the ground truth has no class" in " ".join(report.notes)
+    (tmp_path / "wsi").mkdir()
+    (tmp_path / "wsi" / "nuclei.parquet").write_bytes(b"")
+    with pytest.raises(InputError, match=r"a karyo wsi output \(nuclei\.parquet\): evaluate scores instance maps"):
+        evaluate_folders(tmp_path / "t", tmp_path / "wsi")
     (tmp_path / "p" / "instances" / "a.png").rename(tmp_path / "p" / "instances" / "a_mask.png")
     with pytest.raises(InputError, match=r"p/instances/a\.png: instance map not found; a_mask\.png is there: the "
                                          r"instance map must be named by its image's id exactly"):

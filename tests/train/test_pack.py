@@ -174,6 +174,11 @@ def test_cli_pack_promptnucseg_tunes_under_the_spacing_cap(tmp_path, disc_layout
     assert res.exit_code == 2 and "takes --run, not --tune/--no-tune" in res.output
     res = CliRunner().invoke(app, ["pack", "unet", "--run", str(run), "--out", str(tmp_path / "u")])
     assert res.exit_code == 2 and "unet runs need no packing: their model is RUN/model" in " ".join(res.output.split())
+    (tmp_path / "cv0").mkdir()
+    (tmp_path / "cv0" / "train_config.json").write_text('{"task": "cellvit"}')
+    res = CliRunner().invoke(app, ["pack", "promptnucseg", "--prompter", str(tmp_path / "cv0"), "--segmentor", str(run),
+                                   "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "is a cellvit run, not a prompter run" in " ".join(res.output.split())
     interrupted = tmp_path / "cv"  # checkpoints, no exported network: say to resume it
     interrupted.mkdir()
     (interrupted / "train_config.json").write_text('{"task": "cellvit"}')

@@ -45,6 +45,10 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
         truth = open_dataset(true, format=true_format, split=split)
     pred_root = Path(pred)
     if not (pred_root / "instances").is_dir():
+        if (pred_root / "nuclei.parquet").is_file():
+            raise InputError(pred_root, "a karyo wsi output (nuclei.parquet): evaluate scores instance maps, as "
+                                        "karyo segment writes them (instances/<id>.png); segment the annotated "
+                                        "regions with karyo segment instead")
         raise InputError(pred_root, "no instances/ folder: expected karyo's output layout "
                                     "(instances/<id>.png, optional classes/<id>.csv)")
     preds = LayoutDataset(pred_root)

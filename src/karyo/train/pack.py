@@ -50,6 +50,10 @@ def _run_model(run: str | os.PathLike, name: str) -> tuple[dict, dict]:
     folder = Path(run) / "model"
     meta_path = folder / f"{name}.json"
     if not meta_path.is_file():
+        config = Path(run) / "train_config.json"
+        task = load_json(config).get("task") if config.is_file() else None
+        if task and task != name:
+            raise InputError(run, f"is a {task} run, not a {name} run")
         raise InputError(folder, f"no {name}.json: is this a finished {name} run (karyo train {name})?")
     return load_json(meta_path), read_state_dict(folder / f"{name}.pt")
 
