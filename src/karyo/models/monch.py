@@ -899,7 +899,8 @@ class SemanticModel(InstanceModel):
                 name: str = "", channel_names: Sequence[str] | None = None) -> SegmentationResult:
         """Instances seeded from the semantic map (:func:`seed_instances`); point prompts are not supported."""
         if points is not None or negative is not None:
-            raise InputError(None, f"the {self.arch} model is not promptable; run it without --points")
+            raise InputError(None, f"the {self.arch} model is not promptable; run it without points (no --points; "
+                                   f"in Python, no points= or negative=)")
         sem = self.segment_semantic(image, mpp=mpp, name=name, channel_names=channel_names)
         cfg = self.config
         scale = 1.0 if mpp is None or mpp <= 0 else cfg.mpp / float(mpp)  # pixel parameters are at the model's mpp
