@@ -12,6 +12,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from karyo.data.sample import Sample, nuclei_phrase
+from karyo.metrics.detection import labels_at
 
 
 @dataclass(eq=False)  # compared by identity: a generated __eq__ over the instance array raises
@@ -144,9 +145,7 @@ def tag_prompted(result: SegmentationResult, points: np.ndarray | None) -> Segme
     GeoJSON carry it as a column / property. Returns ``result``, changed in place."""
     if points is None or len(points) == 0:
         return result
-    h, w = result.instances.shape[:2]
-    xy = np.clip(np.floor(np.asarray(points, np.float64) + 0.5), 0, [w - 1, h - 1]).astype(np.int64)
-    under = result.instances[xy[:, 1], xy[:, 0]]
+    under = labels_at(result.instances, points)
     props = {k: dict(v) for k, v in (result.properties or {}).items()}
     for index, instance in enumerate(under.tolist()):
         if instance > 0 and "point_index" not in props.get(instance, {}):
@@ -174,9 +173,7 @@ def drop_negated(result: SegmentationResult, negative) -> SegmentationResult:
 
 
 def _ids_under(instances: np.ndarray, points) -> set[int]:
-    h, w = instances.shape[:2]
-    xy = np.clip(np.floor(np.asarray(points, np.float64).reshape(-1, 2) + 0.5), 0, [w - 1, h - 1]).astype(np.int64)
-    return set(instances[xy[:, 1], xy[:, 0]].tolist()) - {0}
+    return set(labels_at(instances, points).tolist()) - {0}
 
 
 def _keep_instances(result: SegmentationResult, keep: set[int]) -> SegmentationResult:

@@ -59,6 +59,7 @@ from karyo.infer.prepare import (
 )
 from karyo.infer.result import SegmentationResult, finish
 from karyo.infer.tiling import tile_starts
+from karyo.metrics.detection import labels_at
 from karyo.models.adapter import AdapterConfig, ChannelAdapter
 from karyo.models.base import InstanceModel, register
 from karyo.models.convnext import (
@@ -700,11 +701,9 @@ class CellViTModel(InstanceModel):
 def _ids_at(instances: np.ndarray, pts: Sequence[tuple[float, float]] | None, scale: float) -> set[int]:
     if pts is None:
         return set()
-    # The pixel a point (x, y, pixel indices as everywhere in karyo) lies in, at the model's scale
-    h, w = instances.shape
-    xy = np.floor((np.asarray(list(pts), np.float64).reshape(-1, 2) + 0.5) * scale).astype(np.int64)
-    xy = np.clip(xy, 0, [w - 1, h - 1])
-    return {int(i) for i in instances[xy[:, 1], xy[:, 0]] if i > 0}
+    # A point's pixel index at the model's scale: the input pixel's extent scaled, as labels_at rounds it
+    xy = (np.asarray(list(pts), np.float64).reshape(-1, 2) + 0.5) * scale - 0.5
+    return {int(i) for i in labels_at(instances, xy) if i > 0}
 
 
 def _select(instances: np.ndarray, classes: dict[int, int], scores: dict[int, float],
