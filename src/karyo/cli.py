@@ -578,9 +578,9 @@ def train_cmd(
                       f"again from epoch 1 with the run's saved settings", highlight=False)
 
     def say_resumed(epoch: int) -> None:
-        import json
+        from karyo.config import load_json
 
-        planned = epochs or json.loads((out / "train_config.json").read_text()).get("train", {}).get("epochs")
+        planned = epochs or load_json(out / "train_config.json").get("train", {}).get("epochs")
         if planned is not None and epoch >= planned:
             console.print(f"{out} already finished {epoch} epoch(s) (of {planned} asked): nothing to train; raise "
                           f"--epochs to train on", highlight=False)

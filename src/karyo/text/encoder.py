@@ -70,8 +70,8 @@ class SentenceTransformerEncoder:
         limit = getattr(self._model, "max_seq_length", None)
         tokenizer = getattr(self._model, "tokenizer", None)
         if limit and tokenizer is not None:
-            for text in texts:
-                n = len(tokenizer(text, add_special_tokens=True)["input_ids"])
+            lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+            for text, n in zip(texts, lengths, strict=True):
                 if n > limit:  # the encoder silently keeps the first tokens only
                     shown = text if len(text) <= 60 else text[:57] + "..."
                     warnings.warn(f"text {shown!r} is {n} tokens long; the text encoder ({self.name}) reads only "
