@@ -261,9 +261,10 @@ NUCLEAR_STAINS = ("dapi", "hoechst", "hoechst33342", "hoechst33258", "draq5", "d
 
 
 def nuclear_channel_index(channel_names, n_channels: int, nuclear_channel: str | int | None = None,
-                          source: str | None = None) -> int:
+                          source: str | None = None, fallback_warning: str | None = None) -> int:
     """The channel measured as the nuclear stain: ``nuclear_channel`` (a name or a 0-based index), else the first
-    channel named as a nuclear stain (:data:`NUCLEAR_STAINS`), else channel 0 with a warning."""
+    channel named as a nuclear stain (:data:`NUCLEAR_STAINS`), else channel 0 with a warning (``fallback_warning``,
+    by default the attribute measurement's)."""
     names = list(channel_names or [])
     if nuclear_channel is not None:
         wanted = channel_key(nuclear_channel)
@@ -278,8 +279,8 @@ def nuclear_channel_index(channel_names, n_channels: int, nuclear_channel: str |
         if channel_key(n) in NUCLEAR_STAINS:
             return i
     label = f" ({names[0]})" if names else ""
-    warnings.warn(f"{source or 'image'}: no channel is named as a nuclear stain (DAPI, Hoechst ...): channel "
-                  f"0{label} is measured as the nucleus' stain; name another with nuclear_channel "
+    warnings.warn(fallback_warning or f"{source or 'image'}: no channel is named as a nuclear stain (DAPI, Hoechst "
+                  f"...): channel 0{label} is measured as the nucleus' stain; name another with nuclear_channel "
                   f"(--nuclear-channel)", stacklevel=3)
     return 0
 

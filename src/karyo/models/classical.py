@@ -17,7 +17,7 @@ from skimage.color import rgb2hed
 from skimage.feature import peak_local_max
 
 from karyo.data.io import to_uint8
-from karyo.data.sample import NUCLEAR_STAINS, as_hwc, channel_key, grey_fluorescence, is_marker_image
+from karyo.data.sample import as_hwc, grey_fluorescence, is_marker_image, nuclear_channel_index
 from karyo.infer.postprocess import remove_small_instances
 from karyo.infer.prepare import check_mpp, check_prompts, double_click_px
 from karyo.infer.result import SegmentationResult, drop_negated, finish
@@ -81,13 +81,10 @@ class ClassicalModel(InstanceModel):
         as H&E) would find the background instead."""
         n = image.shape[2]
         if is_marker_image(n, channel_names):
-            names = [channel_key(c) for c in channel_names or ()]
-            hits = [i for i, c in enumerate(names) if c in NUCLEAR_STAINS]
-            if not hits:
-                warnings.warn(f"{source or 'image'}: {n} channels, none named as a nuclear stain (DAPI, Hoechst ...): "
-                              f"channel 0 is segmented as bright nuclei; pick another with --channels",
-                              stacklevel=4)
-            return image[..., hits[:1] or [0]]
+            k = nuclear_channel_index(channel_names, n, source=source, fallback_warning=(
+                f"{source or 'image'}: {n} channels, none named as a nuclear stain (DAPI, Hoechst ...): channel 0 is "
+                f"segmented as bright nuclei; pick another with --channels"))
+            return image[..., [k]]
         if channel_names is None and grey_fluorescence(image):
             warnings.warn(f"{source or 'image'}: R, G and B are equal and the background is dark: segmented as one "
                           f"fluorescence channel (bright nuclei)", stacklevel=4)
