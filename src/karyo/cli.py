@@ -564,7 +564,8 @@ def train_cmd(
     init: Annotated[Path | None, typer.Option(help="Start from these weights (fine-tuning): a checkpoint, a run "
                                                    "folder, a model folder or a shipped model's name such as "
                                                    "default. Its class layer starts afresh when the data have "
-                                                   "other classes than it was trained on.")] = None,
+                                                   "other classes than it was trained on; the same class names "
+                                                   "numbered otherwise are reordered.")] = None,
 ) -> None:
     """Train a model (PromptNucSeg prompter or segmentor, CellViT, IVAAN, MONCH, U-Net): seeded, resumable, best
     checkpoint chosen on the validation split."""
