@@ -376,3 +376,18 @@ def test_train_says_which_runs_need_packing_before_segment_takes_them(tmp_path):
     assert "karyo pack ivaan --run" in _trained_next_step("ivaan", tmp_path / "i")
     monch = _trained_next_step("monch", tmp_path / "m")
     assert monch.startswith(f"model → {tmp_path / 'm' / 'model'}") and "pack" not in monch
+
+
+def test_help_and_the_light_api_do_not_import_torch():
+    """``karyo --help`` answers at once: torch, albumentations and pandas are imported when a command needs them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, karyo, karyo.cli, karyo.data, karyo.data.sample; "
+            "print(sorted(m for m in ('torch', 'albumentations', 'pandas') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    code = ("import sys, karyo; "
+            "print(karyo.read_image.__module__, karyo.load.__module__, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["karyo.data.io", "karyo.models.registry", "True"]
