@@ -21,6 +21,7 @@ from karyo.models.unet import UNetConfig
 from karyo.train.api import train
 from karyo.train.channels import (
     adapt_training_data,
+    channel_summary,
     fit_channel_stats,
     map_samples,
     mark_missing,
@@ -132,14 +133,34 @@ def test_map_samples_by_name_and_refuses_mismatched_data_without_adapter(ome_lay
     assert present.all() and mapped[0].channel_names == ("DAPI",)
 
 
+def test_channel_summary_says_how_the_training_images_meet_the_adapter(ome_layout):
+    """What a run assumed about its images' channels, in one line: matched by name, by position, missing, pooled."""
+    samples = [s for s in LayoutDataset(ome_layout, split="train")][:2]  # channels CD45, DAPI
+    image = samples[0].image
+    gray = Sample(image=image[..., 1:2], instances=samples[0].instances, name="gray_000")
+    three = Sample(image=np.dstack([image, image[..., :1]]), instances=samples[0].instances, name="three_000")
+    named = with_adapter(PrompterConfig(), ("DAPI", "Ki67"), AugmentConfig()).adapter
+    assert channel_summary(named, samples) == ("channels: the network takes DAPI, Ki67 by name: 2 of 2 image(s) "
+                                               "matched by name; 2 lack some (filled by the adapter's "
+                                               f"'{named.missing}' rule); 2 have channels the network ignores")
+    unnamed = with_adapter(PrompterConfig(), 2, AugmentConfig()).adapter
+    assert channel_summary(unnamed, [*samples, gray, three]) == (
+        "channels: the network takes 2 unnamed channel(s): 2 of 4 image(s) have exactly as many; 2 with 1/3 "
+        "channel(s) pooled onto them (channel average)")
+
+
 def test_prompter_and_segmentor_with_channels_pack_into_a_dapi_promptnucseg(ome_layout, tmp_path):
     """Both networks of PromptNucSeg take an adapter for the DAPI channel; the packed model segments OME-TIFF tiles
     whose channels come in another order (mapped by name)."""
     data = [f"{ome_layout}:train"]
     tiny_prompter = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "fpn_dim": 16, "head_hidden": 16,
                      "dropout": 0.0}
+    said: list[str] = []
     train("prompter", data, tmp_path / "p", config=_config(tmp_path, "p", tiny_prompter), channels="DAPI",
-          progress=False)
+          progress=False, on_split=said.append)
+    n = len(LayoutDataset(ome_layout, split="train"))
+    assert f"channels: the network takes DAPI by name: {n} of {n} image(s) matched by name; {n} have channels the " \
+           "network ignores" in said
     train("segmentor", data, tmp_path / "s", config=_config(tmp_path, "s", {"preset": "tiny"},
                                                              settings={"nuclei_per_image": 4}),
           channels="DAPI", progress=False)

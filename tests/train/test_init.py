@@ -338,3 +338,29 @@ def test_init_onto_data_without_classes_says_the_model_finds_nuclei_only(tmp_pat
         assert load_init_state(one, two, tmp_path / "two.pt") == ["cls_head.3.bias", "cls_head.3.weight"]
     assert "two.pt: its class layer is not used (it starts afresh): these data have no classes, so the model " \
            "learns to find nuclei only (one class, 'nucleus')" in caplog.text
+
+
+@pytest.mark.parametrize(("task", "section", "message"), [
+    ("prompter", {"model": {"preset": "cpu", "fpn_dimm": 8}}, "fpn_dimm"),
+    ("segmentor", {"model": {"presett": "small"}}, "presett"),
+    ("segmentor", {"settings": {"negativez": 1}}, r"SegmentorTrainSettings field\(s\) \[.negativez.\]"),
+    ("cellvit", {"model": {"preset": "cpu", "depthh": 2}}, "depthh"),
+    ("unet", {"model": {"widthh": 2}}, "widthh"),
+    ("stain_agnostic", {"settings": {"lovasz": 1}}, "lovasz"),
+    ("prompter", {"train": {"device": "tpu"}}, "device 'tpu'"),
+])
+def test_config_mistakes_are_reported_before_the_data_are_read(tmp_path, disc_layout, monkeypatch, task, section,
+                                                                message):
+    """A typo in a model or settings section, or an unusable device, stops the run at once naming the file: not
+    after minutes of reading a large dataset."""
+    import karyo.train.api as api
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data were read before the config was checked")
+
+    monkeypatch.setattr(api, "load_specs", never)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"data": [f"{disc_layout}:train"], **section}))
+    with pytest.raises(InputError, match=message):
+        train(task, None, tmp_path / "never", config=str(path), progress=False)
+    assert not (tmp_path / "never").exists()

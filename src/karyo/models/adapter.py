@@ -94,7 +94,7 @@ class AdapterConfig:
             problems.append(f"in_channels, out_channels and hidden must be >= 1, got {n}, {self.out_channels}, "
                             f"{self.hidden}")
         if self.channel_names:
-            keys = [_key(c) for c in self.channel_names]
+            keys = [channel_key(c) for c in self.channel_names]
             if len(keys) != n:
                 problems.append(f"{len(keys)} channel_names for {n} in_channels")
             if len(set(keys)) != len(keys) or "" in keys:
@@ -124,7 +124,8 @@ class AdapterConfig:
         return cls(in_channels=len(names), channel_names=names, **kw)
 
 
-def _key(name: str) -> str:
+def channel_key(name: str) -> str:
+    """How channel names are compared: ``" dapi"`` is ``"DAPI"``."""
     return str(name).strip().casefold()
 
 
@@ -230,8 +231,8 @@ def plan_channels(n_image: int, config: AdapterConfig, names: Sequence[str] | No
     if config.channel_names and names:
         index: dict[str, int] = {}
         for i, nm in enumerate(names):
-            index.setdefault(_key(nm), i)
-        hits = [index.get(_key(nm)) for nm in config.channel_names]
+            index.setdefault(channel_key(nm), i)
+        hits = [index.get(channel_key(nm)) for nm in config.channel_names]
         if any(h is not None for h in hits):
             sources = tuple(() if h is None else (h,) for h in hits)
             used = {h for h in hits if h is not None}

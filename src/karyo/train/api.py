@@ -15,10 +15,11 @@ import yaml
 
 from karyo.config import from_dict, load_json, to_dict
 from karyo.data.augment import AugmentConfig
+from karyo.device import pick_device
 from karyo.errors import InputError, naming
 from karyo.models.prompter import PrompterConfig
 from karyo.models.segmentor import SegmentorConfig, segmentor_config
-from karyo.train.channels import adapt_training_data
+from karyo.train.channels import adapt_training_data, channel_summary
 from karyo.train.data import DataSpec, group_split, load_specs, source_group
 from karyo.train.loop import FitResult, TrainConfig, fit
 from karyo.train.prompter import PrompterTask
@@ -119,11 +120,14 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     tcfg = from_dict(TrainConfig, {**file_cfg.get("train", {}), **(train_overrides or {})}, config)
     with naming(config):
         augment = AugmentConfig.from_dict({"seed": tcfg.seed, **file_cfg.get("augment", {})})
+    class_names = _class_names(specs)
+    if not resume:  # a config's mistakes are reported before minutes of data loading, not after
+        check_config_sections(task, file_cfg, preset, class_names, config)
+    pick_device(tcfg.device)
     vf = val_fraction if val_fraction is not None else file_cfg.get("val_fraction", 0.15)
     if isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1:
         raise InputError(config if val_fraction is None else None,
                          f"val_fraction must be a number between 0 and 1, got {vf!r}")
-    class_names = _class_names(specs)
     samples = load_specs(specs, class_names or None)
     # Tiles are small: hold the whole dataset in memory instead of decoding PNGs every epoch.
     items = [samples[i] for i in range(len(samples))]
@@ -218,6 +222,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
             meta["settings"] = to_dict(settings)
             t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
+    if on_split is not None and getattr(model_cfg, "adapter", None) is not None:
+        on_split(channel_summary(model_cfg.adapter, items))
     stated = sorted({round(float(s.mpp), 4) for s in items if s.mpp})
     model_mpp = getattr(model_cfg, "mpp", None)
     if on_split is not None and stated and model_mpp and any(abs(m - model_mpp) > 0.05 * model_mpp for m in stated):
@@ -241,6 +247,46 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta,
                init_state=init_state, init_source=init, init_other_classes=other_classes,
                init_class_order=class_order, on_resume=on_resume)
+
+
+def check_config_sections(task: str, file_cfg: dict, preset: str | None, class_names: dict[int, str],
+                          config: str | os.PathLike | None) -> None:
+    """Build the ``model:`` and ``settings:`` sections once without data, so that an unknown field or a bad value
+    stops the run naming ``config`` before the images are read. Checks only: :func:`train` builds them again with
+    what the data add (channel statistics, adapters)."""
+    model = dict(file_cfg.get("model") or {})
+    settings = dict(file_cfg.get("settings") or {})
+    with naming(config):
+        if task == "prompter":
+            if "preset" in model or preset or not model:
+                kw = {k: v for k, v in model.items() if k != "preset"}
+                PrompterConfig.preset(model.get("preset", preset or "cpu"), **_prompter_classes(kw, class_names))
+            else:
+                from_dict(PrompterConfig, _prompter_classes(model, class_names))
+        elif task == "segmentor":
+            if "encoder" in model:
+                from_dict(SegmentorConfig, model)
+            elif model or preset:
+                segmentor_config(model.pop("preset", preset or "small"), **model)
+            from_dict(SegmentorTrainSettings, settings)
+        elif task == "ivaan":
+            from karyo.train.ivaan import ivaan_config
+
+            ivaan_config(model, class_names, preset)
+        elif task == "cellvit":
+            from karyo.train.cellvit import cellvit_config
+
+            cellvit_config(model, preset, class_names)
+        elif task == "stain_agnostic":
+            from karyo.train.stain_agnostic import StainAgnosticSettings, stain_agnostic_config
+
+            stain_agnostic_config(model, preset)
+            from_dict(StainAgnosticSettings, settings)
+        elif task in ("monch", "unet"):
+            from karyo.train.monch import SemanticTrainSettings, semantic_model_config
+
+            semantic_model_config(task, model, preset, class_names)
+            from_dict(SemanticTrainSettings, settings)
 
 
 #: What a resumed run may change: how long it trains and where it computes, not what it learns.

@@ -17,12 +17,12 @@ from torch import Tensor
 from karyo.data.augment import IMAGENET_MEAN, AugmentConfig, prepare_image
 from karyo.data.sample import Sample
 from karyo.errors import InputError
-from karyo.models.adapter import AdapterConfig, map_channels
+from karyo.models.adapter import AdapterConfig, channel_key, map_channels, plan_channels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["adapt_training_data", "fit_channel_stats", "map_samples", "mark_missing", "parse_channels",
-           "with_adapter"]
+__all__ = ["adapt_training_data", "channel_summary", "fit_channel_stats", "map_samples", "mark_missing",
+           "parse_channels", "with_adapter"]
 
 
 def parse_channels(spec: str | int | Sequence[str] | None) -> int | tuple[str, ...] | None:
@@ -174,3 +174,41 @@ def adapt_training_data(config: Any, channels: str | int | Sequence[str] | None,
         augment = fit_channel_stats(augment, train, present)
         config = with_adapter(config, None, augment)
     return config, augment, train, val
+
+
+def channel_summary(adapter: AdapterConfig, samples: Sequence[Sample]) -> str:
+    """One line saying how ``samples`` (as read, before :func:`map_samples`) meet the adapter's channels: a run
+    must say what it assumed about them, since a channel read by position or pooled trains silently on what may
+    be another stain."""
+    names = list(adapter.channel_names or ())
+    wanted = {channel_key(nm) for nm in names}
+    n = len(samples)
+    by_name = by_position = lacking = pooled = ignored = 0
+    pooled_counts: set[int] = set()
+    for s in samples:
+        plan = plan_channels(s.image.shape[2], adapter, s.channel_names, s.source or s.name, warn=False)
+        if wanted and s.channel_names and wanted & {channel_key(nm) for nm in s.channel_names}:
+            by_name += 1
+        elif plan.mode == "identity":
+            by_position += 1
+        lacking += not plan.present.all()
+        ignored += bool(plan.ignored)
+        if plan.mode == "pooled":
+            pooled += 1
+            pooled_counts.add(s.image.shape[2])
+    if names:
+        head = f"channels: the network takes {', '.join(names)} by name: {by_name} of {n} image(s) matched by name"
+        if by_position:
+            head += f"; {by_position} read in that order by position (no matching channel names)"
+    else:
+        head = f"channels: the network takes {adapter.in_channels} unnamed channel(s): {by_position} of {n} image(s) " \
+               f"have exactly as many"
+    parts = [head]
+    if lacking:
+        parts.append(f"{lacking} lack some (filled by the adapter's '{adapter.missing}' rule)")
+    if pooled:
+        parts.append(f"{pooled} with {'/'.join(map(str, sorted(pooled_counts)))} channel(s) pooled onto them "
+                     f"(channel average)")
+    if ignored:
+        parts.append(f"{ignored} have channels the network ignores")
+    return "; ".join(parts)

@@ -209,7 +209,7 @@ class SemanticTask:
 # ------------------------------------------------------------------------------------------------- building
 
 
-def _model_config(task: str, base: Mapping[str, Any], preset: str | None, class_names: dict[int, str]
+def semantic_model_config(task: str, base: Mapping[str, Any], preset: str | None, class_names: dict[int, str]
                   ) -> MONCHConfig | UNetConfig:
     base = dict(base)
     if class_names and "num_classes" not in base:
@@ -234,7 +234,7 @@ def build_semantic_task(task: str, file_cfg: Mapping[str, Any], preset: str | No
     embeddings (MONCH), normalisation matched to the model, a channel adapter for ``channels`` (MONCH only; the
     data are mapped onto its channels); returns (task, model config, meta to save)."""
     settings = from_dict(SemanticTrainSettings, dict(file_cfg.get("settings") or {}))
-    cfg = _model_config(task, file_cfg.get("model") or {}, preset, class_names)
+    cfg = semantic_model_config(task, file_cfg.get("model") or {}, preset, class_names)
     names = cfg.class_names or {c: f"class {c}" for c in range(1, cfg.num_classes + 1)}
     emb = None
     if isinstance(cfg, MONCHConfig):
