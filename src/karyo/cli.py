@@ -322,6 +322,11 @@ def segment(
                       f"--mpp if they are at another magnification", highlight=False)
     if task == "semantic":
         console.print(f"class maps, overlays and per-class areas of {len(files)} image(s) → {out}/", highlight=False)
+    elif hasattr(net, "segment_semantic"):
+        console.print(f"note: {net.arch} is a semantic model: these nuclei are split from its class map by a "
+                      f"watershed, which it was not trained to do; --task semantic writes the class maps it predicts",
+                      highlight=False)
+        console.print(f"{nuclei_phrase(total)} in {len(files)} image(s) → {out}/", highlight=False)
     else:
         console.print(f"{nuclei_phrase(total)} in {len(files)} image(s) → {out}/", highlight=False)
 
@@ -700,6 +705,13 @@ def _load_ivaan(model: Path | None, segmentor: Path | None, device: str):
 
         net = pack_ivaan(model, segmentor, log=lambda m: None)
         return net if device == "cpu" else _to_device(net, device)
+    run = model.parent if (model.parent / "train_config.json").is_file() else model
+    if (run / "train_config.json").is_file():  # another task's run: packing it would not give a text model
+        from karyo.config import load_json
+
+        task = load_json(run / "train_config.json").get("task", "?")
+        raise InputError(model, f"a {task} training run; text queries need an IVAAN model: karyo train ivaan, then "
+                                f"karyo pack ivaan --run RUN --segmentor SEGMENTOR_RUN_OR_MODEL --out MODEL")
     net = load(model, device=device)
     if not isinstance(net, IVAANModel):
         raise InputError(model, f"not an IVAAN model (architecture {net.arch!r}); text queries need one")

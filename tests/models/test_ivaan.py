@@ -325,3 +325,10 @@ def test_karyo_query_writes_overlay_and_ranked_csv(tmp_path, monkeypatch):
     assert set(ranked["instance_id"]) == set(np.unique(instances[instances > 0]).tolist())
     bad = CliRunner().invoke(app, ["query", str(tmp_path / "tile.png"), "x", "--out", str(tmp_path / "q2")])
     assert bad.exit_code == 2 and "--model" in bad.output
+    (tmp_path / "cellvit_run" / "model").mkdir(parents=True)  # another task's run: it names what query needs
+    (tmp_path / "cellvit_run" / "train_config.json").write_text(json.dumps({"task": "cellvit"}))
+    for folder in ("cellvit_run", "cellvit_run/model"):
+        other = CliRunner().invoke(app, ["query", str(tmp_path / "tile.png"), "x", "--model", str(tmp_path / folder),
+                                         "--out", str(tmp_path / "q3")])
+        assert other.exit_code == 2 and "a cellvit training run; text queries need an IVAAN model" in other.output
+        assert "pack cellvit" not in other.output

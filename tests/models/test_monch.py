@@ -369,3 +369,7 @@ def test_cli_segment_task_semantic_writes_three_outputs(tmp_path):
     assert bad.exit_code == 2 and "no semantic output" in bad.output
     bad = CliRunner().invoke(app, ["segment", str(tmp_path / "tile.png"), "--task", "panoptic"])
     assert bad.exit_code == 2
+    inst = CliRunner().invoke(app, ["segment", str(tmp_path / "tile.png"), "--model", str(tmp_path / "model"),
+                                    "--out", str(tmp_path / "o3")])  # instances from a semantic model: said so
+    assert inst.exit_code == 0, inst.output
+    assert "monch is a semantic model" in " ".join(inst.output.split())
