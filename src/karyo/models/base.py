@@ -48,7 +48,10 @@ class InstanceModel(ABC):
         (RGB H&E for the shipped models; other channel counts need a model trained on them). ``mpp``: the image's
         µm per pixel, resampled to the model's (None: taken to be the model's own, so a 20x tile given to a 40x
         model without it loses nuclei). ``points``/``negative`` (x, y in pixels): segment only the nuclei at
-        ``points``; ``negative`` marks places that are not one. Returns a
+        ``points``; ``negative`` marks places that are not a nucleus. Alone, negatives remove the nuclei under them
+        in every model. With ``points`` a promptable model (PromptNucSeg) gives them to its segmentor as negative
+        prompts, which cut a mask back rather than drop it; the others, which select among the nuclei they find,
+        drop a nucleus a negative lies on. Returns a
         :class:`~karyo.infer.result.SegmentationResult` (``instances``, ``classes``, ``scores``, ``table()``,
         ``save()``)."""
 
