@@ -354,23 +354,31 @@ def evaluate(
     missing: Annotated[str, typer.Option(help="error | empty | skip: what to do with ground-truth images that have "
                                               "no prediction (refuse, score as empty, leave out).")
                        ] = "error",
+    task: Annotated[str | None, typer.Option(help="instance | semantic (class maps of karyo segment --task "
+                                                  "semantic: pixel accuracy, IoU, FWIoU, precision, F1); default: "
+                                                  "semantic when PRED has only semantic/.")] = None,
 ) -> None:
     """Score predictions against ground truth: PQ/DQ/SQ, AJI, AJI+, Dice, F1 at IoU thresholds, F1d/F1c,
-    PanNuke mPQ/bPQ and CoNIC PQ+, per image, class and tissue."""
+    PanNuke mPQ/bPQ and CoNIC PQ+, per image, class and tissue (--task semantic: pixel metrics of class maps)."""
     import json
 
     from rich.table import Table
 
     from karyo.data.io import write_text
     from karyo.errors import InputError
-    from karyo.metrics.folders import evaluate_folders
+    from karyo.metrics.folders import evaluate_folders, evaluate_semantic_folders
 
     if missing not in ("error", "empty", "skip"):
         raise InputError(None, f"--missing must be 'error', 'empty' or 'skip', got {missing!r}")
+    if task is None:
+        task = "semantic" if (pred / "semantic").is_dir() and not (pred / "instances").is_dir() else "instance"
+    if task not in ("instance", "semantic"):
+        raise InputError(None, f"--task must be 'instance' or 'semantic', got {task!r}")
+    run = evaluate_semantic_folders if task == "semantic" else evaluate_folders
     with _warnings_as_notes(), progress_bar() as bar:
-        task = bar.add_task("evaluating", total=None)
-        report = evaluate_folders(true, pred, split=split, missing=missing,
-                                  on_image=lambda done, total: bar.update(task, completed=done, total=total))
+        bar_task = bar.add_task("evaluating", total=None)
+        report = run(true, pred, split=split, missing=missing,
+                     on_image=lambda done, total: bar.update(bar_task, completed=done, total=total))
     out = out or pred / "evaluation.json"
     write_text(out, json.dumps(report.to_dict(), indent=1) + "\n")
     write_text(out.with_suffix(".csv"), report.per_image.to_csv(index=False, float_format="%.6g"))
@@ -381,7 +389,8 @@ def evaluate(
         table.add_row(*row)
     Console().print(table)
     views = (("per class", report.per_class, ["name", "n_true", "n_pred", "pannuke_pq", "conic_pq_plus", "f1_type"]),
-             ("per tissue", report.per_tissue, ["tissue", "n_images", "pq", "aji", "mpq", "bpq"]))
+             ("per tissue", report.per_tissue, ["tissue", "n_images", "pq", "aji", "mpq", "bpq"])
+             ) if task == "instance" else ()
     for title, frame, cols in views:
         if len(frame) and not (title == "per tissue" and len(frame) == 1):
             Console().print(_frame_table(frame[[c for c in cols if c in frame.columns]], title))

@@ -16,14 +16,16 @@ The reported classes are 1..C, or 0..C with ``include_background=True``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from karyo.errors import InputError
-from karyo.metrics._util import NAN, nanmean, safe_div, safe_div_array
+from karyo.metrics._util import NAN, nanmean, safe_div, safe_div_array, to_builtin
 
-__all__ = ["SemanticMetrics", "SemanticResult", "confusion_matrix", "semantic_metrics"]
+__all__ = ["SemanticMetrics", "SemanticReport", "SemanticResult", "confusion_matrix", "semantic_metrics"]
 
 
 def _labels(arr: np.ndarray, what: str) -> np.ndarray:
@@ -140,3 +142,50 @@ def semantic_metrics(true: np.ndarray, pred: np.ndarray, num_classes: int | None
     acc = SemanticMetrics(num_classes, include_background, ignore_index)
     acc.update(true, pred)
     return acc.compute()
+
+
+@dataclass(frozen=True, eq=False)
+class SemanticReport:
+    """``karyo evaluate`` of class maps (``karyo segment --task semantic``): the metrics MONCH reports (pixel
+    accuracy, IoU, FWIoU, precision, F1; ``monch_paper.txt`` §4.1 "Metrics") from one confusion matrix pooled over
+    the images, plus a per-image table. ``binary``: nucleus vs background only (no classes to compare)."""
+
+    n_images: int
+    result: SemanticResult
+    class_names: dict[int, str]
+    binary: bool
+    per_image: pd.DataFrame
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def _name(self, c: int) -> str:
+        return "nucleus" if self.binary else self.class_names.get(c, str(c))
+
+    @property
+    def per_class(self) -> pd.DataFrame:
+        r = self.result
+        return pd.DataFrame([{"class_id": c, "name": self._name(c), "true_pixels": r.support[c], "iou": r.iou[c],
+                              "precision": r.precision[c], "recall": r.recall[c], "f1": r.f1[c]} for c in r.classes])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (NaN → None)."""
+        r = self.result
+        return to_builtin({"task": "semantic", "n_images": self.n_images, "binary": self.binary,
+                           "class_names": {str(c): self._name(c) for c in r.classes},
+                           "pixel_accuracy": r.pixel_accuracy, "mean_iou": r.mean_iou, "fwiou": r.fwiou,
+                           "mean_f1": nanmean(np.array([r.f1[c] for c in r.classes], float)),
+                           "confusion": r.confusion.tolist(), "notes": list(self.notes),
+                           "per_class": self.per_class.to_dict(orient="records"),
+                           "per_image": self.per_image.to_dict(orient="records")})
+
+    def summary_table(self) -> list[tuple[str, str, str]]:
+        """Rows ``(group, metric, value)`` for a printed table (4 decimals, NaN as "n/a")."""
+        def fmt(v: float) -> str:
+            return "n/a" if v != v else f"{v:.4f}"
+
+        r = self.result
+        group = "pixels (pooled over images)"
+        rows = [(group, "pixel accuracy", fmt(r.pixel_accuracy)), (group, "mean IoU", fmt(r.mean_iou)),
+                (group, "FWIoU", fmt(r.fwiou))]
+        for c in r.classes:
+            rows += [(group, f"IoU {self._name(c)}", fmt(r.iou[c])), (group, f"F1 {self._name(c)}", fmt(r.f1[c]))]
+        return rows
