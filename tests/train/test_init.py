@@ -364,3 +364,23 @@ def test_config_mistakes_are_reported_before_the_data_are_read(tmp_path, disc_la
     with pytest.raises(InputError, match=message):
         train(task, None, tmp_path / "never", config=str(path), progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_resume_refuses_another_preset_and_accepts_the_same(tmp_path, disc_layout, one_thread):
+    """The saved run holds the fields a preset expanded to, not its name: the preset is expanded to compare."""
+    def config(preset: str) -> Path:
+        path = tmp_path / f"{preset}.yaml"
+        path.write_text(yaml.safe_dump({"data": [f"{disc_layout}:train"], "model": {"preset": preset},
+                                        "settings": {"nuclei_per_image": 4},
+                                        "augment": {"crop_size": 64, "p_elastic": 0.0, "p_grid_shuffle": 0.0},
+                                        "train": {"epochs": 1, "batch_size": 2, "max_steps_per_epoch": 1,
+                                                  "warmup_epochs": 0, "threads": 1}}))
+        return path
+
+    run = tmp_path / "run"
+    train("segmentor", None, run, config=config("tiny"), progress=False)
+    with pytest.raises(InputError, match=r"differs from the run being resumed in model\.preset"):
+        train("segmentor", None, run, config=config("small"), resume=True, progress=False)
+    result = train("segmentor", None, run, config=config("tiny"), resume=True, progress=False,
+                   train_overrides={"epochs": 2})
+    assert len(result.history) == 2

@@ -108,7 +108,7 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             raise InputError(out, f"this run trains a {saved.get('task')}, not a {task}")
         file_cfg = {k: saved[k] for k in ("model", "train", "augment", "settings", "data", "val_fraction", "val_ids")
                     if k in saved}
-        _check_resume_changes(out, file_cfg, read_config_file(config), config, data, train_overrides)
+        _check_resume_changes(task, out, file_cfg, read_config_file(config), config, data, train_overrides)
         data = None
     else:
         file_cfg = read_config_file(config)
@@ -293,7 +293,7 @@ def check_config_sections(task: str, file_cfg: dict, preset: str | None, class_n
 RESUMABLE_CHANGES = frozenset({"epochs", "threads", "device", "num_workers"})
 
 
-def _check_resume_changes(out: Path, saved: dict, given: dict, config: str | os.PathLike | None,
+def _check_resume_changes(task: str, out: Path, saved: dict, given: dict, config: str | os.PathLike | None,
                           data: list[str] | None, overrides: dict[str, Any] | None) -> None:
     """A resumed run continues with the settings it started with (its checkpoint's optimiser state and data
     order depend on them); a config file, --data or an option that would change them is refused instead of
@@ -318,6 +318,8 @@ def _check_resume_changes(out: Path, saved: dict, given: dict, config: str | os.
             if key in given and given[key] != saved.get(key):
                 diffs.append(key)
         diffs += _changed_model_keys(given.get("model") or {}, saved.get("model") or {}, "model")
+        if _preset_changed(task, given.get("model") or {}, saved.get("model") or {}, config):
+            diffs.append("model.preset")
         diffs += _changed_model_keys(given.get("augment") or {}, saved.get("augment") or {}, "augment")
         if diffs:
             raise InputError(config, f"differs from the run being resumed in {', '.join(diffs)}; a resumed run "
@@ -325,6 +327,36 @@ def _check_resume_changes(out: Path, saved: dict, given: dict, config: str | os.
                                      f"be raised)")
     if data and [str(DataSpec.parse(d)) for d in data] != saved.get("data"):
         raise InputError(out, "--data differs from the run being resumed; a resumed run keeps its data")
+
+
+#: Model config fields that the data, not the preset, decide.
+_DATA_FIELDS = frozenset({"class_names", "num_classes", "pixel_mean", "pixel_std", "adapter", "in_chans", "binary"})
+
+
+def _preset_changed(task: str, given: dict, saved: dict, config: str | os.PathLike | None) -> bool:
+    """Whether a config's ``model: preset:`` names another network than the saved run's (the saved config holds
+    the fields a preset expanded to, not its name): the preset's fields, other than those the data decide or the
+    section sets itself, are compared with the saved ones."""
+    name = given.get("preset")
+    if name is None:
+        return False
+    with naming(config):
+        if task == "prompter":
+            preset = PrompterConfig.preset(name)
+        elif task == "segmentor":
+            preset = segmentor_config(name)
+        elif task in ("cellvit", "stain_agnostic"):
+            from karyo.models.cellvit import CellViTConfig
+
+            preset = CellViTConfig.preset(name)
+        elif task == "monch":
+            from karyo.models.monch import MONCHConfig
+
+            preset = MONCHConfig.preset(name)
+        else:
+            return False
+    fields = {k: v for k, v in to_dict(preset).items() if k not in _DATA_FIELDS and k not in given}
+    return bool(_changed_model_keys(fields, saved, "model"))
 
 
 def _changed_model_keys(given: dict, saved: dict, prefix: str) -> list[str]:
