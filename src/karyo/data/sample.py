@@ -161,6 +161,16 @@ def relabel_sequential(labels: np.ndarray, max_id: int | None = None) -> tuple[n
     return lut[labels], lut
 
 
+def keep_instances(labels: np.ndarray, keep: set[int] | Sequence[int]) -> tuple[np.ndarray, dict[int, int]]:
+    """Only the instances whose ids are in ``keep``, renumbered 1..N in ascending order of their old ids →
+    (int32 map, {old id: new id}); ids in ``keep`` absent from ``labels`` are ignored."""
+    present = np.unique(labels)
+    kept = [int(i) for i in present if i > 0 and int(i) in set(keep)]
+    lut = np.zeros(int(present.max(initial=0)) + 1, np.int32)
+    lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    return lut[labels], {old: new for new, old in enumerate(kept, 1)}
+
+
 class SampleSequence(Sequence[Sample]):
     """A lazy sequence of :class:`Sample`: what every dataset reader returns.
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from karyo.data.sample import Sample, nuclei_phrase
+from karyo.data.sample import Sample, keep_instances, nuclei_phrase
 from karyo.metrics.detection import labels_at
 
 
@@ -178,13 +178,9 @@ def _ids_under(instances: np.ndarray, points) -> set[int]:
 
 def _keep_instances(result: SegmentationResult, keep: set[int]) -> SegmentationResult:
     present = np.unique(result.instances)
-    kept = [int(i) for i in present if i and int(i) in keep]
-    if len(kept) == len(present) - int(present[0] == 0):
+    if all(int(i) in keep for i in present if i):
         return result
-    lut = np.zeros(int(present.max()) + 1, np.int32)
-    lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
-    new = {old: int(lut[old]) for old in kept}
-    result.instances = lut[result.instances]
+    result.instances, new = keep_instances(result.instances, keep)
     result.classes = {new[k]: v for k, v in result.classes.items() if k in new}
     result.scores = {new[k]: v for k, v in result.scores.items() if k in new}
     if result.properties is not None:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from karyo.config import check_fields
 from karyo.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from karyo.data.sample import keep_instances
 from karyo.device import pick_device
 from karyo.errors import InputError
 from karyo.infer.binary import BinaryConfig, binary_instances, instance_scores
@@ -710,11 +711,6 @@ def _select(instances: np.ndarray, classes: dict[int, int], scores: dict[int, fl
             points: Sequence[tuple[float, float]] | None, negative: Sequence[tuple[float, float]] | None,
             scale: float) -> tuple[np.ndarray, dict[int, int], dict[int, float]]:
     """Keep the instances under ``points`` (all when None), drop those under ``negative``; renumber 1..N."""
-    present = np.unique(instances)
-    keep = _ids_at(instances, points, scale) if points is not None else {int(i) for i in present if i > 0}
-    keep -= _ids_at(instances, negative, scale)
-    kept = sorted(keep)
-    lut = np.zeros(int(instances.max()) + 1, np.int32)
-    lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
-    return (lut[instances], {n: classes.get(o, 0) for n, o in enumerate(kept, 1)},
-            {n: scores.get(o, 0.0) for n, o in enumerate(kept, 1)})
+    keep = _ids_at(instances, points, scale) if points is not None else {int(i) for i in np.unique(instances) if i}
+    kept, new = keep_instances(instances, keep - _ids_at(instances, negative, scale))
+    return kept, {n: classes.get(o, 0) for o, n in new.items()}, {n: scores.get(o, 0.0) for o, n in new.items()}
