@@ -53,7 +53,7 @@ class MaskPairs:
     features: np.ndarray  # len × len(DUPLICATE_FEATURES)
 
 
-def _probability_at(probs: torch.Tensor, windows: torch.Tensor, index: np.ndarray, xy: np.ndarray) -> np.ndarray:
+def probability_at(probs: torch.Tensor, windows: torch.Tensor, index: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """Mask ``index[i]``'s probability at the points ``xy[i, ...]`` (x, y image pixels, rounded); 0 off its window."""
     hw, ww = probs.shape[1], probs.shape[2]
     origin = windows[torch.as_tensor(index), :2].numpy().reshape(len(index), *([1] * (xy.ndim - 2)), 2)
@@ -84,11 +84,11 @@ def mask_pairs(probs: torch.Tensor, windows: torch.Tensor, points: np.ndarray, s
     segment = pts[better][:, None] * (1 - t) + pts[worse][:, None] * t  # pairs × samples × 2
     features = np.column_stack([
         inter / smaller,
-        _probability_at(probs, windows, better, pts[worse][:, None])[:, 0] if len(better) else np.zeros(0),
+        probability_at(probs, windows, better, pts[worse][:, None])[:, 0] if len(better) else np.zeros(0),
         np.linalg.norm(pts[better] - pts[worse], axis=1) / np.sqrt(smaller),
         np.asarray(predicted_iou, np.float64)[worse],
         np.asarray(prompter_scores, np.float64)[worse],
-        _probability_at(probs, windows, better, segment).min(1) if len(better) else np.zeros(0),
-        _probability_at(probs, windows, worse, segment).min(1) if len(better) else np.zeros(0),
+        probability_at(probs, windows, better, segment).min(1) if len(better) else np.zeros(0),
+        probability_at(probs, windows, worse, segment).min(1) if len(better) else np.zeros(0),
     ]).reshape(len(better), len(DUPLICATE_FEATURES))
     return MaskPairs(better.astype(np.int64), worse.astype(np.int64), features)

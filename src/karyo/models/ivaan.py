@@ -47,7 +47,7 @@ from karyo.infer.prepare import check_mpp, check_prompts, double_click_px
 from karyo.infer.result import SegmentationResult, drop_negated, finish
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, _head, anchor_points
-from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, _nearest_class
+from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, _clicked_class
 from karyo.models.segmentor import Segmentor
 from karyo.models.vit import read_state_dict
 
@@ -386,13 +386,15 @@ class IVAANModel(PromptNucSegModel):
                       if len(pts) else np.zeros(0, np.int64))
         neg = np.zeros((0, 2), np.float32)
         if points is not None:
-            user = np.asarray(list(points), np.float64).reshape(-1, 2) * scale
-            hit, score = _nearest_class(user, pts, np.arange(1, len(pts) + 1), score, radius=12.0 * scale)
+            user = (np.asarray(list(points), np.float64).reshape(-1, 2) * scale).astype(np.float32)
+            owner = self._clicked_detections(prep, user, pts, score)
+            cls, score = _clicked_class(owner, len(user), cls, score)
             anchor_idx = self._nearest_anchor(user, prep.xp.shape[2:])
-            cls = np.where(hit > 0, cls[np.maximum(hit - 1, 0)] if len(pts) else 0, 0)
-            pts = user.astype(np.float32)
+            neg = np.asarray(pts[owner < 0], np.float32).reshape(-1, 2)  # the others: neighbours, as in PromptNucSeg
+            pts = user
             if negative is not None:
-                neg = (np.asarray(list(negative), np.float64).reshape(-1, 2) * scale).astype(np.float32)
+                given = (np.asarray(list(negative), np.float64).reshape(-1, 2) * scale).astype(np.float32)
+                neg = np.concatenate([given, neg])
         emb, levels, text_cls, text_sim = self._anchor_outputs(out["features"], anchor_idx)
         if cfg.ivaan.text_classification:
             cls = text_cls  # equals the decoded class (argmax of the same similarity); user points get one too
