@@ -71,6 +71,9 @@ def test_features_carry_class_score_measurements(tmp_path):
     assert data["type"] == "FeatureCollection" and len(data["features"]) == 2
     assert shape(data["features"][0]["geometry"]).is_valid
     assert not list(tmp_path.glob(".*part*"))
+    # class 0 is "unclassified" (e.g. a click no detection classified): no QuPath class named "class 0"
+    unclassified = nucleus_features(m, classes={3: 0, 7: 2}, class_names={2: "inflammatory"})
+    assert ["classification" in f["properties"] for f in unclassified] == [False, True]
 
 
 def test_geojson_write_failure_leaves_nothing(tmp_path):

@@ -65,7 +65,7 @@ def nucleus_features(instances: np.ndarray, *, classes: Mapping[int, int] | None
     features = []
     for label, poly in polys.items():
         props: dict = {"objectType": "detection", "instance_id": int(label)}
-        if classes is not None and label in classes:
+        if classes is not None and int(classes.get(label, 0)):  # 0: unclassified, no QuPath class "class 0"
             cid = int(classes[label])
             name = (class_names or {}).get(cid, f"class {cid}")
             props["classification"] = {"name": name, "color": list(class_color(cid, name))}
