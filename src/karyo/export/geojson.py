@@ -143,9 +143,12 @@ class GeoJSONWriter:
         return self.path
 
     def abort(self) -> None:
-        """Close without completing (the file is left invalid; the caller deletes it)."""
-        if not self._fh.closed:
-            self._fh.close()
+        """Close without completing (the file is left invalid; the caller deletes it). Never raises: it runs while
+        another error (often a full disk, which the close's flush would hit again) is being reported."""
+        try:
+            self._fh.close()  # the handle is closed even when the flush inside fails
+        except Exception:  # noqa: S110  (the error being reported already says what went wrong)
+            pass
 
     def __enter__(self) -> GeoJSONWriter:
         return self
