@@ -2,10 +2,10 @@
 
 Coordinates are in pixels of the image the nuclei were measured on: ``X`` = column, ``Y`` = row; bounding boxes
 are half-open (``Xmax``/``Ymax`` = last pixel + 1, as in scikit-image). Centroids are pixel indices (pixel (r, c)
-is centred at X = c, Y = r, as in scikit-image and in prompt points), while GeoJSON polygons run through the midpoints of the outer pixel edges
-(pixel (r, c) covers [c, c+1) × [r, r+1), as QuPath draws it): a polygon's centroid lies 0.5 px right of and below
-the table's. Orientation follows scikit-image
-(angle between the row axis and the major axis, radians in [-π/2, π/2]).
+is centred at X = c, Y = r, as in scikit-image and in prompt points), while GeoJSON polygons run through the
+midpoints of the outer pixel edges (pixel (r, c) covers [c, c+1) × [r, r+1), as QuPath draws it): a polygon's
+centroid lies 0.5 px right of and below the table's. Orientation follows scikit-image (angle between the row axis
+and the major axis, radians in [-π/2, π/2]).
 """
 
 from __future__ import annotations

@@ -145,10 +145,10 @@ class GeoJSONWriter:
     def abort(self) -> None:
         """Close without completing (the file is left invalid; the caller deletes it). Never raises: it runs while
         another error (often a full disk, which the close's flush would hit again) is being reported."""
-        try:
-            self._fh.close()  # the handle is closed even when the flush inside fails
-        except Exception:  # noqa: S110  (the error being reported already says what went wrong)
-            pass
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            self._fh.close()  # the handle is closed even when the flush inside it fails
 
     def __enter__(self) -> GeoJSONWriter:
         return self

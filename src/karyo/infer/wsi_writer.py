@@ -507,9 +507,9 @@ class OrderedMerger:
         return parquet, geojson
 
     def abort(self) -> None:
-        """Close and delete the temporary files (after an error; parts and manifest stay for --resume)."""
-        with contextlib.suppress(Exception):
-            self._parquet.close()
-        self._geojson.abort()
-        self.tmp_parquet.unlink(missing_ok=True)
-        self.tmp_geojson.unlink(missing_ok=True)
+        """Close and delete the temporary files (after an error; parts and manifest stay for --resume). Never
+        raises: it runs while another error is on its way to the user (a full disk fails the closes again)."""
+        for step in (self._parquet.close, self._geojson.abort, lambda: self.tmp_parquet.unlink(missing_ok=True),
+                     lambda: self.tmp_geojson.unlink(missing_ok=True)):
+            with contextlib.suppress(Exception):
+                step()
