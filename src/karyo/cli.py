@@ -98,7 +98,9 @@ def _expand_images(paths: list[Path]) -> list[Path]:
         if p.is_dir():
             found = list_images(p)
             if not found:
-                raise InputError(p, "folder holds no images (.png, .jpg, .tif, ...)")
+                inner = list_images(p / "images") if (p / "images").is_dir() else []
+                hint = (f"; a dataset folder? its images/ holds {len(inner)}: pass {p / 'images'}" if inner else "")
+                raise InputError(p, f"folder holds no images (.png, .jpg, .tif, ...){hint}")
             files.extend(found)
         elif p.exists():
             files.append(p)
@@ -186,12 +188,14 @@ def _read_points(path: Path) -> tuple[list[tuple[float, float]], list[tuple[floa
 
     from karyo.errors import InputError
 
-    try:
-        table = pd.read_csv(path)
+    try:  # comma, tab (QuPath's point export) or semicolon; headers in any case
+        table = pd.read_csv(path, sep=None, engine="python")
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise InputError(path, f"cannot read points CSV ({exc})") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
     if not {"x", "y"} <= set(table.columns):
-        raise InputError(path, f"points CSV needs columns x,y (and optionally label); got {list(table.columns)}")
+        raise InputError(path, f"points CSV needs columns x,y (and optionally label), separated by commas, tabs or "
+                               f"semicolons; got {list(table.columns)}")
     if table.empty:
         raise InputError(path, "points CSV has a header but no points")
     if not (pd.api.types.is_numeric_dtype(table["x"]) and pd.api.types.is_numeric_dtype(table["y"])):
@@ -211,6 +215,12 @@ def _read_points(path: Path) -> tuple[list[tuple[float, float]], list[tuple[floa
     return pos or None, neg  # negatives alone: the automatic result without the nuclei under them
 
 
+def _missed_clicks(result, n_points: int) -> list[int]:
+    """The 0-based indices of the points no nucleus of ``result`` carries as its ``point_index``."""
+    found = {int(p.get("point_index")) for p in (result.properties or {}).values() if p.get("point_index") is not None}
+    return [k for k in range(n_points) if k not in found]
+
+
 @app.command()
 @friendly_errors
 def segment(
@@ -218,11 +228,13 @@ def segment(
     model: Annotated[str, typer.Option(help="Model name (see `karyo models`) or model folder.")] = "default",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("karyo_out"),
     sample: Annotated[bool, typer.Option("--sample", help="Run on the bundled sample H&E tile.")] = False,
-    points: Annotated[Path | None, typer.Option(help="CSV of x,y[,label] prompts: segment only these nuclei "
-                                                     "(each one's point_index in the table: the 0-based index of "
-                                                     "its point among the label-1 rows); label-0 rows mark what is "
-                                                     "not a nucleus, and alone they remove the nuclei under them "
-                                                     "from the automatic result.")
+    points: Annotated[Path | None, typer.Option(help="CSV of x,y[,label] prompts for one image: segment only "
+                                                     "these nuclei (each one's point_index in the table: the "
+                                                     "0-based index of its point among the label-1 rows, as in "
+                                                     "messages); label-0 rows mark what is not a nucleus, and "
+                                                     "alone they remove the nuclei under them from the automatic "
+                                                     "result. Tab- or semicolon-separated files (QuPath's point "
+                                                     "export) are read too.")
                       ] = None,
     mpp: Annotated[float | None, typer.Option(help="Microns per pixel of the images (rescaled to the "
                                                    "model's resolution). Default: what each file states (OME, "
@@ -243,7 +255,7 @@ def segment(
     from karyo.data.io import read_image_meta
     from karyo.errors import InputError
     from karyo.export.writers import ALL_OUTPUTS, save_result
-    from karyo.infer.prepare import check_mpp, check_prompts
+    from karyo.infer.prepare import check_mpp, check_prompts, double_click_px
     from karyo.models import load
     from karyo.samples import sample_path
 
@@ -260,6 +272,8 @@ def segment(
     bad = sorted(set(kinds) - set(ALL_OUTPUTS))
     if bad:
         raise InputError(None, f"unknown --outputs {bad}; choose from {', '.join(ALL_OUTPUTS)}")
+    if not kinds:
+        raise InputError(None, f"--outputs names nothing to write; choose from {', '.join(ALL_OUTPUTS)}")
     pos, neg = _read_points(points) if points is not None else (None, None)
     if points is not None and len(files) != 1:
         raise InputError(points, "--points applies to exactly one image")
@@ -303,12 +317,22 @@ def segment(
                     save_semantic(semantic, out, image, stem=stem)
                 else:
                     if points is not None:  # errors name the CSV, not the image
-                        check_prompts(pos, neg, image.shape, points)
+                        model_mpp = getattr(getattr(net, "config", None), "mpp", None) or 0.25
+                        check_prompts(pos, neg, image.shape, points,
+                                      double_click_px(mpp or meta.get("mpp"), model_mpp))
                     with _errors_name_file(path, stem):
                         result = net.segment(image, points=pos, negative=neg, mpp=mpp or meta.get("mpp"), name=stem,
                                              **named)
                     save_result(result, out, image, stem=stem, outputs=kinds)
                     total += result.n_nuclei
+                    if pos:
+                        missed = _missed_clicks(result, len(pos))
+                        if missed:
+                            listed = ", ".join(f"{k} ({pos[k][0]:g}, {pos[k][1]:g})" for k in missed[:5])
+                            console.print(f"note: {len(missed)} of {len(pos)} point(s) gave no nucleus under "
+                                          f"themselves, so no row (point_index {listed}"
+                                          f"{', ...' if len(missed) > 5 else ''}): on background, or a mask that "
+                                          f"missed its point", highlight=False)
                 bar.advance(bar_task)
     if task != "semantic" and "classes" in kinds and not any((out / "classes").glob("*.csv")):
         (out / "classes.json").unlink(missing_ok=True)  # an earlier run's names, for class files no longer there

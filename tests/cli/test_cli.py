@@ -95,6 +95,20 @@ def test_segment_points_csv(tmp_path):
     for index, (x, y) in enumerate(pts[["x", "y"]].to_numpy()):
         under = inst[round(y), round(x)]
         assert table.loc[table.instance_id == under, "point_index"].item() == index
+    # QuPath's tab-separated point export (upper-case headers too); a click on background is named, not dropped
+    from scipy import ndimage as ndi
+
+    auto = karyo.load("default").segment(karyo.read_image(sample_path()))
+    far = np.unravel_index(int(ndi.distance_transform_edt(auto.instances == 0).argmax()), auto.instances.shape)
+    rows = [*(f"{x:.1f}\t{y:.1f}\tTumor\tPoint" for x, y in auto.table()[["centroid_x", "centroid_y"]].to_numpy()[:3]),
+            f"{far[1]}\t{far[0]}\t\t"]
+    (tmp_path / "qupath.tsv").write_text("X\tY\tclass\tname\n" + "\n".join(rows) + "\n")
+    res = runner.invoke(app, ["segment", str(sample_path()), "--points", str(tmp_path / "qupath.tsv"),
+                              "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert f"note: 1 of 4 point(s) gave no nucleus under themselves, so no row (point_index 3 ({far[1]}, {far[0]})" \
+        in said
 
 
 def test_segment_names_outputs_by_their_whole_stem_and_refuses_collisions(tmp_path):
@@ -120,7 +134,7 @@ def test_segment_names_outputs_by_their_whole_stem_and_refuses_collisions(tmp_pa
 
 
 @pytest.mark.parametrize(("points", "args", "message"), [
-    ("x,y\n-50,-50\n", [], "points.csv: point 1 (-50, -50) lies outside"),
+    ("x,y\n-50,-50\n", [], "points.csv: point 0 (-50, -50) lies outside"),
     ("x,y,label\n10,10,2\n", [], "label must be 1 (nucleus) or 0"),
     ("x,y\n1,\n", [], "row 1 lacks x or y"),
     ("x,y\n20,20\n20,20\n", [], "is given 2 times"),
@@ -128,6 +142,9 @@ def test_segment_names_outputs_by_their_whole_stem_and_refuses_collisions(tmp_pa
     (None, ["--mpp", "-0.5"], "--mpp: mpp -0.5 µm/px is outside the plausible range"),
     (None, ["--mpp", "nan"], "outside the plausible range"),
     (None, ["--device", "gpu"], "unknown device 'gpu'"),
+    (None, ["--outputs", ""], "--outputs names nothing to write"),
+    ("x,y\n20,20\n21,20\n", [], "points.csv: points 0 (20, 20) and 1 (21, 20) are 1 px apart"),
+    ("x;z\n20;20\n", [], "needs columns x,y (and optionally label), separated by commas, tabs or semicolons"),
 ])
 def test_segment_refuses_bad_prompts_and_options_before_writing(tmp_path, points, args, message):
     from karyo.samples import sample_path
@@ -244,6 +261,16 @@ def test_evaluate_missing_predictions_named(tmp_path):
     report = json.loads((pred / "evaluation.json").read_text())
     assert report["n_images"] == 1 and report["instance"]["pq"] == pytest.approx(1 / (1 + 1e-6))
     assert "1 of 2 ground-truth image(s) have no prediction and are left out" in report["notes"][0]
+    write_instances(pred / "instances" / "a_typo.png", inst)  # a misnamed prediction is named, not dropped unseen
+    res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(pred), "--missing", "skip"])
+    assert "1 prediction(s) match no ground-truth image and are not scored, e.g. ['a_typo']" in " ".join(
+        res.output.split())
+    empty = tmp_path / "dataset"
+    (empty / "images").mkdir(parents=True)
+    (empty / "images" / "x.png").write_bytes(b"")
+    res = runner.invoke(app, ["segment", str(empty)])
+    assert res.exit_code == 2 and f"a dataset folder? its images/ holds 1: pass {empty / 'images'}" in " ".join(
+        res.output.split())
 
 
 def test_evaluate_matches_classes_by_name_and_skips_foreign_ones(tmp_path):
@@ -268,6 +295,10 @@ def test_evaluate_matches_classes_by_name_and_skips_foreign_ones(tmp_path):
     assert not report.classified
     assert report.notes[0].startswith("classification metrics skipped: the prediction's classes")
     assert sum(n.startswith("classification metrics skipped") for n in report.notes) == 1  # one reason, once
+    (tmp_path / "other" / "classes.json").unlink()  # no names: ids taken as the ground truth's, and said so
+    report = evaluate_folders(tmp_path / "t", tmp_path / "other")
+    assert report.classified and "no classes.json: its class ids are taken to be the ground truth's (1 tumour, " \
+        "2 immune)" in report.notes[0]
 
 
 def test_evaluate_blames_a_ground_truth_mask_that_does_not_fit_its_own_image(tmp_path):

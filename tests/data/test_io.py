@@ -254,8 +254,26 @@ def test_rgb_png_is_not_an_instance_map(shared_data):
 def test_tiff_with_a_z_stack_is_refused(tmp_path, he):
     tifffile.imwrite(tmp_path / "z.tif", np.stack([he[1], he[1]]).astype(np.uint16)[:, None],
                      metadata={"axes": "ZCYX"})
-    with pytest.raises(InputError, match=r"z\.tif: TIFF has axes 'ZCYX'"):
+    with pytest.raises(InputError, match=r"z\.tif: TIFF has axes 'ZCYX': a stack of planes .* save the plane to "
+                                         r"segment as its own file"):
         read_image(tmp_path / "z.tif")
+
+
+def test_a_jpeg_that_asks_to_be_shown_rotated_is_read_as_stored_with_a_warning(tmp_path):
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    with pytest.warns(UserWarning, match=r"phone\.jpg: its EXIF orientation \(6\) .* outputs line up with the "
+                                         r"stored image"):
+        image = read_image(tmp_path / "phone.jpg")
+    assert image.shape == (20, 30, 3)
+    Image.fromarray(pixels).save(tmp_path / "plain.jpg", quality=95)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(tmp_path / "plain.jpg").shape == (20, 30, 3)
 
 
 @pytest.mark.parametrize(("name", "kwargs", "expected"), [

@@ -13,7 +13,7 @@ def test_check_points_refuses_what_would_segment_a_phantom_or_cut_a_nucleus():
     shape = (100, 200, 3)
     np.testing.assert_array_equal(check_points([(0, 0), (199, 99.2)], shape), [[0, 0], [199, 99.2]])
     assert check_points(None, shape) is None and check_points([], shape).shape == (0, 2)
-    with pytest.raises(InputError, match=r"p\.csv: point 2 \(-50, 5\) lies outside the 200×100 image"):
+    with pytest.raises(InputError, match=r"p\.csv: point 1 \(-50, 5\) lies outside the 200×100 image"):
         check_points([(1, 1), (-50, 5)], shape, "p.csv")
     with pytest.raises(InputError, match="outside"):
         check_points([(10, 100)], shape)  # y = 100 is one row below the last
@@ -131,9 +131,9 @@ def test_double_clicks_and_a_negative_on_a_click_are_refused_by_every_model():
     shape = (64, 64, 3)
     points, _ = check_prompts([(10, 10), (20, 10)], None, shape, "c.csv", 4.0)
     assert len(points) == 2
-    with pytest.raises(InputError, match=r"c\.csv: points 1 \(10, 10\) and 2 \(13, 10\) are 3 px apart"):
+    with pytest.raises(InputError, match=r"c\.csv: points 0 \(10, 10\) and 1 \(13, 10\) are 3 px apart"):
         check_prompts([(10, 10), (13, 10)], None, shape, "c.csv", 4.0)
-    with pytest.raises(InputError, match=r"negative point 1 \(11, 10\) lies 1 px from point 1"):
+    with pytest.raises(InputError, match=r"negative point 0 \(11, 10\) lies 1 px from point 0"):
         check_prompts([(10, 10)], [(11, 10)], shape, "c.csv", 4.0)
     assert check_prompts([], [(11, 10)], shape)[0] is None  # no clicks, only negatives: as the CLI reads them
     assert len(check_prompts([], None, shape)[0]) == 0  # no clicks at all: nothing to segment

@@ -232,7 +232,7 @@ def test_a_clicked_nucleus_gets_the_same_mask_whatever_else_is_clicked():
         alone = model.segment(img, points=[p]).table()["area"].iloc[0]
         on_auto = int((auto.instances == auto.instances[round(p[1]), round(p[0])]).sum())
         assert abs(areas[k] - alone) <= 0.15 * alone and abs(areas[k] - on_auto) <= 0.15 * on_auto, (k, p)
-    with pytest.raises(karyo.InputError, match=r"points 1 \(.*\) and 2 \(.*\) are 2 px apart: one "
+    with pytest.raises(karyo.InputError, match=r"points 0 \(.*\) and 1 \(.*\) are 2 px apart: one "
                                                r"nucleus clicked twice\?"):
         model.segment(img, points=[pts[0], (pts[0][0] + 2, pts[0][1])])
     # negative points alone take their nuclei out of the automatic result (as CellViT's do), not ignored

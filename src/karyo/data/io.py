@@ -135,8 +135,9 @@ def _to_yxc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
         # the only candidate for channels is that generic axis.
         axes, extra = axes.replace(extra[0], "C"), []
     if extra:
-        raise InputError(path, f"TIFF has axes {axes!r}; only 2-D images with channels are supported "
-                               f"(select a plane first)")
+        raise InputError(path, f"TIFF has axes {axes!r}: a stack of planes (pages, z or time), while karyo reads "
+                               f"one 2-D image with channels; save the plane to segment as its own file (e.g. "
+                               f"tifffile.imread(path, key=0)), or a whole slide's pyramid is read by karyo wsi")
     chan = [ax for ax in axes if ax in "CS"]
     if len(chan) == 2:  # planar channels × samples per pixel: merge them
         order = [axes.index("Y"), axes.index("X"), axes.index(chan[0]), axes.index(chan[1])]
@@ -241,10 +242,19 @@ def _read_pixels(path: Path) -> tuple[np.ndarray, dict]:
             im.load()
             arr = _pil_to_array(im, path)
             meta["mpp"] = pil_mpp(im)
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(path, f"cannot decode image ({exc}); the file is corrupt, truncated or not an image"
                          ) from None
+    if orientation not in (1, None):
+        warnings.warn(f"{path}: its EXIF orientation ({orientation}) asks viewers to show it rotated or mirrored; "
+                      f"karyo reads the pixels as stored (as scikit-image and tifffile do), so outputs line "
+                      f"up with the stored image, not the rotated view", stacklevel=3)
     return arr, meta
+
+
+#: The EXIF tag that tells viewers to rotate or mirror a photo (1 = as stored).
+EXIF_ORIENTATION = 0x0112
 
 
 def _png_is_16bit_color(path: Path) -> bool:

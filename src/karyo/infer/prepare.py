@@ -144,12 +144,12 @@ def check_points(points: Sequence[tuple[float, float]] | np.ndarray | None, shap
         raise InputError(source, f"{what}s must be (x, y) pairs, got an array of shape {xy.shape}")
     bad = ~np.isfinite(xy).all(1)
     if bad.any():
-        raise InputError(source, f"{what} {int(np.argmax(bad)) + 1} has a missing or non-finite coordinate")
+        raise InputError(source, f"{what} {int(np.argmax(bad))} (0-based) has a missing or non-finite coordinate")
     h, w = int(shape[0]), int(shape[1])
     off = (xy[:, 0] < -0.5) | (xy[:, 0] > w - 0.5) | (xy[:, 1] < -0.5) | (xy[:, 1] > h - 0.5)
     if off.any():
         i = int(np.argmax(off))
-        raise InputError(source, f"{what} {i + 1} ({xy[i, 0]:g}, {xy[i, 1]:g}) lies outside the {w}×{h} image "
+        raise InputError(source, f"{what} {i} ({xy[i, 0]:g}, {xy[i, 1]:g}) lies outside the {w}×{h} image "
                                  f"(x in 0..{w - 1}, y in 0..{h - 1})")
     _, first, counts = np.unique(xy, axis=0, return_index=True, return_counts=True)
     if (counts > 1).any():
@@ -180,15 +180,15 @@ def check_prompts(points, negative, shape: tuple[int, ...], source: str | os.Pat
         if len(pairs):
             i, j = sorted(pairs[0].tolist())
             a, b = points[i], points[j]
-            raise InputError(source, f"points {i + 1} ({a[0]:g}, {a[1]:g}) and {j + 1} ({b[0]:g}, {b[1]:g}) are "
+            raise InputError(source, f"points {i} ({a[0]:g}, {a[1]:g}) and {j} ({b[0]:g}, {b[1]:g}) are "
                                      f"{np.hypot(*(a - b)):.3g} px apart: one nucleus clicked twice? Give each "
                                      f"nucleus one point")
         if negative is not None and len(negative):
             dist, near = tree.query(negative)
             if (dist < min_separation_px).any():
                 k = int(np.argmax(dist < min_separation_px))
-                raise InputError(source, f"negative point {k + 1} ({negative[k, 0]:g}, {negative[k, 1]:g}) lies "
-                                         f"{dist[k]:.3g} px from point {int(near[k]) + 1}: a place cannot be both the "
+                raise InputError(source, f"negative point {k} ({negative[k, 0]:g}, {negative[k, 1]:g}) lies "
+                                         f"{dist[k]:.3g} px from point {int(near[k])}: a place cannot be both the "
                                          f"nucleus and not it")
     return points, negative
 

@@ -59,6 +59,10 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
     scored, notes = _scored_images(names, pred_index, missing, pred_root, "instances/<id>.png")
     true_names = truth.class_names or {}
     relabel, classes_off = _class_relabelling(true_names, preds.class_names or {})
+    if true_names and not preds.class_names and (pred_root / "classes").is_dir():
+        notes.append(f"the prediction has no classes.json: its class ids are taken to be the ground truth's "
+                     f"({', '.join(f'{k} {v}' for k, v in sorted(true_names.items()))}); add classes.json to match "
+                     f"them by name")
     if classes_off:
         notes.append(f"classification metrics skipped: the prediction's classes {sorted(preds.class_names.values())} "
                      f"are not the ground truth's {sorted(true_names.values())}")
@@ -202,6 +206,10 @@ def _scored_images(names: list[str], pred_index: dict[str, object], missing: str
         raise InputError(pred_root, f"no prediction for any of the {len(names)} ground-truth image(s)")
     scored = [i for i, n in enumerate(names) if missing != "skip" or n in pred_index]
     notes = []
+    extra = sorted(set(pred_index) - set(names))
+    if extra:  # a misnamed prediction would otherwise vanish without a word
+        notes.append(f"{len(extra)} prediction(s) match no ground-truth image and are not scored, e.g. {extra[:3]} "
+                     f"(ids are file names without suffix, e.g. {layout})")
     if missing == "skip" and len(scored) < len(names):
         notes.append(f"{len(names) - len(scored)} of {len(names)} ground-truth image(s) have no prediction and are "
                      f"left out (--missing skip)")

@@ -160,8 +160,9 @@ class PromptNucSegModel(InstanceModel):
         other detections serve as negatives, as neighbours do in automatic segmentation, so that a clicked
         nucleus' mask stops at its unclicked neighbours (validation images, 10 clicks on annotated centroids
         each: masks matching their nucleus at IoU > 0.5 81 % → 84 %); a click that gives no nucleus under
-        itself gives nothing. ``channel_names`` are mapped onto the networks' channel adapters when they have
-        them (:mod:`karyo.models.adapter`)."""
+        itself gives nothing, and a clicked nucleus the prompter did not detect has no class (0).
+        ``channel_names`` are mapped onto the networks' channel adapters when they have them
+        (:mod:`karyo.models.adapter`)."""
         cfg = self.config
         points, negative = check_prompts(points, negative, np.shape(image), name or None,
                                          double_click_px(check_mpp(mpp, name or None), cfg.mpp))
@@ -462,8 +463,9 @@ def _mask_centroids(probs: torch.Tensor, windows: torch.Tensor, pts: np.ndarray,
 
 def _clicked_class(owner: np.ndarray, n_user: int, cls: np.ndarray, score: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Class and score of each user point: those of the best-scored detection on its nucleus (``owner``, from
-    :meth:`PromptNucSeg._clicked_detections`), else unclassified (0) with score 1 (the user vouches for it)."""
+    """Class and prompter score of each user point: those of the best-scored detection on its nucleus (``owner``,
+    from :meth:`PromptNucSegModel._clicked_detections`), else unclassified (class 0) with prompter score 1 (the user
+    vouches for it); the written score is that times √(predicted IoU), as for every mask."""
     out_cls = np.zeros(n_user, np.int64)
     out_score = np.ones(n_user, np.float32)
     best = np.full(n_user, -np.inf)
