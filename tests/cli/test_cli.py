@@ -154,7 +154,7 @@ def test_segment_refuses_bad_prompts_and_options_before_writing(tmp_path, points
         (tmp_path / "points.csv").write_text(points)
         extra += ["--points", str(tmp_path / "points.csv")]
     out = tmp_path / "o"
-    model = "default" if "--device" in args else "classical"  # the classical model runs on no torch device
+    model = "classical"  # it runs on no torch device, but a bad --device is refused for it too
     res = runner.invoke(app, ["segment", str(sample_path()), "--model", model, "--out", str(out), *extra])
     assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split())

@@ -71,6 +71,9 @@ def load(name_or_path: str | os.PathLike = "default", device: str = "cpu") -> In
 
     if not str(name_or_path).strip():
         raise InputError(None, "no model given: a shipped name (karyo.available()) or a model folder")
+    from karyo.device import pick_device
+
+    pick_device(device)  # a mistyped or absent device is refused for every model, not only those that use one
     path = Path(name_or_path)
     if path.is_dir():
         return load_model_dir(path, device=device)
