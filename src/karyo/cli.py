@@ -881,10 +881,21 @@ def wsi_cmd(
 ) -> None:
     """Segment every nucleus of a whole slide, tile by tile; write nuclei.parquet, nuclei.geojson (QuPath),
     tissue_mask.png, overlay.png and summary.json into OUT."""
+    import signal
+
     from karyo.data.io import mpp_override
     from karyo.infer.wsi import WSIOptions, run_wsi
 
+    caught: list[int] = []
+
+    def terminated(signum, frame):  # SIGTERM (timeout, batch schedulers) stops the run as Ctrl-C does
+        caught.append(signum)
+        raise KeyboardInterrupt
+
     _check_out_folder(out)
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: no handler can be installed
+        previous = signal.signal(signal.SIGTERM, terminated)
     try:
         result = run_wsi(slide, model, out, mpp=mpp, tile=tile, overlap=overlap, workers=workers,
                          scheduler=scheduler, resume=resume, progress=sys.stderr.isatty(),
@@ -892,7 +903,10 @@ def wsi_cmd(
     except KeyboardInterrupt:
         console.print(f"interrupted; finished tiles are kept in {out}: run the same command with --resume to "
                       f"continue", highlight=False)
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + (caught[0] if caught else signal.SIGINT)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     override = mpp_override(mpp, result.summary["slide"].get("metadata_mpp"))
     if override:
         console.print(f"note: --{override}", highlight=False)

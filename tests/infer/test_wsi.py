@@ -1,5 +1,6 @@
 """Whole-slide inference on real H&E: a 1024² slide assembled from 16 CoNSeP test patches (pyramidal TIFF)."""
 
+import contextlib
 import errno
 import json
 import os
@@ -94,8 +95,8 @@ def test_tile_cores_partition_the_image():
 
 
 # ------------------------------------------------------------------------------------------------ stitching
-def _part(tile: int, discs: list[tuple[float, float, float]]):
-    """A tile's part: discs (x, y, radius) in level-0 px as rows of the part schema."""
+def _part(tile: int, discs: list[tuple[float, float, float]], attributes: bool = False):
+    """A tile's part: discs (x, y, radius) in level-0 px as rows of the part schema (attributes all 1.0)."""
     import pyarrow as pa
 
     polys = [shapely.Point(x, y).buffer(r) for x, y, r in discs]
@@ -105,8 +106,11 @@ def _part(tile: int, discs: list[tuple[float, float, float]]):
             "bbox_y0": np.floor(b[:, 1]).astype(int), "bbox_x1": np.ceil(b[:, 2]).astype(int),
             "bbox_y1": np.ceil(b[:, 3]).astype(int), "area": [p.area for p in polys],
             "area_um2": [p.area / 16 for p in polys], "class_id": [0] * len(discs), "class_name": [""] * len(discs),
-            "score": [1.0] * len(discs), "polygon_wkb": shapely.to_wkb(polys).tolist()}
-    return pa.Table.from_pydict(cols, schema=wsi_writer.part_schema(False))
+            "score": [1.0] * len(discs), "polygon_wkb": shapely.to_wkb(polys).tolist(),
+            "seam_clipped": [False] * len(discs)}
+    if attributes:
+        cols.update({c: [1.0] * len(discs) for c in wsi_writer.ALL_ATTRIBUTE_COLUMNS})
+    return pa.Table.from_pydict(cols, schema=wsi_writer.part_schema(attributes))
 
 
 def test_a_nucleus_found_by_two_tiles_across_their_seam_is_kept_once():
@@ -148,6 +152,23 @@ def test_neighbours_of_two_tiles_that_overlap_a_little_no_longer_overlap():
     assert right.column("centroid_x")[0].as_py() == pytest.approx(b.centroid.x - 0.5)
     assert right.column("bbox_x0")[0].as_py() == 102  # the tips of the cut-away lens lie at x = 102.5
     assert left.column("area")[0].as_py() == pytest.approx(a.area)
+
+
+def test_a_clipped_nucleus_is_marked_and_its_outline_attributes_are_not_those_of_the_uncut_mask():
+    inf = np.inf
+    seams = wsi_writer.SeamDuplicates({0: 0.0, 1: 0.0}, {0: (-inf, -inf, 100, inf), 1: (100, -inf, inf, inf)},
+                                      margin=64)
+    seams.add(0, _part(0, [(95, 40, 10)], attributes=True))
+    seams.add(1, _part(1, [(110, 40, 10), (140, 40, 5)], attributes=True))
+    left, right = seams.finish()
+    assert left.column("seam_clipped").to_pylist() == [False]
+    assert right.column("seam_clipped").to_pylist() == [True, False]
+    for name in ("Size.ConvexHullArea", "Shape.Solidity", "Size.EquivalentDiameter", "Size.Perimeter_um",
+                 "Orientation.Orientation"):
+        assert name in wsi_writer.SHAPE_ATTRIBUTE_COLUMNS
+        assert np.isnan(right.column(name)[0].as_py()) and right.column(name)[1].as_py() == 1.0
+        assert left.column(name)[0].as_py() == 1.0
+    assert right.column("Nucleus.Hematoxylin.Mean").to_pylist() == [1.0, 1.0]  # intensity means stay
 
 
 def test_tiled_run_finds_the_nuclei_of_one_pass(slide, reference):
@@ -531,3 +552,160 @@ def test_cli_wsi(slide, tmp_path):
     assert res.exit_code == 0 and "may be cut; raise --overlap" in " ".join(res.output.split())
     bad = CliRunner().invoke(app, ["wsi", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o5")])
     assert bad.exit_code == 2 and "file not found" in bad.output
+
+
+@pytest.fixture(scope="module")
+def small_slide(slide, tmp_path_factory):
+    """512² of the slide, single level: a run of a few seconds."""
+    return write_pyramid(tmp_path_factory.mktemp("small") / "small.tif", slide[1][:512, :512], factors=())
+
+
+def test_disk_full_whose_close_fails_again_gives_the_one_line_error_and_no_temporary_files(small_slide, tmp_path,
+                                                                                            monkeypatch):
+    """On a full disk the GeoJSON writer's buffered bytes fail again when the file is closed: the abort swallows
+    that, so the user sees the full-disk message (not an OSError) and the merge's temporary files are gone."""
+    class FullFile:
+        def __init__(self, fh):
+            self.fh = fh
+
+        @property
+        def closed(self):
+            return self.fh.closed
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            self.fh.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real = wsi_writer.GeoJSONWriter.write
+
+    def write(self, feature):
+        if self.count >= 5:
+            self._fh = FullFile(self._fh)
+        real(self, feature)
+
+    monkeypatch.setattr(wsi_writer.GeoJSONWriter, "write", write)
+    out = tmp_path / "o"
+    with pytest.raises(InputError, match=r"no space left on the device while writing nuclei\.geojson") as err:
+        run_wsi(small_slide, "classical", out, workers=0, options=WSIOptions(tile=192, overlap=48))
+    assert "--resume" in str(err.value)
+    work = out / wsi_writer.WORK_NAME
+    assert not list(work.glob("*.tmp")) and not list(work.glob("nuclei.*"))
+
+
+def test_imagej_resolution_is_read_as_read_image_meta_reads_it(slide, tmp_path):
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(path, slide[1][:512, :512], imagej=True, resolution=(4.0, 4.0), metadata={"unit": "micron"})
+    assert karyo.read_image_meta(path)[1]["mpp"] == pytest.approx(0.25)
+    with karyo.data.slide.open_slide(path) as s:
+        assert s.mpp == pytest.approx(0.25)
+    result = run_wsi(path, "classical", tmp_path / "o", workers=0, options=WSIOptions(attributes=False))
+    assert result.summary["slide"]["metadata_mpp"] == pytest.approx(0.25)
+
+
+def test_a_truncated_tiff_is_reported_once(slide, tmp_path, caplog):
+    """tifffile logs each series it cannot parse; karyo's own error line is the only report."""
+    whole = write_pyramid(tmp_path / "whole.tif", slide[1][:512, :512], factors=(2,))
+    cut = tmp_path / "cut.tif"
+    data = whole.read_bytes()
+    cut.write_bytes(data[:50000])  # the SubIFD holding level 1 lies beyond
+    with caplog.at_level("DEBUG"), contextlib.suppress(InputError), karyo.data.slide.open_slide(cut):
+        pass
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+
+
+def test_replacing_a_finished_run_says_so(small_slide, tmp_path, caplog):
+    out = tmp_path / "o"
+    run_wsi(small_slide, "classical", out, workers=0, options=WSIOptions(attributes=False))
+    with caplog.at_level("WARNING", logger="karyo.infer.wsi"):
+        run_wsi(small_slide, "classical", out, workers=0, options=WSIOptions(attributes=False))
+    assert f"{out}: the finished run there is replaced by this one" in caplog.text
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(small_slide, tmp_path, caplog):
+    """A lock file holds the pid and host of the run writing OUT: a live holder refuses the second run (it would
+    delete the first one's work folder); a dead one's lock is taken over."""
+    import socket
+
+    out = tmp_path / "o"
+    out.mkdir()
+    lock = out / wsi_writer.LOCK_NAME
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))  # alive: pytest's parent
+    with pytest.raises(InputError, match=r"another karyo wsi run is writing there \(pid") as err:
+        run_wsi(small_slide, "classical", out, workers=0)
+    assert str(err.value).startswith(f"{out}: ") and lock.is_file()
+    assert not (out / wsi_writer.WORK_NAME).exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    with caplog.at_level("WARNING", logger="karyo.infer.wsi"):
+        result = run_wsi(small_slide, "classical", out, workers=0, options=WSIOptions(attributes=False))
+    assert "taking over the lock" in caplog.text and result.summary["nuclei"]["total"] > 0
+    assert not lock.exists()  # released when the run ends
+
+
+def test_an_output_that_is_a_file_is_refused_in_one_clear_line(small_slide, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(InputError, match=r"afile: the output \(--out\) must be a folder, and this is a file"):
+        run_wsi(small_slide, "classical", afile, workers=0)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_tile_that_cannot_be_decoded_mid_run_names_the_slide_as_given_and_what_is_kept(slide, tmp_path,
+                                                                                          monkeypatch, workers):
+    """A damaged level-0 tile found during tiling: the slide is named as the caller named it (workers open its
+    absolute path), and the message says the finished tiles stay and when --resume helps."""
+    monkeypatch.chdir(tmp_path)
+    path = write_pyramid(tmp_path / "s.tif", slide[1][:512, :512], factors=(2, 4))
+    with tifffile.TiffFile(path) as tif:
+        offset, size = tif.pages[0].dataoffsets[-1], tif.pages[0].databytecounts[-1]
+    with open(path, "r+b") as fh:  # the bottom-right tile's zlib stream
+        fh.seek(offset + 2)
+        fh.write(b"\xff" * (size - 4))
+    with pytest.raises(InputError) as err:
+        run_wsi("s.tif", "classical", "o", workers=workers,
+                options=WSIOptions(tile=192, overlap=48, calibration_tiles=1, overlay_max_size=128))
+    message = str(err.value)
+    assert message.startswith("s.tif: cannot decode region") and "finished tiles are kept in o" in message
+    assert "--resume" in message and (tmp_path / "o" / wsi_writer.WORK_NAME / "manifest.jsonl").stat().st_size
+
+
+def test_a_script_without_the_main_guard_gets_a_clear_error(small_slide, tmp_path):
+    """Local dask workers import the calling script again: without ``if __name__ == "__main__":`` the run stops
+    with one KaryoError saying so (not pages of multiprocessing tracebacks ending in 'Nanny failed to start')."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from karyo.infer.wsi import run_wsi\n"
+                      f"run_wsi({str(small_slide)!r}, 'classical', {str(tmp_path / 'o')!r}, workers=1)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and last.startswith("karyo.errors.KaryoError: the local dask workers failed")
+    assert 'if __name__ == "__main__":' in last and "workers=0" in last
+    assert 'karyo: run_wsi was called while a worker process was starting' in done.stderr
+    assert done.stderr.count("Traceback") == 1, done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_wsi_takes_sigterm_as_an_interruption(small_slide, tmp_path, monkeypatch):
+    """``timeout`` and batch schedulers stop a run with SIGTERM: the resume hint, as for Ctrl-C; the handler is
+    the previous one again afterwards."""
+    from karyo.cli import app
+    from karyo.infer import wsi
+
+    def terminated_run(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+
+    def unhandled(signum, frame):  # what the test sees if the command does not handle it (not pytest dying)
+        raise RuntimeError("SIGTERM not handled by karyo wsi")
+
+    monkeypatch.setattr(wsi, "run_wsi", terminated_run)
+    outer = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        res = CliRunner().invoke(app, ["wsi", str(small_slide), "--out", str(tmp_path / "o"), "--workers", "0"])
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+    assert res.exit_code == 128 + signal.SIGTERM, res.output
+    assert "interrupted; finished tiles are kept in" in res.output and "--resume" in res.output

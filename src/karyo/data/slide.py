@@ -13,10 +13,13 @@ Backends: ``tiffslide`` (SVS, generic tiled or striped TIFF, OME-TIFF, NDPI wher
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,17 +176,20 @@ class TiffSlideReader(Slide):
         import tiffslide
 
         try:
-            self._slide = tiffslide.TiffSlide(path)
-            props = self._slide.properties  # parsing happens here: damaged files fail now, not at the first tile
-            dims = self._slide.level_dimensions
-            if not dims or min(min(d) for d in dims) <= 0:
-                raise ValueError("no image levels")
+            with _quiet_tifffile():  # a damaged file is reported once, by the InputError below
+                self._slide = tiffslide.TiffSlide(path)
+                props = self._slide.properties  # parsing happens here: damaged files fail now, not at the first tile
+                dims = self._slide.level_dimensions
+                if not dims or min(min(d) for d in dims) <= 0:
+                    raise ValueError("no image levels")
         except Exception as exc:  # tifffile/tiffslide raise TiffFileError, IndexError, KeyError, NotImplementedError
             raise InputError(path, f"cannot read slide ({type(exc).__name__}: {exc}); the file is corrupt, "
                                    f"truncated or not a supported slide format") from None
         meta = plausible_mpp(props.get("tiffslide.mpp-x"))
         if meta is None:
             meta = _ome_mpp(self._slide)
+        if meta is None:
+            meta = _tags_mpp(self._slide)
         super().__init__(path, dims, meta, mpp)
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -203,6 +209,35 @@ def _level0_location(v: int, ds: float) -> int:
         if cand >= 0 and int(cand / ds) == v:
             return cand
     raise InputError(None, f"cannot address pixel {v} of a level with downsample {ds}")
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Silence tifffile's logger (it logs each series it fails to parse of a damaged file, before our error)."""
+    logger = logging.getLogger("tifffile")
+    disabled = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _tags_mpp(slide) -> float | None:
+    """The pixel size as :func:`karyo.data.io.read_image_meta` reads it from a plain TIFF (ImageJ's micron unit,
+    an Aperio description, resolution tags), where tiffslide found none: ``karyo wsi`` and ``karyo segment`` agree
+    on a file."""
+    from karyo.data.io import _tiff_tags_mpp
+
+    tif = slide.ts_tifffile
+    if tif.is_ome:
+        return None
+    try:
+        return _tiff_tags_mpp(tif)
+    except InputError:
+        raise
+    except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):  # odd tags: no usable pixel size
+        return None
 
 
 def _ome_mpp(slide) -> float | None:

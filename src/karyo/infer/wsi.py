@@ -32,7 +32,9 @@ Coordinates in the outputs are level-0 slide pixels: ``centroid_x/y`` as pixel i
 :meth:`SegmentationResult.table`), polygons as continuous coordinates where pixel (r, c) covers [c, c+1) × [r, r+1)
 (QuPath's convention), bounding boxes half-open. Attribute columns (``Size.*``, ``Shape.*``, ...) are measured at
 the model's resolution (``summary.json`` ``model.mpp``) and, like ``area``, given in level-0 px (lengths) and px²
-(areas); ``area_um2`` is in µm².
+(areas); ``area_um2`` is in µm². A nucleus cut at a tile seam (it overlapped a neighbour another tile kept) has
+``seam_clipped`` true and NaN outline attributes (``Size.*``, ``Shape.*``, ``Orientation.*``, ``Boundary.*``:
+they were measured on the uncut mask); its intensity means are those of the uncut mask.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from karyo.infer.tissue import TissueMask, TissueOptions, slide_tissue
 from karyo.infer.wsi_writer import (
     ATTRIBUTE_COLUMNS,
     OrderedMerger,
+    OutputLock,
     OverlayPainter,
     SeamDuplicates,
     TileLedger,
@@ -192,6 +195,7 @@ class TileProcessor:
             "class_name": table["class_name"].astype(str).tolist(),
             "score": table["score"].to_numpy().astype(np.float64),
             "polygon_wkb": shapely.to_wkb(polys).tolist(),
+            "seam_clipped": np.zeros(len(ids), bool),  # set by the merge (wsi_writer.SeamDuplicates)
         }
         if self.attributes:
             cols.update(_attributes(image, result.instances, ids, f, self.model_mpp / f))
@@ -266,11 +270,19 @@ def _worker_slide(spec: SlideSpec) -> Slide:
     """One open reader per slide and process (workers reuse it across tiles)."""
     slide = _WORKER_SLIDES.get(spec)
     if slide is None:
-        for old in _WORKER_SLIDES.values():
-            old.close()
-        _WORKER_SLIDES.clear()
+        _forget_worker_slides()
         slide = _WORKER_SLIDES[spec] = spec.open()
     return slide
+
+
+def _forget_worker_slides() -> None:
+    """Close the process's cached readers. A module function: the worker plugin (a local class, which cloudpickle
+    ships by value with the globals its methods name) must not name the cache, whose open files do not pickle
+    (they are there when an in-process dask worker has run before)."""
+    for old in _WORKER_SLIDES.values():
+        with contextlib.suppress(Exception):
+            old.close()
+    _WORKER_SLIDES.clear()
 
 
 def _load_model(source, device: str = "cpu"):
@@ -310,7 +322,7 @@ def _model_plugin(source, torch_threads: int | None, device: str = "cpu"):
 
         def teardown(self, worker) -> None:
             self.model = None
-            _WORKER_SLIDES.clear()
+            _forget_worker_slides()
 
     return KaryoModelPlugin()
 
@@ -332,6 +344,36 @@ def _fast_worker_start():
 
         get_mp_context().set_forkserver_preload(["distributed", "karyo.infer.wsi", "karyo.models"])
         yield
+
+
+MAIN_GUARD_HINT = ("put the call under `if __name__ == \"__main__\":` (local dask workers are new processes that "
+                   "import the calling script again), or pass workers=0")
+
+
+def check_not_bootstrapping() -> None:
+    """Refuse to run inside a worker process that is still importing the calling script (a script without the
+    ``if __name__ == "__main__":`` guard): it would start a cluster of its own and fail with pages of tracebacks.
+    The worker ends quietly after one line; the run in the parent reports the failed start (see ``execute``)."""
+    import multiprocessing
+
+    # spawn/forkserver children import the parent's main script with this flag set (parent_process() is set only
+    # afterwards, when the child's own process object starts)
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    print(f"karyo: run_wsi was called while a worker process was starting; {MAIN_GUARD_HINT}", file=sys.stderr,
+          flush=True)
+    raise SystemExit(1)
+
+
+def _cluster_failed(exc: BaseException) -> KaryoError:
+    """The error for a local cluster that did not start, with the likely cause when run from a script."""
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None) and not getattr(main, "__spec__", None)
+    why = f"{type(exc).__name__}: {exc}"
+    if script:
+        return KaryoError(f"the local dask workers failed to start ({why}); when run_wsi is called from a script, "
+                          f"{MAIN_GUARD_HINT}")
+    return KaryoError(f"the local dask workers failed to start ({why}); pass workers=0 to compute in this process")
 
 
 def _dask_tile(processor: TileProcessor, tile: Tile, plugin: str) -> TileResult:
@@ -485,8 +527,11 @@ class WSIEngine:
             else:
                 n = self.workers if self.workers is not None else (os.cpu_count() or 1)
                 stack.enter_context(_fast_worker_start())
-                cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                                           dashboard_address=None, silence_logs=logging.ERROR))
+                try:
+                    cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                               dashboard_address=None, silence_logs=logging.ERROR))
+                except (RuntimeError, OSError, TimeoutError) as exc:
+                    raise _cluster_failed(exc) from None
                 client = stack.enter_context(Client(cluster))
                 torch_threads = self.options.threads or max(1, (os.cpu_count() or 1) // n)
             plugin = f"karyo-model-{uuid.uuid4().hex[:12]}"
@@ -530,8 +575,12 @@ class WSIEngine:
     # -------------------------------------------------------------------- driver
     def run(self, slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, mpp: float | None = None,
             resume: bool = False) -> WSIResult:
+        """Run on ``slide_path`` into ``out_dir`` (see :func:`run_wsi`); ``out_dir`` is locked while it runs."""
         t_start = time.perf_counter()
+        check_not_bootstrapping()
         slide_path, out_dir = Path(slide_path), Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(out_dir, "the output (--out) must be a folder, and this is a file")
         created = not out_dir.exists()
         self._started_work = False
         with writing("the output folder", out_dir):
@@ -539,16 +588,20 @@ class WSIEngine:
         timing: dict[str, float] = {}
         cache_dir = out_dir / CACHE_NAME
         try:
-            slide = self.open_slide(slide_path, mpp, cache_dir)
-            try:
-                result = self._run(slide, slide_path, out_dir, cache_dir, mpp, resume, timing, t_start)
-            finally:
-                slide.close()
-        except KaryoError:  # refused (unreadable, no pixel size, no tissue, changed settings): nothing will resume
-            shutil.rmtree(cache_dir, ignore_errors=True)  # from the decoded image
-            work = WorkDir(out_dir)
-            if self._started_work and work.exists() and not len(work.finished()):  # nor from this run, which
-                work.remove()  # finished no tile
+            with OutputLock(out_dir):  # a second run into OUT would delete this one's work folder
+                try:
+                    slide = self.open_slide(slide_path, mpp, cache_dir)
+                    try:
+                        result = self._run(slide, slide_path, out_dir, cache_dir, mpp, resume, timing, t_start)
+                    finally:
+                        slide.close()
+                except KaryoError:  # refused (unreadable, no pixel size, no tissue, changed settings): nothing
+                    shutil.rmtree(cache_dir, ignore_errors=True)  # will resume from the decoded image
+                    work = WorkDir(out_dir)
+                    if self._started_work and work.exists() and not len(work.finished()):  # nor from this run,
+                        work.remove()  # which finished no tile
+                    raise
+        except KaryoError:
             if created:
                 with contextlib.suppress(OSError):
                     out_dir.rmdir()  # only if the refusal left it empty
@@ -606,6 +659,9 @@ class WSIEngine:
                 finished = len(work.finished())
                 log.warning("%s: an unfinished run there (%d tiles done) is discarded and started over; pass "
                             "--resume to continue it instead", out_dir, finished)
+            elif (out_dir / "summary.json").exists():
+                log.warning("%s: the finished run there is replaced by this one (its files are overwritten when "
+                            "this run completes)", out_dir)
             work.reset(settings)
             self._started_work = True
 
@@ -630,8 +686,12 @@ class WSIEngine:
             write_time[0] += time.perf_counter() - t
 
             def on_result(res: TileResult) -> None:
-                if res.error is not None:
-                    raise InputError(res.error[0], res.error[1])
+                if res.error is not None:  # named as the caller named the slide (workers open its full path)
+                    source = slide_path if res.error[0] in (spec.path, str(slide_path)) else res.error[0]
+                    kept = (f"; the {len(done)} finished tiles are kept in {out_dir}: --resume continues them if "
+                            f"this same file reads correctly next time (a repaired or replaced file starts over)"
+                            if len(done) else "")
+                    raise InputError(source, res.error[1] + kept)
                 t0 = time.perf_counter()
                 if res.n_nuclei:
                     work.write_part(res.tile, res.table)
@@ -790,6 +850,14 @@ def run_wsi(slide_path: str | os.PathLike, model: Any = "default", out_dir: str 
     interrupted run in ``out_dir`` (same settings) and gives the same files as an uninterrupted one. ``tile`` and
     ``overlap`` (pixels at the model's resolution) override those of ``options``, which holds every other setting.
     ``progress``: a rich progress bar on stderr, or a callback ``(tiles_done, tiles_total, nuclei)``.
+
+    ``out_dir`` is replaced: a finished run there is overwritten (with a warning) unless ``resume`` finds it
+    complete with the same settings, and an unfinished one is started over unless ``resume``. While a run writes
+    there, ``OUT/.karyo-wsi.lock`` keeps a second run out (a lock left by a run that died is taken over).
+
+    With ``workers`` other than 0 (the default included) a local dask cluster starts worker processes that import
+    the calling script again: in a script, put the call under ``if __name__ == "__main__":`` (without it the run
+    stops with a KaryoError saying so), or pass ``workers=0``.
     """
     opts = options or WSIOptions()
     if tile is not None or overlap is not None:

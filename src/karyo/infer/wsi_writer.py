@@ -54,6 +54,11 @@ ATTRIBUTE_COLUMNS = (
 MICRON_ATTRIBUTE_COLUMNS = tuple(MICRON_COLUMNS[c] for c in ATTRIBUTE_COLUMNS if c in MICRON_COLUMNS)
 #: Every per-nucleus attribute column of the parquet and the GeoJSON measurements.
 ALL_ATTRIBUTE_COLUMNS = (*ATTRIBUTE_COLUMNS, *MICRON_ATTRIBUTE_COLUMNS)
+#: Those that describe the outline: NaN for a nucleus cut at a tile seam (``seam_clipped``), whose mask was measured
+#: before the cut. Intensity statistics (``Nucleus.*``, ``Color.*``, ``Texture.*``) stay: they are means over the
+#: uncut mask, which differs from the kept part by the few pixels the neighbour holds.
+SHAPE_ATTRIBUTE_COLUMNS = tuple(c for c in ALL_ATTRIBUTE_COLUMNS
+                                if c.split(".", 1)[0] in ("Size", "Shape", "Orientation", "Boundary"))
 
 BASE_FIELDS = (
     ("tile", pa.int32()),
@@ -62,6 +67,7 @@ BASE_FIELDS = (
     ("area", pa.float64()), ("area_um2", pa.float64()),
     ("class_id", pa.int32()), ("class_name", pa.string()), ("score", pa.float64()),
     ("polygon_wkb", pa.binary()),
+    ("seam_clipped", pa.bool_()),  # cut at a tile seam to the pixels a neighbour did not hold: outline attributes NaN
 )
 
 
@@ -209,6 +215,85 @@ class WorkDir:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+LOCK_NAME = ".karyo-wsi.lock"
+
+
+class OutputLock:
+    """Only one run writes into an output folder: ``OUT/.karyo-wsi.lock``, created exclusively, holds the pid and
+    host of the run writing there. A second run is refused (it would delete the first's work folder); a lock left
+    by a run that died (its pid is gone on this host) is taken over, with a note."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / LOCK_NAME
+        self._held = False
+
+    def acquire(self) -> None:
+        import logging
+        import socket
+        import time
+
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for attempt in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise InputError(self.out_dir, f"cannot write the output folder ({exc.strerror or exc})") from None
+            else:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(json.dumps(me) + "\n")
+                self._held = True
+                return
+            try:
+                holder = json.loads(self.path.read_text(encoding="utf-8"))
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except (OSError, ValueError, KeyError, TypeError):
+                try:  # being written this instant by the run that created it, or left empty by a crash
+                    young = time.time() - self.path.stat().st_mtime < 10
+                except OSError:
+                    continue
+                pid, host = (-1, me["host"]) if not young else (0, "")
+            if attempt == 0 and host == me["host"] and not _pid_alive(pid):
+                logging.getLogger("karyo.infer.wsi").warning(
+                    "%s: taking over the lock of a run that is no longer running (%s)", self.out_dir, self.path.name)
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                continue
+            who = f"pid {pid} on {host}" if pid > 0 else "just started"
+            raise InputError(self.out_dir, f"another karyo wsi run is writing there ({who}); wait for it to end or "
+                                           f"choose another output folder (if no run is, delete {self.path})")
+        raise InputError(self.out_dir, f"another karyo wsi run is writing there (it took {self.path.name} first)")
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
 class OverlayPainter:
     """Nucleus outlines (or dots, where nuclei are smaller than 3 px) on a low-resolution view of the slide."""
 
@@ -318,8 +403,8 @@ class SeamDuplicates:
 
     def _with_clipped(self, part: pa.Table, clipped: dict[int, tuple]) -> pa.Table:
         """``part`` with some rows' polygons cut down (row → (old polygon, new polygon, new box)): their area,
-        area_um2, centroid and box follow the polygon (the attribute columns stay those measured on the whole
-        mask)."""
+        area_um2, centroid and box follow the polygon, ``seam_clipped`` is set and the outline attributes
+        (:data:`SHAPE_ATTRIBUTE_COLUMNS`, measured on the uncut mask) become NaN rather than contradict it."""
         self.clipped += len(clipped)
         rows = np.array(sorted(clipped))
         old = np.array([clipped[r][0] for r in rows], dtype=object)
@@ -337,6 +422,12 @@ class SeamDuplicates:
         cols["centroid_y"][rows] += shift[:, 1]
         for k, name in enumerate(("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")):
             cols[name][rows] = boxes[:, k]
+        cols["seam_clipped"] = part.column("seam_clipped").to_numpy(zero_copy_only=False).copy()
+        cols["seam_clipped"][rows] = True
+        for name in SHAPE_ATTRIBUTE_COLUMNS:
+            if name in part.schema.names:
+                cols[name] = part.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+                cols[name][rows] = np.nan
         for name, values in cols.items():
             i = part.schema.get_field_index(name)
             part = part.set_column(i, part.schema.field(i), pa.array(values, type=part.schema.field(i).type))
@@ -470,6 +561,7 @@ class OrderedMerger:
                                                                               "area_um2", "centroid_x",
                                                                               "centroid_y")}
         names = table.column("class_name").to_pylist()
+        clipped = table.column("seam_clipped").to_numpy(zero_copy_only=False)
         attrs = {c: table.column(c).to_numpy() for c in ALL_ATTRIBUTE_COLUMNS} if self.attributes else {}
         for k, geom in enumerate(geoms):
             nid = int(cols["nucleus_id"][k])
@@ -478,7 +570,7 @@ class OrderedMerger:
             self._geojson.write(geometry_feature(
                 geom, feature_id=str(uuid.uuid5(_NAMESPACE, f"{self.slide_name}:{self.id_seed}:{nid}")),
                 class_id=int(cols["class_id"][k]), class_name=names[k], measurements=meas,
-                properties={"nucleus_id": nid}))
+                properties={"nucleus_id": nid, **({"seam_clipped": True} if clipped[k] else {})}))
 
     def _flush(self) -> None:
         if not self._buffer:
