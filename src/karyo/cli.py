@@ -856,6 +856,20 @@ def benchmark_pannuke_cmd(
                   highlight=False)
 
 
+def _progress_lines(step: float = 0.1) -> Callable[[int, int, int], None]:
+    """A progress callback that prints a plain line at every ``step`` of the tiles: a batch log (no terminal, so
+    no progress bar) should not stay silent for an hour-long slide."""
+    shown = [-1]
+
+    def report(done: int, total: int, nuclei: int) -> None:
+        tenth = int(done / max(total, 1) / step)
+        if tenth > shown[0]:
+            shown[0] = tenth
+            console.print(f"{done}/{total} tiles ({done / max(total, 1):.0%}), {nuclei:,} nuclei", highlight=False)
+
+    return report
+
+
 @app.command("wsi")
 @friendly_errors
 def wsi_cmd(
@@ -898,7 +912,8 @@ def wsi_cmd(
         previous = signal.signal(signal.SIGTERM, terminated)
     try:
         result = run_wsi(slide, model, out, mpp=mpp, tile=tile, overlap=overlap, workers=workers,
-                         scheduler=scheduler, resume=resume, progress=sys.stderr.isatty(),
+                         scheduler=scheduler, resume=resume,
+                         progress=True if sys.stderr.isatty() else _progress_lines(),
                          options=WSIOptions(device=device, threads=threads))
     except KeyboardInterrupt:
         console.print(f"interrupted; finished tiles are kept in {out}: run the same command with --resume to "

@@ -543,6 +543,8 @@ def test_cli_wsi(slide, tmp_path):
     assert not first_ids & {f["id"] for f in json.loads(other.paths["geojson"].read_text())["features"]}
     assert summary["execution"]["torch_threads"] == 1
     assert f"{summary['nuclei']['total']:,} nuclei" in res.output
+    tiles = summary["tiling"]["tiles_with_tissue"]  # no terminal here: plain progress lines, the last at 100 %
+    assert f"{tiles}/{tiles} tiles (100%), {summary['nuclei']['total']:,} nuclei" in res.output
     assert "note: --mpp" not in res.output
     res = CliRunner().invoke(app, ["wsi", str(small), "--model", "classical", "--out", str(tmp_path / "o2"),
                                    "--workers", "0", "--mpp", "0.5"])
