@@ -24,7 +24,7 @@ from karyo.errors import KaryoError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0].replace("``", ""),
                   pretty_exceptions_enable=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a message is one line in logs: paths are not split
 
 
 def friendly_errors(func: Callable) -> Callable:
@@ -184,13 +184,20 @@ def _check_out_folder(out: Path) -> None:
 
 def _read_points(path: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """CSV with columns x,y and optional label (1 = nucleus, 0 = negative)."""
+    import csv
+
     import pandas as pd
 
     from karyo.errors import InputError
 
-    try:  # comma, tab (QuPath's point export) or semicolon; headers in any case
-        table = pd.read_csv(path, sep=None, engine="python")
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
+    empty = InputError(path, "points CSV is empty: write a header x,y and one row per point")
+    try:  # comma, tab (QuPath's point export) or semicolon; headers in any case; Excel's byte-order mark
+        if not path.read_bytes().strip():
+            raise empty
+        table = pd.read_csv(path, sep=None, engine="python", encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise empty from None
+    except (OSError, ValueError, csv.Error, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise InputError(path, f"cannot read points CSV ({exc})") from None
     table.columns = [str(c).strip().lower() for c in table.columns]
     if not {"x", "y"} <= set(table.columns):
@@ -201,14 +208,15 @@ def _read_points(path: Path) -> tuple[list[tuple[float, float]], list[tuple[floa
     if not (pd.api.types.is_numeric_dtype(table["x"]) and pd.api.types.is_numeric_dtype(table["y"])):
         raise InputError(path, "points CSV columns x and y must be numbers")
     missing = table[["x", "y"]].isna().any(axis=1).to_numpy()
-    if missing.any():
-        raise InputError(path, f"points CSV row {int(missing.argmax()) + 1} lacks x or y")
-    label = table["label"] if "label" in table.columns else pd.Series(1, index=table.index)
+    if missing.any():  # file lines count the header as line 1, as editors number them
+        raise InputError(path, f"points CSV line {int(missing.argmax()) + 2} lacks x or y")
+    raw = table["label"] if "label" in table.columns else pd.Series(1, index=table.index)
+    label = pd.to_numeric(raw, errors="coerce")
     odd = ~label.isin([0, 1]).to_numpy()
     if odd.any():
-        value = label.iloc[int(odd.argmax())]
+        value = raw.iloc[int(odd.argmax())]
         value = value.item() if hasattr(value, "item") else value
-        raise InputError(path, f"points CSV row {int(odd.argmax()) + 1}: label must be 1 (nucleus) or 0 (not a "
+        raise InputError(path, f"points CSV line {int(odd.argmax()) + 2}: label must be 1 (nucleus) or 0 (not a "
                                f"nucleus), got {value!r}")
     pos = [(float(x), float(y)) for x, y, lab in zip(table.x, table.y, label, strict=True) if int(lab) == 1]
     neg = [(float(x), float(y)) for x, y, lab in zip(table.x, table.y, label, strict=True) if int(lab) == 0]
@@ -242,8 +250,9 @@ def segment(
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")] = "cpu",
     outputs: Annotated[str, typer.Option(help="Comma-separated, any of: instances, classes, table, overlay, geojson.",
                                          show_default="all five")] = _INSTANCE_OUTPUTS,
-    task: Annotated[str, typer.Option(help="instance | semantic: semantic models (MONCH, U-Net) can instead write "
-                                           "a class-map PNG, a coloured overlay and per-class areas.")
+    task: Annotated[str, typer.Option(help="instance | semantic: semantic models (MONCH, U-Net; none is shipped, "
+                                           "karyo train monch|unet makes one) can instead write a class-map PNG, a "
+                                           "coloured overlay and per-class areas.")
                     ] = "instance",
     channels: Annotated[str | None, typer.Option(help="Channels to use, in this order: names from the OME-TIFF "
                                                       "metadata or 0-based indices, e.g. DAPI,CD45 or 0,2.")
@@ -371,7 +380,9 @@ def list_models() -> None:
 def evaluate(
     true: Annotated[Path, typer.Option("--true", help="Ground-truth dataset (karyo layout, PanNuke, CoNSeP, "
                                                       "MoNuSeg, COCO, GeoJSON).")],
-    pred: Annotated[Path, typer.Option("--pred", help="Predictions in karyo's output layout (karyo segment --out).")],
+    pred: Annotated[Path, typer.Option("--pred", help="Predictions in karyo's output layout (karyo segment --out): "
+                                                      "instances/<id>.png (+ classes/), or semantic/<id>.png class "
+                                                      "maps.")],
     split: Annotated[str | None, typer.Option(help="Evaluate only this split of the ground truth.")] = None,
     out: Annotated[Path | None, typer.Option(help="Report JSON (default: PRED/evaluation.json); the per-image "
                                                   "table goes beside it as .csv.")] = None,

@@ -136,13 +136,17 @@ def test_segment_names_outputs_by_their_whole_stem_and_refuses_collisions(tmp_pa
 @pytest.mark.parametrize(("points", "args", "message"), [
     ("x,y\n-50,-50\n", [], "points.csv: point 0 (-50, -50) lies outside"),
     ("x,y,label\n10,10,2\n", [], "label must be 1 (nucleus) or 0"),
-    ("x,y\n1,\n", [], "row 1 lacks x or y"),
+    ("x,y\n1,\n", [], "points.csv: points CSV line 2 lacks x or y"),
+    ("x,y,label\n1,1,1.0\n9,9,yes\n", [], "line 3: label must be 1 (nucleus) or 0 (not a nucleus), got 'yes'"),
+    ("", [], "points CSV is empty"),
+    ("\n", [], "points CSV is empty"),
     ("x,y\n20,20\n20,20\n", [], "is given 2 times"),
     ("x,y\n", [], "header but no points"),
     (None, ["--mpp", "-0.5"], "--mpp: mpp -0.5 µm/px is outside the plausible range"),
     (None, ["--mpp", "nan"], "outside the plausible range"),
     (None, ["--device", "gpu"], "unknown device 'gpu'"),
     (None, ["--outputs", ""], "--outputs names nothing to write"),
+    ("\ufeffx,y\n300,300\n", [], "points.csv: point 0 (300, 300) lies outside"),  # Excel's BOM: x is read
     ("x,y\n20,20\n21,20\n", [], "points.csv: points 0 (20, 20) and 1 (21, 20) are 1 px apart"),
     ("x;z\n20;20\n", [], "needs columns x,y (and optionally label), separated by commas, tabs or semicolons"),
 ])
@@ -269,8 +273,8 @@ def test_evaluate_missing_predictions_named(tmp_path):
     (empty / "images").mkdir(parents=True)
     (empty / "images" / "x.png").write_bytes(b"")
     res = runner.invoke(app, ["segment", str(empty)])
-    assert res.exit_code == 2 and f"a dataset folder? its images/ holds 1: pass {empty / 'images'}" in " ".join(
-        res.output.split())
+    assert res.exit_code == 2 and f"a dataset folder? its images/ holds 1: pass {empty / 'images'}" in res.output
+    assert len(res.output.strip().splitlines()) == 1  # one line in a log, long paths not wrapped
 
 
 def test_evaluate_matches_classes_by_name_and_skips_foreign_ones(tmp_path):

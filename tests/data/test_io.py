@@ -279,6 +279,8 @@ def test_a_jpeg_that_asks_to_be_shown_rotated_is_read_as_stored_with_a_warning(t
 @pytest.mark.parametrize(("name", "kwargs", "expected"), [
     ("cm.tif", {"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"}, 0.5),
     ("inch.tif", {"resolution": (25400 / 0.25, 25400 / 0.25), "resolutionunit": "INCH"}, 0.25),
+    ("um.tif", {"resolution": (4, 4), "resolutionunit": "MICROMETER"}, 0.25),  # tifffile's extension
+    ("mm.tif", {"resolution": (2000, 2000), "resolutionunit": "MILLIMETER"}, 0.5),
     ("screen.tif", {"resolution": (72, 72), "resolutionunit": "INCH"}, None),  # a screen default, not a scan
     ("imagej.tif", {"imagej": True, "resolution": (1 / 0.325, 1 / 0.325), "metadata": {"unit": "um"}}, 0.325),
     ("aperio.tif", {"description": "Aperio Image Library v12.0.15 |AppMag = 40|MPP = 0.2520|Filename = x"}, 0.252),

@@ -85,3 +85,33 @@ def test_cli_scores_a_semantic_output_folder_by_itself(truth, tmp_path):
     res = CliRunner().invoke(app, ["evaluate", "--true", str(truth), "--pred", str(pred), "--task", "semantic"])
     assert res.exit_code == 2 and "no prediction for 1 of 1 image(s)" in res.output
     assert "semantic/<id>.png" in res.output
+
+
+def test_class_maps_are_read_by_index_and_their_names_checked(truth, tmp_path):
+    """A palette PNG gives its indices (not colours); a colour image, an id classes.json does not name, and a
+    missing classes.json are each handled as evaluate does for instances."""
+    from PIL import Image
+
+    cm = np.zeros((6, 6), np.uint8)
+    cm[0:2, 0:2] = 1
+    cm[3:5, 3:5] = 2
+    pred = _prediction(tmp_path / "pal", cm, {1: "tumour", 2: "lymphocyte", 7: "necrosis"})  # 7: never used
+    palette = Image.fromarray(cm, mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    palette.save(pred / "semantic" / "a.png")
+    report = evaluate_semantic_folders(truth, pred)
+    assert not report.binary and report.result.iou == pytest.approx({1: 1.0, 2: 1.0})
+    (pred / "classes.json").write_text(json.dumps({"1": "tumour"}))
+    with pytest.raises(InputError, match=r"classes\.json: names no class 2, which the class maps hold"):
+        evaluate_semantic_folders(truth, pred)
+    (pred / "classes.json").unlink()
+    report = evaluate_semantic_folders(truth, pred)
+    assert not report.binary and report.result.iou == pytest.approx({1: 1.0, 2: 1.0})
+    assert "no classes.json: its class ids are taken to be the ground truth's (1 tumour, 2 lymphocyte)" in \
+        report.notes[0]
+    colour = np.zeros((6, 6, 3), np.uint8)
+    colour[0:2, 0:2] = (255, 0, 0)
+    write_image(pred / "semantic" / "a.png", colour)
+    with pytest.raises(InputError, match=r"a\.png: a class map holds one class id per pixel, this has 3 different"):
+        evaluate_semantic_folders(truth, pred)
+    assert ("pixels (pooled over images)", "precision tumour", "1.0000") in report.summary_table()

@@ -209,7 +209,8 @@ def _tiff_tags_mpp(tif) -> float | None:
     if imagej_unit in ("micron", "um", "µm", "\\u00B5m"):
         microns_per_unit = 1.0
     else:
-        microns_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)
+        # inch, cm (the TIFF standard), and tifffile's millimetre and micrometre extensions, which tiffslide reads
+        microns_per_unit = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}.get(unit)
     if not microns_per_unit:
         return None
     sizes = []
@@ -475,6 +476,35 @@ def read_instances(path: str | os.PathLike, shape: tuple[int, int] | None = None
     instances = validate_instances(arr, shape, str(path))
     _note_binary_mask(instances, path)
     return instances
+
+
+def read_class_map(path: str | os.PathLike) -> np.ndarray:
+    """Read a class map (one class id per pixel: 8/16-bit PNG, TIFF) as int64. A palette PNG gives its indices,
+    not its colours (label images are often saved with a palette to show the classes in colour); a grey map saved
+    as RGB gives its one channel; colour images and fractional or negative values are refused."""
+    path = Path(path)
+    check_file(path)
+    arr = None
+    if path.suffix.lower() == ".png":
+        try:
+            with Image.open(path) as im:
+                if im.mode == "P":
+                    arr = np.array(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise InputError(path, f"cannot decode image ({exc}); the file is corrupt, truncated or not an image"
+                             ) from None
+    if arr is None:
+        arr = _read_pixels(path)[0]
+    if arr.ndim == 3:
+        if arr.shape[2] > 1 and not (arr == arr[..., :1]).all():
+            raise InputError(path, f"a class map holds one class id per pixel, this has {arr.shape[2]} different "
+                                   f"channels (a colour image?)")
+        arr = arr[..., 0]
+    if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+        arr = arr.astype(np.int64)
+    if arr.dtype.kind not in "iub" or (arr.size and arr.min() < 0):
+        raise InputError(path, "a class map holds non-negative whole class ids")
+    return arr.astype(np.int64)
 
 
 def _note_binary_mask(instances: np.ndarray, path: Path) -> None:

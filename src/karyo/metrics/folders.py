@@ -113,7 +113,7 @@ def evaluate_semantic_folders(true: str | os.PathLike, pred: str | os.PathLike, 
     a class). Classes are matched by name (``classes.json`` on both sides); without classes on either side, or
     with other class names, nucleus against background is scored instead, and a note says so. ``missing`` and
     ``on_image`` as in :func:`evaluate_folders`."""
-    from karyo.data.io import image_stem, list_images, read_image
+    from karyo.data.io import image_stem, list_images, read_class_map
     from karyo.data.layout import read_class_names
 
     truth = _open_truth(true, true_format, split, missing)
@@ -127,14 +127,31 @@ def evaluate_semantic_folders(true: str | os.PathLike, pred: str | os.PathLike, 
     true_names = truth.class_names or {}
     names_path = pred_root / "classes.json"
     pred_names = read_class_names(names_path) if names_path.is_file() else {}
+    # a first pass for the class ids the maps use (the second reads them again: a dataset's maps need not fit)
+    used = {name: set(np.unique(read_class_map(pred_files[name])).tolist()) - {0}
+            for name in (names[i] for i in scored) if name in pred_files}
+    present = sorted(set().union(*used.values())) if used else []
+    if pred_names:
+        unnamed = [c for c in present if c not in pred_names]
+        if unnamed:
+            example = next(pred_files[n] for n, ids in used.items() if unnamed[0] in ids)
+            raise InputError(names_path, f"names no class {unnamed[0]}, which the class maps hold (e.g. {example})")
+        pred_names = {c: pred_names[c] for c in present}  # a name no map uses cannot disagree with the truth
+    elif true_names and present:  # as instance evaluation does: the ids are taken to be the ground truth's
+        if max(present) > max(true_names):
+            raise InputError(pred_root, f"the class maps hold class {max(present)}, the ground truth names only "
+                                        f"{sorted(true_names)}; add {names_path.name} to name the classes")
+        notes.append(f"the prediction has no classes.json: its class ids are taken to be the ground truth's "
+                     f"({', '.join(f'{k} {v}' for k, v in sorted(true_names.items()))}); add classes.json to match "
+                     f"them by name")
+        pred_names = {c: true_names[c] for c in present if c in true_names}
     relabel, classes_off = _class_relabelling(true_names, pred_names)
-    binary = classes_off or not true_names or not pred_names
+    binary = classes_off or not true_names or (not pred_names and bool(present))
     if classes_off:
         notes.append(f"class maps scored as nucleus against background: the prediction's classes "
                      f"{sorted(pred_names.values())} are not the ground truth's {sorted(true_names.values())}")
-    elif binary:
-        notes.append(f"class maps scored as nucleus against background: no class names in "
-                     f"{'the ground truth' if not true_names else names_path}")
+    elif binary and not true_names:
+        notes.append("class maps scored as nucleus against background: the ground truth names no classes")
     num_classes = 1 if binary else max(true_names)
     pooled = SemanticMetrics(num_classes=num_classes, ignore_index=UNCLASSIFIED)
     rows, unclassified = [], 0
@@ -150,8 +167,7 @@ def evaluate_semantic_folders(true: str | os.PathLike, pred: str | os.PathLike, 
         unclassified += int(np.count_nonzero(t_map == UNCLASSIFIED))
         if name in pred_files:
             path = pred_files[name]
-            p_map = read_image(path)
-            p_map = (p_map[..., 0] if p_map.ndim == 3 else p_map).astype(np.int64)
+            p_map = read_class_map(path)
             if p_map.shape != t_map.shape:
                 if isinstance(truth, LayoutDataset):
                     truth.check_against_image(name, t_inst.shape)
@@ -159,9 +175,7 @@ def evaluate_semantic_folders(true: str | os.PathLike, pred: str | os.PathLike, 
             if binary:
                 p_map = (p_map > 0).astype(np.int64)
             else:
-                if int(p_map.max(initial=0)) > max(max(pred_names), num_classes):
-                    raise InputError(path, f"class id {int(p_map.max())} is not in {names_path}")
-                lut = np.arange(max(max(pred_names), num_classes) + 1)
+                lut = np.arange(max(max(present, default=0), num_classes) + 1)
                 for k, v in relabel.items():
                     lut[k] = v
                 p_map = lut[p_map]

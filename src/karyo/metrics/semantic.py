@@ -187,5 +187,7 @@ class SemanticReport:
         rows = [(group, "pixel accuracy", fmt(r.pixel_accuracy)), (group, "mean IoU", fmt(r.mean_iou)),
                 (group, "FWIoU", fmt(r.fwiou))]
         for c in r.classes:
-            rows += [(group, f"IoU {self._name(c)}", fmt(r.iou[c])), (group, f"F1 {self._name(c)}", fmt(r.f1[c]))]
+            rows += [(group, f"{label} {self._name(c)}", fmt(values[c]))
+                     for label, values in (("IoU", r.iou), ("precision", r.precision), ("recall", r.recall),
+                                           ("F1", r.f1))]
         return rows
