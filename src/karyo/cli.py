@@ -898,14 +898,19 @@ def wsi_cmd(
                                                        "its workers must see SLIDE.")] = None,
     workers: Annotated[int | None, typer.Option(help="Local worker processes (default: one per CPU core; 0: "
                                                      "compute in this process).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in OUT (same karyo, settings "
+                                                          "and slide file); a finished one is left as it is.")
+                      ] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps or auto (for each worker).")] = "cpu",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for the network per worker (default: "
                                                             "the cores shared out among the local workers).")
                        ] = None,
 ) -> None:
     """Segment every nucleus of a whole slide, tile by tile; write nuclei.parquet, nuclei.geojson (QuPath),
-    tissue_mask.png, overlay.png and summary.json into OUT."""
+    tissue_mask.png, overlay.png and summary.json into OUT.
+
+    Progress goes to stderr: a bar on a terminal, otherwise (a batch log) a plain line at every 10% of the tiles.
+    Nuclei are counted after seam duplicates are removed, so the last count is the final one."""
     import signal
 
     from karyo.data.io import mpp_override
@@ -927,8 +932,11 @@ def wsi_cmd(
                          progress=True if sys.stderr.isatty() else _progress_lines(),
                          options=WSIOptions(device=device, threads=threads))
     except KeyboardInterrupt:
-        console.print(f"interrupted; finished tiles are kept in {out}: run the same command with --resume to "
-                      f"continue", highlight=False)
+        if out.is_dir():
+            console.print(f"interrupted; finished tiles are kept in {out}: run the same command with --resume to "
+                          f"continue", highlight=False)
+        else:  # removed by run_wsi: nothing was finished
+            console.print("interrupted before any tile was finished; nothing was written", highlight=False)
         raise typer.Exit(128 + (caught[0] if caught else signal.SIGINT)) from None
     finally:
         if previous is not None:

@@ -341,11 +341,7 @@ def test_manifest_drops_a_torn_line_and_tiles_without_their_part(tmp_path):
 
 def test_resume_refuses_other_settings(slide, tmp_path, monkeypatch):
     out = tmp_path / "r"
-
-    def boom(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(wsi_writer.WorkDir, "record", boom)
+    _interrupt_after(monkeypatch, 1)  # (interrupted before any tile, a folder it made would be removed)
     with pytest.raises(KeyboardInterrupt):
         run_wsi(slide[0], "classical", out, workers=0)
     monkeypatch.undo()
@@ -531,6 +527,7 @@ def test_cli_wsi(slide, tmp_path):
 
     text = " ".join(CliRunner().invoke(app, ["wsi", "--help"]).output.replace("│", " ").split())
     assert f"(default {WSIOptions().tile})" in text and f"(default {WSIOptions().overlap})" in text  # no drift
+    assert "a bar on a terminal, otherwise (a batch log) a plain line at every 10%" in text
 
     small = write_pyramid(tmp_path / "small.tif", slide[1][:512, :512], factors=())
     res = CliRunner().invoke(app, ["wsi", str(small), "--model", "classical", "--out", str(tmp_path / "o"),
@@ -672,6 +669,7 @@ def test_a_tile_that_cannot_be_decoded_mid_run_names_the_slide_as_given_and_what
     message = str(err.value)
     assert message.startswith("s.tif: cannot decode region") and "finished tiles are kept in o" in message
     assert "--resume" in message and (tmp_path / "o" / wsi_writer.WORK_NAME / "manifest.jsonl").stat().st_size
+    assert "replaced file is another file: run without --resume" in message  # as a resume of it is refused
 
 
 def test_a_script_without_the_main_guard_gets_a_clear_error(small_slide, tmp_path):
@@ -695,7 +693,8 @@ def test_cli_wsi_takes_sigterm_as_an_interruption(small_slide, tmp_path, monkeyp
     from karyo.cli import app
     from karyo.infer import wsi
 
-    def terminated_run(*args, **kwargs):
+    def terminated_run(slide, model, out, **kwargs):
+        Path(out).mkdir()  # as a run that has finished tiles leaves it
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)
 
@@ -711,3 +710,152 @@ def test_cli_wsi_takes_sigterm_as_an_interruption(small_slide, tmp_path, monkeyp
         signal.signal(signal.SIGTERM, outer)
     assert res.exit_code == 128 + signal.SIGTERM, res.output
     assert "interrupted; finished tiles are kept in" in res.output and "--resume" in res.output
+
+
+def _interrupt_after(monkeypatch, n_tiles: int) -> None:
+    real, calls = wsi_writer.WorkDir.record, []
+
+    def stop(self, entry):
+        calls.append(entry)
+        if len(calls) > n_tiles:
+            raise KeyboardInterrupt
+        real(self, entry)
+
+    monkeypatch.setattr(wsi_writer.WorkDir, "record", stop)
+
+
+def test_resuming_a_run_begun_by_another_karyo_is_refused_in_one_line(small_slide, tmp_path, monkeypatch):
+    """Parts written by a karyo of another layout (before ``seam_clipped``) used to fail the merge with a schema
+    traceback: the work folder records its format, and a part of other columns is refused as well."""
+    out, opts = tmp_path / "o", WSIOptions(tile=192, overlap=48, attributes=False)
+    _interrupt_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_wsi(small_slide, "classical", out, workers=0, options=opts)
+    monkeypatch.undo()
+    work = wsi_writer.WorkDir(out)
+    settings = work.read_settings()
+    old = {k: v for k, v in settings.items() if k != "format"}  # as the previous karyo wrote it
+    work.settings.write_text(json.dumps(old))
+    with pytest.raises(InputError, match=r"cannot resume: the unfinished run there was begun by another karyo.*"
+                                         r"run without --resume") as err:
+        run_wsi(small_slide, "classical", out, workers=0, options=opts, resume=True)
+    assert "\n" not in str(err.value)
+    work.settings.write_text(json.dumps(settings))  # same settings, but a part without the new column
+    part = sorted(work.parts.glob("*.parquet"))[0]
+    pq.write_table(pq.read_table(part).drop(["seam_clipped"]), part)
+    with pytest.raises(InputError, match=r"begun by another karyo \(tile \d+ has other columns\); run without"):
+        run_wsi(small_slide, "classical", out, workers=0, options=opts, resume=True)
+    assert not (out / wsi_writer.LOCK_NAME).exists() and not list(out.glob(".karyo-wsi/*.tmp"))
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_full_disk_when_the_lock_is_written_gives_one_line_and_leaves_no_lock(small_slide, tmp_path, monkeypatch,
+                                                                              existing):
+    out = tmp_path / "o"
+    if existing:
+        out.mkdir()
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(wsi_writer, "_write_all", full)
+    with pytest.raises(InputError, match=r"no space left on the device while writing the lock file"):
+        run_wsi(small_slide, "classical", out, workers=0)
+    assert out.exists() == existing and (not existing or not list(out.iterdir()))
+    monkeypatch.undo()
+    run_wsi(small_slide, "classical", out, workers=0, options=WSIOptions(attributes=False))  # no "just started"
+
+
+def test_resume_of_a_finished_run_on_read_only_storage_writes_nothing(small_slide, tmp_path, monkeypatch):
+    out, opts = tmp_path / "o", WSIOptions(attributes=False)
+    first = run_wsi(small_slide, "classical", out, workers=0, options=opts)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    again = run_wsi(small_slide, "classical", out, workers=0, options=opts, resume=True)
+    assert again.summary == first.summary
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    with pytest.raises(InputError, match=r"cannot write the output folder \(Read-only file system\)"):
+        run_wsi(small_slide, "classical", out, workers=0, options=opts)  # a run that must write still says so
+
+
+def test_a_lock_with_our_own_pid_that_we_did_not_take_is_stale(small_slide, tmp_path, caplog):
+    """A restarted container runs karyo under the pid of the run that died there: its lock is taken over."""
+    import socket
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / wsi_writer.LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    with caplog.at_level("WARNING", logger="karyo.infer.wsi"):
+        run_wsi(small_slide, "classical", out, workers=0, options=WSIOptions(attributes=False))
+    assert "taking over the lock" in caplog.text and not (out / wsi_writer.LOCK_NAME).exists()
+    held = wsi_writer.OutputLock(out)
+    with held, pytest.raises(InputError, match="another karyo wsi run is writing there"):
+        wsi_writer.OutputLock(out).acquire()  # a lock this process does hold is not stale
+
+
+def test_an_interruption_before_any_tile_removes_the_folder_it_created(small_slide, tmp_path, monkeypatch):
+    from karyo.cli import app
+    from karyo.infer import wsi
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wsi.WSIEngine, "execute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_wsi(small_slide, "classical", tmp_path / "o", workers=0)
+    assert not (tmp_path / "o").exists()
+    res = CliRunner().invoke(app, ["wsi", str(small_slide), "--model", "classical", "--out", str(tmp_path / "o"),
+                                   "--workers", "0"])
+    assert res.exit_code == 128 + signal.SIGINT and "before any tile was finished" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_read_leaves_no_zarr_task_pending(slide, tmp_path):
+    """A chunk that fails to decode fails the read while its siblings still run on zarr's loop; left pending, each
+    prints 'Task was destroyed but it is pending!' at exit."""
+    import asyncio
+
+    from zarr.core import sync
+
+    path = write_pyramid(tmp_path / "s.tif", slide[1], factors=())
+    with tifffile.TiffFile(path) as tif:
+        offset, size = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    with open(path, "r+b") as fh:  # the first tile's zlib stream
+        fh.seek(offset + 2)
+        fh.write(b"\xff" * (size - 4))
+    with karyo.data.slide.open_slide(path) as s, pytest.raises(InputError, match="cannot decode region"):
+        s.read_level(0, 0, 0, 1024, 1024)
+
+    async def others():
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run_coroutine_threadsafe(others(), sync.loop[0]).result(10) == []
+
+
+def test_the_failed_cluster_error_names_the_guard_under_python_m(monkeypatch):
+    import types
+
+    from karyo.infer import wsi
+
+    main = types.ModuleType("__main__")
+    main.__file__, main.__spec__ = "/x/mymod.py", object()
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert 'if __name__ == "__main__":' in str(wsi._cluster_failed(RuntimeError("Nanny failed to start.")))
+
+
+def test_progress_counts_the_nuclei_kept_and_geojson_flags_clipped_nuclei_as_a_measurement(slide, tmp_path):
+    calls = []
+    result = run_wsi(slide[0], "classical", tmp_path / "o", workers=0, progress=lambda *a: calls.append(a),
+                     options=WSIOptions(tile=160, overlap=48, attributes=False))
+    n = result.summary["nuclei"]
+    assert n["seam_duplicates_removed"] > 0 and calls[-1][2] == n["total"]
+    features = json.loads(result.paths["geojson"].read_text())["features"]
+    flags = [f["properties"]["measurements"]["Seam clipped"] for f in features]
+    assert set(flags) <= {0, 1} and sum(flags) == n["seam_overlaps_clipped"]

@@ -196,11 +196,44 @@ class TiffSlideReader(Slide):
         ds = self._slide.level_downsamples[level]
         # tiffslide maps a level-0 location to the level as int(loc / ds): pick the level-0 value that lands on x, y.
         loc = (_level0_location(x, ds), _level0_location(y, ds))
-        arr = self._slide.read_region(loc, level, (w, h), as_array=True, padding=False)
+        try:
+            arr = self._slide.read_region(loc, level, (w, h), as_array=True, padding=False)
+        except Exception:
+            _settle_zarr_tasks()
+            raise
         return self._rgb(arr)
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _settle_zarr_tasks(timeout: float = 10.0) -> None:
+    """After a failed read, cancel and wait for the chunk tasks zarr left running on its event-loop thread. A chunk
+    that fails to decode fails the read at once while its siblings are still pending; left so, each prints "Task
+    was destroyed but it is pending!" when zarr stops its loop at exit (hundreds of lines after our one error)."""
+    import asyncio
+
+    try:
+        from zarr.core import sync
+    except ImportError:
+        return
+    loop = sync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def settle() -> None:
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for t in tasks:  # mark their errors as seen (else each logs "Task exception was never retrieved")
+            if t.done() and not t.cancelled():
+                t.exception()
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(settle(), loop).result(timeout + 1)
 
 
 def _level0_location(v: int, ds: float) -> int:

@@ -82,6 +82,10 @@ from karyo.infer.wsi_writer import (
 log = logging.getLogger(__name__)
 
 CACHE_NAME = ".karyo-cache"
+#: Layout of the work folder's parts and of the outputs. Raise it whenever they change (columns, units, meaning):
+#: it is part of the settings a resume must match, so a run begun by a karyo with another layout is refused.
+#: 2: parts gained ``seam_clipped``.
+WSI_FORMAT = 2
 STAGES = ("read", "model", "postprocess")
 
 
@@ -368,12 +372,32 @@ def check_not_bootstrapping() -> None:
 def _cluster_failed(exc: BaseException) -> KaryoError:
     """The error for a local cluster that did not start, with the likely cause when run from a script."""
     main = sys.modules.get("__main__")
-    script = getattr(main, "__file__", None) and not getattr(main, "__spec__", None)
+    # a script, or a module run with ``python -m`` (it has a __spec__ too): both are imported again by each worker
+    script = getattr(main, "__file__", None)
     why = f"{type(exc).__name__}: {exc}"
     if script:
-        return KaryoError(f"the local dask workers failed to start ({why}); when run_wsi is called from a script, "
-                          f"{MAIN_GUARD_HINT}")
+        return KaryoError(f"the local dask workers failed to start ({why}); when run_wsi is called from a script or "
+                          f"a module run with python -m, {MAIN_GUARD_HINT}")
     return KaryoError(f"the local dask workers failed to start ({why}); pass workers=0 to compute in this process")
+
+
+def _quiet_dask_teardown() -> None:
+    """Silence the shutdown of a cluster stopped by Ctrl-C or SIGTERM, which can come while workers are still
+    starting: distributed logs each failed start, asyncio each task left behind, and a half-started cluster fails
+    again in distributed's exit hook (pages of tracebacks under the one-line hint), so it is closed here. The levels
+    stay raised: the rest of that shutdown happens when the process exits."""
+    for name in ("distributed", "asyncio", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    try:
+        from distributed.core import Status
+        from distributed.deploy.spec import SpecCluster
+    except ImportError:
+        return
+    for cluster in list(SpecCluster._instances):  # close them now, quietly, rather than in the exit hook
+        if getattr(cluster, "shutdown_on_close", False) and getattr(cluster, "status", None) != Status.closed:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=10)
+            cluster.shutdown_on_close = False
 
 
 def _dask_tile(processor: TileProcessor, tile: Tile, plugin: str) -> TileResult:
@@ -385,11 +409,14 @@ def _dask_tile(processor: TileProcessor, tile: Tile, plugin: str) -> TileResult:
 
 # ------------------------------------------------------------------------------------------------ progress
 class _Progress:
-    """Rich progress bar (tiles, nuclei, rate, ETA) and/or a callback ``(done, total, nuclei)``."""
+    """Rich progress bar (tiles, nuclei, rate, ETA) and/or a callback ``(done, total, nuclei)``. Nuclei are those
+    of the finished tiles less the seam duplicates removed so far, so the last report is the final count."""
 
-    def __init__(self, progress: bool | Callable[[int, int, int], None], total: int, done: int, nuclei: int):
+    def __init__(self, progress: bool | Callable[[int, int, int], None], total: int, done: int, found: int,
+                 removed: int = 0):
         self.callback = progress if callable(progress) else None
-        self.total, self.done, self.nuclei = total, done, nuclei
+        self.total, self.done, self.found = total, done, found
+        self.nuclei = found - removed
         self._start_done, self._t0 = done, None
         self._bar = None
         if progress is True:
@@ -408,11 +435,13 @@ class _Progress:
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                  console=Console(stderr=True), transient=False)
             self._bar.start()
-            self._task = self._bar.add_task("wsi", total=total, completed=done, nuclei=nuclei, rate="")
+            self._task = self._bar.add_task("wsi", total=total, completed=done, nuclei=self.nuclei, rate="")
 
-    def advance(self, nuclei: int) -> None:
+    def advance(self, found: int, removed: int = 0) -> None:
+        """One more tile, with ``found`` nuclei; ``removed``: seam duplicates removed so far in all."""
         self.done += 1
-        self.nuclei += nuclei
+        self.found += found
+        self.nuclei = self.found - removed
         if self._bar is not None:
             now = time.perf_counter()
             if self._t0 is None:  # the rate starts at the first finished tile (not at cluster start-up)
@@ -451,6 +480,7 @@ class WSIEngine:
         self.scheduler = scheduler
         self.progress = progress
         self._started_work = False  # this run reset OUT's work folder (so a refusal may clear it again)
+        self._unlocked: InputError | None = None  # OUT could not be locked (read-only): fine unless we write
 
     # -------------------------------------------------------------------- steps
     def open_slide(self, path: Path, mpp: float | None, cache_dir: Path) -> Slide:
@@ -510,67 +540,78 @@ class WSIEngine:
 
     def _execute_dask(self, processor: TileProcessor, source: Any, tiles: list[Tile],
                       on_result: Callable[[TileResult], None]) -> dict:
+
+        quiet = logging.getLogger("distributed")
+        level = quiet.level
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.callback(quiet.setLevel, level)  # last out: after the cluster has gone (see below)
+                try:
+                    return self._run_on_dask(stack, processor, source, tiles, on_result)
+                except KeyboardInterrupt:
+                    # the cluster is torn down mid-run (or mid-start) on purpose: its complaints are noise
+                    _quiet_dask_teardown()
+                    raise
+        except KeyboardInterrupt:
+            _quiet_dask_teardown()  # again: the stack restored the level, and the rest of the teardown runs at exit
+            raise
+
+    def _run_on_dask(self, stack: contextlib.ExitStack, processor: TileProcessor, source: Any, tiles: list[Tile],
+                     on_result: Callable[[TileResult], None]) -> dict:
         from distributed import Client, LocalCluster, as_completed
 
-        with contextlib.ExitStack() as stack:
-            quiet = logging.getLogger("distributed")
-            stack.callback(quiet.setLevel, quiet.level)  # last out: after the cluster has gone (see below)
-            if self.scheduler is not None:
-                try:
-                    client = stack.enter_context(Client(self.scheduler,
-                                                         timeout=f"{self.options.scheduler_timeout}s"))
-                    client.wait_for_workers(1, timeout=self.options.scheduler_timeout)
-                except (OSError, TimeoutError) as exc:
-                    why = str(exc) or f"no worker joined within {self.options.scheduler_timeout:g} s"
-                    raise InputError(None, f"cannot use the dask scheduler {self.scheduler} ({why})") from None
-                torch_threads = self.options.threads
-            else:
-                n = self.workers if self.workers is not None else (os.cpu_count() or 1)
-                stack.enter_context(_fast_worker_start())
-                try:
-                    cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                                               dashboard_address=None, silence_logs=logging.ERROR))
-                except (RuntimeError, OSError, TimeoutError) as exc:
-                    raise _cluster_failed(exc) from None
-                client = stack.enter_context(Client(cluster))
-                torch_threads = self.options.threads or max(1, (os.cpu_count() or 1) // n)
-            plugin = f"karyo-model-{uuid.uuid4().hex[:12]}"
-            client.register_plugin(_model_plugin(source, torch_threads, self.options.device), name=plugin)
-            if self.scheduler is not None:
-                stack.callback(_quietly, client.unregister_worker_plugin, plugin)
-            info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
-            threads = sum(w.get("nthreads", 1) for w in info["workers"].values()) or 1
-            window = max(2, self.options.tiles_in_flight * threads)
-            [proc] = client.scatter([processor], broadcast=True)
-            todo = iter(tiles)
-            running = set()
-
-            def submit(tile: Tile):
-                fut = client.submit(_dask_tile, proc, tile, plugin, key=f"karyo-tile-{tile.index}-{plugin}",
-                                    pure=False, retries=1)
-                running.add(fut)
-                return fut
-
+        if self.scheduler is not None:
             try:
-                pending = as_completed([submit(t) for t in _take(todo, window)])
-                for fut in pending:
-                    result = fut.result()
-                    running.discard(fut)
-                    fut.release()
-                    on_result(result)
-                    nxt = next(todo, None)
-                    if nxt is not None:
-                        pending.add(submit(nxt))
-            except KeyboardInterrupt:
-                # the cluster is torn down mid-run on purpose: its complaints about lost work are noise
-                logging.getLogger("distributed").setLevel(logging.CRITICAL)
-                raise
-            finally:
-                if running:
-                    with contextlib.suppress(Exception):
-                        client.cancel(list(running))
-            return {"mode": "dask", "scheduler": self.scheduler or "LocalCluster", "workers": len(info["workers"]),
-                    "threads": threads, "torch_threads": torch_threads, "tiles_in_flight": window}
+                client = stack.enter_context(Client(self.scheduler,
+                                                     timeout=f"{self.options.scheduler_timeout}s"))
+                client.wait_for_workers(1, timeout=self.options.scheduler_timeout)
+            except (OSError, TimeoutError) as exc:
+                why = str(exc) or f"no worker joined within {self.options.scheduler_timeout:g} s"
+                raise InputError(None, f"cannot use the dask scheduler {self.scheduler} ({why})") from None
+            torch_threads = self.options.threads
+        else:
+            n = self.workers if self.workers is not None else (os.cpu_count() or 1)
+            stack.enter_context(_fast_worker_start())
+            try:
+                cluster = stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                           dashboard_address=None, silence_logs=logging.ERROR))
+            except (RuntimeError, OSError, TimeoutError) as exc:
+                raise _cluster_failed(exc) from None
+            client = stack.enter_context(Client(cluster))
+            torch_threads = self.options.threads or max(1, (os.cpu_count() or 1) // n)
+        plugin = f"karyo-model-{uuid.uuid4().hex[:12]}"
+        client.register_plugin(_model_plugin(source, torch_threads, self.options.device), name=plugin)
+        if self.scheduler is not None:
+            stack.callback(_quietly, client.unregister_worker_plugin, plugin)
+        info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+        threads = sum(w.get("nthreads", 1) for w in info["workers"].values()) or 1
+        window = max(2, self.options.tiles_in_flight * threads)
+        [proc] = client.scatter([processor], broadcast=True)
+        todo = iter(tiles)
+        running = set()
+
+        def submit(tile: Tile):
+            fut = client.submit(_dask_tile, proc, tile, plugin, key=f"karyo-tile-{tile.index}-{plugin}",
+                                pure=False, retries=1)
+            running.add(fut)
+            return fut
+
+        try:
+            pending = as_completed([submit(t) for t in _take(todo, window)])
+            for fut in pending:
+                result = fut.result()
+                running.discard(fut)
+                fut.release()
+                on_result(result)
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.add(submit(nxt))
+        finally:
+            if running:
+                with contextlib.suppress(Exception):
+                    client.cancel(list(running))
+        return {"mode": "dask", "scheduler": self.scheduler or "LocalCluster", "workers": len(info["workers"]),
+                "threads": threads, "torch_threads": torch_threads, "tiles_in_flight": window}
 
     # -------------------------------------------------------------------- driver
     def run(self, slide_path: str | os.PathLike, out_dir: str | os.PathLike, *, mpp: float | None = None,
@@ -587,8 +628,16 @@ class WSIEngine:
             out_dir.mkdir(parents=True, exist_ok=True)
         timing: dict[str, float] = {}
         cache_dir = out_dir / CACHE_NAME
+        self._unlocked = None
+        lock = OutputLock(out_dir)  # a second run into OUT would delete this one's work folder
         try:
-            with OutputLock(out_dir):  # a second run into OUT would delete this one's work folder
+            try:
+                lock.acquire()
+            except InputError as exc:  # read-only: a resume may still find the run complete (nothing to write)
+                if not (resume and lock.unwritable and (out_dir / "summary.json").is_file()):
+                    raise
+                self._unlocked = exc
+            try:
                 try:
                     slide = self.open_slide(slide_path, mpp, cache_dir)
                     try:
@@ -601,10 +650,18 @@ class WSIEngine:
                     if self._started_work and work.exists() and not len(work.finished()):  # nor from this run,
                         work.remove()  # which finished no tile
                     raise
-        except KaryoError:
+                except KeyboardInterrupt:  # before any tile was finished, an OUT this run made keeps nothing
+                    work = WorkDir(out_dir)
+                    if created and not (work.exists() and len(work.finished())):
+                        shutil.rmtree(cache_dir, ignore_errors=True)
+                        work.remove()
+                    raise
+            finally:
+                lock.release()
+        except (KaryoError, KeyboardInterrupt):
             if created:
                 with contextlib.suppress(OSError):
-                    out_dir.rmdir()  # only if the refusal left it empty
+                    out_dir.rmdir()  # only if the refusal or interruption left it empty
             raise
         # (interrupted or crashed: the cache stays, --resume reuses the decoded image)
         shutil.rmtree(cache_dir, ignore_errors=True)  # complete, or found complete by --resume
@@ -643,10 +700,14 @@ class WSIEngine:
         done = TileLedger()
         if resume and work.exists():
             old = work.read_settings() or {}
+            if old.get("format") != settings["format"]:
+                raise InputError(out_dir, "cannot resume: the unfinished run there was begun by another karyo "
+                                          "(another format of its files); run without --resume to start over")
             if old != settings:
                 changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
                 raise InputError(out_dir, f"cannot resume: the unfinished run there used other settings "
                                           f"({', '.join(changed)}); run without --resume to start over")
+            self._need_write()
             done = work.finished()
         elif resume and _summary_digest(out_dir) == digest:
             log.info("%s: already complete, nothing to resume", out_dir)
@@ -655,6 +716,7 @@ class WSIEngine:
             raise InputError(out_dir, "cannot resume: the finished run there used other settings (or another "
                                       "karyo); run without --resume to replace it")
         else:
+            self._need_write()
             if work.exists():
                 finished = len(work.finished())
                 log.warning("%s: an unfinished run there (%d tiles done) is discarded and started over; pass "
@@ -678,19 +740,21 @@ class WSIEngine:
                                row_group_size=opts.row_group_size, seams=seams, id_seed=digest)
         write_time = [0.0]
         resumed = len(done)
-        progress = _Progress(self.progress, len(tiles), resumed, sum(done.nuclei.values()))
+        progress = None
         try:
             t = time.perf_counter()
             for i in sorted(done.nuclei):
                 merger.add(i, done.nuclei[i])
             write_time[0] += time.perf_counter() - t
+            progress = _Progress(self.progress, len(tiles), resumed, sum(done.nuclei.values()),
+                                 seams.removed if seams is not None else 0)
 
             def on_result(res: TileResult) -> None:
                 if res.error is not None:  # named as the caller named the slide (workers open its full path)
                     source = slide_path if res.error[0] in (spec.path, str(slide_path)) else res.error[0]
                     kept = (f"; the {len(done)} finished tiles are kept in {out_dir}: --resume continues them if "
-                            f"this same file reads correctly next time (a repaired or replaced file starts over)"
-                            if len(done) else "")
+                            f"this same file reads correctly next time (a repaired or replaced file is another file: "
+                            f"run without --resume to start over)" if len(done) else "")
                     raise InputError(source, res.error[1] + kept)
                 t0 = time.perf_counter()
                 if res.n_nuclei:
@@ -701,7 +765,7 @@ class WSIEngine:
                 done.add(entry)
                 merger.add(res.tile, res.n_nuclei, res.table)
                 write_time[0] += time.perf_counter() - t0
-                progress.advance(res.n_nuclei)
+                progress.advance(res.n_nuclei, seams.removed if seams is not None else 0)
 
             t = time.perf_counter()
             execution = self.execute(processor, calibrated, slide, [t for t in tiles if t.index not in done],
@@ -713,7 +777,8 @@ class WSIEngine:
             merger.abort()
             raise
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
         self._write_mask(out_dir, tissue)  # with the other results: a failed run leaves an earlier one's as it was
         with writing("overlay.png", out_dir):
             write_image(out_dir / "overlay.png", merger.overlay.image)
@@ -725,6 +790,12 @@ class WSIEngine:
             write_text(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         work.remove()
         return WSIResult(out_dir, summary, self._paths(out_dir))
+
+    def _need_write(self) -> None:
+        """Stop here if OUT could not be locked: a resume that finds the run complete writes nothing and needs no
+        lock (a finished run on read-only storage), anything else must not write unlocked."""
+        if self._unlocked is not None:
+            raise self._unlocked
 
     # -------------------------------------------------------------------- bookkeeping
     @staticmethod
@@ -741,6 +812,7 @@ class WSIEngine:
         opts = self.options
         return {
             "karyo": __version__,
+            "format": WSI_FORMAT,
             "slide": {"path": str(slide_path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
                       "dimensions": list(slide.dimensions), "mpp": slide.mpp},
             "model": {"source": self.model_source if isinstance(self.model_source, str) else type(model).__name__,
@@ -847,13 +919,19 @@ def run_wsi(slide_path: str | os.PathLike, model: Any = "default", out_dir: str 
     ``model`` is a name, a model folder or an :class:`~karyo.models.base.InstanceModel`. ``workers``: 0 computes in
     this process, N a local dask cluster of N processes (None: one per CPU core); ``scheduler`` (``tcp://host:port``)
     uses an existing dask cluster instead, whose workers must see ``slide_path``. ``resume`` continues an
-    interrupted run in ``out_dir`` (same settings) and gives the same files as an uninterrupted one. ``tile`` and
-    ``overlap`` (pixels at the model's resolution) override those of ``options``, which holds every other setting.
-    ``progress``: a rich progress bar on stderr, or a callback ``(tiles_done, tiles_total, nuclei)``.
+    interrupted run in ``out_dir`` begun by this karyo version with the same settings, and gives the same files as an
+    uninterrupted one (a run begun with other settings, another slide file or another karyo is refused: run without
+    ``resume``). ``tile`` and ``overlap`` (pixels at the model's resolution) override those of ``options``, which
+    holds every other setting. ``progress``: a rich progress bar on stderr, or a callback ``(tiles_done,
+    tiles_total, nuclei)`` where ``nuclei`` counts the finished tiles' nuclei less the seam duplicates removed so
+    far (the last call gives the final count).
 
-    ``out_dir`` is replaced: a finished run there is overwritten (with a warning) unless ``resume`` finds it
-    complete with the same settings, and an unfinished one is started over unless ``resume``. While a run writes
-    there, ``OUT/.karyo-wsi.lock`` keeps a second run out (a lock left by a run that died is taken over).
+    karyo's own files in ``out_dir`` are replaced (other files there are left alone). Without ``resume``, a finished
+    run there is overwritten (with a warning) and an unfinished one is started over. With ``resume``, a finished
+    run with the same settings is left as it is (nothing is written: read-only storage is fine) and one with other
+    settings is refused. While a run writes there, ``OUT/.karyo-wsi.lock`` keeps a second run out. A lock left by a
+    run that died on this host is taken over (with a note); one from another host, or whose pid is alive, is not:
+    delete it if no run is writing there.
 
     With ``workers`` other than 0 (the default included) a local dask cluster starts worker processes that import
     the calling script again: in a script, put the call under ``if __name__ == "__main__":`` (without it the run

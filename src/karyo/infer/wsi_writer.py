@@ -219,14 +219,20 @@ LOCK_NAME = ".karyo-wsi.lock"
 
 
 class OutputLock:
-    """Only one run writes into an output folder: ``OUT/.karyo-wsi.lock``, created exclusively, holds the pid and
-    host of the run writing there. A second run is refused (it would delete the first's work folder); a lock left
-    by a run that died (its pid is gone on this host) is taken over, with a note."""
+    """Only one run writes into an output folder: ``OUT/.karyo-wsi.lock`` holds the pid and host of the run writing
+    there. A second run is refused (it would delete the first's work folder); a lock left by a run that died on this
+    host (its pid is gone, or is this process's own without this process having taken it: a restarted container
+    reuses pids) is taken over, with a note. A lock from another host is never taken over: its pid means nothing
+    here.
+
+    The lock appears with its content (written to a private temporary file, then hard-linked into place), so a
+    reader never sees it empty, and a failed write leaves nothing behind."""
 
     def __init__(self, out_dir: str | os.PathLike):
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / LOCK_NAME
         self._held = False
+        self.unwritable = False  # acquire failed because OUT cannot be written at all (read-only, no permission)
 
     def acquire(self) -> None:
         import logging
@@ -235,16 +241,9 @@ class OutputLock:
 
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for attempt in range(2):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise InputError(self.out_dir, f"cannot write the output folder ({exc.strerror or exc})") from None
-            else:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(json.dumps(me) + "\n")
+            if self._create(json.dumps(me) + "\n"):
                 self._held = True
+                _HELD_LOCKS.add(self._key())
                 return
             try:
                 holder = json.loads(self.path.read_text(encoding="utf-8"))
@@ -252,12 +251,14 @@ class OutputLock:
             except FileNotFoundError:
                 continue  # released meanwhile
             except (OSError, ValueError, KeyError, TypeError):
-                try:  # being written this instant by the run that created it, or left empty by a crash
+                try:  # being written this instant by a karyo without atomic locks, or left empty by a crash
                     young = time.time() - self.path.stat().st_mtime < 10
                 except OSError:
                     continue
                 pid, host = (-1, me["host"]) if not young else (0, "")
-            if attempt == 0 and host == me["host"] and not _pid_alive(pid):
+            # our own pid in a lock this process does not hold: a previous life of this pid (container restart)
+            stale = not _pid_alive(pid) or (pid == me["pid"] and self._key() not in _HELD_LOCKS)
+            if attempt == 0 and host == me["host"] and stale:
                 logging.getLogger("karyo.infer.wsi").warning(
                     "%s: taking over the lock of a run that is no longer running (%s)", self.out_dir, self.path.name)
                 with contextlib.suppress(FileNotFoundError):
@@ -268,9 +269,58 @@ class OutputLock:
                                            f"choose another output folder (if no run is, delete {self.path})")
         raise InputError(self.out_dir, f"another karyo wsi run is writing there (it took {self.path.name} first)")
 
+    def _key(self) -> str:
+        return os.path.realpath(self.path)
+
+    def _create(self, text: str) -> bool:
+        """Create the lock holding ``text``, all at once; False if a lock is there already."""
+        tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except OSError as exc:
+                self.unwritable = exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+                raise InputError(self.out_dir, f"cannot write the output folder ({exc.strerror or exc})") from None
+            with writing("the lock file", self.path):
+                try:
+                    _write_all(fd, text.encode("utf-8"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    os.link(tmp, self.path)  # fails if a lock is there: exclusive, and complete when it appears
+                except FileExistsError:
+                    return False
+                except OSError as exc:  # no hard links here (some network and FAT file systems)
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                        raise
+                    return self._create_in_place(text)
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _create_in_place(self, text: str) -> bool:
+        """Exclusive create, then write: where hard links are missing. A failed write removes the lock again."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            try:
+                _write_all(fd, text.encode("utf-8"))
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            raise
+        return True
+
     def release(self) -> None:
         if self._held:
             self._held = False
+            _HELD_LOCKS.discard(self._key())
             with contextlib.suppress(OSError):
                 self.path.unlink()
 
@@ -280,6 +330,15 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+#: Locks this process holds now (real paths): a lock with our own pid that is not here is a stale one.
+_HELD_LOCKS: set[str] = set()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -531,12 +590,24 @@ class OrderedMerger:
                 if index == tile and table is not None:
                     part = table
                 else:
-                    with writing(f"the part of tile {index}", self.work.part_path(index)):
-                        part = pq.read_table(self.work.part_path(index))
+                    part = self._read_part(index)
             for final in (self.seams.add(index, part) if self.seams is not None else
                           [part] if part is not None else []):
                 self._emit(final)
             self._pos += 1
+
+    def _read_part(self, index: int) -> pa.Table:
+        """A finished tile's part from disk; one of another layout (written by another karyo, which the run's
+        settings did not tell apart) is refused in one line rather than failing the merge."""
+        path = self.work.part_path(index)
+        with writing(f"the part of tile {index}", path):
+            part = pq.read_table(path)
+        expected = part_schema(self.attributes)
+        if not part.schema.equals(expected, check_metadata=False):
+            raise InputError(self.work.out_dir, f"cannot resume: the unfinished run there was begun by another karyo "
+                                                f"(tile {index} has other columns); run without --resume to start "
+                                                f"over")
+        return part
 
     def _emit(self, part: pa.Table) -> None:
         n = part.num_rows
@@ -565,7 +636,8 @@ class OrderedMerger:
         attrs = {c: table.column(c).to_numpy() for c in ALL_ATTRIBUTE_COLUMNS} if self.attributes else {}
         for k, geom in enumerate(geoms):
             nid = int(cols["nucleus_id"][k])
-            meas = {"Area µm^2": cols["area_um2"][k], "Detection probability": cols["score"][k]}
+            meas = {"Area µm^2": cols["area_um2"][k], "Detection probability": cols["score"][k],
+                    "Seam clipped": bool(clipped[k])}  # a measurement too: QuPath filters on those (0/1)
             meas.update({c: v[k] for c, v in attrs.items()})
             self._geojson.write(geometry_feature(
                 geom, feature_id=str(uuid.uuid5(_NAMESPACE, f"{self.slide_name}:{self.id_seed}:{nid}")),
