@@ -136,10 +136,19 @@ def test_double_clicks_and_a_negative_on_a_click_are_refused_by_every_model():
     with pytest.raises(InputError, match=r"negative point 0 \(11, 10\) lies 1 px from point 0"):
         check_prompts([(10, 10)], [(11, 10)], shape, "c.csv", 4.0)
     assert check_prompts([], [(11, 10)], shape)[0] is None  # no clicks, only negatives: as the CLI reads them
-    assert len(check_prompts([], None, shape)[0]) == 0  # no clicks at all: nothing to segment
+    with pytest.warns(UserWarning, match="points is empty"):
+        assert len(check_prompts([], None, shape)[0]) == 0  # no clicks at all: nothing to segment
     image = np.full((64, 64, 3), 230, np.uint8)
     for name in ("classical", "cellvit_cpu"):
         with pytest.raises(InputError, match="one nucleus clicked twice"):
             karyo.load(name).segment(image, points=[(30, 30), (31, 30)])
         with pytest.raises(InputError, match="are 1 px apart"):
             karyo.load(name).segment(image, points=[(30, 30), (31, 30)], mpp=0.1)  # 1 µm is 10 px here
+
+
+def test_an_empty_list_of_points_is_said_to_ask_for_nothing():
+    from karyo.infer.prepare import check_prompts
+
+    with pytest.warns(UserWarning, match=r"tile: points is empty: no nucleus is asked for.*points=None"):
+        points, negative = check_prompts([], None, (10, 10), "tile")
+    assert points.shape == (0, 2) and negative is None
