@@ -401,6 +401,7 @@ def evaluate(
 
     from karyo.data.io import write_text
     from karyo.errors import InputError
+    from karyo.export.writers import CSV_FLOAT_FORMAT
     from karyo.metrics.folders import evaluate_folders, evaluate_semantic_folders
 
     if missing not in ("error", "empty", "skip"):
@@ -416,7 +417,7 @@ def evaluate(
                      on_image=lambda done, total: bar.update(bar_task, completed=done, total=total))
     out = out or pred / "evaluation.json"
     write_text(out, json.dumps(report.to_dict(), indent=1) + "\n")
-    write_text(out.with_suffix(".csv"), report.per_image.to_csv(index=False, float_format="%.6g"))
+    write_text(out.with_suffix(".csv"), report.per_image.to_csv(index=False, float_format=CSV_FLOAT_FORMAT))
     table = Table(title=f"{report.n_images} images: {pred} vs {true}")
     for col in ("group", "metric", "value"):
         table.add_column(col, justify="right" if col == "value" else "left")
@@ -577,7 +578,9 @@ def select_attributes_cmd(
                 + ", ".join(f"{p} ({c})" for c, p in zip(result.selected, result.selected_paper_names,
                                                          strict=True)), highlight=False)
     if out is not None:
-        write_text(out, scores.to_csv(float_format="%.6g"))
+        from karyo.export.writers import CSV_FLOAT_FORMAT
+
+        write_text(out, scores.to_csv(float_format=CSV_FLOAT_FORMAT))
 
 
 @app.command("train")

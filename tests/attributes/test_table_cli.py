@@ -77,8 +77,30 @@ def test_write_table_round_trip(tmp_path, samples):
     pd.testing.assert_frame_equal(back, df)
     csv = pd.read_csv(files[1])
     assert csv["Size.Area"].tolist() == df["Size.Area"].tolist()
-    assert csv["Shape.Solidity"].to_numpy() == pytest.approx(df["Shape.Solidity"].to_numpy(), rel=1e-5)
+    assert csv["Shape.Solidity"].to_numpy() == pytest.approx(df["Shape.Solidity"].to_numpy(), rel=1e-9)
     assert not list(tmp_path.glob("*.part*"))
+
+
+def test_one_image_tables_join_on_instance_id_and_share_a_schema_when_empty(tmp_path, samples):
+    """Per-image files (karyo attributes IMAGE) keep the id the segment table and GeoJSON use, and an image
+    without nuclei writes the same column types, so that the files read as one dataset."""
+    import pyarrow.dataset as ds
+
+    from karyo.attributes import measure_nuclei
+
+    s = samples[0]
+    table = measure_nuclei(s.image, s.instances, s.classes, class_names=s.class_names)
+    full = write_table(table, tmp_path / "a" / "full")[0]
+    blank = measure_nuclei(np.full_like(s.image, 240), np.zeros_like(s.instances))
+    empty = write_table(blank, tmp_path / "a" / "empty")[0]
+    back = pd.read_parquet(full)
+    assert back["instance_id"].tolist() == table.index.tolist() == back["Identifier.Label"].tolist()
+    both = ds.dataset([str(full), str(empty)]).to_table()
+    assert both.num_rows == len(table)
+    big = table.copy()
+    big["Identifier.CentroidX"] += 123456  # slide coordinates keep a thousandth of a pixel in CSV
+    csv = pd.read_csv(write_table(big, tmp_path / "big", formats=("csv",))[0])
+    assert csv["Identifier.CentroidX"].to_numpy() == pytest.approx(big["Identifier.CentroidX"].to_numpy(), abs=1e-3)
 
 
 def test_geojson_carries_measurements_classes_and_prompts(tmp_path, samples):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from karyo.attributes import names as N
 from karyo.attributes.measure import (
@@ -22,6 +24,7 @@ from karyo.attributes.measure import (
 )
 from karyo.data.io import atomic_path
 from karyo.data.sample import Sample, SampleSequence, is_marker_image
+from karyo.export.writers import CSV_FLOAT_FORMAT
 from karyo.stain.macenko import MacenkoNormalizer
 
 
@@ -125,6 +128,14 @@ def analysis_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["Flag.Valid"].to_numpy(dtype=bool)]
 
 
+def _uniform_strings(table: pa.Table) -> pa.Table:
+    """Text columns as Arrow ``string`` whatever pandas inferred (``large_string``, or ``null`` for a table with
+    no rows), so that the files of many images read as one dataset."""
+    fields = [pa.field(f.name, pa.string()) if pa.types.is_large_string(f.type) or pa.types.is_null(f.type)
+              else f for f in table.schema]
+    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
+
+
 def write_table(df: pd.DataFrame, path: str | os.PathLike, formats: Iterable[str] = ("parquet", "csv")
                 ) -> list[Path]:
     """Write the table as ``<path>.parquet`` and/or ``<path>.csv`` (each atomically); returns the files."""
@@ -132,14 +143,16 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, formats: Iterable[str
     if stem.suffix in (".parquet", ".csv"):
         stem = stem.with_suffix("")
     written = []
-    table = df.reset_index(drop=isinstance(df.index, pd.RangeIndex) or df.index.name == "instance_id")
+    # the id the segment tables, instance maps and GeoJSON use, as a column to join on (Identifier.Label holds it
+    # too, under HistomicsTK's name)
+    table = df.reset_index(drop=isinstance(df.index, pd.RangeIndex))
     for fmt in formats:
         target = stem.with_name(stem.name + "." + fmt)
         with atomic_path(target) as tmp:
             if fmt == "parquet":
-                table.to_parquet(tmp, index=False)
+                pq.write_table(_uniform_strings(pa.Table.from_pandas(table, preserve_index=False)), tmp)
             elif fmt == "csv":
-                table.to_csv(tmp, index=False, float_format="%.6g")
+                table.to_csv(tmp, index=False, float_format=CSV_FLOAT_FORMAT)
             else:
                 raise ValueError(f"unknown table format {fmt!r} (parquet or csv)")
         written.append(target)

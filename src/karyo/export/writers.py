@@ -30,10 +30,13 @@ from karyo.infer.result import SegmentationResult
 
 ALL_OUTPUTS = ("instances", "classes", "table", "overlay", "geojson")
 
+#: Enough digits for slide coordinates of 10⁶ px to a thousandth of a pixel (``%.6g`` rounded them to whole pixels).
+CSV_FLOAT_FORMAT = "%.10g"
+
 
 def write_table_csv(path: str | os.PathLike, table) -> Path:
     buf = io.StringIO()
-    table.to_csv(buf, index=False, float_format="%.6g")
+    table.to_csv(buf, index=False, float_format=CSV_FLOAT_FORMAT)
     return write_text(path, buf.getvalue())
 
 

@@ -79,11 +79,19 @@ def part_schema(attributes: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
+#: GeoParquet 1.1 column metadata (geoparquet.org): ``geopandas.read_parquet`` and GDAL read the polygons as
+#: geometries. ``crs`` null: the coordinates are slide pixels, in no geographic reference system.
+GEOPARQUET = {"version": "1.1.0", "primary_column": "polygon_wkb",
+              "columns": {"polygon_wkb": {"encoding": "WKB", "geometry_types": ["Polygon", "MultiPolygon"],
+                                          "crs": None}}}
+
+
 def final_schema(attributes: bool, metadata: dict | None = None) -> pa.Schema:
     schema = pa.schema([pa.field("nucleus_id", pa.int64()), *part_schema(attributes)])
+    extra = {"geo": json.dumps(GEOPARQUET)}
     if metadata:
-        schema = schema.with_metadata({"karyo": json.dumps(metadata, sort_keys=True)})
-    return schema
+        extra["karyo"] = json.dumps(metadata, sort_keys=True)
+    return schema.with_metadata(extra)
 
 
 @contextlib.contextmanager
@@ -430,8 +438,11 @@ class SeamDuplicates:
             near = (boxes[:, 0] - x0 < m) | (x1 - boxes[:, 2] < m) | (boxes[:, 1] - y0 < m) | (y1 - boxes[:, 3] < m)
             alive = np.ones(part.num_rows, bool)
             clipped: dict[int, object] = {}
+            trimmed: dict[int, object] = {}
             for row in np.flatnonzero(near):
-                overlapping = self._survives(boxes[row], polys[row], areas[row])
+                overlapping, slivers = self._survives(boxes[row], polys[row], areas[row])
+                if overlapping is not None and slivers:  # under a pixel: cut off, not a clipped nucleus
+                    polys[row] = trimmed[int(row)] = shapely.difference(polys[row], shapely.union_all(slivers))
                 if overlapping:  # pixels a kept neighbour of another tile holds already stay its own
                     rest = shapely.difference(polys[row], shapely.union_all(overlapping))
                     if rest.is_empty or shapely.area(rest) < 1.0:
@@ -451,6 +462,12 @@ class SeamDuplicates:
                 for cell in self._cells(boxes[row]):
                     self._grid.setdefault(cell, set()).add(key)
                 bottom = max(bottom, boxes[row, 3])
+            if trimmed:
+                wkb = part.column("polygon_wkb").to_numpy(zero_copy_only=False).copy()
+                for row, poly in trimmed.items():
+                    wkb[row] = shapely.to_wkb(poly)
+                i = part.schema.get_field_index("polygon_wkb")
+                part = part.set_column(i, part.schema.field(i), pa.array(wkb, type=part.schema.field(i).type))
             if clipped:
                 part = self._with_clipped(part, clipped)
         self._queue.append([tile, part, alive, bottom])
@@ -492,10 +509,12 @@ class SeamDuplicates:
             part = part.set_column(i, part.schema.field(i), pa.array(values, type=part.schema.field(i).type))
         return part
 
-    def _survives(self, box, poly, area: float) -> list | None:
+    def _survives(self, box, poly, area: float) -> tuple[list | None, list]:
         """Compare a new row with the held rows it touches: None when it is a duplicate of one (drop it), else the
-        polygons of the kept rows it overlaps less than that (to cut it down by). Held duplicates it beats go."""
-        partial = []
+        polygons of the kept rows it overlaps less than that (to cut it down by); and the kept polygons it shares
+        under half a pixel with (slivers where two outlines at another resolution than the model's cross: cut off
+        without counting the row as clipped). Held duplicates it beats go."""
+        partial, slivers = [], []
         candidates = set().union(*(self._grid.get(c, ()) for c in self._cells(box)))
         for key in sorted(candidates):
             obox, opoly, oarea, oalive = self._held[key]
@@ -506,7 +525,10 @@ class SeamDuplicates:
                 shared = shapely.area(shapely.intersection(poly, opoly))
             except shapely.errors.GEOSException:
                 continue
-            if smaller <= 0 or shared <= 0.5:  # touching, or sharing less than a pixel
+            if smaller <= 0 or shared <= 1e-9:  # touching
+                continue
+            if shared <= 0.5:  # less than a pixel
+                slivers.append(opoly)
                 continue
             if shared < self.min_overlap * smaller:
                 partial.append(opoly)
@@ -515,8 +537,8 @@ class SeamDuplicates:
                 self._forget(key)
                 self.removed += 1
             else:
-                return None
-        return partial
+                return None, []
+        return partial, slivers
 
     def _release(self, top: float) -> list[pa.Table]:
         out = []
