@@ -648,20 +648,34 @@ def train_cmd(
         console.print(f"interrupted; the last finished epoch is saved in {out}/last.pt: run the same command with "
                       f"--resume to continue", highlight=False)
         raise typer.Exit(130) from None
-    console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1} (epoch "
-                  f"{result.best_epoch} in history.csv and summary.json, which count from 0)", highlight=False)
+    if result.best_epoch < 0:  # no epoch gave a finite score (e.g. nothing detected: F1 undefined)
+        console.print(f"no epoch gave a validation score (see {result.run_dir / 'history.csv'}; e.g. nothing was "
+                      f"detected): the last epoch's weights are exported", highlight=False)
+    else:
+        console.print(f"best validation score {result.best_score:.4f} at epoch {result.best_epoch + 1} (epoch "
+                      f"{result.best_epoch} in history.csv and summary.json, which count from 0)", highlight=False)
     console.print(_trained_next_step(task, result.run_dir), highlight=False)
+
+
+def _started_from_shipped(run: Path) -> bool:
+    """Whether a run was fine-tuned from a shipped model (its segmentor then pairs with the new prompter)."""
+    from karyo.config import load_json
+    from karyo.models.registry import available
+
+    saved = run / "train_config.json"
+    return saved.is_file() and str(load_json(saved).get("init")) in available()
 
 
 def _trained_next_step(task: str, run: Path) -> str:
     """Where a run's network went and what makes it a model folder (karyo segment --model, karyo.load)."""
-    pack = {"prompter": f"karyo pack promptnucseg --prompter {run} --segmentor SEGMENTOR_RUN_OR_MODEL --out DIR",
+    segmentor = "default" if task == "prompter" and _started_from_shipped(run) else "SEGMENTOR_RUN_OR_MODEL"
+    pack = {"prompter": f"karyo pack promptnucseg --prompter {run} --segmentor {segmentor} --out DIR",
             "segmentor": f"karyo pack promptnucseg --prompter PROMPTER_RUN --segmentor {run} --out DIR",
             "cellvit": f"karyo pack cellvit --run {run} --out DIR",
             "ivaan": f"karyo pack ivaan --run {run} --segmentor SEGMENTOR_RUN_OR_MODEL --out DIR"}
     if task in pack:
         return f"network → {run / 'model'}; to segment with it, build a model folder: {pack[task]}"
-    return f"model → {run / 'model'} (karyo segment --model {run / 'model'})"
+    return f"model → {run / 'model'} (karyo segment IMAGE --model {run / 'model'})"
 
 
 @app.command("pack")
@@ -718,7 +732,7 @@ def pack_cmd(
         from karyo.train.pack import pack_cellvit
 
         pack_cellvit(need(run, "--run"), out)
-        console.print(f"model → {out} (weights in float16; karyo segment --model {out})", highlight=False)
+        console.print(f"model → {out} (weights in float16; karyo segment IMAGE --model {out})", highlight=False)
         return
     elif arch in ("monch", "unet", "stain_agnostic"):
         raise InputError(None, f"{arch} runs need no packing: their model is RUN/model (karyo segment --model "
@@ -730,7 +744,7 @@ def pack_cmd(
                   if cfg.min_duplicate_probability is not None else
                   f"mask NMS {cfg.mask_nms_overlap}" if cfg.mask_nms_overlap is not None else "no duplicate removal")
     console.print(f"model → {out} (score ≥ {cfg.score_threshold}, NMS {cfg.nms_radius_px} px, {duplicates}, "
-                  f"{cfg.refine_points} point refinement(s), mask ≥ {cfg.mask_threshold}); karyo segment --model "
+                  f"{cfg.refine_points} point refinement(s), mask ≥ {cfg.mask_threshold}); karyo segment IMAGE --model "
                   f"{out}", highlight=False)
 
 

@@ -411,6 +411,10 @@ def test_train_says_which_runs_need_packing_before_segment_takes_them(tmp_path):
     assert "karyo pack ivaan --run" in _trained_next_step("ivaan", tmp_path / "i")
     monch = _trained_next_step("monch", tmp_path / "m")
     assert monch.startswith(f"model → {tmp_path / 'm' / 'model'}") and "pack" not in monch
+    assert f"karyo segment IMAGE --model {tmp_path / 'm' / 'model'}" in monch  # runnable once IMAGE is filled in
+    (tmp_path / "f").mkdir()  # fine-tuned from a shipped model: its segmentor is the one to pair with
+    (tmp_path / "f" / "train_config.json").write_text(json.dumps({"task": "prompter", "init": "default"}))
+    assert _trained_next_step("prompter", tmp_path / "f").endswith("--segmentor default --out DIR")
 
 
 def test_help_and_the_light_api_do_not_import_torch():

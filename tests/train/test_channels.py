@@ -217,3 +217,43 @@ def test_channels_refused_where_no_adapter_fits(ome_layout, tmp_path):
         train("prompter", [f"{ome_layout}:train"], tmp_path / "p", progress=False,
               config=_config(tmp_path, "p", {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "fpn_dim": 16,
                                               "head_hidden": 16}))
+
+
+def test_the_shipped_rgb_model_is_fine_tuned_behind_a_new_channel_adapter(ome_layout, tmp_path, caplog):
+    """--init default --channels DAPI: the adapter starts afresh, the network behind it keeps the shipped weights
+    (it was refused: the weights have no adapter)."""
+    import logging
+
+    from karyo.train.api import init_weights
+
+    with caplog.at_level(logging.WARNING):
+        train("segmentor", [f"{ome_layout}:train"], tmp_path / "s", channels="DAPI", init="default",
+              config=_config(tmp_path, "s", {}, settings={"nuclei_per_image": 4}), progress=False)
+    assert "the weights have no channel adapter (a network for RGB); the channel adapter starts afresh" in caplog.text
+    trained = torch.load(tmp_path / "s" / "model" / "segmentor.pt", map_location="cpu", weights_only=True)
+    shipped = init_weights("segmentor", "default")
+    assert any(k.startswith("adapter.") for k in trained) and not any(k.startswith("adapter.") for k in shipped)
+    key = next(k for k in shipped if k.startswith("image_encoder") and shipped[k].ndim == 4)
+    assert torch.allclose(trained[key].float(), shipped[key].float(), atol=0.05)  # fine-tuned one step, not new
+
+
+def test_pack_refuses_networks_for_other_channels_and_untuned_keeps_the_init_models_settings(ome_layout, tmp_path):
+    from karyo.errors import InputError
+    from karyo.models.registry import load
+
+    data = [f"{ome_layout}:train"]
+    train("prompter", data, tmp_path / "p", channels="DAPI", init="default",
+          config=_config(tmp_path, "p", {}), progress=False)
+    with pytest.raises(InputError, match=r"default: takes RGB \(no channel adapter\), the prompter DAPI: pack a "
+                                         r"prompter and a segmentor trained with the same --channels"):
+        pack_promptnucseg(tmp_path / "p", "default", tmp_path / "never", tune=False)
+    assert not (tmp_path / "never").exists()
+    train("segmentor", data, tmp_path / "s", channels="DAPI", init="default",
+          config=_config(tmp_path, "s", {}, settings={"nuclei_per_image": 4}), progress=False)
+    said: list[str] = []
+    model = pack_promptnucseg(tmp_path / "p", tmp_path / "s", tmp_path / "m", tune=False, log=said.append)
+    shipped = load("default").config
+    assert (model.config.score_threshold, model.config.nms_radius_px, model.config.refine_points) == (
+        shipped.score_threshold, shipped.nms_radius_px, shipped.refine_points)
+    assert model.config.verifier is None and model.config.min_verified is None
+    assert any("the inference settings of default, the model the prompter started from" in m for m in said)

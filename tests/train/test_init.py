@@ -347,7 +347,10 @@ def test_init_onto_data_without_classes_says_the_model_finds_nuclei_only(tmp_pat
     ("cellvit", {"model": {"preset": "cpu", "depthh": 2}}, "depthh"),
     ("unet", {"model": {"widthh": 2}}, "widthh"),
     ("stain_agnostic", {"settings": {"lovasz": 1}}, "lovasz"),
-    ("prompter", {"train": {"device": "tpu"}}, "device 'tpu'"),
+    ("prompter", {"train": {"device": "tpu"}}, r"cfg\.yaml: unknown device 'tpu'"),
+    ("prompter", {"settings": {"nuclei_per_image": 25}}, r"cfg\.yaml: the prompter task takes no settings"),
+    ("prompter", {"task": "segmentr"}, r"cfg\.yaml: unknown training task 'segmentr'"),
+    ("prompter", {"init": "defualt"}, r"cfg\.yaml: unknown model 'defualt'"),
 ])
 def test_config_mistakes_are_reported_before_the_data_are_read(tmp_path, disc_layout, monkeypatch, task, section,
                                                                 message):
@@ -384,3 +387,47 @@ def test_resume_refuses_another_preset_and_accepts_the_same(tmp_path, disc_layou
     result = train("segmentor", None, run, config=config("tiny"), resume=True, progress=False,
                    train_overrides={"epochs": 2})
     assert len(result.history) == 2
+    changed = yaml.safe_load(config("tiny").read_text())
+    changed["settings"]["nuclei_per_image"] = 6  # was ignored silently
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    with pytest.raises(InputError, match=r"differs from the run being resumed in settings\.nuclei_per_image"):
+        train("segmentor", None, run, config=tmp_path / "changed.yaml", resume=True, progress=False)
+    with pytest.raises(InputError, match=r"a resumed run keeps the network it started with; --init, --preset"):
+        train("segmentor", None, run, resume=True, progress=False, init="default", preset="small")
+    longer = yaml.safe_load(config("tiny").read_text())
+    longer["train"]["epochs"] = 3  # raising epochs in the config works as --epochs does
+    (tmp_path / "longer.yaml").write_text(yaml.safe_dump(longer))
+    assert len(train("segmentor", None, run, config=tmp_path / "longer.yaml", resume=True, progress=False
+                     ).history) == 3
+
+
+def test_a_run_that_is_all_warm_up_says_so(tmp_path, disc_layout, one_thread):
+    """A one-epoch fine-tune with the default one warm-up epoch ran at 1e-3 of the learning rate throughout."""
+    said: list[str] = []
+    cfg = _config(tmp_path, disc_layout, train={"epochs": 1, "batch_size": 2, "lr": 3e-3, "warmup_epochs": 1,
+                                                "threads": 1, "max_steps_per_epoch": 1})
+    train("prompter", None, tmp_path / "run", config=cfg, progress=False, on_split=said.append)
+    assert any(line.startswith("note: all 1 epoch(s) are warm-up (warmup_epochs 1: the learning rate starts at "
+                               "3e-06") for line in said)
+
+
+def test_data_mapped_onto_the_init_models_classes_train_with_its_names(tmp_path, disc_layout, one_thread):
+    """``--data DIR@1=3,2=2 --init default``: the ids mapped onto are the shipped model's (epithelial,
+    inflammatory), so its class layer is kept; the run used to build a one-class model and fail on id 3."""
+    import torch
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"augment": {"crop_size": 64, "p_elastic": 0.0, "p_grid_shuffle": 0.0},
+                                    "train": {"epochs": 1, "batch_size": 2, "max_steps_per_epoch": 1,
+                                              "warmup_epochs": 0, "threads": 1}}))
+    run = tmp_path / "run"
+    train("prompter", [f"{disc_layout}:train@1=3,2=2"], run, config=path, init="default", progress=False)
+    saved = json.loads((run / "train_config.json").read_text())["model"]["class_names"]
+    assert saved == {"1": "other", "2": "inflammatory", "3": "epithelial", "4": "spindle-shaped"}
+    exported = torch.load(run / "model" / "prompter.pt", map_location="cpu", weights_only=True)
+    assert any(v.shape[0] == 5 for k, v in exported.items() if "cls" in k and v.ndim == 2)  # 4 classes + background
+    with pytest.raises(InputError, match=r"maps onto class ids \[3\], which no dataset's classes.json and no --init"):
+        train("prompter", [f"{disc_layout}:train@1=3"], tmp_path / "never", config=path, progress=False)
+    with pytest.raises(InputError, match=r"maps onto class id\(s\) \[7\], not among the model's classes"):
+        train("prompter", [f"{disc_layout}:train@1=7"], tmp_path / "never", config=path, init="default",
+              progress=False)

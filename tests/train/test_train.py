@@ -160,3 +160,32 @@ def test_group_split_covers_every_class_on_both_sides():
     assert {1, 2, 3} <= val_cls
     assert {1, 2, 3} <= train_cls
     assert not {source_group(names[i]) for i in va} & {source_group(names[i]) for i in tr}
+
+
+def test_a_run_without_any_validation_score_says_so(tmp_path, one_thread):
+    """Validation that never gives a finite score (nothing detected: F1 undefined) exports the last weights and
+    writes standard JSON, not -Infinity for a best score at epoch -1."""
+    class NoScore:
+        name = "toy"
+
+        def model(self):
+            return torch.nn.Linear(2, 1)
+
+        def train_loader(self, epoch, cfg):
+            return [torch.ones(4, 2)]
+
+        def loss(self, model, batch, device):
+            return {"loss": model(batch.to(device)).pow(2).mean()}
+
+        def validate(self, model, device):
+            return {"score": float("nan")}
+
+        def export(self, model, directory):
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), directory / "toy.pt")
+
+    result = fit(NoScore(), TrainConfig(epochs=2, batch_size=1, warmup_epochs=0, threads=1), tmp_path / "run",
+                 progress=False)
+    assert result.best_epoch == -1 and (tmp_path / "run" / "model" / "toy.pt").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())  # strict JSON: no -Infinity
+    assert summary["best_score"] is None and summary["best_epoch"] is None

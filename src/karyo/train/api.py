@@ -26,6 +26,8 @@ from karyo.train.prompter import PrompterTask
 from karyo.train.segmentor import SegmentorTask, SegmentorTrainSettings
 
 TASKS = ("prompter", "segmentor", "ivaan", "cellvit", "monch", "unet", "stain_agnostic")
+# Tasks whose runs read a settings: section.
+SETTINGS_TASKS = ("segmentor", "stain_agnostic", "monch", "unet")
 # Tasks whose networks take a channel adapter (karyo.models.adapter) in front of the backbone.
 CHANNEL_TASKS = ("prompter", "segmentor", "cellvit", "monch", "stain_agnostic")
 
@@ -100,6 +102,11 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         raise InputError(None, f"--channels applies to the {', '.join(CHANNEL_TASKS)} tasks, not {task}")
     out = Path(out)
     if resume:
+        given = [flag for flag, value in (("--init", init), ("--preset", preset), ("--channels", channels))
+                 if value is not None]
+        if given:  # silently ignored before: the saved run decides what it trains
+            raise InputError(out, f"a resumed run keeps the network it started with; {', '.join(given)} would change "
+                                  f"it (start a new run with --init {out} to train on from this one)")
         channels = None  # the saved model config holds the adapter
         if not (out / "train_config.json").is_file():
             raise InputError(out, "nothing to resume: no train_config.json here")
@@ -108,10 +115,15 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             raise InputError(out, f"this run trains a {saved.get('task')}, not a {task}")
         file_cfg = {k: saved[k] for k in ("model", "train", "augment", "settings", "data", "val_fraction", "val_ids")
                     if k in saved}
-        _check_resume_changes(task, out, file_cfg, read_config_file(config), config, data, train_overrides)
+        given_cfg = read_config_file(config)
+        _check_resume_changes(task, out, file_cfg, given_cfg, config, data, train_overrides)
+        if "epochs" in (given_cfg.get("train") or {}) and "epochs" not in (train_overrides or {}):
+            train_overrides = {**(train_overrides or {}), "epochs": given_cfg["train"]["epochs"]}  # may be raised
         data = None
     else:
         file_cfg = read_config_file(config)
+        if file_cfg.get("task") not in (None, *TASKS):
+            raise InputError(config, f"unknown training task {file_cfg['task']!r}; choose from {', '.join(TASKS)}")
         if file_cfg.get("task") not in (None, task):
             raise InputError(config, f"this config is for `karyo train {file_cfg['task']}`, not {task}")
     specs = [DataSpec.parse(s) for s in (data or file_cfg.get("data") or [])]
@@ -121,9 +133,17 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     with naming(config):
         augment = AugmentConfig.from_dict({"seed": tcfg.seed, **file_cfg.get("augment", {})})
     class_names = _class_names(specs)
+    with naming(config if "device" in (file_cfg.get("train") or {}) and "device" not in (train_overrides or {})
+                else None):
+        pick_device(tcfg.device)
+    init_state = None
+    if not resume and (init := init if init is not None else file_cfg.get("init")) is not None:
+        with naming(config if "init" in file_cfg and init == file_cfg["init"] else None):
+            init_state = init_weights(task, init)
+    class_names = _mapped_class_names(specs, class_names, init if init_state is not None else None, task,
+                                      (file_cfg.get("model") or {}).get("class_names") if resume else None)
     if not resume:  # a config's mistakes are reported before minutes of data loading, not after
         check_config_sections(task, file_cfg, preset, class_names, config)
-    pick_device(tcfg.device)
     vf = val_fraction if val_fraction is not None else file_cfg.get("val_fraction", 0.15)
     if isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1:
         raise InputError(config if val_fraction is None else None,
@@ -165,12 +185,10 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     meta: dict[str, Any] = {"data": [str(s) for s in specs], "val_fraction": vf, "augment": augment.to_dict(),
                             "n_train": len(train_samples), "n_val": len(val_samples),
                             "val_ids": [samples.ids[i] for i in va_idx]}
-    init_state = None
     if resume:  # a resumed run continues from its checkpoint; only the record of its starting point is kept
         if file_cfg.get("init"):
             meta["init"] = file_cfg["init"]
-    elif (init := init if init is not None else file_cfg.get("init")) is not None:
-        init_state = init_weights(task, init)
+    elif init is not None:
         meta["init"] = str(init)
     model_cfg: Any
     with naming(config):  # a model: section's errors (unknown fields, bad values) name the file
@@ -222,6 +240,10 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
             meta["settings"] = to_dict(settings)
             t = SegmentorTask(model_cfg, augment, settings, train_samples, val_samples, seed=tcfg.seed)
+    if on_split is not None and not resume and 0 < tcfg.epochs <= tcfg.warmup_epochs:
+        on_split(f"note: all {tcfg.epochs} epoch(s) are warm-up (warmup_epochs {tcfg.warmup_epochs}: the learning "
+                 f"rate starts at {tcfg.lr * 1e-3:g} and grows per epoch), so the weights barely move; train more "
+                 f"epochs or set train: {{warmup_epochs: 0}}")
     if on_split is not None and getattr(model_cfg, "adapter", None) is not None:
         on_split(channel_summary(model_cfg.adapter, items))
     stated = sorted({round(float(s.mpp), 4) for s in items if s.mpp})
@@ -249,6 +271,27 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
                init_class_order=class_order, on_resume=on_resume)
 
 
+def _mapped_class_names(specs: list[DataSpec], class_names: dict[int, str], init: str | os.PathLike | None,
+                        task: str, saved: dict | None) -> dict[int, str]:
+    """The class names of the run. ``--data PATH@1=3,2=0`` maps a dataset's ids onto the model's: where no
+    dataset's classes.json names the ids mapped onto, the model started from (``--init``) does (or, resumed, the
+    saved model config). Before, the run trained a one-class model and failed on the mapped ids."""
+    mapped = sorted({b for spec in specs for b in spec.class_map.values() if b})
+    if not mapped:
+        return class_names
+    if not class_names:
+        named = saved or (init_class_names(task, init) if init is not None else None)
+        if not named:
+            raise InputError(None, f"--data {next(str(sp) for sp in specs if sp.class_map)} maps onto class ids "
+                                   f"{mapped}, which no dataset's classes.json and no --init model names")
+        class_names = {int(k): str(v) for k, v in named.items()}
+    unknown = [m for m in mapped if m not in class_names]
+    if unknown:
+        raise InputError(None, f"--data maps onto class id(s) {unknown}, not among the model's classes "
+                               f"{dict(sorted(class_names.items()))}")
+    return class_names
+
+
 def check_config_sections(task: str, file_cfg: dict, preset: str | None, class_names: dict[int, str],
                           config: str | os.PathLike | None) -> None:
     """Build the ``model:`` and ``settings:`` sections once without data, so that an unknown field or a bad value
@@ -256,6 +299,9 @@ def check_config_sections(task: str, file_cfg: dict, preset: str | None, class_n
     what the data add (channel statistics, adapters)."""
     model = dict(file_cfg.get("model") or {})
     settings = dict(file_cfg.get("settings") or {})
+    if settings and task not in SETTINGS_TASKS:
+        raise InputError(config, f"the {task} task takes no settings: section (it is for the "
+                                 f"{', '.join(SETTINGS_TASKS)} tasks); move its keys to model:, train: or augment:")
     with naming(config):
         if task == "prompter":
             if "preset" in model or preset or not model:
@@ -321,6 +367,7 @@ def _check_resume_changes(task: str, out: Path, saved: dict, given: dict, config
         if _preset_changed(task, given.get("model") or {}, saved.get("model") or {}, config):
             diffs.append("model.preset")
         diffs += _changed_model_keys(given.get("augment") or {}, saved.get("augment") or {}, "augment")
+        diffs += _changed_model_keys(given.get("settings") or {}, saved.get("settings") or {}, "settings")
         if diffs:
             raise InputError(config, f"differs from the run being resumed in {', '.join(diffs)}; a resumed run "
                                      f"keeps the settings in {out / 'train_config.json'} (only train.epochs may "

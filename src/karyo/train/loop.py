@@ -271,6 +271,23 @@ def _write_history(path: Path, history: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
+#: Where every network karyo trains keeps its channel adapter (karyo.models.adapter).
+ADAPTER_PREFIX = "adapter."
+
+
+def _adapter_to_restart(own: dict, state: dict) -> str:
+    """Why the model's channel adapter cannot come from ``state`` (empty: it can, or the model has none)."""
+    if not any(k.startswith(ADAPTER_PREFIX) for k in own):
+        return ""
+    theirs = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+    if not theirs:
+        return "the weights have no channel adapter (a network for RGB)"
+    if set(theirs) != {k for k in own if k.startswith(ADAPTER_PREFIX)} or any(
+            tuple(v.shape) != tuple(own[k].shape) for k, v in theirs.items()):
+        return "the weights' channel adapter is for other channels"
+    return ""
+
+
 def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLike | None, *,
                     other_classes: bool = False, class_order: Sequence[int] | None = None) -> list[str]:
     """Load starting weights strictly, except parameters under the model's ``optional_init_prefixes`` (heads a
@@ -301,6 +318,13 @@ def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLi
         else:
             why = "it was trained on other classes" if other_classes else "it has another number of classes"
         log.warning("%s: its class layer is not used (it starts afresh): %s", source, why)
+    fresh_adapter = _adapter_to_restart(own, state)
+    if fresh_adapter:  # RGB weights (the shipped models) under a new channel adapter: the network behind it is kept
+        state = {k: v for k, v in state.items() if not k.startswith(ADAPTER_PREFIX)}
+        optional = (*optional, ADAPTER_PREFIX)
+        restarted += sorted(k for k in own if k.startswith(ADAPTER_PREFIX))
+        log.warning("%s: %s; the channel adapter starts afresh and the network behind it is fine-tuned", source,
+                    fresh_adapter)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even when not strict
@@ -448,7 +472,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
     task.export(model.cpu(), run_dir / "model")
-    write_text(run_dir / "summary.json", json.dumps({"best_score": best_score, "best_epoch": best_epoch,
+    write_text(run_dir / "summary.json", json.dumps({"best_score": best_score if best_epoch >= 0 else None,
+                                                     "best_epoch": best_epoch if best_epoch >= 0 else None,
                                                      "select_metric": cfg.select_metric}, indent=1) + "\n")
     return FitResult(run_dir, best_score, best_epoch, history)
 
