@@ -431,3 +431,18 @@ def test_data_mapped_onto_the_init_models_classes_train_with_its_names(tmp_path,
     with pytest.raises(InputError, match=r"maps onto class id\(s\) \[7\], not among the model's classes"):
         train("prompter", [f"{disc_layout}:train@1=7"], tmp_path / "never", config=path, init="default",
               progress=False)
+
+
+def test_init_weights_that_do_not_fit_the_configured_network_are_refused_before_the_data(tmp_path, disc_layout,
+                                                                                         monkeypatch):
+    """configs/default_segmentor.yaml's ``preset: cpu`` has no detail branch, the shipped segmentor has one: said
+    at once, with the way out, not after the data are read."""
+    import karyo.train.api as api
+
+    monkeypatch.setattr(api, "load_specs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("data read")))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"data": [f"{disc_layout}:train"], "model": {"preset": "cpu"}}))
+    with pytest.raises(InputError, match=r"default: these weights do not fit the model the config builds: "
+                                         r"unexpected .*detail.*; leave out the config's model: section "
+                                         r"\(.*cfg\.yaml\)"):
+        train("segmentor", None, tmp_path / "never", config=str(path), init="default", progress=False)

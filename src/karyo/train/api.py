@@ -143,7 +143,9 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     class_names = _mapped_class_names(specs, class_names, init if init_state is not None else None, task,
                                       (file_cfg.get("model") or {}).get("class_names") if resume else None)
     if not resume:  # a config's mistakes are reported before minutes of data loading, not after
-        check_config_sections(task, file_cfg, preset, class_names, config)
+        network = check_config_sections(task, file_cfg, preset, class_names, config)
+        if init_state is not None and network is not None:
+            _check_init_fits(network, init_state, init, config)
     vf = val_fraction if val_fraction is not None else file_cfg.get("val_fraction", 0.15)
     if isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 < vf < 1:
         raise InputError(config if val_fraction is None else None,
@@ -293,10 +295,11 @@ def _mapped_class_names(specs: list[DataSpec], class_names: dict[int, str], init
 
 
 def check_config_sections(task: str, file_cfg: dict, preset: str | None, class_names: dict[int, str],
-                          config: str | os.PathLike | None) -> None:
+                          config: str | os.PathLike | None) -> Any:
     """Build the ``model:`` and ``settings:`` sections once without data, so that an unknown field or a bad value
     stops the run naming ``config`` before the images are read. Checks only: :func:`train` builds them again with
-    what the data add (channel statistics, adapters)."""
+    what the data add (channel statistics, adapters). Returns the prompter's or segmentor's network config where
+    the section gives one (None otherwise), for :func:`_check_init_fits`."""
     model = dict(file_cfg.get("model") or {})
     settings = dict(file_cfg.get("settings") or {})
     if settings and task not in SETTINGS_TASKS:
@@ -306,15 +309,16 @@ def check_config_sections(task: str, file_cfg: dict, preset: str | None, class_n
         if task == "prompter":
             if "preset" in model or preset or not model:
                 kw = {k: v for k, v in model.items() if k != "preset"}
-                PrompterConfig.preset(model.get("preset", preset or "cpu"), **_prompter_classes(kw, class_names))
-            else:
-                from_dict(PrompterConfig, _prompter_classes(model, class_names))
-        elif task == "segmentor":
-            if "encoder" in model:
-                from_dict(SegmentorConfig, model)
-            elif model or preset:
-                segmentor_config(model.pop("preset", preset or "small"), **model)
+                return PrompterConfig.preset(model.get("preset", preset or "cpu"),
+                                             **_prompter_classes(kw, class_names))
+            return from_dict(PrompterConfig, _prompter_classes(model, class_names))
+        if task == "segmentor":
             from_dict(SegmentorTrainSettings, settings)
+            if "encoder" in model:
+                return from_dict(SegmentorConfig, model)
+            if model or preset:
+                return segmentor_config(model.pop("preset", preset or "small"), **model)
+            return None
         elif task == "ivaan":
             from karyo.train.ivaan import ivaan_config
 
@@ -333,6 +337,33 @@ def check_config_sections(task: str, file_cfg: dict, preset: str | None, class_n
 
             semantic_model_config(task, model, preset, class_names)
             from_dict(SemanticTrainSettings, settings)
+    return None
+
+
+def _check_init_fits(network: Any, init_state: dict, init: str | os.PathLike, config: str | os.PathLike | None
+                     ) -> None:
+    """Load ``--init`` weights into the configured network once, before the data are read: a config that builds
+    another network (``model: preset: cpu`` against the shipped segmentor's detail branch) is refused at once,
+    saying how to fine-tune the network the weights are of. The class layer and channel adapter may differ (they
+    start afresh in the run)."""
+    import logging
+
+    from karyo.models.prompter import Prompter
+    from karyo.models.segmentor import Segmentor
+    from karyo.train.loop import load_init_state
+
+    model = Prompter(network) if isinstance(network, PrompterConfig) else Segmentor(network)
+    quiet = logging.getLogger("karyo.train.loop")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the run says what restarts; this dry run does not
+    where = f" ({config})" if config else ""
+    try:
+        load_init_state(model, init_state, init, other_classes=True)
+    except InputError as exc:
+        raise InputError(exc.source, f"{exc.problem}; leave out the config's model: section{where} to fine-tune "
+                                     f"the network the weights are of") from None
+    finally:
+        quiet.setLevel(level)
 
 
 #: What a resumed run may change: how long it trains and where it computes, not what it learns.
