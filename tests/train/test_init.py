@@ -149,8 +149,11 @@ def test_init_trained_on_other_class_names_restarts_the_class_layer(tmp_path, di
     saved["model"]["class_names"] = {k: f"other {v}" for k, v in names.items()}
     (first / "train_config.json").write_text(json.dumps(saved))
     renamed = tmp_path / "renamed"
+    said: list[str] = []
     train("prompter", None, renamed, config=_config(tmp_path, disc_layout, init=str(first)), progress=False,
-          train_overrides=lr0)
+          train_overrides=lr0, on_split=said.append)
+    assert f"note: {first} was trained on the classes 1 other small, 2 other large; these data name 1 small, " \
+           "2 large: its class layer starts afresh" in " ".join(said)
     end = _exported(renamed)
     restarted = json.loads((renamed / "train_config.json").read_text())["init_restarted"]
     assert restarted == ["cls_head.3.bias", "cls_head.3.weight"]

@@ -268,6 +268,12 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         if class_order is not None:
             other_classes = False
             meta["init_class_order"] = class_order
+        if other_classes and on_split is not None:
+            def listed(names: dict) -> str:
+                return ", ".join(f"{k} {v}" for k, v in sorted((int(k), v) for k, v in names.items()))
+
+            on_split(f"note: {init} was trained on the classes {listed(before)}; these data name {listed(now)}: its "
+                     f"class layer starts afresh (the same names, numbered in any order, would have been kept)")
     return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta,
                init_state=init_state, init_source=init, init_other_classes=other_classes,
                init_class_order=class_order, on_resume=on_resume)
