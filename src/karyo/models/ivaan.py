@@ -47,7 +47,7 @@ from karyo.infer.prepare import check_mpp, check_prompts, double_click_px
 from karyo.infer.result import SegmentationResult, drop_negated, finish
 from karyo.models.base import InstanceModel, register
 from karyo.models.prompter import Prompter, PrompterConfig, _head, anchor_points
-from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, _clicked_class
+from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel
 from karyo.models.segmentor import Segmentor
 from karyo.models.vit import read_state_dict
 
@@ -378,23 +378,16 @@ class IVAANModel(PromptNucSegModel):
         points, negative = check_prompts(points, negative, np.shape(image), name or None,
                                          double_click_px(check_mpp(mpp, name or None), cfg.mpp))
         prep = self.prepare(image, mpp=mpp, name=name)
-        out, scale = prep.prompter_outputs, prep.scale
+        out = prep.prompter_outputs
         pts, cls, score = self.detect(prep, cfg.score_threshold, cfg.nms_radius_px)
         all_pts = out["points"][0].detach().float().cpu().numpy()
         # detect returns points, not anchors: recover each kept anchor by its (exactly equal) point
         anchor_idx = (np.asarray(cKDTree(all_pts).query(pts, k=1)[1], np.int64).reshape(-1)
                       if len(pts) else np.zeros(0, np.int64))
         neg = np.zeros((0, 2), np.float32)
-        if points is not None:
-            user = (np.asarray(list(points), np.float64).reshape(-1, 2) * scale).astype(np.float32)
-            owner = self._clicked_detections(prep, user, pts, score)
-            cls, score = _clicked_class(owner, len(user), cls, score)
-            anchor_idx = self._nearest_anchor(user, prep.xp.shape[2:])
-            neg = np.asarray(pts[owner < 0], np.float32).reshape(-1, 2)  # the others: neighbours, as in PromptNucSeg
-            pts = user
-            if negative is not None:
-                given = (np.asarray(list(negative), np.float64).reshape(-1, 2) * scale).astype(np.float32)
-                neg = np.concatenate([given, neg])
+        if points is not None:  # as in PromptNucSeg; each click's embedding is its nearest anchor's
+            pts, cls, score, neg = self._click_prompts(prep, points, negative, pts, cls, score)
+            anchor_idx = self._nearest_anchor(pts, prep.xp.shape[2:])
         emb, levels, text_cls, text_sim = self._anchor_outputs(out["features"], anchor_idx)
         if cfg.ivaan.text_classification:
             cls = text_cls  # equals the decoded class (argmax of the same similarity); user points get one too

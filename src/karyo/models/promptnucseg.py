@@ -170,19 +170,27 @@ class PromptNucSegModel(InstanceModel):
         pts, cls, score = self.detect(prep, cfg.score_threshold, cfg.nms_radius_px)
         neg = np.zeros((0, 2), np.float32)
         if points is not None:
-            user = (np.asarray(list(points), np.float64).reshape(-1, 2) * prep.scale).astype(np.float32)
-            owner = self._clicked_detections(prep, user, pts, score)
-            cls, score = _clicked_class(owner, len(user), cls, score)
-            neg = np.asarray(pts[owner < 0], np.float32).reshape(-1, 2)  # the others: neighbours
-            pts = user
-            if negative is not None:
-                given = (np.asarray(list(negative), np.float64).reshape(-1, 2) * prep.scale).astype(np.float32)
-                neg = np.concatenate([given, neg])
+            pts, cls, score, neg = self._click_prompts(prep, points, negative, pts, cls, score)
         candidates = self.mask_candidates(prep, pts, cls, score, neg, remove_duplicates=points is None)
         result = self.resolve(prep, candidates, cfg.mask_threshold, **self._detection_filters(points), name=name)
         if points is None:  # negative points alone: every nucleus but those under them
             return finish(drop_negated(result, negative), None, mpp)
         return finish(drop_unprompted(result, points), points, mpp)
+
+    def _click_prompts(self, prep: PreparedImage, points: np.ndarray, negative: np.ndarray | None,
+                       pts: np.ndarray, cls: np.ndarray, score: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(prompts, classes, prompter scores, negatives) in model pixels for user ``points``: each click takes
+        the class of the detection on its nucleus (:meth:`_clicked_detections`), the other detections are
+        neighbours and serve as negatives, after the user's ``negative`` points."""
+        user = (np.asarray(points, np.float64).reshape(-1, 2) * prep.scale).astype(np.float32)
+        owner = self._clicked_detections(prep, user, pts, score)
+        cls, score = _clicked_class(owner, len(user), cls, score)
+        neg = np.asarray(pts[owner < 0], np.float32).reshape(-1, 2)
+        if negative is not None:
+            given = (np.asarray(negative, np.float64).reshape(-1, 2) * prep.scale).astype(np.float32)
+            neg = np.concatenate([given, neg])
+        return user, cls, score, neg
 
     def _clicked_detections(self, prep: PreparedImage, user: np.ndarray, pts: np.ndarray, score: np.ndarray
                             ) -> np.ndarray:
