@@ -195,13 +195,7 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     model_cfg: Any
     with naming(config):  # a model: section's errors (unknown fields, bad values) name the file
         if task == "prompter":
-            base = file_cfg.get("model") or {}
-            if "preset" in base or preset or not base:
-                kw = {k: v for k, v in base.items() if k != "preset"}
-                name = base.get("preset", preset or "cpu")
-                model_cfg = PrompterConfig.preset(name, **_prompter_classes(kw, class_names))
-            else:
-                model_cfg = from_dict(PrompterConfig, _prompter_classes(base, class_names))
+            model_cfg = _prompter_network(file_cfg.get("model") or {}, preset, class_names)
             model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
                                                                                  train_samples, val_samples)
             t = PrompterTask(model_cfg, augment, train_samples, val_samples)
@@ -233,10 +227,7 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             base = dict(file_cfg.get("model") or {})
             if not base and preset is None and init_state is not None:  # fine-tune the network the weights are of
                 base = init_model_config("segmentor", init) or {}
-            if "encoder" in base:
-                model_cfg = from_dict(SegmentorConfig, base)
-            else:
-                model_cfg = segmentor_config(base.pop("preset", preset or "small"), **base)
+            model_cfg = _segmentor_network(base, preset)
             model_cfg, augment, train_samples, val_samples = adapt_training_data(model_cfg, channels, augment,
                                                                                  train_samples, val_samples)
             settings = from_dict(SegmentorTrainSettings, file_cfg.get("settings", {}))
@@ -313,18 +304,10 @@ def check_config_sections(task: str, file_cfg: dict, preset: str | None, class_n
                                  f"{', '.join(SETTINGS_TASKS)} tasks); move its keys to model:, train: or augment:")
     with naming(config):
         if task == "prompter":
-            if "preset" in model or preset or not model:
-                kw = {k: v for k, v in model.items() if k != "preset"}
-                return PrompterConfig.preset(model.get("preset", preset or "cpu"),
-                                             **_prompter_classes(kw, class_names))
-            return from_dict(PrompterConfig, _prompter_classes(model, class_names))
+            return _prompter_network(model, preset, class_names)
         if task == "segmentor":
             from_dict(SegmentorTrainSettings, settings)
-            if "encoder" in model:
-                return from_dict(SegmentorConfig, model)
-            if model or preset:
-                return segmentor_config(model.pop("preset", preset or "small"), **model)
-            return None
+            return _segmentor_network(model, preset) if model or preset else None
         elif task == "ivaan":
             from karyo.train.ivaan import ivaan_config
 
@@ -352,24 +335,17 @@ def _check_init_fits(network: Any, init_state: dict, init: str | os.PathLike, co
     another network (``model: preset: cpu`` against the shipped segmentor's detail branch) is refused at once,
     saying how to fine-tune the network the weights are of. The class layer and channel adapter may differ (they
     start afresh in the run)."""
-    import logging
-
     from karyo.models.prompter import Prompter
     from karyo.models.segmentor import Segmentor
     from karyo.train.loop import load_init_state
 
     model = Prompter(network) if isinstance(network, PrompterConfig) else Segmentor(network)
-    quiet = logging.getLogger("karyo.train.loop")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the run says what restarts; this dry run does not
     where = f" ({config})" if config else ""
-    try:
-        load_init_state(model, init_state, init, other_classes=True)
+    try:  # quiet: the run says what restarts
+        load_init_state(model, init_state, init, other_classes=True, quiet=True)
     except InputError as exc:
         raise InputError(exc.source, f"{exc.problem}; leave out the config's model: section{where} to fine-tune "
                                      f"the network the weights are of") from None
-    finally:
-        quiet.setLevel(level)
 
 
 #: What a resumed run may change: how long it trains and where it computes, not what it learns.
@@ -543,6 +519,24 @@ def _class_order(before: dict, now: dict) -> list[int] | None:
 
 def _name_list(class_names: dict) -> list[tuple[int, str]]:
     return sorted((int(k), str(v).strip().lower()) for k, v in class_names.items())
+
+
+def _prompter_network(model: dict, preset: str | None, class_names: dict[int, str]) -> PrompterConfig:
+    """The prompter a run's ``model:`` section builds: a preset (``preset:`` key, the ``preset`` argument, else
+    ``cpu``) with field overrides, or a full config; the data's class names fill the class fields."""
+    if "preset" in model or preset or not model:
+        kw = {k: v for k, v in model.items() if k != "preset"}
+        return PrompterConfig.preset(model.get("preset", preset or "cpu"), **_prompter_classes(kw, class_names))
+    return from_dict(PrompterConfig, _prompter_classes(model, class_names))
+
+
+def _segmentor_network(model: dict, preset: str | None) -> SegmentorConfig:
+    """The segmentor a run's ``model:`` section builds: a full config (has ``encoder``), or a preset (``preset:``
+    key, the ``preset`` argument, else ``small``) with field overrides."""
+    if "encoder" in model:
+        return from_dict(SegmentorConfig, model)
+    base = dict(model)
+    return segmentor_config(base.pop("preset", preset or "small"), **base)
 
 
 def _prompter_classes(kw: dict, class_names: dict[int, str]) -> dict:

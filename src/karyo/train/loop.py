@@ -289,15 +289,17 @@ def _adapter_to_restart(own: dict, state: dict) -> str:
 
 
 def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLike | None, *,
-                    other_classes: bool = False, class_order: Sequence[int] | None = None) -> list[str]:
+                    other_classes: bool = False, class_order: Sequence[int] | None = None, quiet: bool = False
+                    ) -> list[str]:
     """Load starting weights strictly, except parameters under the model's ``optional_init_prefixes`` (heads a
     config may add to an older network), which keep their fresh initialisation when the weights lack them, and
     those under its ``class_head_prefixes`` when their shape differs or ``other_classes`` says the weights name
     other classes (weights for another taxonomy: the class layer starts afresh, everything else is fine-tuned).
     ``class_order``: the same classes numbered otherwise; row ``j`` of the class layer (0 = background) is the
     weights' row ``class_order[j]``, so what the layer learned is kept. Returns the names of the restarted
-    parameters."""
+    parameters. ``quiet``: say nothing of what restarts (a check before the run, which says it then)."""
     refused = "these weights do not fit the model the config builds: "
+    say = (lambda *args: None) if quiet else log.warning
     optional = tuple(getattr(model, "optional_init_prefixes", ()))
     class_head = tuple(getattr(model, "class_head_prefixes", ()))
     own = model.state_dict()
@@ -305,8 +307,7 @@ def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLi
         order = torch.as_tensor(list(class_order))
         state = {k: v[order] if k.startswith(class_head) and v.ndim and v.shape[0] == len(order) else v
                  for k, v in state.items()}
-        log.warning("%s: class layer rows reordered to this data's class ids (the same names, numbered otherwise)",
-                    source)
+        say("%s: class layer rows reordered to this data's class ids (the same names, numbered otherwise)", source)
     restarted = sorted(k for k, v in state.items() if class_head and k.startswith(class_head) and k in own
                        and (other_classes or tuple(v.shape) != tuple(own[k].shape)))
     if restarted:
@@ -317,14 +318,14 @@ def load_init_state(model: torch.nn.Module, state: dict, source: str | os.PathLi
             why = "these data have no classes, so the model learns to find nuclei only (one class, 'nucleus')"
         else:
             why = "it was trained on other classes" if other_classes else "it has another number of classes"
-        log.warning("%s: its class layer is not used (it starts afresh): %s", source, why)
+        say("%s: its class layer is not used (it starts afresh): %s", source, why)
     fresh_adapter = _adapter_to_restart(own, state)
     if fresh_adapter:  # RGB weights (the shipped models) under a new channel adapter: the network behind it is kept
         state = {k: v for k, v in state.items() if not k.startswith(ADAPTER_PREFIX)}
         optional = (*optional, ADAPTER_PREFIX)
         restarted += sorted(k for k in own if k.startswith(ADAPTER_PREFIX))
-        log.warning("%s: %s; the channel adapter starts afresh and the network behind it is fine-tuned", source,
-                    fresh_adapter)
+        say("%s: %s; the channel adapter starts afresh and the network behind it is fine-tuned", source,
+            fresh_adapter)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even when not strict
