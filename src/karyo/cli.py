@@ -355,13 +355,12 @@ def segment(
                       f"--mpp if they are at another magnification", highlight=False)
     if task == "semantic":
         console.print(f"class maps, overlays and per-class areas of {len(files)} image(s) → {out}/", highlight=False)
-    elif hasattr(net, "segment_semantic"):
+        return
+    if hasattr(net, "segment_semantic"):
         console.print(f"note: {net.arch} is a semantic model: these nuclei are split from its class map by a "
                       f"watershed, which it was not trained to do; --task semantic writes the class maps it predicts",
                       highlight=False)
-        console.print(f"{nuclei_phrase(total)} in {len(files)} image(s) → {out}/", highlight=False)
-    else:
-        console.print(f"{nuclei_phrase(total)} in {len(files)} image(s) → {out}/", highlight=False)
+    console.print(f"{nuclei_phrase(total)} in {len(files)} image(s) → {out}/", highlight=False)
 
 
 @app.command("models")
