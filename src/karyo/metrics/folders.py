@@ -60,9 +60,7 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
     true_names = truth.class_names or {}
     relabel, classes_off = _class_relabelling(true_names, preds.class_names or {})
     if true_names and not preds.class_names and (pred_root / "classes").is_dir():
-        notes.append(f"the prediction has no classes.json: its class ids are taken to be the ground truth's "
-                     f"({', '.join(f'{k} {v}' for k, v in sorted(true_names.items()))}); add classes.json to match "
-                     f"them by name")
+        notes.append(_ids_taken_note(true_names))
     if classes_off:
         notes.append(f"classification metrics skipped: the prediction's classes {sorted(preds.class_names.values())} "
                      f"are not the ground truth's {sorted(true_names.values())}")
@@ -141,9 +139,7 @@ def evaluate_semantic_folders(true: str | os.PathLike, pred: str | os.PathLike, 
         if max(present) > max(true_names):
             raise InputError(pred_root, f"the class maps hold class {max(present)}, the ground truth names only "
                                         f"{sorted(true_names)}; add {names_path.name} to name the classes")
-        notes.append(f"the prediction has no classes.json: its class ids are taken to be the ground truth's "
-                     f"({', '.join(f'{k} {v}' for k, v in sorted(true_names.items()))}); add classes.json to match "
-                     f"them by name")
+        notes.append(_ids_taken_note(true_names))
         pred_names = {c: true_names[c] for c in present if c in true_names}
     relabel, classes_off = _class_relabelling(true_names, pred_names)
     binary = classes_off or not true_names or (not pred_names and bool(present))
@@ -194,6 +190,12 @@ def evaluate_semantic_folders(true: str | os.PathLike, pred: str | os.PathLike, 
         notes.append(f"{unclassified} ground-truth pixel(s) of nuclei without a class are left out of the count")
     return SemanticReport(n_images=len(scored), result=pooled.compute(), class_names=dict(true_names),
                           binary=binary, per_image=pd.DataFrame(rows), notes=tuple(notes))
+
+
+def _ids_taken_note(true_names: dict[int, str]) -> str:
+    return (f"the prediction has no classes.json: its class ids are taken to be the ground truth's "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(true_names.items()))}); add classes.json to match them by "
+            f"name")
 
 
 def _open_truth(true: str | os.PathLike, true_format: str, split: str | None, missing: str):
