@@ -173,7 +173,7 @@ def check_prompts(points, negative, shape: tuple[int, ...], source: str | os.Pat
     if points is not None and len(points) == 0 and negative is not None and len(negative):
         points = None  # no clicks, only negatives: the automatic result without the nuclei under them
     elif points is not None and len(points) == 0:
-        warnings.warn(f"{source + ': ' if source else ''}points is empty: no nucleus is asked for, so none is "
+        warnings.warn(f"{f'{source}: ' if source else ''}points is empty: no nucleus is asked for, so none is "
                       f"returned (points=None segments every nucleus)", stacklevel=3)
     if min_separation_px > 0 and points is not None and len(points):
         from scipy.spatial import cKDTree
