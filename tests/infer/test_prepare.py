@@ -152,3 +152,7 @@ def test_an_empty_list_of_points_is_said_to_ask_for_nothing():
     with pytest.warns(UserWarning, match=r"tile: points is empty: no nucleus is asked for.*points=None"):
         points, negative = check_prompts([], None, (10, 10), "tile")
     assert points.shape == (0, 2) and negative is None
+    from pathlib import Path
+
+    with pytest.warns(UserWarning, match=r"p\.csv: points is empty"):  # a file path as the source, too
+        check_prompts([], None, (10, 10), Path("p.csv"))
