@@ -229,8 +229,9 @@ def pil_mpp(im: Image.Image) -> float | None:
     return None
 
 
-def _read_pixels(path: Path) -> tuple[np.ndarray, dict]:
-    """Decode a file to an array in its stored dtype (no conversion), with its channel names and mpp."""
+def _read_pixels(path: Path, palette_indices: bool = False) -> tuple[np.ndarray, dict]:
+    """Decode a file to an array in its stored dtype (no conversion), with its channel names and mpp. A palette
+    image gives its colours, or with ``palette_indices`` its indices (label images saved with a palette)."""
     check_file(path)
     meta: dict = {"channel_names": None, "mpp": None}
     if path.suffix.lower() in TIFF_SUFFIXES:
@@ -241,7 +242,7 @@ def _read_pixels(path: Path) -> tuple[np.ndarray, dict]:
     try:
         with Image.open(path) as im:
             im.load()
-            arr = _pil_to_array(im, path)
+            arr = np.array(im) if palette_indices and im.mode == "P" else _pil_to_array(im, path)
             meta["mpp"] = pil_mpp(im)
             orientation = im.getexif().get(EXIF_ORIENTATION, 1)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -483,18 +484,7 @@ def read_class_map(path: str | os.PathLike) -> np.ndarray:
     not its colours (label images are often saved with a palette to show the classes in colour); a grey map saved
     as RGB gives its one channel; colour images and fractional or negative values are refused."""
     path = Path(path)
-    check_file(path)
-    arr = None
-    if path.suffix.lower() == ".png":
-        try:
-            with Image.open(path) as im:
-                if im.mode == "P":
-                    arr = np.array(im)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise InputError(path, f"cannot decode image ({exc}); the file is corrupt, truncated or not an image"
-                             ) from None
-    if arr is None:
-        arr = _read_pixels(path)[0]
+    arr = _read_pixels(path, palette_indices=True)[0]
     if arr.ndim == 3:
         if arr.shape[2] > 1 and not (arr == arr[..., :1]).all():
             raise InputError(path, f"a class map holds one class id per pixel, this has {arr.shape[2]} different "
