@@ -257,3 +257,19 @@ def test_pack_refuses_networks_for_other_channels_and_untuned_keeps_the_init_mod
         shipped.score_threshold, shipped.nms_radius_px, shipped.refine_points)
     assert model.config.verifier is None and model.config.min_verified is None
     assert any("the inference settings of default, the model the prompter started from" in m for m in said)
+
+
+def test_pack_names_networks_for_the_same_channels_normalised_otherwise():
+    """The rule PromptNucSegConfig enforces (adapters_agree) includes the pixel statistics: a pack of such networks
+    is one line naming the segmentor, not the config's ValueError."""
+    import dataclasses as dc
+
+    from karyo.errors import InputError
+    from karyo.train.pack import _check_same_channels
+
+    p = with_adapter(PrompterConfig(), ("DAPI",), AugmentConfig())
+    s = with_adapter(segmentor_config("tiny"), ("DAPI",), AugmentConfig())
+    _check_same_channels(p, s, "seg_run")  # the same: nothing to say
+    other = dc.replace(s, adapter=dc.replace(s.adapter, pixel_mean=(0.1,)))
+    with pytest.raises(InputError, match=r"seg_run: takes DAPI as the prompter does, but with other pixel statistics"):
+        _check_same_channels(p, other, "seg_run")

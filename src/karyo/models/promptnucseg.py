@@ -83,10 +83,7 @@ class PromptNucSegConfig:
 
     def __post_init__(self) -> None:
         # Both networks read the one prepared input: with channel adapters, they must take the same channels.
-        a, b = getattr(self.prompter, "adapter", None), getattr(self.segmentor, "adapter", None)
-        if (a is None) != (b is None) or (a is not None and (a.in_channels, a.channel_names, a.pixel_mean,
-                                                              a.pixel_std) != (b.in_channels, b.channel_names,
-                                                                               b.pixel_mean, b.pixel_std)):
+        if not adapters_agree(self.prompter.adapter, self.segmentor.adapter):
             raise ValueError("the prompter's and the segmentor's channel adapters must agree (both absent, or the "
                              "same channels and statistics)")
         if self.min_verified is not None and self.verifier is None:
@@ -482,6 +479,15 @@ def _clicked_class(owner: np.ndarray, n_user: int, cls: np.ndarray, score: np.nd
             best[owner[d]] = score[d]
             out_cls[owner[d]], out_score[owner[d]] = cls[d], score[d]
     return out_cls, out_score
+
+
+def adapters_agree(a, b) -> bool:
+    """Whether a prompter's and a segmentor's channel adapters read one prepared input alike: both absent, or the
+    same channels with the same pixel statistics."""
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.in_channels, a.channel_names, a.pixel_mean, a.pixel_std) == (b.in_channels, b.channel_names,
+                                                                           b.pixel_mean, b.pixel_std)
 
 
 def with_inference(config: PromptNucSegConfig, **changes) -> PromptNucSegConfig:

@@ -27,7 +27,7 @@ from karyo.errors import InputError
 from karyo.metrics.detection import instance_points
 from karyo.metrics.instance import panoptic_quality
 from karyo.models.prompter import PrompterConfig
-from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel
+from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, adapters_agree
 from karyo.models.segmentor import SegmentorConfig
 from karyo.models.vit import read_state_dict
 from karyo.train.data import load_specs
@@ -286,7 +286,8 @@ def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.P
 
 
 def _check_same_channels(p_cfg: PrompterConfig, s_cfg: SegmentorConfig, segmentor_run) -> None:
-    """Both networks read one prepared input: their channel adapters must take the same channels."""
+    """Both networks read one prepared input (:func:`~karyo.models.promptnucseg.adapters_agree`, which
+    PromptNucSegConfig enforces): said here in one line naming the segmentor, rather than as its ValueError."""
     def describe(adapter) -> str:
         if adapter is None:
             return "RGB (no channel adapter)"
@@ -294,11 +295,13 @@ def _check_same_channels(p_cfg: PrompterConfig, s_cfg: SegmentorConfig, segmento
                 f"channel(s)")
 
     a, b = p_cfg.adapter, s_cfg.adapter
-    same = (a is None) == (b is None) and (a is None or (a.in_channels, a.channel_names) == (b.in_channels,
-                                                                                           b.channel_names))
-    if not same:
-        raise InputError(segmentor_run, f"takes {describe(b)}, the prompter {describe(a)}: pack a prompter and a "
-                                        f"segmentor trained with the same --channels")
+    if adapters_agree(a, b):
+        return
+    if describe(a) == describe(b):  # the same channels, normalised otherwise
+        raise InputError(segmentor_run, f"takes {describe(b)} as the prompter does, but with other pixel statistics: "
+                                        f"pack a prompter and a segmentor trained on the same data")
+    raise InputError(segmentor_run, f"takes {describe(b)}, the prompter {describe(a)}: pack a prompter and a "
+                                    f"segmentor trained with the same --channels")
 
 
 #: The inference settings ``karyo pack --no-tune`` takes from the packed model a prompter run started from (its
@@ -310,26 +313,30 @@ INIT_SETTINGS = ("score_threshold", "nms_radius_px", "mask_threshold", "min_area
 def _settings_of_init(config: PromptNucSegConfig, prompter_run: str | os.PathLike, log) -> PromptNucSegConfig:
     """Untuned, a fine-tuned prompter keeps the thresholds of the model it started from (``--init``): tuned for
     networks like these, they beat the defaults (a reviewer: CoNSeP PQ 0.402 against 0.271 with the defaults)."""
-    init = load_json(Path(prompter_run) / "train_config.json").get("init") if (
-        Path(prompter_run) / "train_config.json").is_file() else None
-    if not init:
-        log("no tuning: the default inference settings (score 0.5, NMS 6 px, no duplicate removal); tune them "
-            "with karyo pack without --no-tune")
+    run_config = Path(prompter_run) / "train_config.json"
+    init = load_json(run_config).get("init") if run_config.is_file() else None
+    theirs = _packed_promptnucseg_config(init) if init else None
+    if theirs is None:
+        log(f"no tuning: the default inference settings (score {config.score_threshold}, NMS {config.nms_radius_px} "
+            f"px, no duplicate removal); tune them with karyo pack without --no-tune")
         return config
-    from karyo.models.registry import model_folder
-
-    try:
-        folder = model_folder(init)
-    except InputError:  # a name that is no longer shipped, or has no weights
-        return config
-    saved = folder / "config.json"
-    if not saved.is_file() or load_json(saved).get("arch") != "promptnucseg":
-        return config
-    theirs = load_json(saved).get("config", {})
     taken = {k: theirs[k] for k in INIT_SETTINGS if k in theirs}
     log(f"no tuning: the inference settings of {init}, the model the prompter started from ("
         + ", ".join(f"{k} {v}" for k, v in taken.items()) + "); its verifier and duplicate judge are not taken")
     return replace(config, **taken)
+
+
+def _packed_promptnucseg_config(source: str | os.PathLike) -> dict | None:
+    """The saved config of a packed PromptNucSeg model folder or shipped name; None for anything else (a run, a
+    checkpoint, a name no longer shipped)."""
+    from karyo.models.registry import model_folder
+
+    try:
+        saved = model_folder(source) / "config.json"
+    except InputError:
+        return None
+    data = load_json(saved) if saved.is_file() else {}
+    return data.get("config", {}) if data.get("arch") == "promptnucseg" else None
 
 
 def save_tuning(folder: str | os.PathLike, rows: list[dict], max_nms_radius_px: float) -> None:
