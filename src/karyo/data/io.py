@@ -105,7 +105,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | 
             if tif.is_ome and tif.ome_metadata:
                 names, mpp = _ome_channels_and_mpp(tif.ome_metadata, path)
             else:
-                mpp = _tiff_tags_mpp(tif)
+                mpp = tiff_tags_mpp(tif)
     except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
         raise InputError(path, f"cannot read TIFF ({type(exc).__name__}: {exc}); the file is corrupt or truncated"
                          ) from None
@@ -192,7 +192,7 @@ def plausible_mpp(value: Any) -> float | None:
     return mpp if math.isfinite(mpp) and MPP_RANGE[0] <= mpp <= MPP_RANGE[1] else None
 
 
-def _tiff_tags_mpp(tif) -> float | None:
+def tiff_tags_mpp(tif) -> float | None:
     """µm per pixel from a plain TIFF: an Aperio description (``|MPP = 0.252``), ImageJ's micron unit, or the
     resolution tags in pixels per centimetre or inch (as QuPath, scanners' tile exports and Bio-Formats write)."""
     import re

@@ -260,13 +260,13 @@ def _tags_mpp(slide) -> float | None:
     """The pixel size as :func:`karyo.data.io.read_image_meta` reads it from a plain TIFF (ImageJ's micron unit,
     an Aperio description, resolution tags), where tiffslide found none: ``karyo wsi`` and ``karyo segment`` agree
     on a file."""
-    from karyo.data.io import _tiff_tags_mpp
+    from karyo.data.io import tiff_tags_mpp
 
     tif = slide.ts_tifffile
     if tif.is_ome:
         return None
     try:
-        return _tiff_tags_mpp(tif)
+        return tiff_tags_mpp(tif)
     except InputError:
         raise
     except (ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):  # odd tags: no usable pixel size
