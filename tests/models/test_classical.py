@@ -61,6 +61,16 @@ def test_points_segment_only_given_nuclei():
         ClassicalModel().segment(img, points=[(500, 5)])
 
 
+def test_points_on_background_give_a_table_with_the_same_columns():
+    """A script reading the table of a --points run finds ``point_index`` even when no click found a nucleus."""
+    img, _ = synthetic_he([(20, 20), (20, 90), (70, 50)])
+    clicked = ClassicalModel().segment(img, points=[(20, 20)]).table()
+    missed = ClassicalModel().segment(np.zeros_like(img), points=[(120, 120)]).table()  # nothing to segment
+    assert missed.empty and list(missed.columns) == list(clicked.columns)
+    assert clicked["point_index"].tolist() == [0] and missed["point_index"].dtype == clicked["point_index"].dtype
+    assert "point_index" not in ClassicalModel().segment(np.zeros_like(img)).table().columns
+
+
 def test_mpp_rescales_parameters():
     cfg = ClassicalConfig()
     img, _ = synthetic_he([(64, 64)], radius=4)

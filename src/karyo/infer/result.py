@@ -24,7 +24,8 @@ class SegmentationResult:
     ``mpp``: µm per pixel of ``instances`` when the caller gave it (the table then adds ``area_um2``).
     ``properties`` (optional) maps instance id to extra per-nucleus values (e.g. IVAAN's predicted attribute
     levels and description); :meth:`table` adds one column per key and the GeoJSON writer adds them to the
-    feature properties.
+    feature properties. ``prompted``: the nuclei were segmented at given points, so every row of the table has a
+    ``point_index`` column, even a table with no row (a script reading it needs the same columns either way).
     """
 
     instances: np.ndarray
@@ -35,6 +36,7 @@ class SegmentationResult:
     model: str = ""
     properties: dict[int, dict] | None = None
     mpp: float | None = None
+    prompted: bool = False
 
     def __post_init__(self) -> None:  # plain ints and floats, so the dicts compare, print and json.dump as documented
         self.classes = {int(k): int(v) for k, v in self.classes.items()}
@@ -81,6 +83,8 @@ class SegmentationResult:
             empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in _TABLE_COLUMNS.items()})
             if self.mpp is not None:
                 empty.insert(empty.columns.get_loc("area") + 1, "area_um2", pd.Series(dtype="float64"))
+            if self.prompted:
+                empty["point_index"] = pd.Series(dtype="int64")
             return empty
         area = ndi.sum_labels(np.ones_like(self.instances), self.instances, ids)
         cy, cx = (np.asarray(c) for c in zip(*ndi.center_of_mass(np.ones_like(self.instances),
@@ -143,7 +147,10 @@ def tag_prompted(result: SegmentationResult, points: np.ndarray | None) -> Segme
     ``points`` (x, y, the image's pixels) that lies on it, so a caller can tell which click became which
     nucleus (instance ids are not the points' order: points whose mask fails are dropped). The table and the
     GeoJSON carry it as a column / property. Returns ``result``, changed in place."""
-    if points is None or len(points) == 0:
+    if points is None:
+        return result
+    result.prompted = True
+    if len(points) == 0:
         return result
     under = labels_at(result.instances, points)
     props = {k: dict(v) for k, v in (result.properties or {}).items()}

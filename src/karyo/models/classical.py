@@ -110,7 +110,7 @@ class ClassicalModel(InstanceModel):
             span = float(np.ptp(sig))
             if span < 1e-6:  # a flat (e.g. empty or white) image holds no nuclei
                 return finish(SegmentationResult(np.zeros(sig.shape, np.int32), name=name, model=self.arch),
-                              None, mpp)
+                              points, mpp)
             sig = (sig - sig.min()) / span
             fg = sig > filters.threshold_otsu(sig) * cfg.threshold_scale
         min_area = max(1, round(cfg.min_area * scale * scale))
