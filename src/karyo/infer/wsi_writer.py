@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,7 +421,7 @@ class SeamDuplicates:
         self.min_overlap, self.cell = float(min_overlap), float(cell)
         self.removed = 0
         self.clipped = 0  # rows cut down to the pixels a kept neighbour of another tile did not already hold
-        self._queue: list[list] = []  # [tile, part, alive rows, bottom of its compared rows]
+        self._queue: deque[list] = deque()  # [tile, part, alive rows, bottom of its compared rows]
         self._held: dict[tuple[int, int], tuple] = {}  # (tile, row) → (box, polygon, area, alive rows)
         self._grid: dict[tuple[int, int], set[tuple[int, int]]] = {}
 
@@ -543,7 +544,7 @@ class SeamDuplicates:
     def _release(self, top: float) -> list[pa.Table]:
         out = []
         while self._queue and self._queue[0][3] <= top:
-            tile, part, alive, _ = self._queue.pop(0)
+            tile, part, alive, _ = self._queue.popleft()
             if part is None:
                 continue
             for key in [(tile, int(r)) for r in range(part.num_rows) if (tile, int(r)) in self._held]:
