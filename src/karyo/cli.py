@@ -605,7 +605,9 @@ def train_cmd(
     val_fraction: Annotated[float | None, typer.Option(help="Fraction of source images held out for validation "
                                                             "(patches named <source>_<n> stay together; a config's "
                                                             "val_ids: names them instead).")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Cap steps per epoch (quick runs).")] = None,
+    max_steps: Annotated[int | None, typer.Option(
+        help="Cap the batches per epoch (quick runs). With accumulate_steps k in the config the optimiser steps "
+             "every k batches and once more on a shorter last group, so it always steps at least once.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, mps or auto.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint.")
                       ] = False,
