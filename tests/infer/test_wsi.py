@@ -881,3 +881,33 @@ def test_progress_counts_the_nuclei_kept_and_geojson_flags_clipped_nuclei_as_a_m
     features = json.loads(result.paths["geojson"].read_text())["features"]
     flags = [f["properties"]["measurements"]["Seam clipped"] for f in features]
     assert set(flags) <= {0, 1} and sum(flags) == n["seam_overlaps_clipped"]
+
+
+def test_fork_server_hides_only_the_failures_of_a_worker_whose_run_has_gone(monkeypatch, capsys):
+    """karyo.infer._forkserver (imported by the workers' fork server only): a worker forked while Ctrl-C ends
+    the run fails inside multiprocessing.spawn._main on the run's removed semaphores; that is kept quiet, and an
+    error anywhere else is still printed."""
+    import importlib
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # this test process keeps its own SIGINT handler
+    monkeypatch.delitem(sys.modules, "karyo.infer._forkserver", raising=False)  # imported afresh, as there
+    hook = importlib.import_module("karyo.infer._forkserver").quiet_vanished_parent
+    namespace: dict = {}
+    exec(compile("def _main(error):\n    raise error\n", "/py/lib/multiprocessing/spawn.py", "exec"), namespace)
+
+    def raised(error, where):
+        try:
+            where(error)
+        except Exception:
+            return sys.exc_info()
+
+    def elsewhere(error):
+        raise error
+
+    hook(*raised(FileNotFoundError(2, "No such file or directory"), namespace["_main"]))
+    assert capsys.readouterr().err == ""
+    hook(*raised(FileNotFoundError(2, "No such file or directory"), elsewhere))
+    hook(*raised(ValueError("a real bug"), namespace["_main"]))
+    err = capsys.readouterr().err
+    assert "FileNotFoundError" in err and "ValueError: a real bug" in err

@@ -346,8 +346,28 @@ def _fast_worker_start():
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         from distributed.utils import get_mp_context
 
-        get_mp_context().set_forkserver_preload(["distributed", "karyo.infer.wsi", "karyo.models"])
+        get_mp_context().set_forkserver_preload(["distributed", "karyo.infer.wsi", "karyo.models",
+                                                 "karyo.infer._forkserver"])  # last: see that module
+        _start_forkserver_deaf_to_ctrl_c()
         yield
+
+
+def _start_forkserver_deaf_to_ctrl_c() -> None:
+    """Start the fork server with SIGINT ignored, as it ignores it itself once its imports are done: a Ctrl-C in
+    the seconds it imports (it shares the terminal's process group) printed a KeyboardInterrupt traceback from
+    inside ``import torch`` under the run's one-line "interrupted" message. Python keeps an ignored SIGINT
+    ignored at start-up; :mod:`karyo.infer._forkserver`, imported last there, restores it for the workers."""
+    import signal
+    import threading
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 MAIN_GUARD_HINT = ("put the call under `if __name__ == \"__main__\":` (local dask workers are new processes that "
