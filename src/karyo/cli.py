@@ -523,7 +523,8 @@ def _attributes_run(path, out, instances, classes, split, levels, attrs, level_m
 def select_attributes_cmd(
     dataset: Annotated[Path, typer.Argument(help="Labelled dataset folder in karyo's layout, or an attribute table "
                                                  "(.parquet/.csv from karyo attributes) with a Class.Name column.")],
-    split: Annotated[str | None, typer.Option(help="Use only this split (e.g. train).")] = None,
+    split: Annotated[str | None, typer.Option(help="Use only this split (e.g. train): a dataset's images of it, or "
+                                                   "a table's rows of it (its Identifier.Split column).")] = None,
     k: Annotated[int, typer.Option(min=1, help="Number of attributes to select.")] = 4,
     lam: Annotated[float, typer.Option("--lambda", min=0.0, help="Redundancy penalty λ.")] = 0.4,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight α of S_global in S_overall.")] = 0.5,
@@ -542,9 +543,11 @@ def select_attributes_cmd(
     from karyo.errors import InputError
 
     cands = [a.strip() for a in attributes.split(",") if a.strip()] if attributes else list(B1_ATTRIBUTES)
+    if out is not None and out.is_dir():
+        raise InputError(out, "--out names a folder; give the CSV file to write the score table to")
     try:
         if dataset.is_file():
-            result = select_for_table(dataset, attributes=cands, k=k, alpha=alpha, lam=lam)
+            result = select_for_table(dataset, attributes=cands, k=k, alpha=alpha, lam=lam, split=split)
         else:
             result, _ = select_for_dataset(dataset, split=split, n_jobs=jobs, attributes=cands, k=k, alpha=alpha,
                                            lam=lam)

@@ -103,6 +103,9 @@ def test_constant_attribute_and_single_class_are_handled():
     assert res.table.loc["const", "S_overall"] == 0.0
     with pytest.raises(ValueError, match="two classes"):
         select_attributes(df[df["Class.Name"] == "p"], ["a"])
+    lone = pd.concat([df[df["Class.Name"] == "p"], df[df["Class.Name"] != "p"].iloc[:1]])  # a second class of one
+    with pytest.raises(ValueError, match=r"two classes with 2 or more valid nuclei each.*class: p 50, q 1$"):
+        select_attributes(lone, ["a"])
     with pytest.raises(ValueError, match="k must be at least 1"):
         select_attributes(df, ["a", "const"], k=0)
 

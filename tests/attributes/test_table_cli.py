@@ -190,7 +190,8 @@ def test_cli_select_attributes_prints_table_and_choice(tmp_path, layout):
 
 def test_cli_select_attributes_on_the_table_attributes_wrote(tmp_path, layout):
     """The table karyo attributes wrote (Parquet or CSV) selects as its dataset does; a class with one valid
-    nucleus is noted; a table without classes says what it lacks."""
+    nucleus is noted, and refused when it leaves fewer than two classes to compare; a table without classes says
+    what it lacks."""
     runner.invoke(app, ["attributes", str(layout), "--out", str(tmp_path / "ds"), "--no-geojson"])
     from_dataset = runner.invoke(app, ["select-attributes", str(layout), "--k", "2", "--out", str(tmp_path / "a.csv")])
     for table in ("attributes.parquet", "attributes.csv"):
@@ -205,10 +206,38 @@ def test_cli_select_attributes_on_the_table_attributes_wrote(tmp_path, layout):
     lone = df[(df["Class.Name"] != rare) | (df.index == df.index[df["Flag.Valid"] & (df["Class.Name"] == rare)][0])]
     lone.to_parquet(tmp_path / "lone.parquet")
     res = runner.invoke(app, ["select-attributes", str(tmp_path / "lone.parquet"), "--k", "2"])
-    assert res.exit_code == 0 and f"note: class(es) {rare} (1) have fewer than 2 valid nuclei" in res.output
+    assert res.exit_code == 2 and "need at least two classes with 2 or more valid nuclei" in res.output
+    third = df.copy()
+    third.loc[third.index[third["Flag.Valid"]][0], "Class.Name"] = "third"
+    third.to_parquet(tmp_path / "third.parquet")
+    res = runner.invoke(app, ["select-attributes", str(tmp_path / "third.parquet"), "--k", "2"])
+    assert res.exit_code == 0 and "note: class(es) third (1) have fewer than 2 valid nuclei" in res.output
     df.drop(columns=["Class.Name"]).to_parquet(tmp_path / "plain.parquet")
     res = runner.invoke(app, ["select-attributes", str(tmp_path / "plain.parquet")])
     assert res.exit_code == 2 and "has no Class.Name column" in " ".join(res.output.split())
+
+
+def test_cli_select_attributes_on_a_table_keeps_to_the_split_asked_for(tmp_path, layout):
+    """--split on a dataset's table picks its rows as --split on the dataset picks its images: selecting on
+    train never sees the test nuclei; an unknown split, a table without splits and an --out folder are refused."""
+    runner.invoke(app, ["attributes", str(layout), "--out", str(tmp_path / "ds"), "--no-geojson"])
+    table = tmp_path / "ds" / "attributes.parquet"
+    train = runner.invoke(app, ["select-attributes", str(table), "--split", "train", "--k", "2"])
+    whole = runner.invoke(app, ["select-attributes", str(table), "--k", "2"])
+    dataset = runner.invoke(app, ["select-attributes", str(layout), "--split", "train", "--k", "2"])
+    assert train.exit_code == 0, train.output
+    df = pd.read_parquet(table)
+    n_train = int((df["Flag.Valid"] & (df["Identifier.Split"] == "train")).sum())
+    assert n_train < int(df["Flag.Valid"].sum())
+    assert f": {n_train} valid classified nuclei" in train.output and f": {n_train} valid" not in whole.output
+    assert train.output.splitlines()[-1] == dataset.output.splitlines()[-1]
+    res = runner.invoke(app, ["select-attributes", str(table), "--split", "bogus"])
+    assert res.exit_code == 2 and "no row of split 'bogus'; the table's splits: test, train" in res.output
+    df.drop(columns=["Identifier.Split"]).to_parquet(tmp_path / "one.parquet")
+    res = runner.invoke(app, ["select-attributes", str(tmp_path / "one.parquet"), "--split", "train"])
+    assert res.exit_code == 2 and "no Identifier.Split column" in " ".join(res.output.split())
+    res = runner.invoke(app, ["select-attributes", str(table), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--out names a folder" in " ".join(res.output.split())
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, samples):

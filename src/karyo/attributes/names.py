@@ -55,6 +55,7 @@ MICRON_COLUMNS: dict[str, str] = {c: f"{c}_um{'2' if p == 2 else ''}" for c, p i
 CLASS_ID = "Class.Id"
 CLASS_NAME = "Class.Name"
 IMAGE = "Identifier.Image"
+SPLIT = "Identifier.Split"
 
 
 def resolve(name: str) -> str:

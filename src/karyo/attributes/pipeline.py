@@ -136,10 +136,10 @@ def attributes_for_dataset(root: str | os.PathLike, out: str | os.PathLike, *, s
         table = table.drop(columns=[c for c in N.MICRON_COLUMNS.values() if c in table.columns])
         add_micron_columns(table, mpp)
     splits = pd.Series([ds.split_of(i) or "" for i in ds.ids], index=ds.ids)
-    table.insert(1, "Identifier.Split", splits.reindex(table[N.IMAGE]).to_numpy(dtype=object))
+    table.insert(1, N.SPLIT, splits.reindex(table[N.IMAGE]).to_numpy(dtype=object))
     fit_rows, fitted_on = table, None
-    if levels is None and fit_split and (table["Identifier.Split"] == fit_split).any():
-        fit_rows, fitted_on = table[table["Identifier.Split"] == fit_split], fit_split
+    if levels is None and fit_split and (table[N.SPLIT] == fit_split).any():
+        fit_rows, fitted_on = table[table[N.SPLIT] == fit_split], fit_split
     elif levels is None and fit_split and split is not None and split != fit_split:
         # measuring another split (e.g. test): the levels still come from the fit split, never from these images
         try:
@@ -192,8 +192,10 @@ def select_for_dataset(root: str | os.PathLike, *, split: str | None = None, n_j
 
 
 def select_for_table(path: str | os.PathLike, *, attributes: Sequence[str] = N.B1_ATTRIBUTES, k: int = 4,
-                     alpha: float = 0.5, lam: float = 0.4):
-    """The B.2 selection on an attribute table that ``karyo attributes`` wrote (Parquet or CSV) with classes."""
+                     alpha: float = 0.5, lam: float = 0.4, split: str | None = None):
+    """The B.2 selection on an attribute table that ``karyo attributes`` wrote (Parquet or CSV) with classes.
+    ``split``: only the rows of that split (a dataset's table has ``Identifier.Split``), so that selecting on
+    ``train`` never sees the test images' nuclei."""
     import pandas as pd
 
     from karyo.attributes.select import select_attributes
@@ -208,6 +210,14 @@ def select_for_table(path: str | os.PathLike, *, attributes: Sequence[str] = N.B
     if N.CLASS_NAME not in table.columns:
         raise InputError(path, f"the table has no {N.CLASS_NAME} column: the selection needs class labels (measure "
                                f"a dataset with classes.json, or give --classes to karyo attributes)")
+    if split is not None:
+        if N.SPLIT not in table.columns:
+            raise InputError(path, f"the table has no {N.SPLIT} column to pick split {split!r} from (a dataset's "
+                                   f"table has one; a single image's has not): leave out --split")
+        present = sorted(table[N.SPLIT].dropna().astype(str).unique().tolist())
+        if split not in present:
+            raise InputError(path, f"no row of split {split!r}; the table's splits: {', '.join(present) or 'none'}")
+        table = table[table[N.SPLIT].astype(str) == split]
     try:
         return select_attributes(table, attributes, k=k, alpha=alpha, lam=lam)
     except (KeyError, ValueError) as exc:

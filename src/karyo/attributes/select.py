@@ -93,6 +93,11 @@ def select_attributes(df: pd.DataFrame, attributes: Sequence[str] = N.B1_ATTRIBU
     classes = sorted(labels.unique().tolist())
     if len(classes) < 2:
         raise ValueError(f"need at least two classes to measure separability, found {classes}")
+    sizes = labels.value_counts()
+    if int((sizes >= min_class_size).sum()) < 2:  # no pair of classes has a Cohen's d: nothing to rank
+        counts = ", ".join(f"{c} {int(sizes[c])}" for c in classes)
+        raise ValueError(f"need at least two classes with {min_class_size} or more valid nuclei each to measure "
+                         f"separability; valid nuclei per class: {counts}")
     k = min(int(k), len(cols))
     values = rows[cols].astype(np.float64)
 
