@@ -74,6 +74,7 @@ def test_write_table_round_trip(tmp_path, samples):
     files = write_table(df, tmp_path / "attrs")
     assert [f.name for f in files] == ["attrs.parquet", "attrs.csv"]
     back = pd.read_parquet(files[0])
+    assert (back.pop("instance_id") == df["Identifier.Label"]).all()  # several images' rows: a column to join on
     pd.testing.assert_frame_equal(back, df)
     csv = pd.read_csv(files[1])
     assert csv["Size.Area"].tolist() == df["Size.Area"].tolist()
@@ -142,6 +143,27 @@ def test_cli_attributes_on_one_image(tmp_path, samples):
     assert (out / "tile_attributes.csv").is_file()
 
 
+def test_cli_attributes_says_why_a_run_has_no_sentences_or_class_levels(tmp_path, samples):
+    """Levels per class without classes are fitted globally, with a note; an image whose nuclei are all too small
+    or cut by the border gets empty sentences and no levels file, with a note that says why."""
+    s = samples[1]
+    write_image(tmp_path / "tile.png", s.image)
+    write_instances(tmp_path / "tile_mask.png", s.instances)
+    res = runner.invoke(app, ["attributes", str(tmp_path / "tile.png"), "--instances", str(tmp_path / "tile_mask.png"),
+                              "--level-mode", "per_class", "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0 and "note: level mode per_class needs the nuclei's classes" in res.output
+    assert json.loads((tmp_path / "a" / "tile_levels.json").read_text())["mode"] == "global"
+    tiny = np.zeros_like(s.instances)
+    tiny[40, 40] = 1
+    tiny[0:5, 0:5] = 2  # at the border
+    write_instances(tmp_path / "tiny_mask.png", tiny)
+    res = runner.invoke(app, ["attributes", str(tmp_path / "tile.png"), "--instances", str(tmp_path / "tiny_mask.png"),
+                              "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0 and "note: no nucleus is valid" in " ".join(res.output.split())
+    assert (pd.read_parquet(tmp_path / "b" / "tile_attributes.parquet")["Text.Prompt"] == "").all()
+    assert not (tmp_path / "b" / "tile_levels.json").exists()
+
+
 def test_cli_attributes_on_a_dataset_and_reusing_levels(tmp_path, layout):
     out = tmp_path / "ds"
     res = runner.invoke(app, ["attributes", str(layout), "--out", str(out), "--jobs", "2"])
@@ -149,6 +171,8 @@ def test_cli_attributes_on_a_dataset_and_reusing_levels(tmp_path, layout):
     table = pd.read_parquet(out / "attributes.parquet")
     assert table["Identifier.Image"].nunique() == 6
     assert set(table["Identifier.Split"]) == {"train", "test"}
+    assert table.columns[0] == "instance_id" and (table["instance_id"] == table["Identifier.Label"]).all()
+    assert not table.duplicated(["Identifier.Image", "instance_id"]).any()
     assert len(list((out / "geojson").glob("*.geojson"))) == 6
     levels = json.loads((out / "levels.json").read_text())
     assert levels["meta"]["fit_split"] == "train"

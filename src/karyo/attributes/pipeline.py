@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,15 @@ def _levels(table: pd.DataFrame, fit_rows: pd.DataFrame, levels, prompt_attribut
 
     if levels is None:
         if not len(fit_rows) or not fit_rows["Flag.Valid"].any():
+            if len(table):
+                warnings.warn("no nucleus is valid (at least 10 px and not cut by the image border) to fit the "
+                              "prompt levels on: the sentences (Text.Prompt) are empty and no levels file is "
+                              "written; pass --levels from a larger run to describe these nuclei", stacklevel=3)
             return None
-        mode = mode if N.CLASS_NAME in fit_rows.columns else "global"
+        if mode == "per_class" and N.CLASS_NAME not in fit_rows.columns:
+            warnings.warn("level mode per_class needs the nuclei's classes (--classes, or a dataset with "
+                          "classes.json); the levels are fitted over all nuclei (global)", stacklevel=3)
+            mode = "global"
         try:
             return LevelModel.fit(fit_rows, prompt_attributes, mode=mode)
         except (KeyError, ValueError) as exc:
@@ -75,8 +83,6 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
                            nuclear_channel=nuclear_channel)
     override = mpp_override(mpp, meta.get("mpp"))
     if override:
-        import warnings
-
         warnings.warn(f"{image_path}: {override}", stacklevel=2)
     mpp = mpp or meta.get("mpp")
     if mpp is not None:

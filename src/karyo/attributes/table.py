@@ -146,6 +146,8 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, formats: Iterable[str
     # the id the segment tables, instance maps and GeoJSON use, as a column to join on (Identifier.Label holds it
     # too, under HistomicsTK's name)
     table = df.reset_index(drop=isinstance(df.index, pd.RangeIndex))
+    if "instance_id" not in table.columns and "Identifier.Label" in table.columns:  # a dataset's rows: join on
+        table.insert(0, "instance_id", table["Identifier.Label"])                   # (Identifier.Image, instance_id)
     for fmt in formats:
         target = stem.with_name(stem.name + "." + fmt)
         with atomic_path(target) as tmp:
