@@ -459,8 +459,11 @@ def attributes_cmd(
     levels: Annotated[Path | None, typer.Option(help="Fitted level model (levels.json) to reuse; default: fit "
                                                      "on the dataset's train split (or on what is measured).")
                       ] = None,
-    prompt_attributes: Annotated[str, typer.Option(help="Comma-separated attributes of the prompts (paper "
-                                                        "names or columns).",
+    prompt_attributes: Annotated[str, typer.Option(help="Comma-separated attributes of the prompts, each one "
+                                                        "the prompts have words for (paper name or column): "
+                                                        "d_eq, eccentricity, color_z, perim_ratio, solidity, "
+                                                        "extent, aspect_ratio, texture_z, core_contrast_z, "
+                                                        "boundary_grad_mean, nn_dist_px.",
                                                    show_default="d_eq, eccentricity, color_z, perim_ratio (IVAAN's "
                                                                 "B.2 choice)")] = _PROMPT_ATTRIBUTES,
     level_mode: Annotated[str, typer.Option(help="global | per_class quantile levels.")] = "global",

@@ -130,3 +130,18 @@ def test_sentences_per_nucleus():
     assert 20 <= s.nunique() <= 81  # 3 levels × 4 attributes
     with_cls = LevelModel.fit(df).sentences(df, with_class=True)
     assert with_cls.str.contains("big nucleus|small nucleus").all()
+
+
+def test_an_attribute_without_words_is_refused_with_the_ones_that_have_them_as_the_cli_help_lists():
+    import typer
+
+    from karyo.attributes import names as N
+    from karyo.cli import app
+    from karyo.text.prompts import level_words, load_prompts
+
+    described = [N.paper_name(c) for c in load_prompts()["attributes"]]
+    with pytest.raises(KeyError, match="the attributes it describes: " + ", ".join(described)):
+        level_words("Size.Perimeter")
+    [option] = [p for p in typer.main.get_command(app).commands["attributes"].params if p.name == "prompt_attributes"]
+    help_text = " ".join(option.help.split())
+    assert "the prompts have words for (paper name or column): " + ", ".join(described) + "." in help_text

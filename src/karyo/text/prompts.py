@@ -49,9 +49,11 @@ def _check(data: dict, path: str) -> None:
 def level_words(attribute: str, path: str | os.PathLike | None = None) -> list[str]:
     """Words of an attribute's levels, lowest first (attribute as column, paper name or alias)."""
     col = N.resolve(attribute)
-    spec = load_prompts(path)["attributes"].get(col)
+    described = load_prompts(path)["attributes"]
+    spec = described.get(col)
     if spec is None:
-        raise KeyError(f"prompts file has no level words for {col!r}")
+        raise KeyError(f"no level words for {col!r} in the prompts file; the attributes it describes: "
+                       f"{', '.join(N.paper_name(c) for c in described)}")
     return list(spec["levels"])
 
 
