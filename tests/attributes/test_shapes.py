@@ -390,3 +390,11 @@ def test_a_dim_16_bit_stain_keeps_its_grey_levels():
     assert (df["Color.HematoxylinRaw"] > 0.3).all() and (df["Texture.HematoxylinVarianceRaw"] > 0).all()
     as8 = measure_nuclei(np.round(dapi * 255 / 108).astype(np.uint8)[..., None], labels)
     np.testing.assert_allclose(df["Color.HematoxylinRaw"], as8["Color.HematoxylinRaw"], atol=0.02)
+
+
+def test_classes_given_as_a_list_are_refused_with_what_is_expected():
+    labels = np.zeros((40, 40), np.int32)
+    labels[disk((20, 20), 6)] = 1
+    with pytest.raises(InputError, match=r"classes must map each instance id to its class id .* got a list"):
+        measure_nuclei(_rgb((40, 40)), labels, [1])
+    assert measure_nuclei(_rgb((40, 40)), labels, {1: 2})["Class.Id"].tolist() == [2]

@@ -47,6 +47,16 @@ def test_damaged_weights_are_refused(tmp_path, monkeypatch):
         registry.load("m")
 
 
+def test_load_and_segment_say_what_they_take_when_given_something_else(tmp_path):
+    with pytest.raises(karyo.InputError, match=r"load takes a shipped model's name .* got int 123"):
+        karyo.load(123)
+    model = karyo.load("classical")
+    with pytest.raises(karyo.InputError, match=r"got the file name 'tile\.png': read it first with karyo\.read_image"):
+        model.segment("tile.png")
+    with pytest.raises(karyo.InputError, match=r"no image given \(None\)"):
+        model.segment(None)
+
+
 def test_loading_a_training_run_says_how_to_get_a_model(tmp_path):
     """A prompter run (or its prompter export) is not a model: say so and how to pack one, not only
     "config.json: file not found"."""

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,8 +96,9 @@ _DEFAULT_NORMALIZER = MacenkoNormalizer()
 
 def measure_nuclei(image: np.ndarray, instances: np.ndarray, classes: Mapping[int, int] | None = None, *,
                    class_names: Mapping[int, str] | None = None, normalizer: MacenkoNormalizer | None = None,
-                   options: AttributeOptions | None = None, source: str | None = None, channel_names=None,
-                   nuclear_channel: str | int | None = None, mpp: float | None = None) -> pd.DataFrame:
+                   options: AttributeOptions | None = None, source: str | None = None,
+                   channel_names: Sequence[str] | None = None, nuclear_channel: str | int | None = None,
+                   mpp: float | None = None) -> pd.DataFrame:
     """Measure every nucleus of ``instances`` (H×W labels, 0 = background) on ``image`` (H×W×C).
 
     Returns one row per instance, indexed by instance id, with the columns of
@@ -107,6 +108,9 @@ def measure_nuclei(image: np.ndarray, instances: np.ndarray, classes: Mapping[in
     ``normalizer`` (default: Macenko with the reference target). Marker images (``channel_names`` from the
     file; see the module docstring) are measured on their nuclear channel and add ``Marker.<name>.Mean/Std``.
     """
+    if classes is not None and not isinstance(classes, Mapping):
+        raise InputError(source, f"classes must map each instance id to its class id (a dict such as {{1: 2}}), "
+                                 f"got a {type(classes).__name__}")
     cols = measure_arrays(image, instances, normalizer=normalizer, options=options, source=source,
                           channel_names=channel_names, nuclear_channel=nuclear_channel)
     df = to_frame(cols, classes, class_names)

@@ -67,6 +67,11 @@ class Sample:
 
 def as_hwc(image: np.ndarray, source: str | None = None) -> np.ndarray:
     """Return ``image`` as H×W×C; a 2-D array becomes H×W×1."""
+    if image is None:
+        raise InputError(source, "no image given (None)")
+    if isinstance(image, str | os.PathLike):
+        raise InputError(source, f"expected the image's pixels (an array), got the file name {str(image)!r}: read it "
+                                 f"first with karyo.read_image (or read_image_meta, which also gives its µm/px)")
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]

@@ -73,6 +73,8 @@ class SegmentationResult:
 
             raise InputError(None, "this result has no name to write its files under: pass stem=... (or segment "
                                    "with name=...)")
+        if isinstance(outputs, str):  # "table" or "table,geojson", as --outputs takes them; not its letters
+            outputs = [kind.strip() for kind in outputs.split(",") if kind.strip()]
         return save_result(self, out_dir, image, stem=stem, outputs=ALL_OUTPUTS if outputs is None else outputs)
 
     def table(self) -> pd.DataFrame:

@@ -69,6 +69,9 @@ def load(name_or_path: str | os.PathLike = "default", device: str = "cpu") -> In
     array (uint8, uint16, or float in [0, 1]) and returns a :class:`~karyo.infer.result.SegmentationResult`."""
     import karyo.models  # noqa: F401  (registers the architectures)
 
+    if not isinstance(name_or_path, str | os.PathLike):
+        raise InputError(None, f"load takes a shipped model's name (karyo.available()) or a model folder's path, "
+                               f"got {type(name_or_path).__name__} {name_or_path!r}")
     if not str(name_or_path).strip():
         raise InputError(None, "no model given: a shipped name (karyo.available()) or a model folder")
     from karyo.device import pick_device
