@@ -257,6 +257,10 @@ def segment(
     channels: Annotated[str | None, typer.Option(help="Channels to use, in this order: names from the OME-TIFF "
                                                       "metadata or 0-based indices, e.g. DAPI,CD45 or 0,2.")
                         ] = None,
+    bits: Annotated[int | None, typer.Option(min=9, max=16, help="Bits a 16-bit image really uses (e.g. 12 for "
+                                                                  "12-bit camera data stored as 16-bit): its values "
+                                                                  "are read on that range instead of 0..65535, "
+                                                                  "which would look 16× too dark.")] = None,
     threads: _Threads = None,
 ) -> None:
     """Find, outline and classify the nuclei of each image; write instance maps, class tables, overlays
@@ -264,7 +268,7 @@ def segment(
     from karyo.data.io import read_image_meta
     from karyo.errors import InputError
     from karyo.export.writers import ALL_OUTPUTS, save_result
-    from karyo.infer.prepare import check_mpp, check_prompts, double_click_px
+    from karyo.infer.prepare import check_mpp, check_prompts, double_click_px, on_bit_range
     from karyo.models import load
     from karyo.samples import sample_path
 
@@ -305,6 +309,8 @@ def segment(
         for done, path in enumerate(files):
             with _naming_what_was_written(done, out):
                 image, meta = read_image_meta(path)
+                if bits is not None:
+                    image = on_bit_range(image, bits, path)
                 if mpp is None and meta.get("mpp"):
                     stated[path.name] = meta["mpp"]
                 elif mpp is None:

@@ -182,6 +182,32 @@ def test_segment_notes_a_one_channel_image_by_its_file(tmp_path):
     assert "UserWarning" not in res.output
 
 
+def test_segment_reads_12_bit_camera_data_on_its_own_range_with_bits(tmp_path):
+    """12-bit data in a 16-bit TIFF looks 16x too dark: the note says --bits 12, which segments it as the 8-bit
+    original is segmented; values the bit depth cannot hold are refused."""
+    import tifffile
+
+    from karyo.samples import sample_path
+
+    rgb = karyo.read_image(sample_path())
+    tifffile.imwrite(tmp_path / "cam.tif", (rgb.astype(np.uint32) * 4095 // 255).astype(np.uint16), photometric="rgb")
+    dark = runner.invoke(app, ["segment", str(tmp_path / "cam.tif"), "--out",
+                               str(tmp_path / "a"), "--outputs", "instances"])
+    assert "pass --bits 12 (karyo segment)" in " ".join(dark.output.split())
+    res = runner.invoke(app, ["segment", str(tmp_path / "cam.tif"), "--bits", "12", "--out",
+                              str(tmp_path / "b"), "--outputs", "instances"])
+    runner.invoke(app, ["segment", str(sample_path()), "--out", str(tmp_path / "c"),
+                        "--outputs", "instances"])
+    assert res.exit_code == 0 and "darker" not in res.output, res.output
+    bright = read_instances(tmp_path / "b" / "instances" / "cam.png")
+    original = read_instances(next((tmp_path / "c" / "instances").glob("*.png")))
+    assert len(np.unique(bright)) == pytest.approx(len(np.unique(original)), rel=0.05)
+    assert len(np.unique(read_instances(tmp_path / "a" / "instances" / "cam.png"))) < len(np.unique(original)) / 2
+    res = runner.invoke(app, ["segment", str(tmp_path / "cam.tif"), "--bits", "10", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "values reach 4095, more than 10-bit data can hold (1023)" in res.output
+    assert not (tmp_path / "d" / "instances").exists()
+
+
 def test_segment_out_must_be_a_folder(tmp_path):
     from karyo.samples import sample_path
 
