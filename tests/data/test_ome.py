@@ -90,3 +90,79 @@ def test_segment_cli_selects_channels_by_name_for_an_adapter_model(tmp_path):
     res = CliRunner().invoke(app, ["segment", str(path), "--model", str(model_dir), "--out", str(tmp_path / "o2"),
                                    "--channels", "Ki67"])
     assert res.exit_code == 2 and "'Ki67' not found" in res.output
+
+
+def test_imagej_hyperstack_labels_are_channel_names(tmp_path):
+    """``tifffile.imwrite(..., imagej=True, metadata={'axes': 'CYX', 'Labels': [...]})``: one label per channel."""
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(path, planes(2), imagej=True, metadata={"axes": "CYX", "Labels": ["DAPI", "CD45"]})
+    img, meta = read_image_meta(path)
+    assert img.shape == (12, 10, 2) and meta["channel_names"] == ("DAPI", "CD45")
+    sel, sel_names = select_channels(img, meta["channel_names"], "cd45")
+    assert sel_names == ("CD45",) and sel[0, 0].tolist() == [2000]
+    # a singleton Z is dropped: its C labels still name the channels
+    tifffile.imwrite(tmp_path / "z1.tif", planes(2)[None], imagej=True,
+                     metadata={"axes": "ZCYX", "Labels": ["DAPI", "CD45"]})
+    assert read_image_meta(tmp_path / "z1.tif")[1]["channel_names"] == ("DAPI", "CD45")
+    # as many labels as channels only: otherwise (or blank, or an RGB image's) they name no channel
+    tifffile.imwrite(tmp_path / "blank.tif", planes(2), imagej=True, metadata={"axes": "CYX", "Labels": ["DAPI", ""]})
+    assert read_image_meta(tmp_path / "blank.tif")[1]["channel_names"] is None
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((12, 10, 3), np.uint8), imagej=True, metadata={"Labels": ["x"]})
+    assert read_image_meta(tmp_path / "rgb.tif")[1]["channel_names"] is None
+
+
+def test_imagej_labels_of_several_planes_name_channels_only_when_unambiguous():
+    from karyo.data.io import _imagej_channel_names
+
+    assert _imagej_channel_names(["DAPI", "CD45"] * 3, "ZCYX", 2) == ("DAPI", "CD45")
+    assert _imagej_channel_names(["a", "b", "c", "d"], "ZCYX", 2) is None
+    assert _imagej_channel_names(["a", "b", "c"], "CYX", 2) is None
+    assert _imagej_channel_names("DAPI", "YX", 1) == ("DAPI",)
+    assert _imagej_channel_names(["info\nmore"], "YX", 1) is None
+
+
+def test_segment_cli_selects_an_imagej_channel_by_name(tmp_path):
+    path = tmp_path / "ij.tif"
+    yy, xx = np.mgrid[:48, :48]
+    dapi = (((yy - 24) ** 2 + (xx - 24) ** 2) < 64).astype(np.uint16) * 4000
+    tifffile.imwrite(path, np.stack([np.zeros_like(dapi), dapi]), imagej=True,
+                     metadata={"axes": "CYX", "Labels": ["CD45", "DAPI"]})
+    res = CliRunner().invoke(app, ["segment", str(path), "--model", "classical", "--out", str(tmp_path / "out"),
+                                   "--channels", "DAPI"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "instances" / "ij.png").is_file()
+
+
+def test_repeated_channel_names_are_kept_and_said_once(tmp_path):
+    path = tmp_path / "dup.ome.tif"
+    tifffile.imwrite(path, planes(3), ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "CD45", "DAPI"]}})
+    with pytest.warns(UserWarning, match="repeated") as caught:
+        img, meta = read_image_meta(path)
+    notes = [str(w.message) for w in caught if "repeated" in str(w.message)]
+    assert len(notes) == 1 and str(path) in notes[0] and "DAPI" in notes[0] and "CD45" not in notes[0], notes
+    assert meta["channel_names"] == ("DAPI", "CD45", "DAPI")
+    assert select_channels(img, meta["channel_names"], "DAPI")[0][0, 0].tolist() == [1000]
+
+
+def test_distinct_channel_names_read_without_a_warning(tmp_path, recwarn):
+    path = tmp_path / "ok.ome.tif"
+    tifffile.imwrite(path, planes(2), ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "CD45"]}})
+    assert read_image_meta(path)[1]["channel_names"] == ("DAPI", "CD45")
+    assert not [w for w in recwarn if "channel" in str(w.message)]
+
+
+def test_yxc_ome_tiff_names_lost_by_the_writer_are_said(tmp_path):
+    """tifffile stores a Y×X×C array as one OME channel of C samples, named by the first name only."""
+    path = tmp_path / "yxc.ome.tif"
+    yxc = np.moveaxis(planes(2), 0, 2)
+    tifffile.imwrite(path, yxc, photometric="minisblack", planarconfig="contig",
+                     metadata={"axes": "YXC", "Channel": {"Name": ["DAPI", "CD45"]}})
+    with pytest.warns(UserWarning, match="names 1 channel for 2 planes: channel names ignored"):
+        img, meta = read_image_meta(path)
+    assert img.shape == (12, 10, 2) and meta["channel_names"] is None
+    np.testing.assert_array_equal(img, yxc)
+    # three 16-bit channels, as tifffile writes them by default (tagged RGB)
+    tifffile.imwrite(tmp_path / "yxc3.ome.tif", np.moveaxis(planes(3), 0, 2),
+                     metadata={"axes": "YXC", "Channel": {"Name": ["DAPI", "CD45", "CD8"]}})
+    with pytest.warns(UserWarning, match="names 1 channel for 3 planes"):
+        assert read_image_meta(tmp_path / "yxc3.ome.tif")[1]["channel_names"] is None

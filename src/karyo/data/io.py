@@ -102,10 +102,13 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | 
             photometric = getattr(page.photometric, "name", str(page.photometric)).lower()
             rgba = (int(page.photometric) == 2 and not tif.is_ome and page.dtype == np.uint8)
             alpha = tuple(int(e) for e in (getattr(page, "extrasamples", None) or ())) if rgba else ()
+            labels = None
             if tif.is_ome and tif.ome_metadata:
                 names, mpp = _ome_channels_and_mpp(tif.ome_metadata, path)
             else:
                 mpp = tiff_tags_mpp(tif)
+                if tif.is_imagej:
+                    labels = (tif.imagej_metadata or {}).get("Labels")
     except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
         raise InputError(path, f"cannot read TIFF ({type(exc).__name__}: {exc}); the file is corrupt or truncated"
                          ) from None
@@ -115,9 +118,52 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[str, ...] | None, float | 
         premultiplied = alpha[-1] == 1
         arr = _flatten_alpha(arr[..., :-1], arr[..., -1], path, premultiplied=premultiplied)
         names = None
+    if labels is not None:
+        names = _imagej_channel_names(labels, axes, arr.shape[2])
     if names is not None and len(names) != arr.shape[2]:
+        # tifffile writes a Y×X×C array as one OME channel of C samples, with the first name only
+        if not (photometric == "rgb" and arr.dtype == np.uint8 and len(names) == 1):  # an RGB image's own name
+            warnings.warn(f"{path}: the OME metadata names {len(names)} channel{'s' if len(names) != 1 else ''} "
+                          f"for {arr.shape[2]} planes: channel names ignored", stacklevel=_caller_stacklevel())
         names = None
+    if names is not None:
+        _note_repeated_names(names, path)
     return arr, names, mpp, photometric
+
+
+def _imagej_channel_names(labels: Any, axes: str, n_channels: int) -> tuple[str, ...] | None:
+    """Channel names from an ImageJ hyperstack's slice labels (``Labels``), which ImageJ stores one per plane,
+    channels varying fastest: C labels for C planes name them; with more planes (Z or T), the first C labels do
+    only if every Z/T repeats them. Labels of an RGB image's planes do not name its samples; blank or multi-line
+    labels (file information, as ImageJ keeps for DICOM) are not names."""
+    labels = [labels] if isinstance(labels, str) else labels
+    if not isinstance(labels, (list, tuple)) or not labels or "S" in axes.upper():
+        return None
+    labels = ["" if label is None else str(label).strip() for label in labels]
+    if len(labels) != n_channels:
+        if not (len(labels) % n_channels == 0
+                and all(label == labels[k % n_channels] for k, label in enumerate(labels))):
+            return None
+        labels = labels[:n_channels]
+    if not all(labels) or any("\n" in label or "\r" in label for label in labels):
+        return None
+    return tuple(labels)
+
+
+def _note_repeated_names(names: tuple[str, ...], path: Path) -> None:
+    """Say once per file which channel names are repeated (matched ignoring case, as ``--channels`` does)."""
+    seen: dict[str, str] = {}
+    repeated: dict[str, None] = {}
+    for name in names:
+        key = str(name).strip().casefold()
+        if key in seen:
+            repeated[seen[key]] = None
+        else:
+            seen[key] = str(name).strip()
+    if repeated:
+        warnings.warn(f"{path}: channel name(s) {', '.join(repeated)} repeated: --channels picks the first of each; "
+                      f"the others are told apart by #2, #3 ... (in attribute columns) or their 0-based index",
+                      stacklevel=_caller_stacklevel())
 
 
 def _to_yxc(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
