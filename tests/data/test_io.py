@@ -365,3 +365,10 @@ def test_float_in_unit_range_converts_back_to_its_8_bit_image():
     np.testing.assert_array_equal(classical.segment(img / 255.0).instances, classical.segment(img).instances)
     with pytest.raises(InputError, match=r"float images must hold values in \[0, 1\], got .*\.\.1\.0001;"):
         classical.segment(np.minimum(img / 255.0 * 1.0001, 1.0001))  # refused as the learned models refuse it
+
+
+def test_read_image_meta_given_an_array_says_it_takes_a_path():
+    with pytest.raises(InputError, match="takes an image file's path, got an array: it is already read"):
+        read_image_meta(np.zeros((3, 3)))
+    with pytest.raises(InputError, match="takes an image file's path, got int"):
+        read_image_meta(3)

@@ -328,6 +328,9 @@ def _read_png16(path: Path) -> np.ndarray:
 def read_image_meta(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     """Read an image and what its file says about it: ``{"channel_names": ..., "mpp": ...}`` (and, for TIFFs,
     ``"photometric"``: ``"rgb"``, or ``"minisblack"`` for stacks of gray channels)."""
+    if not isinstance(path, str | os.PathLike):
+        what = "an array: it is already read" if isinstance(path, np.ndarray) else type(path).__name__
+        raise InputError(None, f"read_image_meta takes an image file's path, got {what}")
     path = Path(path)
     arr, meta = _read_pixels(path)
     arr = as_hwc(arr, str(path))
