@@ -21,6 +21,9 @@ channels, optionally named (``AdapterConfig.channel_names``). An image with C ch
    the C channels are **pooled** to N by adaptive average pooling over the channel axis, exactly
    ``torch.nn.AdaptiveAvgPool1d(N)``: adapter channel k is the mean of image channels ⌊kC/N⌋ … ⌈(k+1)C/N⌉ − 1.
    So 1 → 3 repeats the channel, 8 → 3 averages three overlapping blocks, 3 → 1 averages all three.
+   Except: an image that names no channels, with fewer (C < N) than an adapter that names its own, gives them by
+   position to the adapter's first C and leaves the others **missing** (warned): a DAPI-only PNG given to a
+   DAPI,CD45 model is read as its DAPI, not pooled into CD45 as well.
 
 A missing channel reaches the network as NaN (whole channel) and is replaced inside :meth:`ChannelAdapter.forward`
 by ``AdapterConfig.missing``: ``"embedding"`` — a learned per-channel constant (zero-initialised, i.e. the
@@ -254,6 +257,12 @@ def plan_channels(n_image: int, config: AdapterConfig, names: Sequence[str] | No
                 f"{list(config.channel_names)}; if that is not their order, reorder them (--channels with 0-based "
                 f"indices) or name them (OME-TIFF channel names, or channel_names= in Python)")
         return ChannelPlan("identity", tuple((k,) for k in range(n)))
+    if config.channel_names and not names and n_image < n:
+        taken, lost = list(config.channel_names[:n_image]), list(config.channel_names[n_image:])
+        say(f"the image names no channels: its {n_image} are taken by position as the model's {taken}; {lost} "
+            f"missing, filled by the adapter's '{config.missing}' rule (name the image's channels, e.g. as an "
+            f"OME-TIFF, if they are others)")
+        return ChannelPlan("named", tuple((k,) if k < n_image else () for k in range(n)))
     plural = "s" if n_image != 1 else ""
     say(f"the image has {n_image} channel{plural}, the model {n}: channels pooled (adaptive average over the "
         "channel axis)")
