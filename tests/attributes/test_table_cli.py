@@ -164,6 +164,30 @@ def test_cli_attributes_says_why_a_run_has_no_sentences_or_class_levels(tmp_path
     assert not (tmp_path / "b" / "tile_levels.json").exists()
 
 
+def test_cli_attributes_rerun_into_a_folder_leaves_no_file_of_the_earlier_run(tmp_path, samples, layout):
+    s = samples[1]
+    write_image(tmp_path / "tile.png", s.image)
+    write_instances(tmp_path / "tile_mask.png", s.instances)
+    out = tmp_path / "o"
+    args = ["attributes", str(tmp_path / "tile.png"), "--instances", str(tmp_path / "tile_mask.png"), "--out", str(out)]
+    runner.invoke(app, args)
+    (out / "notes.txt").write_text("mine")
+    levels = tmp_path / "levels.json"
+    (out / "tile_levels.json").rename(levels)
+    (out / "tile_levels.json").write_text((levels).read_text())
+    res = runner.invoke(app, [*args, "--no-geojson", "--levels", str(levels)])
+    assert res.exit_code == 0 and "removed tile_levels.json, tile.geojson of an earlier run" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "tile_attributes.csv", "tile_attributes.parquet"]
+    res = runner.invoke(app, [*args, "--levels", str(out / "tile_attributes.parquet")])  # a bad levels file...
+    assert res.exit_code == 2 and (out / "tile_attributes.parquet").is_file()  # ...is not removed as stale
+    ds = tmp_path / "ds"
+    runner.invoke(app, ["attributes", str(layout), "--out", str(ds)])
+    res = runner.invoke(app, ["attributes", str(layout), "--split", "test", "--levels", str(ds / "levels.json"),
+                              "--out", str(ds)])
+    assert res.exit_code == 0 and "removed" in res.output and (ds / "levels.json").is_file()  # read, so kept
+    assert sorted(p.stem for p in (ds / "geojson").iterdir()) == ["img4", "img5"]
+
+
 def test_cli_attributes_on_a_dataset_and_reusing_levels(tmp_path, layout):
     out = tmp_path / "ds"
     res = runner.invoke(app, ["attributes", str(layout), "--out", str(out), "--jobs", "2"])

@@ -101,7 +101,22 @@ def attributes_for_image(image_path: str | os.PathLike, instances_path: str | os
                                      class_names=class_names,
                                      prompts=dict(zip(table.index, table[PROMPT_COLUMN], strict=True)),
                                      image_name=stem))
+    _remove_earlier_outputs([out / f"{stem}_levels.json", out / f"{stem}.geojson"], files, levels)
     return AttributeRun(table, model, files)
+
+
+def _remove_earlier_outputs(candidates: Sequence[Path], written: Sequence[Path], levels) -> None:
+    """karyo's own files that an earlier run left in ``out`` and this one did not rewrite (no GeoJSON asked for,
+    no levels fitted): removed, so the folder describes one run, with a note; the levels file this run reads
+    (``levels``) is kept."""
+    reused = Path(levels).resolve() if isinstance(levels, str | os.PathLike) else None
+    stale = [p for p in candidates if p.is_file() and p not in written and p.resolve() != reused]
+    for path in stale:
+        path.unlink()
+    if stale:
+        shown = ", ".join(p.name for p in stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        warnings.warn(f"{stale[0].parent}: removed {shown} of an earlier run, which this run did not write again",
+                      stacklevel=3)
 
 
 def _class_names_near(csv_path: Path) -> dict[int, str] | None:
@@ -178,6 +193,8 @@ def attributes_for_dataset(root: str | os.PathLike, out: str | os.PathLike, *, s
                                          image_name=id_))
             if progress is not None:
                 progress(i)
+    earlier = [out / "levels.json", *sorted((out / "geojson").glob("*.geojson"))]
+    _remove_earlier_outputs(earlier, files, levels)
     return AttributeRun(table, model, files)
 
 

@@ -136,7 +136,12 @@ class LevelModel:
         path = Path(path)
         if not path.is_file():
             raise InputError(path, "level model file not found")
-        model = cls.from_json(path.read_text(encoding="utf-8"), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(path, "not a level model: a levels.json that karyo attributes wrote is UTF-8 JSON, "
+                                   "this file is binary") from None
+        model = cls.from_json(text, str(path))
         current = prompts_version()
         if model.prompts_version != current:
             warnings.warn(f"{path}: fitted with prompts version {model.prompts_version}, the installed prompts "
