@@ -71,6 +71,12 @@ def test_run_starts_from_init_weights_on_the_given_validation_images(tmp_path, d
     assert all(torch.equal(end[k], start[k]) for k in start)
     saved = json.loads((second / "train_config.json").read_text())
     assert saved["val_ids"] == ["syn_3_000", "syn_3_001"] and saved["init"] == str(first)
+    # "--resume, same command": the --init the run started from is accepted (one finished epoch more), another not
+    rerun = train("prompter", None, second, config=cfg, progress=False, resume=True, init=str(first) + "/",
+                  train_overrides={"lr": 0.0, "epochs": 2})
+    assert len(rerun.history) == 2
+    with pytest.raises(InputError, match="a resumed run keeps the network it started with; --init would change"):
+        train("prompter", None, second, config=cfg, progress=False, resume=True, init=str(tmp_path))
     # Without init the same settings give other (random) weights: the equality above is not trivial.
     third = tmp_path / "third"
     settings = {"epochs": 1, "batch_size": 2, "lr": 0.0, "seed": 5}

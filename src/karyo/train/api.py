@@ -6,6 +6,7 @@ trains exactly what the interrupted one did (only ``epochs`` may be raised).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,13 @@ from karyo.device import pick_device
 from karyo.errors import InputError, naming
 from karyo.models.prompter import PrompterConfig
 from karyo.models.segmentor import SegmentorConfig, segmentor_config
-from karyo.train.channels import adapt_training_data, channel_summary
+from karyo.train.channels import (
+    adapt_training_data,
+    channel_summary,
+    channels_from_data,
+    check_channels_in_data,
+    parse_channels,
+)
 from karyo.train.data import DataSpec, group_split, load_specs, source_group
 from karyo.train.loop import FitResult, TrainConfig, fit
 from karyo.train.prompter import PrompterTask
@@ -30,6 +37,8 @@ TASKS = ("prompter", "segmentor", "ivaan", "cellvit", "monch", "unet", "stain_ag
 SETTINGS_TASKS = ("segmentor", "stain_agnostic", "monch", "unet")
 # Tasks whose networks take a channel adapter (karyo.models.adapter) in front of the backbone.
 CHANNEL_TASKS = ("prompter", "segmentor", "cellvit", "monch", "stain_agnostic")
+
+log = logging.getLogger(__name__)
 
 
 def read_config_file(path: str | os.PathLike | None) -> dict:
@@ -85,7 +94,10 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
 
     ``channels`` (the :data:`CHANNEL_TASKS`): put a channel adapter for N channels (an int or ``"8"``) or for these
     named channels (``"DAPI,CD45"``) in front of the network (:mod:`karyo.models.adapter`); the data are mapped
-    onto them by the adapter's rule. Ignored on resume (the saved model config holds the adapter). A prompter and a
+    onto them by the adapter's rule; a name no training image has, or a count none has, is refused (a name only
+    some lack is filled by the adapter). Without ``channels``, a config whose ``model: adapter:`` section names no
+    channels (no ``in_channels`` / ``channel_names``) takes them from the training images, which must agree (all
+    RGB keep the adapter's 3 channels). Ignored on resume (the saved model config holds the adapter). A prompter and a
     segmentor trained with the same ``channels`` and augmentation pack into one multi-channel PromptNucSeg model.
 
     ``init`` (or the config's ``init:``): start from these weights instead of a random initialisation — fine-tuning a
@@ -100,8 +112,11 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         raise InputError(None, f"unknown training task {task!r}; choose from {', '.join(TASKS)}")
     if channels is not None and task not in CHANNEL_TASKS:
         raise InputError(None, f"--channels applies to the {', '.join(CHANNEL_TASKS)} tasks, not {task}")
+    channels = parse_channels(channels)  # a bad value (--channels 0) is refused before the data are read
     out = Path(out)
     if resume:
+        if init is not None and _same_init(init, out):
+            init = None  # the documented "same command" with --resume: the --init the run started from
         given = [flag for flag, value in (("--init", init), ("--preset", preset), ("--channels", channels))
                  if value is not None]
         if given:  # silently ignored before: the saved run decides what it trains
@@ -184,6 +199,14 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
                  f"{drawn}){unstated}")
     train_samples = [items[i] for i in tr_idx]
     val_samples = [items[i] for i in va_idx]
+    if not resume and task in CHANNEL_TASKS:
+        if channels is not None:  # a channel no training image has would train an adapter input never seen
+            check_channels_in_data(channels, train_samples)
+        elif _adapter_channels_unset(file_cfg):
+            channels = channels_from_data(items)
+            if channels is not None:
+                said = ", ".join(channels) if isinstance(channels, tuple) else f"{channels} unnamed channel(s)"
+                (on_split or log.info)(f"channels from the data: {said}")
     meta: dict[str, Any] = {"data": [str(s) for s in specs], "val_fraction": vf, "augment": augment.to_dict(),
                             "n_train": len(train_samples), "n_val": len(val_samples),
                             "val_ids": [samples.ids[i] for i in va_idx]}
@@ -268,6 +291,27 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     return fit(t, tcfg, out, resume=resume, model_config=model_cfg, progress=progress, meta=meta,
                init_state=init_state, init_source=init, init_other_classes=other_classes,
                init_class_order=class_order, on_resume=on_resume)
+
+
+def _same_init(init: str | os.PathLike, out: Path) -> bool:
+    """Whether ``init`` is what the run in ``out`` started from (its train_config.json's ``init``): the same
+    shipped model's name or the same path, however written."""
+    saved_file = out / "train_config.json"
+    saved = load_json(saved_file).get("init") if saved_file.is_file() else None
+    if saved is None:
+        return False
+    if str(init) == str(saved):
+        return True
+    return Path(init).exists() and Path(saved).exists() and Path(init).resolve() == Path(saved).resolve()
+
+
+def _adapter_channels_unset(file_cfg: dict) -> bool:
+    """Whether the run config's ``model:`` section asks for a channel adapter without saying its channels
+    (``adapter:`` without ``in_channels`` / ``channel_names``): the data's channels are then taken
+    (:func:`karyo.train.channels.channels_from_data`), not the adapter's default of 3 unnamed ones."""
+    model = file_cfg.get("model")
+    adapter = model.get("adapter") if isinstance(model, dict) else None
+    return isinstance(adapter, dict) and not {"in_channels", "channel_names"} & set(adapter)
 
 
 def _mapped_class_names(specs: list[DataSpec], class_names: dict[int, str], init: str | os.PathLike | None,

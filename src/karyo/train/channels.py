@@ -15,27 +15,40 @@ import torch
 from torch import Tensor
 
 from karyo.data.augment import IMAGENET_MEAN, AugmentConfig, prepare_image
-from karyo.data.sample import Sample
+from karyo.data.sample import Sample, is_marker_image
 from karyo.errors import InputError
 from karyo.models.adapter import AdapterConfig, channel_key, map_channels, plan_channels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["adapt_training_data", "channel_summary", "fit_channel_stats", "map_samples", "mark_missing",
-           "parse_channels", "with_adapter"]
+__all__ = ["adapt_training_data", "channel_summary", "channels_from_data", "check_channels_in_data",
+           "describe_channels", "fit_channel_stats", "map_samples", "mark_missing", "parse_channels", "with_adapter"]
 
 
 def parse_channels(spec: str | int | Sequence[str] | None) -> int | tuple[str, ...] | None:
     """``--channels`` of ``karyo train``: ``"8"`` / 8 → 8 unnamed channels; ``"DAPI,CD45"`` → those names."""
-    if spec is None or isinstance(spec, int):
-        return spec
+    if spec is None:
+        return None
+    if isinstance(spec, int):
+        return _count(spec)
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
     items = [s for s in items if s]
     if len(items) == 1 and items[0].isdigit():
-        return int(items[0])
+        return _count(int(items[0]))
     if not items:
         raise InputError(None, "--channels needs a channel count or comma-separated channel names")
+    keys = [channel_key(s) for s in items]
+    twice = list(dict.fromkeys(s for s, k in zip(items, keys, strict=True) if keys.count(k) > 1))
+    if twice:
+        raise InputError(None, f"--channels {','.join(items)}: {', '.join(twice)} given more than once (channel names "
+                               f"are compared ignoring case and spaces)")
     return tuple(items)
+
+
+def _count(n: int) -> int:
+    if isinstance(n, bool) or n < 1:
+        raise InputError(None, f"--channels {n}: need at least one channel (a channel count >= 1 or channel names)")
+    return n
 
 
 def with_adapter(config: Any, channels: int | Sequence[str] | None, augment: AugmentConfig | None = None) -> Any:
@@ -76,7 +89,8 @@ def map_samples(samples: Sequence[Sample], adapter: AdapterConfig | None, in_cha
         for s in samples:
             n = s.image.shape[2]
             if n != in_chans:
-                fix = ("give it a channel adapter (--channels)" if adapter_possible
+                spec = ",".join(map(str, s.channel_names)) if s.channel_names else n
+                fix = (f"give it a channel adapter (--channels {spec})" if adapter_possible
                        else f"set 'model: {{in_chans: {n}}}' in the config (this network takes no --channels)")
                 raise InputError(s.source or s.name, f"has {n} channels, the model takes {in_chans}: {fix}")
             out.append(s)
@@ -212,3 +226,78 @@ def channel_summary(adapter: AdapterConfig, samples: Sequence[Sample]) -> str:
     if ignored:
         parts.append(f"{ignored} have channels the network ignores")
     return "; ".join(parts)
+
+
+def describe_channels(samples: Sequence[Sample]) -> str:
+    """The channels ``samples`` have, grouped, for messages: ``"4 image(s) with CD45, DAPI; 2 with 1 unnamed
+    channel(s)"`` (most common first; names compared as the adapter compares them, in any order)."""
+    groups: dict[tuple, list] = {}
+    for s in samples:
+        if s.channel_names:
+            key: tuple = ("named", frozenset(channel_key(nm) for nm in s.channel_names), len(s.channel_names))
+            label = ", ".join(map(str, s.channel_names))
+        else:
+            key = ("unnamed", s.image.shape[2])
+            label = f"{s.image.shape[2]} unnamed channel(s)"
+        groups.setdefault(key, [label, 0])[1] += 1
+    ordered = sorted(groups.values(), key=lambda g: -g[1])
+    return "; ".join(f"{count} {'image(s) ' if i == 0 else ''}with {label}"
+                     for i, (label, count) in enumerate(ordered))
+
+
+def _is_rgb(s: Sample) -> bool:
+    return s.image.shape[2] == 3 and not is_marker_image(3, s.channel_names)
+
+
+def channels_from_data(samples: Sequence[Sample]) -> int | tuple[str, ...] | None:
+    """The adapter channels the training images agree on, for a run that names none (no ``--channels``, an
+    adapter section without ``in_channels`` / ``channel_names``): their channel names (the first image's order;
+    the others may order them otherwise, they are mapped by name), or their channel count where they are unnamed.
+    None where every image is RGB (3 channels, unnamed or named R, G, B): the adapter's default 3 channels fit.
+    Images with different channels are refused (the run must say which the network takes)."""
+    if not samples or all(_is_rgb(s) for s in samples):
+        return None
+    first = samples[0]
+    want = (frozenset(channel_key(nm) for nm in first.channel_names), len(first.channel_names)) \
+        if first.channel_names else None
+    for s in samples:
+        if want is not None:
+            same = bool(s.channel_names) and (frozenset(channel_key(nm) for nm in s.channel_names),
+                                              len(s.channel_names)) == want
+        else:
+            same = not s.channel_names and s.image.shape[2] == first.image.shape[2]
+        if not same:
+            raise InputError(None, f"the training images have different channels ({describe_channels(samples)}): "
+                                   f"say which the network takes with --channels (names, e.g. --channels "
+                                   f"DAPI,CD45, or a count)")
+    if first.channel_names:
+        return tuple(str(nm) for nm in first.channel_names)
+    return int(first.image.shape[2])
+
+
+def check_channels_in_data(channels: str | int | Sequence[str] | None, samples: Sequence[Sample]) -> None:
+    """Refuse ``--channels`` that no training image has: a name no image carries (an unnamed image with as many
+    channels as named, or fewer, has the first of them, by position: :func:`~karyo.models.adapter.plan_channels`),
+    or a count other than the one every image has (images of several counts are pooled onto it, as documented).
+    A name only some images lack stays allowed (the adapter fills it: that is what it is for)."""
+    spec = parse_channels(channels)
+    if spec is None or not samples:
+        return
+    if isinstance(spec, int):
+        counts = {s.image.shape[2] for s in samples}
+        if len(counts) == 1 and spec not in counts:
+            raise InputError(None, f"--channels {spec}: no training image has {spec} channel(s) (they have: "
+                                   f"{describe_channels(samples)}); give a count they have, or their channel names")
+        return
+    keys = [channel_key(nm) for nm in spec]
+
+    def has(s: Sample, key: str) -> bool:
+        if s.channel_names:
+            return key in {channel_key(nm) for nm in s.channel_names}
+        n = s.image.shape[2]  # unnamed channels are taken by position, when not more than named
+        return n <= len(spec) and keys.index(key) < n
+
+    lacking = [nm for nm in spec if not any(has(s, channel_key(nm)) for s in samples)]
+    if lacking:
+        raise InputError(None, f"--channels {','.join(spec)}: no training image has {', '.join(lacking)} (they have: "
+                               f"{describe_channels(samples)})")
