@@ -189,3 +189,16 @@ def test_a_run_without_any_validation_score_says_so(tmp_path, one_thread):
     assert result.best_epoch == -1 and (tmp_path / "run" / "model" / "toy.pt").is_file()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())  # strict JSON: no -Infinity
     assert summary["best_score"] is None and summary["best_epoch"] is None
+
+
+def test_a_dataset_without_split_notes_the_test_images_it_trains_on(tmp_path):
+    from karyo.data.layout import write_layout_sample
+    from karyo.train.data import test_images_trained_on
+
+    root = tmp_path / "data"
+    for i, s in enumerate(disc_samples(4)):
+        write_layout_sample(root, s, split="test" if i == 3 else "train")
+    lines = test_images_trained_on([DataSpec.parse(str(root)), DataSpec.parse(f"{root}:train")])
+    assert lines == [f"note: {root}: no :SPLIT given, so all its images train, including the 1 its split.csv marks "
+                     f"test; give {root}:train to leave those out"]
+    assert test_images_trained_on([DataSpec.parse(str(tmp_path / "absent"))]) == []

@@ -27,7 +27,7 @@ from karyo.train.channels import (
     check_channels_in_data,
     parse_channels,
 )
-from karyo.train.data import DataSpec, group_split, load_specs, source_group
+from karyo.train.data import DataSpec, group_split, load_specs, source_group, test_images_trained_on
 from karyo.train.loop import FitResult, TrainConfig, fit
 from karyo.train.prompter import PrompterTask
 from karyo.train.segmentor import SegmentorTask, SegmentorTrainSettings
@@ -144,6 +144,9 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     specs = [DataSpec.parse(s) for s in (data or file_cfg.get("data") or [])]
     if not specs:
         raise InputError(None, "no training data: pass --data PATH[:SPLIT][@CLASSES] (repeatable)")
+    if not resume:
+        for line in test_images_trained_on(specs):
+            (on_split or log.warning)(line)
     tcfg = from_dict(TrainConfig, {**file_cfg.get("train", {}), **(train_overrides or {})}, config)
     with naming(config):
         augment = AugmentConfig.from_dict({"seed": tcfg.seed, **file_cfg.get("augment", {})})

@@ -100,6 +100,27 @@ def load_specs(specs: Sequence[DataSpec | str], class_names: dict[int, str] | No
     return parts[0] if len(parts) == 1 else ConcatSamples(parts)
 
 
+def test_images_trained_on(specs: Sequence[DataSpec]) -> list[str]:
+    """A note per dataset given without ``:SPLIT`` whose split.csv marks images ``test``: all of its images train,
+    those too, which is what a user asking for the whole folder means only sometimes (karyo's own configs do
+    it on purpose for ``pannuke_breast_demo``, which has no train split)."""
+    from karyo.data.layout import LayoutDataset
+
+    lines = []
+    for spec in specs:
+        if spec.split is not None:
+            continue
+        try:
+            splits = LayoutDataset(spec.path).splits
+        except (InputError, OSError):
+            continue  # another format, or not there: open_dataset says so when the data are read
+        tests = len(splits.get("test", []))
+        if tests:
+            lines.append(f"note: {spec.path}: no :SPLIT given, so all its images train, including the {tests} its "
+                         f"split.csv marks test; give {spec.path}:train to leave those out")
+    return lines
+
+
 def source_group(name: str) -> str:
     """The source image a patch was cut from: ``train_12_003`` → ``train_12`` (CoNSeP's naming); names without
     a numeric patch suffix are their own group.
