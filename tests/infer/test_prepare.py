@@ -94,7 +94,8 @@ def test_fluorescence_saved_as_rgb_is_noted_and_a_wrong_channel_count_names_the_
                                          r"channel to read as gray \(--channels 0; in Python image\[\.\.\., :1\]\).*"
                                          r"--model classical"):
         model_input(np.zeros((16, 16, 2), np.uint16), 3, (0.0,) * 3, (1.0,) * 3, "m.tif")
-    with pytest.raises(InputError, match=r"got 5 channels; choose 3 with --channels 0,1,2 \(or names; in Python "
+    with pytest.raises(InputError, match=r"got 5 channels; a fluorescence or multiplex image wants the classical "
+                                         r"model \(--model classical.*anyway: --channels 0,1,2 \(or names; in Python "
                                          r"image\[\.\.\., \[0,1,2\]\]\)"):
         model_input(np.zeros((16, 16, 5), np.uint16), 3, (0.0,) * 3, (1.0,) * 3, "m5.tif")
 

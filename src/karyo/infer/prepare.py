@@ -59,7 +59,9 @@ def model_input(image: np.ndarray, in_chans: int, mean: Sequence[float], std: Se
     if image.shape[2] != in_chans:
         n = image.shape[2]
         picked = ",".join(map(str, range(in_chans)))
-        fix = (f"choose {in_chans} with --channels {picked} (or names; in Python image[..., [{picked}]])"
+        fix = (f"a fluorescence or multiplex image wants the classical model (--model classical; it reads the "
+               f"nuclear channel) or one trained on its channels (karyo train ... --channels); to give this one "
+               f"{in_chans} of them anyway: --channels {picked} (or names; in Python image[..., [{picked}]])"
                if n > in_chans else
                "give it one channel to read as gray (--channels 0; in Python image[..., :1]), or for fluorescence "
                "use the classical model (--model classical; karyo.load(\"classical\")) or one trained on such images")
