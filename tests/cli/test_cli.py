@@ -272,8 +272,8 @@ def test_evaluate_missing_predictions_named(tmp_path):
     img = np.zeros((16, 16, 3), np.uint8)
     inst = np.zeros((16, 16), np.int32)
     inst[2:6, 2:6] = 1
-    write_layout_sample(truth, karyo.Sample(image=img, instances=inst, name="a"))
-    write_layout_sample(truth, karyo.Sample(image=img, instances=inst, name="b"))
+    write_layout_sample(truth, karyo.Sample(image=img, instances=inst, name="a"), split="test")
+    write_layout_sample(truth, karyo.Sample(image=img, instances=inst, name="b"), split="train")
     pred = tmp_path / "p"
     (pred / "instances").mkdir(parents=True)
     from karyo.data.io import write_instances
@@ -295,6 +295,10 @@ def test_evaluate_missing_predictions_named(tmp_path):
     res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(pred), "--missing", "skip"])
     assert "1 prediction(s) match no ground-truth image and are not scored, e.g. ['a_typo']" in " ".join(
         res.output.split())
+    write_instances(pred / "instances" / "b.png", inst)
+    res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(pred), "--split", "test"])
+    assert "2 prediction(s) match no ground-truth image of split 'test' (images of other splits are left out) and " \
+           "are not scored, e.g. ['a_typo', 'b']" in " ".join(res.output.split())
     empty = tmp_path / "dataset"
     (empty / "images").mkdir(parents=True)
     (empty / "images" / "x.png").write_bytes(b"")

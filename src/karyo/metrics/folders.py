@@ -56,7 +56,7 @@ def evaluate_folders(true: str | os.PathLike, pred: str | os.PathLike, *, split:
     preds = LayoutDataset(pred_root)
     pred_index = {name: i for i, name in enumerate(preds.ids)}
     names = list(truth.ids)
-    scored, notes = _scored_images(names, pred_index, missing, pred_root, "instances/<id>.png")
+    scored, notes = _scored_images(names, pred_index, missing, pred_root, "instances/<id>.png", split)
     true_names = truth.class_names or {}
     relabel, classes_off = _class_relabelling(true_names, preds.class_names or {})
     if true_names and not preds.class_names and (pred_root / "classes").is_dir():
@@ -121,7 +121,7 @@ def evaluate_semantic_folders(true: str | os.PathLike, pred: str | os.PathLike, 
                                     "(semantic/<id>.png); instance maps are scored without --task semantic")
     pred_files = {image_stem(p): p for p in list_images(pred_root / "semantic")}
     names = list(truth.ids)
-    scored, notes = _scored_images(names, pred_files, missing, pred_root, "semantic/<id>.png")
+    scored, notes = _scored_images(names, pred_files, missing, pred_root, "semantic/<id>.png", split)
     true_names = truth.class_names or {}
     names_path = pred_root / "classes.json"
     pred_names = read_class_names(names_path) if names_path.is_file() else {}
@@ -207,8 +207,8 @@ def _open_truth(true: str | os.PathLike, true_format: str, split: str | None, mi
     return open_dataset(true, format=true_format, split=split)
 
 
-def _scored_images(names: list[str], pred_index: dict[str, object], missing: str, pred_root: Path, layout: str
-                   ) -> tuple[list[int], list[str]]:
+def _scored_images(names: list[str], pred_index: dict[str, object], missing: str, pred_root: Path, layout: str,
+                   split: str | None = None) -> tuple[list[int], list[str]]:
     """(indices of the ground-truth images to score, notes), applying ``missing`` to those without a prediction."""
     absent = [n for n in names if n not in pred_index]
     if absent and missing == "error":
@@ -224,8 +224,9 @@ def _scored_images(names: list[str], pred_index: dict[str, object], missing: str
     notes = []
     extra = sorted(set(pred_index) - set(names))
     if extra:  # a misnamed prediction would otherwise vanish without a word
-        notes.append(f"{len(extra)} prediction(s) match no ground-truth image and are not scored, e.g. {extra[:3]} "
-                     f"(ids are file names without suffix, e.g. {layout})")
+        where = f" of split {split!r} (images of other splits are left out)" if split else ""
+        notes.append(f"{len(extra)} prediction(s) match no ground-truth image{where} and are not scored, e.g. "
+                     f"{extra[:3]} (ids are file names without suffix, e.g. {layout})")
     if missing == "skip" and len(scored) < len(names):
         notes.append(f"{len(names) - len(scored)} of {len(names)} ground-truth image(s) have no prediction and are "
                      f"left out (--missing skip)")

@@ -285,7 +285,7 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         if class_order is not None:
             other_classes = False
             meta["init_class_order"] = class_order
-        if other_classes and on_split is not None:
+        if other_classes and on_split is not None and [v for _, v in _name_list(now)] != ["nucleus"]:  # fit() says why
             def listed(names: dict) -> str:
                 return ", ".join(f"{k} {v}" for k, v in sorted((int(k), v) for k, v in names.items()))
 

@@ -393,7 +393,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: boo
         if on_resume is not None:
             on_resume(start_epoch)
     elif (run_dir / "last.pt").exists() and not resume:
-        raise InputError(run_dir, "already holds a run; pass resume=True (--resume) or choose a new folder")
+        raise InputError(run_dir, "already holds a run: resume it (--resume; resume=True in Python) or choose a new "
+                                  "folder")
     saved = {"task": task.name, "train": to_dict(cfg)}
     if model_config is not None:
         saved["model"] = to_dict(model_config)
