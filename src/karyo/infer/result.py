@@ -78,7 +78,8 @@ class SegmentationResult:
         return save_result(self, out_dir, image, stem=stem, outputs=ALL_OUTPUTS if outputs is None else outputs)
 
     def table(self) -> pd.DataFrame:
-        """One row per nucleus: id, centroid (x, y), area, bounding box, class and score."""
+        """One row per nucleus: id, centroid (x, y), area (and ``area_um2`` when ``mpp`` is known), bounding box,
+        class and score, then a column per key of ``properties`` (e.g. ``point_index`` for clicked nuclei)."""
         ids = np.unique(self.instances)
         ids = ids[ids > 0]
         if ids.size == 0:
