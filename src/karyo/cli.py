@@ -265,10 +265,10 @@ def segment(
 ) -> None:
     """Find, outline and classify the nuclei of each image; write instance maps, class tables, overlays
     and QuPath GeoJSON into OUT (--task semantic: class maps, overlays and per-class areas)."""
-    from karyo.data.io import read_image_meta
+    from karyo.data.io import on_bit_range, read_image_meta
     from karyo.errors import InputError
     from karyo.export.writers import ALL_OUTPUTS, save_result
-    from karyo.infer.prepare import check_mpp, check_prompts, double_click_px, on_bit_range
+    from karyo.infer.prepare import check_mpp, check_prompts, double_click_px
     from karyo.models import load
     from karyo.samples import sample_path
 
@@ -485,6 +485,10 @@ def attributes_cmd(
                                                              "for a single IMAGE measures that image as markers; "
                                                              "in a dataset, RGB and one-channel images stay as "
                                                              "they are.")] = None,
+    bits: Annotated[int | None, typer.Option(min=9, max=16, help="Bits a 16-bit image really uses (e.g. 12 for "
+                                                                  "12-bit camera data): its stain and intensity "
+                                                                  "planes are read on that range; Marker.* columns "
+                                                                  "stay raw values.")] = None,
 ) -> None:
     """Measure every nucleus (IVAAN B.1 attributes + standard morphology and intensities) and describe it in
     a sentence; write the table (Parquet + CSV), QuPath GeoJSON and the fitted level model into OUT."""
@@ -499,30 +503,33 @@ def attributes_cmd(
         raise InputError(None, f"--level-mode must be 'global' or 'per_class', got {level_mode!r}")
     with _warnings_as_notes():
         run, where = _attributes_run(path, out, instances, classes, split, levels, attrs, level_mode, jobs, geojson,
-                                     mpp, nuclear_channel)
+                                     mpp, nuclear_channel, bits)
     valid = int(run.table["Flag.Valid"].sum()) if len(run.table) else 0
     console.print(f"{nuclei_phrase(run.n_nuclei)} in {where} ({valid} not truncated and ≥ 10 px) → {out}/",
                   highlight=False)
 
 
 def _attributes_run(path, out, instances, classes, split, levels, attrs, level_mode, jobs, geojson, mpp,
-                    nuclear_channel):
+                    nuclear_channel, bits):
+    from karyo.attributes.measure import AttributeOptions
     from karyo.attributes.pipeline import attributes_for_dataset, attributes_for_image
     from karyo.errors import InputError
+
+    options = AttributeOptions(bits=bits) if bits is not None else None
 
     if path.is_dir():
         if instances is not None or classes is not None:
             raise InputError(path, "--instances/--classes apply to a single image, not a dataset folder")
         run = attributes_for_dataset(path, out, split=split, levels=levels, prompt_attributes=attrs,
                                      level_mode=level_mode, n_jobs=jobs, geojson=geojson, mpp=mpp,
-                                     nuclear_channel=nuclear_channel)
+                                     nuclear_channel=nuclear_channel, options=options)
         where = f"{run.table['Identifier.Image'].nunique()} image(s)"
     else:
         if instances is None:
             raise InputError(path, "an image needs --instances (its instance map)")
         run = attributes_for_image(path, instances, out, classes_path=classes, levels=levels,
                                    prompt_attributes=attrs, level_mode=level_mode, geojson=geojson, mpp=mpp,
-                                   nuclear_channel=nuclear_channel)
+                                   nuclear_channel=nuclear_channel, options=options)
         where = "1 image"
     return run, where
 

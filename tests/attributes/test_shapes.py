@@ -381,15 +381,38 @@ def test_paper_names_resolve_to_columns():
         resolve("colour")
 
 
-def test_a_dim_16_bit_stain_keeps_its_grey_levels():
-    """DAPI at 1..108 of 65535 (or 12-bit data) would round to 0 in 8 bits: its attributes must not all be 0."""
+def test_16_bit_planes_are_measured_on_a_fixed_scale_and_keep_their_grey_levels():
+    """Files measure alike: uint16 257·v measures as uint8 v, and there is no per-image stretch (which made two
+    images' intensities incomparable). A dim stain (DAPI at 1..108 of 65535) keeps its grey levels in float
+    instead of rounding to 0 in 8 bits, and bits=12 reads 12-bit camera data on its own range."""
     labels = _blobs(3, shape=(64, 64), n=8)
     rng = np.random.default_rng(0)
     dapi = np.where(labels > 0, rng.integers(40, 109, labels.shape), rng.integers(1, 10, labels.shape))
-    df = measure_nuclei(dapi.astype(np.uint16)[..., None], labels)
-    assert (df["Color.HematoxylinRaw"] > 0.3).all() and (df["Texture.HematoxylinVarianceRaw"] > 0).all()
-    as8 = measure_nuclei(np.round(dapi * 255 / 108).astype(np.uint8)[..., None], labels)
-    np.testing.assert_allclose(df["Color.HematoxylinRaw"], as8["Color.HematoxylinRaw"], atol=0.02)
+    as8 = measure_nuclei(dapi.astype(np.uint8)[..., None], labels)
+    floats = as8.select_dtypes("float").columns.drop(["Marker.Channel0.Mean", "Marker.Channel0.Std"])
+    wide = measure_nuclei((dapi * 257).astype(np.uint16)[..., None], labels)
+    np.testing.assert_allclose(wide[floats], as8[floats], rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match=r"values only reach 108 \(of 65535\).*pass --bits"):
+        dim = measure_nuclei(dapi.astype(np.uint16)[..., None], labels)
+    np.testing.assert_allclose(dim["Color.HematoxylinRaw"], as8["Color.HematoxylinRaw"] / 257, rtol=1e-5)
+    assert (dim["Texture.HematoxylinVarianceRaw"] > 0).all()
+    twelve = measure_nuclei((dapi * 16).astype(np.uint16)[..., None], labels, bits=12)
+    np.testing.assert_allclose(twelve["Color.HematoxylinRaw"], as8["Color.HematoxylinRaw"] * 255 * 16 / 4095,
+                               rtol=1e-5)
+    assert twelve["Marker.Channel0.Mean"].tolist() == pytest.approx((dim["Marker.Channel0.Mean"] * 16).tolist())
+
+
+def test_grey_brightfield_is_measured_by_its_darkness_and_fluorescence_by_its_brightness():
+    """One unnamed channel: dark nuclei on white (H&E saved as grey) are measured as stain = darkness, with a
+    note; bright nuclei on black (DAPI) as they are. The hematoxylin levels then rank nuclei alike."""
+    labels = _blobs(3, shape=(64, 64), n=8)
+    rng = np.random.default_rng(1)
+    stain = np.where(labels > 0, rng.integers(120, 220, labels.shape), rng.integers(0, 15, labels.shape))
+    fluorescence = measure_nuclei(stain.astype(np.uint8)[..., None], labels)
+    with pytest.warns(UserWarning, match="nuclei are darker than their background: measured as grey brightfield"):
+        brightfield = measure_nuclei((255 - stain).astype(np.uint8)[..., None], labels)
+    np.testing.assert_allclose(brightfield["Color.HematoxylinRaw"], fluorescence["Color.HematoxylinRaw"], rtol=1e-5)
+    np.testing.assert_allclose(brightfield["Color.HematoxylinZ"], fluorescence["Color.HematoxylinZ"], atol=1e-5)
 
 
 def test_classes_given_as_a_list_are_refused_with_what_is_expected():

@@ -188,6 +188,29 @@ def test_cli_attributes_rerun_into_a_folder_leaves_no_file_of_the_earlier_run(tm
     assert sorted(p.stem for p in (ds / "geojson").iterdir()) == ["img4", "img5"]
 
 
+def test_cli_attributes_reads_12_bit_rgb_on_its_range_with_bits(tmp_path, samples):
+    """12-bit H&E stored as 16-bit looked almost black, so its stain ran the wrong way without a word: the run
+    says so, and --bits 12 measures it as its 8-bit original."""
+    import tifffile
+
+    s = samples[1]
+    write_image(tmp_path / "tile.png", s.image)
+    write_instances(tmp_path / "mask.png", s.instances)
+    tifffile.imwrite(tmp_path / "cam.tif", (s.image.astype(np.uint32) * 4095 // 255).astype(np.uint16),
+                     photometric="rgb")
+    base = ["--instances", str(tmp_path / "mask.png"), "--no-geojson"]
+    runner.invoke(app, ["attributes", str(tmp_path / "tile.png"), *base, "--out", str(tmp_path / "a")])
+    dark = runner.invoke(app, ["attributes", str(tmp_path / "cam.tif"), *base, "--out", str(tmp_path / "b")])
+    assert "values only reach" in dark.output and "pass --bits 12" in " ".join(dark.output.split())
+    res = runner.invoke(app, ["attributes", str(tmp_path / "cam.tif"), *base, "--bits", "12", "--out",
+                              str(tmp_path / "c")])
+    assert res.exit_code == 0 and "values only reach" not in res.output, res.output
+    ref = pd.read_parquet(tmp_path / "a" / "tile_attributes.parquet")
+    got = pd.read_parquet(tmp_path / "c" / "cam_attributes.parquet")
+    np.testing.assert_allclose(got["Color.HematoxylinZ"], ref["Color.HematoxylinZ"], atol=0.05)
+    assert (got["Text.Prompt"] == ref["Text.Prompt"]).mean() > 0.8
+
+
 def test_cli_attributes_on_a_dataset_and_reusing_levels(tmp_path, layout):
     out = tmp_path / "ds"
     res = runner.invoke(app, ["attributes", str(layout), "--out", str(out), "--jobs", "2"])

@@ -193,7 +193,7 @@ def test_segment_reads_12_bit_camera_data_on_its_own_range_with_bits(tmp_path):
     tifffile.imwrite(tmp_path / "cam.tif", (rgb.astype(np.uint32) * 4095 // 255).astype(np.uint16), photometric="rgb")
     dark = runner.invoke(app, ["segment", str(tmp_path / "cam.tif"), "--out",
                                str(tmp_path / "a"), "--outputs", "instances"])
-    assert "pass --bits 12 (karyo segment)" in " ".join(dark.output.split())
+    assert "pass --bits 12 (karyo segment, karyo attributes" in " ".join(dark.output.split())
     res = runner.invoke(app, ["segment", str(tmp_path / "cam.tif"), "--bits", "12", "--out",
                               str(tmp_path / "b"), "--outputs", "instances"])
     runner.invoke(app, ["segment", str(sample_path()), "--out", str(tmp_path / "c"),

@@ -30,7 +30,8 @@ Conventions (the paper leaves them open; chosen here and tested):
 * aspect_ratio is NaN when the minor axis length is 0 (one-pixel-wide nuclei).
 
 Images with one channel (fluorescence) have no stains: the "hematoxylin" channel is the intensity scaled to
-[0, 1] (8-bit by 255; other depths between the image's 0.1 and 99.9 percentiles, :func:`intensity_plane`), and the
+[0, 1] on a scale fixed by the dtype (:func:`intensity_plane`; ``AttributeOptions.bits`` for 12-bit data in
+uint16), or its darkness where the nuclei are clearly darker than their background (grey brightfield), and the
 eosin and RGB means are NaN.
 
 Marker images (multiplex or multi-channel fluorescence: 2 or more than 4 channels, or 3–4 channels whose names are
@@ -51,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from karyo.attributes import names as N
-from karyo.data.io import _caller_stacklevel, check_mpp, to_rgb
+from karyo.data.io import _caller_stacklevel, check_mpp, note_narrow_uint16, on_bit_range, to_rgb
 from karyo.data.sample import (
     as_hwc,
     grey_fluorescence,
@@ -82,8 +83,11 @@ class AttributeOptions:
     core_k_max: int = 6
     sigma_eps: float = 1e-6  # σ = std + 1e-6
     zscore_population: str = "valid"  # "valid" or "all"
+    bits: int | None = None  # a uint16 image's real bit depth (12 for 12-bit cameras); None: 16
 
     def __post_init__(self) -> None:
+        if self.bits is not None and not 9 <= self.bits <= 16:
+            raise ValueError(f"bits must be between 9 and 16 (the bits a 16-bit image really uses), got {self.bits}")
         if not 1 <= self.core_k_min <= self.core_k_max <= 2 * PAD + 1:
             raise ValueError(f"need 1 <= core_k_min <= core_k_max <= {2 * PAD + 1}")
         if self.zscore_population not in ("valid", "all"):
@@ -98,7 +102,7 @@ def measure_nuclei(image: np.ndarray, instances: np.ndarray, classes: Mapping[in
                    class_names: Mapping[int, str] | None = None, normalizer: MacenkoNormalizer | None = None,
                    options: AttributeOptions | None = None, source: str | None = None,
                    channel_names: Sequence[str] | None = None, nuclear_channel: str | int | None = None,
-                   mpp: float | None = None) -> pd.DataFrame:
+                   mpp: float | None = None, bits: int | None = None) -> pd.DataFrame:
     """Measure every nucleus of ``instances`` (H×W labels, 0 = background) on ``image`` (H×W×C).
 
     Returns one row per instance, indexed by instance id, with the columns of
@@ -107,12 +111,13 @@ def measure_nuclei(image: np.ndarray, instances: np.ndarray, classes: Mapping[in
     An instance map without nuclei gives an empty table with the same columns. Stain normalisation uses
     ``normalizer`` (default: Macenko with the reference target). Marker images (``channel_names`` from the
     file; see the module docstring) are measured on their nuclear channel and add ``Marker.<name>.Mean/Std``.
+    ``bits``: a uint16 image's real bit depth (12 for 12-bit camera data), as :func:`measure_arrays` takes it.
     """
     if classes is not None and not isinstance(classes, Mapping):
         raise InputError(source, f"classes must map each instance id to its class id (a dict such as {{1: 2}}), "
                                  f"got a {type(classes).__name__}")
     cols = measure_arrays(image, instances, normalizer=normalizer, options=options, source=source,
-                          channel_names=channel_names, nuclear_channel=nuclear_channel)
+                          channel_names=channel_names, nuclear_channel=nuclear_channel, bits=bits)
     df = to_frame(cols, classes, class_names)
     if mpp is not None:
         add_micron_columns(df, check_mpp(mpp, source))
@@ -160,16 +165,25 @@ def gray_stack_names(image: np.ndarray, channel_names, photometric: str | None):
 
 def measure_arrays(image: np.ndarray, instances: np.ndarray, *, normalizer: MacenkoNormalizer | None = None,
                    options: AttributeOptions | None = None, source: str | None = None,
-                   channel_names=None, nuclear_channel: str | int | None = None) -> dict[str, np.ndarray]:
+                   channel_names=None, nuclear_channel: str | int | None = None,
+                   bits: int | None = None) -> dict[str, np.ndarray]:
     """Column name → array (one entry per nucleus, ascending instance id): the table of :func:`measure_nuclei`.
-    Marker images (:func:`is_marker_image`, with ``channel_names`` from the file) get the marker columns too."""
+    Marker images (:func:`is_marker_image`, with ``channel_names`` from the file) get the marker columns too.
+    ``bits``: a uint16 image holds ``bits``-bit data (12-bit cameras): its stain and intensity planes are read on
+    that range (:func:`~karyo.data.io.on_bit_range`); the ``Marker.*`` columns stay raw values."""
     opts = options or _DEFAULT_OPTIONS
     image = as_hwc(image, source)
     labels = validate_instances(instances, image.shape[:2], source)
     if channel_names is not None and len(channel_names) != image.shape[2]:
         raise InputError(source, f"{len(channel_names)} channel names for an image with {image.shape[2]} channels")
+    raw = image
+    bits = bits if bits is not None else opts.bits
+    if bits is not None:
+        image = on_bit_range(image, bits, source)
+    else:
+        note_narrow_uint16(image, source)
     if is_marker_image(image.shape[2], channel_names) or nuclear_channel is not None:
-        return _measure_markers(image, labels, channel_names, nuclear_channel, opts, source)
+        return _measure_markers(image, labels, channel_names, nuclear_channel, opts, source, raw)
     if image.dtype.kind == "f" and image.shape[2] >= 3:  # RGB as segment() reads it: [0, 1] (else refused), so
         from karyo.data.augment import prepare_image  # img / 255 measures as img does
 
@@ -183,20 +197,46 @@ def measure_arrays(image: np.ndarray, instances: np.ndarray, *, normalizer: Mace
         rgb = to_rgb(image)
         hema, eosin = (normalizer or _DEFAULT_NORMALIZER).stain_planes(rgb, source=source)
         return _measure(labels, rgb, hema, eosin, opts)
-    cols = _measure(labels, None, intensity_plane(image[..., 0]), None, opts)
-    cols.update(_raw_channel_columns(image, labels, cols["Identifier.Label"],
-                                     marker_column_names(channel_names, image.shape[2])))
+    plane = intensity_plane(image[..., 0])
+    if channel_names is None and _darker_nuclei(plane, labels):
+        warnings.warn(f"{source or 'image'}: one channel whose nuclei are darker than their background: measured as "
+                      f"grey brightfield (darkness is the stain, as hematoxylin is in H&E), not as fluorescence; "
+                      f"name the channel (e.g. an OME-TIFF's DAPI) or give --nuclear-channel to measure it as is",
+                      stacklevel=_caller_stacklevel())
+        plane = 1.0 - plane
+    cols = _measure(labels, None, plane, None, opts)
+    cols.update(_raw_channel_columns(raw[..., :1], labels, cols["Identifier.Label"],
+                                     marker_column_names(channel_names, 1)))
     return cols
 
 
+#: How much darker (on the [0, 1] plane) the nuclei's median must be than the background's for one channel to be
+#: read as brightfield: grey H&E nuclei are about 0.4 darker; fluorescence nuclei are brighter.
+BRIGHTFIELD_MARGIN = 0.1
+
+
+def _darker_nuclei(plane: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether one channel shows dark nuclei on a bright background (grey brightfield, e.g. H&E saved as grey),
+    so its stain is its darkness, rather than bright nuclei on black (fluorescence: the stain is the brightness)."""
+    inside = labels > 0
+    if not inside.any() or inside.all():
+        return False
+    return bool(np.median(plane[inside]) < np.median(plane[~inside]) - BRIGHTFIELD_MARGIN)
+
+
 def intensity_plane(plane: np.ndarray) -> np.ndarray:
-    """One channel as float32 in [0, 1]: 8-bit by 255; any other dtype stretched between its 0.1 and 99.9
-    percentiles, so a dim 16-bit stain (or 12-bit camera data) keeps its grey levels instead of rounding to a
-    few 8-bit ones or to zero."""
+    """One channel as float32 in [0, 1] on a scale fixed by its dtype, so that files measure alike: 8-bit by 255,
+    16-bit by 65535 (uint16 ``257 * v`` measures as uint8 ``v``; float32 keeps a dim stain's levels), float
+    already in [0, 1] as it is; other floats (raw intensities of unknown range) are stretched between their 0.1
+    and 99.9 percentiles."""
     plane = np.asarray(plane)
     if plane.dtype == np.uint8:
         return plane.astype(np.float32) / 255.0
+    if plane.dtype == np.uint16:
+        return plane.astype(np.float32) / 65535.0
     work = plane.astype(np.float32)
+    if work.size and float(work.min()) >= 0.0 and float(work.max()) <= 1.0:
+        return work
     lo, hi = np.percentile(work, (0.1, 99.9)) if work.size else (0.0, 1.0)
     if hi <= lo:
         return np.zeros_like(work)
@@ -222,7 +262,7 @@ def marker_column_names(channel_names, n_channels: int) -> list[str]:
 
 
 def _measure_markers(image: np.ndarray, labels: np.ndarray, channel_names, nuclear_channel, opts: AttributeOptions,
-                     source: str | None) -> dict[str, np.ndarray]:
+                     source: str | None, raw: np.ndarray) -> dict[str, np.ndarray]:
     n_channels = image.shape[2]
     k = nuclear_channel_index(channel_names, n_channels, nuclear_channel, source)
     nuclear = intensity_plane(image[..., k])
@@ -230,7 +270,7 @@ def _measure_markers(image: np.ndarray, labels: np.ndarray, channel_names, nucle
     ids = cols["Identifier.Label"]
     names = marker_column_names(channel_names, n_channels)
     cols[NUCLEAR_CHANNEL] = np.full(ids.size, names[k], dtype=object)  # what Color.*/Texture.* were measured on
-    cols.update(_raw_channel_columns(image, labels, ids, names))
+    cols.update(_raw_channel_columns(raw, labels, ids, names))
     return cols
 
 

@@ -423,6 +423,36 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return read_image_meta(path)[0]
 
 
+def on_bit_range(image: np.ndarray, bits: int, source: str | os.PathLike | None = None) -> np.ndarray:
+    """A uint16 image that holds ``bits``-bit data (10, 12, 14-bit cameras) as float32 in [0, 1] over its own range,
+    so models read it as bright as it is; other dtypes are returned unchanged (their range is already known).
+    Values above ``2**bits - 1`` mean the bit depth is wrong and are refused."""
+    if image.dtype != np.uint16:
+        return image
+    top = 2 ** int(bits) - 1
+    peak = int(image.max(initial=0))
+    if peak > top:
+        raise InputError(source, f"values reach {peak}, more than {bits}-bit data can hold ({top}): give the bits the "
+                                 f"camera wrote (--bits), or leave it out for 16-bit data")
+    return image.astype(np.float32) / np.float32(top)
+
+
+def note_narrow_uint16(image: np.ndarray, source: str | None) -> None:
+    """uint16 is read over its full 0..65535 range; camera data stored with 12 (or 10, 14) bits in uint16 then
+    looks 16× (64×, 4×) darker than it is, and a model finds few nuclei (or an attribute table reads it as dim)
+    without saying why."""
+    if image.dtype != np.uint16 or not image.size:
+        return
+    peak = int(image.max())
+    if 0 < peak <= 16383:
+        bits = max(int(peak).bit_length(), 8)
+        warnings.warn(f"{source or 'image'}: uint16 whose values only reach {peak} (of 65535); it is read as "
+                      f"16-bit, so it looks {65535 / peak:.0f}× darker than its own range. If it holds {bits}-bit "
+                      f"data, pass --bits {bits} (karyo segment, karyo attributes; bits= of measure_nuclei), or scale "
+                      f"it first (image * {2 ** (16 - bits)}) or convert it to uint8",
+                      stacklevel=_caller_stacklevel())
+
+
 def to_uint8(image: np.ndarray, percentiles: tuple[float, float] | None = None) -> np.ndarray:
     """Convert to uint8. uint16 and float images are rescaled; by default by the full dtype range for
     uint16 and for float in [0, 1] (as the models read them, so ``img / 255`` converts back to ``img``), by

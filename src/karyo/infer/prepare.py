@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from karyo.data.augment import prepare_image
-from karyo.data.io import check_mpp
+from karyo.data.io import check_mpp, note_narrow_uint16
 from karyo.data.sample import as_hwc, grey_fluorescence, is_marker_image
 from karyo.errors import InputError
 
@@ -66,40 +66,11 @@ def model_input(image: np.ndarray, in_chans: int, mean: Sequence[float], std: Se
                "give it one channel to read as gray (--channels 0; in Python image[..., :1]), or for fluorescence "
                "use the classical model (--model classical; karyo.load(\"classical\")) or one trained on such images")
         raise InputError(source, f"this model takes {in_chans}-channel images, got {n} channels; {fix}")
-    _note_narrow_uint16(image, source)
+    note_narrow_uint16(image, source)
     x = prepare_image(image, source)
     x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
-
-
-def on_bit_range(image: np.ndarray, bits: int, source: str | os.PathLike | None = None) -> np.ndarray:
-    """A uint16 image that holds ``bits``-bit data (10, 12, 14-bit cameras) as float32 in [0, 1] over its own range,
-    so models read it as bright as it is; other dtypes are returned unchanged (their range is already known).
-    Values above ``2**bits - 1`` mean the bit depth is wrong and are refused."""
-    if image.dtype != np.uint16:
-        return image
-    top = 2 ** int(bits) - 1
-    peak = int(image.max(initial=0))
-    if peak > top:
-        raise InputError(source, f"values reach {peak}, more than {bits}-bit data can hold ({top}): give the bits the "
-                                 f"camera wrote (--bits), or leave it out for 16-bit data")
-    return image.astype(np.float32) / np.float32(top)
-
-
-def _note_narrow_uint16(image: np.ndarray, source: str | None) -> None:
-    """uint16 is read over its full 0..65535 range; camera data stored with 12 (or 10, 14) bits in uint16 then
-    looks 16× (64×, 4×) darker than it is, and a model finds few nuclei without saying why."""
-    if image.dtype != np.uint16 or not image.size:
-        return
-    peak = int(image.max())
-    if 0 < peak <= 16383:
-        bits = max(int(peak).bit_length(), 8)
-        warnings.warn(f"{source or 'image'}: uint16 whose values only reach {peak} (of 65535); it is read as "
-                      f"16-bit, so it looks {65535 / peak:.0f}× darker than its own range. If it holds {bits}-bit "
-                      f"data, pass --bits {bits} (karyo segment), or in Python scale it first "
-                      f"(image * {2 ** (16 - bits)}) or convert it to uint8",
-                      stacklevel=4)
 
 
 def _adapter_input(image: np.ndarray, adapter: AdapterConfig, channel_names: Sequence[str] | None,
@@ -108,7 +79,7 @@ def _adapter_input(image: np.ndarray, adapter: AdapterConfig, channel_names: Seq
 
     image = as_hwc(image, source)
     image, present = map_channels(image, adapter, channel_names, source)
-    _note_narrow_uint16(image, source)
+    note_narrow_uint16(image, source)
     x = prepare_image(image, source)
     x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
     x = (x - np.asarray(adapter.pixel_mean, np.float32)) / np.asarray(adapter.pixel_std, np.float32)
