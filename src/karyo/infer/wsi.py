@@ -53,7 +53,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -78,6 +78,9 @@ from karyo.infer.wsi_writer import (
     part_schema,
     writing,
 )
+
+if TYPE_CHECKING:
+    from karyo.models.base import InstanceModel
 
 log = logging.getLogger(__name__)
 
@@ -928,8 +931,9 @@ def _accepts_n_workers(client) -> bool:
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
 
 
-def run_wsi(slide_path: str | os.PathLike, model: Any = "default", out_dir: str | os.PathLike = "karyo_wsi", *,
-            mpp: float | None = None, tile: int | None = None, overlap: int | None = None, workers: int | None = None,
+def run_wsi(slide_path: str | os.PathLike, model: str | os.PathLike | InstanceModel = "default",
+            out_dir: str | os.PathLike = "karyo_wsi", *, mpp: float | None = None, tile: int | None = None,
+            overlap: int | None = None, workers: int | None = None,
             scheduler: str | None = None, resume: bool = False,
             progress: bool | Callable[[int, int, int], None] = False, options: WSIOptions | None = None
             ) -> WSIResult:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +295,7 @@ def load_ivaan_run(run: str | os.PathLike) -> tuple[IVAANPrompter, Any]:
 
 
 def pack_ivaan(ivaan_run: str | os.PathLike, segmentor: str | os.PathLike, out: str | os.PathLike | None = None,
-               *, tune: bool = False, verifier: bool = True, log=print):
+               *, tune: bool = False, verifier: bool = True, log: Callable[[str], None] = print):
     """An :class:`~karyo.models.ivaan.IVAANModel` from an IVAAN run and a segmentor (a segmentor run, its
     ``model`` folder, or a PromptNucSeg/IVAAN model folder); saved to ``out`` when given. ``tune`` grid-searches
     the inference thresholds on the IVAAN run's validation images (``karyo.train.pack.tune_on_run``; the rows go to

@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +44,9 @@ RESOLVE_KEYS = ("mask_threshold", "min_stability", "min_verified")
 SELECTION_RULE = "fewest prompts per image within one standard error of the best val_pq (select_setting)"
 # The NMS radius may suppress at most this fraction of true nearest neighbours in the training annotations.
 NEIGHBOUR_QUANTILE = 0.1
+
+#: Where progress lines go (print, a logger's method, a list's append).
+Log = Callable[[str], None]
 
 
 def _run_model(run: str | os.PathLike, name: str) -> tuple[dict, dict]:
@@ -131,7 +135,7 @@ def mean_pq(model: PromptNucSegModel, samples: list) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None = None, log=print, *,
+def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None = None, log: Log = print, *,
                     max_nms_radius_px: float | None = None) -> tuple[PromptNucSegConfig, list[dict]]:
     """Grid search of the inference settings on validation images; returns the chosen config
     (:func:`select_setting`) and all rows: mean PQ over images with nuclei (``val_pq``), the standard error of
@@ -230,7 +234,7 @@ def select_setting(rows: list[dict]) -> dict:
 TUNING_ROWS_SHOWN = 10
 
 
-def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log=print, *, verifier: bool = False
+def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log: Log = print, *, verifier: bool = False
                 ) -> tuple[PromptNucSegConfig, list[dict], float]:
     """(best config, all rows, NMS radius cap): :func:`tune_thresholds` on a training run's validation images,
     with the NMS radius capped by :func:`nms_radius_limit` of the run's training images. With ``verifier``, a mask
@@ -257,7 +261,7 @@ def tune_on_run(model: PromptNucSegModel, run: str | os.PathLike, log=print, *, 
 
 
 def pack_promptnucseg(prompter_run: str | os.PathLike, segmentor_run: str | os.PathLike,
-                      out: str | os.PathLike, *, tune: bool = True, verifier: bool = True, log=print
+                      out: str | os.PathLike, *, tune: bool = True, verifier: bool = True, log: Log = print
                       ) -> PromptNucSegModel:
     """Build a PromptNucSeg model folder from a prompter run and a segmentor (run or model folder, see
     :func:`load_segmentor`). With ``tune``, the inference settings are tuned on the prompter run's validation

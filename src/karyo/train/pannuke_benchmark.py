@@ -199,7 +199,7 @@ def run_pannuke_benchmark(root: str | os.PathLike, protocol: str, out: str | os.
                           method: str = "ivaan", epochs: int | None = None, segmentor_epochs: int | None = None,
                           max_steps: int | None = None, seed: int | None = None,
                           segmentor: str | os.PathLike | None = None, splits: Sequence[int] | None = None,
-                          test_limit: int | None = None, encoder=None, progress: bool = False,
+                          test_limit: int | None = None, encoder: Any | None = None, progress: bool = False,
                           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a PanNuke protocol (module docstring); returns the summary written to ``OUT/summary.json``."""
     from karyo.models.segmentor import segmentor_config
