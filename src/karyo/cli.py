@@ -527,6 +527,8 @@ def _attributes_run(path, out, instances, classes, split, levels, attrs, level_m
     else:
         if instances is None:
             raise InputError(path, "an image needs --instances (its instance map)")
+        if split is not None:
+            raise InputError(path, "--split picks a dataset folder's images; this is a single image")
         run = attributes_for_image(path, instances, out, classes_path=classes, levels=levels,
                                    prompt_attributes=attrs, level_mode=level_mode, geojson=geojson, mpp=mpp,
                                    nuclear_channel=nuclear_channel, options=options)

@@ -319,6 +319,9 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, samples):
     res = runner.invoke(app, ["attributes", str(tmp_path / "a.png"), "--instances", str(tmp_path / "m.png"),
                               "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "differs from image shape" in res.output
+    res = runner.invoke(app, ["attributes", str(tmp_path / "a.png"), "--instances", str(tmp_path / "m.png"),
+                              "--split", "train", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--split picks a dataset folder's images; this is a single image" in res.output
 
 
 def test_marker_images_are_measured_on_their_nuclear_channel_with_each_marker(tmp_path, samples):
