@@ -561,8 +561,8 @@ def select_attributes_cmd(
     from karyo.errors import InputError
 
     cands = [a.strip() for a in attributes.split(",") if a.strip()] if attributes else list(B1_ATTRIBUTES)
-    if out is not None and out.is_dir():
-        raise InputError(out, "--out names a folder; give the CSV file to write the score table to")
+    if out is not None and (out.is_dir() or out.suffix.lower() != ".csv"):
+        raise InputError(out, "--out takes the CSV file to write the score table to (a name ending in .csv)")
     try:
         if dataset.is_file():
             result = select_for_table(dataset, attributes=cands, k=k, alpha=alpha, lam=lam, split=split)

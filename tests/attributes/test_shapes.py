@@ -413,6 +413,9 @@ def test_grey_brightfield_is_measured_by_its_darkness_and_fluorescence_by_its_br
         brightfield = measure_nuclei((255 - stain).astype(np.uint8)[..., None], labels)
     np.testing.assert_allclose(brightfield["Color.HematoxylinRaw"], fluorescence["Color.HematoxylinRaw"], rtol=1e-5)
     np.testing.assert_allclose(brightfield["Color.HematoxylinZ"], fluorescence["Color.HematoxylinZ"], atol=1e-5)
+    with pytest.warns(UserWarning, match="darker than their background"):  # a dim 12-bit file is judged alike
+        dim = measure_nuclei(((255 - stain) * 16).astype(np.uint16)[..., None], labels)
+    np.testing.assert_allclose(dim["Color.HematoxylinZ"], fluorescence["Color.HematoxylinZ"], atol=0.01)  # σ + 1e-6
 
 
 def test_classes_given_as_a_list_are_refused_with_what_is_expected():

@@ -307,8 +307,10 @@ def test_cli_select_attributes_on_a_table_keeps_to_the_split_asked_for(tmp_path,
     df.drop(columns=["Identifier.Split"]).to_parquet(tmp_path / "one.parquet")
     res = runner.invoke(app, ["select-attributes", str(tmp_path / "one.parquet"), "--split", "train"])
     assert res.exit_code == 2 and "no Identifier.Split column" in " ".join(res.output.split())
-    res = runner.invoke(app, ["select-attributes", str(table), "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "--out names a folder" in " ".join(res.output.split())
+    for folder in (tmp_path, tmp_path / "new_folder"):
+        res = runner.invoke(app, ["select-attributes", str(table), "--out", str(folder)])
+        assert res.exit_code == 2 and "--out takes the CSV file" in " ".join(res.output.split())
+    assert not (tmp_path / "new_folder").exists()
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, samples):

@@ -203,6 +203,9 @@ def test_segment_reads_12_bit_camera_data_on_its_own_range_with_bits(tmp_path):
     original = read_instances(next((tmp_path / "c" / "instances").glob("*.png")))
     assert len(np.unique(bright)) == pytest.approx(len(np.unique(original)), rel=0.05)
     assert len(np.unique(read_instances(tmp_path / "a" / "instances" / "cam.png"))) < len(np.unique(original)) / 2
+    eight = runner.invoke(app, ["segment", str(sample_path()), "--bits", "12", "--out", str(tmp_path / "e"),
+                                "--outputs", "instances"])
+    assert eight.exit_code == 0 and "8-bit, so --bits 12 (for 16-bit files) does not apply" in eight.output
     res = runner.invoke(app, ["segment", str(tmp_path / "cam.tif"), "--bits", "10", "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and "values reach 4095, more than 10-bit data can hold (1023)" in res.output
     assert not (tmp_path / "d" / "instances").exists()

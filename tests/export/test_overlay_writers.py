@@ -84,6 +84,8 @@ def test_result_save_mirrors_the_cli_and_repr_is_a_summary(tmp_path):
     assert written["instances"] == tmp_path / "instances" / "t.png"
     assert set(res.save(tmp_path / "b", outputs=["instances"])) == {"instances"}
     assert set(res.save(tmp_path / "s", outputs="table, geojson")) == {"table", "geojson"}  # as --outputs reads it
+    with pytest.raises(InputError, match="outputs names nothing to write"):
+        res.save(tmp_path / "e", outputs="")
     with pytest.raises(InputError, match="no name to write its files under: pass stem="):
         SegmentationResult(res.instances).save(tmp_path / "c")  # not silently as image.*
     assert not (tmp_path / "c").exists()

@@ -146,7 +146,8 @@ def test_an_unnamed_image_with_fewer_channels_fills_a_named_model_by_position():
     """A DAPI-only PNG given to a DAPI,CD45 model is its DAPI, with CD45 missing: not pooled into both."""
     cfg = AdapterConfig(in_channels=2, channel_names=("DAPI", "CD45"))
     dapi = np.full((2, 2, 1), 7, np.uint8)
-    with pytest.warns(ChannelWarning, match=r"taken by position as the model's \['DAPI'\]; \['CD45'\] missing"):
+    with pytest.warns(ChannelWarning,
+                      match=r"its one channel is taken by position as the model's \['DAPI'\]; \['CD45'\] missing"):
         out, present = map_channels(dapi, cfg)
     assert present.tolist() == [True, False] and out[0, 0].tolist() == [7, 0]
     with pytest.warns(ChannelWarning, match="pooled"):  # an unnamed model has no first channel to give it to

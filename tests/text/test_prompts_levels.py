@@ -142,6 +142,8 @@ def test_an_attribute_without_words_is_refused_with_the_ones_that_have_them_as_t
     described = [N.paper_name(c) for c in load_prompts()["attributes"]]
     with pytest.raises(KeyError, match="the attributes it describes: " + ", ".join(described)):
         level_words("Size.Perimeter")
+    with pytest.raises(KeyError, match="no level words for 'foo' in the prompts file; the attributes it describes"):
+        level_words("foo")  # not the generic "unknown attribute ... such as <a column without words>"
     [option] = [p for p in typer.main.get_command(app).commands["attributes"].params if p.name == "prompt_attributes"]
     help_text = " ".join(option.help.split())
     assert "the prompts have words for (paper name or column): " + ", ".join(described) + "." in help_text

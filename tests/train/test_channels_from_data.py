@@ -120,6 +120,19 @@ def test_train_takes_the_channels_from_the_data(tmp_path):
     assert adapter["hidden"] == 4 and len(adapter["pixel_mean"]) == 2
 
 
+def test_stain_agnostic_without_an_adapter_section_takes_the_channels_from_the_data(tmp_path):
+    """The stain-agnostic recipe exists for its adapter: a config naming no adapter (nor in_chans) builds one for
+    the data's channels rather than refusing 2-channel images for a 3-channel network."""
+    data = _ome_folder(tmp_path / "data", [["DAPI", "CD45"]] * 4)
+    cfg = tmp_path / "plain.yaml"
+    cfg.write_text(RUN_YAML.replace("  adapter: {hidden: 4, missing: embedding}\n", ""))
+    said: list[str] = []
+    train("stain_agnostic", [f"{data}:train"], tmp_path / "run", config=cfg, progress=False, on_split=said.append)
+    assert "channels from the data: DAPI, CD45" in said
+    adapter = json.loads((tmp_path / "run" / "train_config.json").read_text())["model"]["adapter"]
+    assert adapter["channel_names"] == ["DAPI", "CD45"]
+
+
 def test_train_takes_an_unnamed_channel_count_from_the_data(tmp_path):
     data = _ome_folder(tmp_path / "data", [2] * 4)
     said: list[str] = []

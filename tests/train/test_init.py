@@ -75,6 +75,10 @@ def test_run_starts_from_init_weights_on_the_given_validation_images(tmp_path, d
     rerun = train("prompter", None, second, config=cfg, progress=False, resume=True, init=str(first) + "/",
                   train_overrides={"lr": 0.0, "epochs": 2})
     assert len(rerun.history) == 2
+    assert json.loads((second / "train_config.json").read_text())["init"] == str(first)  # kept for the next resume
+    again = train("prompter", None, second, config=cfg, progress=False, resume=True, init=str(first),
+                  train_overrides={"lr": 0.0, "epochs": 3})
+    assert len(again.history) == 3
     with pytest.raises(InputError, match="a resumed run keeps the network it started with; --init would change"):
         train("prompter", None, second, config=cfg, progress=False, resume=True, init=str(tmp_path))
     # Without init the same settings give other (random) weights: the equality above is not trivial.

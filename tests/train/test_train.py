@@ -198,7 +198,7 @@ def test_a_dataset_without_split_notes_the_test_images_it_trains_on(tmp_path):
     root = tmp_path / "data"
     for i, s in enumerate(disc_samples(4)):
         write_layout_sample(root, s, split="test" if i == 3 else "train")
-    lines = test_images_trained_on([DataSpec.parse(str(root)), DataSpec.parse(f"{root}:train")])
-    assert lines == [f"note: {root}: no :SPLIT given, so all its images train, including the 1 its split.csv marks "
-                     f"test; give {root}:train to leave those out"]
+    lines = test_images_trained_on([DataSpec.parse(f"{root}@none"), DataSpec.parse(f"{root}:train")])
+    assert lines == [f"note: {root}: no :SPLIT given, so all its images are used (for training and validation), "
+                     f"including the 1 its split.csv marks test; give {root}:train@none to leave those out"]
     assert test_images_trained_on([DataSpec.parse(str(tmp_path / "absent"))]) == []

@@ -210,9 +210,10 @@ def measure_arrays(image: np.ndarray, instances: np.ndarray, *, normalizer: Mace
     return cols
 
 
-#: How much darker (on the [0, 1] plane) the nuclei's median must be than the background's for one channel to be
-#: read as brightfield: grey H&E nuclei are about 0.4 darker; fluorescence nuclei are brighter.
-BRIGHTFIELD_MARGIN = 0.1
+#: How much darker (as a fraction of the plane's 1st–99th percentile range, so a dim 12-bit file counts alike) the
+#: nuclei's median must be than the background's for one channel to be read as brightfield: grey H&E nuclei are
+#: about half the range darker; fluorescence nuclei are brighter.
+BRIGHTFIELD_MARGIN = 0.15
 
 
 def _darker_nuclei(plane: np.ndarray, labels: np.ndarray) -> bool:
@@ -221,7 +222,8 @@ def _darker_nuclei(plane: np.ndarray, labels: np.ndarray) -> bool:
     inside = labels > 0
     if not inside.any() or inside.all():
         return False
-    return bool(np.median(plane[inside]) < np.median(plane[~inside]) - BRIGHTFIELD_MARGIN)
+    lo, hi = np.percentile(plane, (1, 99))
+    return bool(np.median(plane[inside]) < np.median(plane[~inside]) - BRIGHTFIELD_MARGIN * (hi - lo))
 
 
 def intensity_plane(plane: np.ndarray) -> np.ndarray:

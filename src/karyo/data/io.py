@@ -428,6 +428,9 @@ def on_bit_range(image: np.ndarray, bits: int, source: str | os.PathLike | None 
     so models read it as bright as it is; other dtypes are returned unchanged (their range is already known).
     Values above ``2**bits - 1`` mean the bit depth is wrong and are refused."""
     if image.dtype != np.uint16:
+        if image.dtype == np.uint8:
+            warnings.warn(f"{source or 'image'}: 8-bit, so --bits {bits} (for 16-bit files) does not apply",
+                          stacklevel=_caller_stacklevel())
         return image
     top = 2 ** int(bits) - 1
     peak = int(image.max(initial=0))

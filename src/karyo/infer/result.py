@@ -75,6 +75,10 @@ class SegmentationResult:
                                    "with name=...)")
         if isinstance(outputs, str):  # "table" or "table,geojson", as --outputs takes them; not its letters
             outputs = [kind.strip() for kind in outputs.split(",") if kind.strip()]
+        if outputs is not None and not list(outputs):
+            from karyo.errors import InputError
+
+            raise InputError(None, f"outputs names nothing to write; choose from {', '.join(ALL_OUTPUTS)}")
         return save_result(self, out_dir, image, stem=stem, outputs=ALL_OUTPUTS if outputs is None else outputs)
 
     def table(self) -> pd.DataFrame:

@@ -259,7 +259,8 @@ def plan_channels(n_image: int, config: AdapterConfig, names: Sequence[str] | No
         return ChannelPlan("identity", tuple((k,) for k in range(n)))
     if config.channel_names and not names and n_image < n:
         taken, lost = list(config.channel_names[:n_image]), list(config.channel_names[n_image:])
-        say(f"the image names no channels: its {n_image} are taken by position as the model's {taken}; {lost} "
+        which = "its one channel is" if n_image == 1 else f"its {n_image} channels are"
+        say(f"the image names no channels: {which} taken by position as the model's {taken}; {lost} "
             f"missing, filled by the adapter's '{config.missing}' rule (name the image's channels, e.g. as an "
             f"OME-TIFF, if they are others)")
         return ChannelPlan("named", tuple((k,) if k < n_image else () for k in range(n)))

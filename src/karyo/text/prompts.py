@@ -48,11 +48,14 @@ def _check(data: dict, path: str) -> None:
 
 def level_words(attribute: str, path: str | os.PathLike | None = None) -> list[str]:
     """Words of an attribute's levels, lowest first (attribute as column, paper name or alias)."""
-    col = N.resolve(attribute)
     described = load_prompts(path)["attributes"]
-    spec = described.get(col)
+    try:
+        col = N.resolve(attribute)
+    except KeyError:
+        col = None
+    spec = described.get(col) if col is not None else None
     if spec is None:
-        raise KeyError(f"no level words for {col!r} in the prompts file; the attributes it describes: "
+        raise KeyError(f"no level words for {attribute!r} in the prompts file; the attributes it describes: "
                        f"{', '.join(N.paper_name(c) for c in described)}")
     return list(spec["levels"])
 

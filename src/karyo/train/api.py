@@ -128,8 +128,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
         saved = load_json(out / "train_config.json")
         if saved.get("task") != task:
             raise InputError(out, f"this run trains a {saved.get('task')}, not a {task}")
-        file_cfg = {k: saved[k] for k in ("model", "train", "augment", "settings", "data", "val_fraction", "val_ids")
-                    if k in saved}
+        file_cfg = {k: saved[k] for k in ("model", "train", "augment", "settings", "data", "val_fraction", "val_ids",
+                                          "init") if k in saved}  # init: kept in the record, not loaded again
         given_cfg = read_config_file(config)
         _check_resume_changes(task, out, file_cfg, given_cfg, config, data, train_overrides)
         if "epochs" in (given_cfg.get("train") or {}) and "epochs" not in (train_overrides or {}):
@@ -205,7 +205,7 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     if not resume and task in CHANNEL_TASKS:
         if channels is not None:  # a channel no training image has would train an adapter input never seen
             check_channels_in_data(channels, train_samples)
-        elif _adapter_channels_unset(file_cfg):
+        elif _adapter_channels_unset(file_cfg, task):
             channels = channels_from_data(items)
             if channels is not None:
                 said = ", ".join(channels) if isinstance(channels, tuple) else f"{channels} unnamed channel(s)"
@@ -308,12 +308,16 @@ def _same_init(init: str | os.PathLike, out: Path) -> bool:
     return Path(init).exists() and Path(saved).exists() and Path(init).resolve() == Path(saved).resolve()
 
 
-def _adapter_channels_unset(file_cfg: dict) -> bool:
+def _adapter_channels_unset(file_cfg: dict, task: str) -> bool:
     """Whether the run config's ``model:`` section asks for a channel adapter without saying its channels
-    (``adapter:`` without ``in_channels`` / ``channel_names``): the data's channels are then taken
+    (``adapter:`` without ``in_channels`` / ``channel_names``), or is a stain-agnostic run (whose point is the
+    adapter) that sets neither an adapter nor ``in_chans``: the data's channels are then taken
     (:func:`karyo.train.channels.channels_from_data`), not the adapter's default of 3 unnamed ones."""
     model = file_cfg.get("model")
-    adapter = model.get("adapter") if isinstance(model, dict) else None
+    model = model if isinstance(model, dict) else {}
+    adapter = model.get("adapter")
+    if task == "stain_agnostic" and adapter is None and not {"in_chans", "encoder"} & set(model):
+        return True
     return isinstance(adapter, dict) and not {"in_channels", "channel_names"} & set(adapter)
 
 

@@ -116,8 +116,10 @@ def test_images_trained_on(specs: Sequence[DataSpec]) -> list[str]:
             continue  # another format, or not there: open_dataset says so when the data are read
         tests = len(splits.get("test", []))
         if tests:
-            lines.append(f"note: {spec.path}: no :SPLIT given, so all its images train, including the {tests} its "
-                         f"split.csv marks test; give {spec.path}:train to leave those out")
+            only_train = DataSpec(path=spec.path, split="train", classes=spec.classes, class_map=spec.class_map)
+            lines.append(f"note: {spec.path}: no :SPLIT given, so all its images are used (for training and "
+                         f"validation), including the {tests} its split.csv marks test; give {only_train} to "
+                         f"leave those out")
     return lines
 
 
