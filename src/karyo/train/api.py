@@ -96,9 +96,10 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     named channels (``"DAPI,CD45"``) in front of the network (:mod:`karyo.models.adapter`); the data are mapped
     onto them by the adapter's rule; a name no training image has, or a count none has, is refused (a name only
     some lack is filled by the adapter). Without ``channels``, a config whose ``model: adapter:`` section names no
-    channels (no ``in_channels`` / ``channel_names``) takes them from the training images, which must agree (all
-    RGB keep the adapter's 3 channels). Ignored on resume (the saved model config holds the adapter). A prompter and a
-    segmentor trained with the same ``channels`` and augmentation pack into one multi-channel PromptNucSeg model.
+    channels (no ``in_channels`` / ``channel_names``), or a stain-agnostic run with neither an adapter nor
+    ``in_chans``, takes them from the training images, which must agree (all RGB keep 3 unnamed channels).
+    Ignored on resume (the saved model config holds the adapter). A prompter and a segmentor trained with the same
+    ``channels`` and augmentation pack into one multi-channel PromptNucSeg model.
 
     ``init`` (or the config's ``init:``): start from these weights instead of a random initialisation — fine-tuning a
     shipped model on new data, or a second schedule after a finished run (see :func:`init_weights`). The model
