@@ -880,16 +880,19 @@ def benchmark_pannuke_cmd(
     config: Annotated[Path | None, typer.Option(help="YAML: model, segmentor, train, segmentor_train, "
                                                      "augment, settings, inference, val_fraction, val_limit.")
                       ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (prompter and segmentor; overrides the config).")
-                      ] = None,
-    segmentor_epochs: Annotated[int | None, typer.Option(help="Segmentor epochs (default: --epochs).")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Cap steps per epoch (smoke runs).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (prompter and segmentor; overrides the "
+                                                               "config).")] = None,
+    segmentor_epochs: Annotated[int | None, typer.Option(min=1, help="Segmentor epochs (default: --epochs).")
+                                ] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Cap steps per epoch (smoke runs).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
     segmentor: Annotated[Path | None, typer.Option(help="Reuse this trained segmentor for every split "
                                                         "(instead of training one per split).")] = None,
-    split: Annotated[list[int] | None, typer.Option("--split", help="Only these folds/groups (repeatable).")
-                     ] = None,
-    test_limit: Annotated[int | None, typer.Option(help="Evaluate only the first N test patches (smoke).")
+    split: Annotated[list[int] | None, typer.Option("--split", help="Only these rotations (three-fold: 1 = train "
+                                                                     "Fold 1, validate Fold 2, test Fold 3; 2 = "
+                                                                     "2/1/3; 3 = 3/2/1) or test groups (organ-groups: "
+                                                                     "1..4), repeatable.")] = None,
+    test_limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N test patches (smoke).")
                           ] = None,
 ) -> None:
     """Train and evaluate on PanNuke with the official 3-fold rotation or IVAAN's 4 organ groups; report

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from karyo.cli import app
 from karyo.data.layout import LayoutDataset
 from karyo.data.protocols import IVAAN_ORGAN_GROUPS, protocol_splits
+from karyo.errors import InputError
 from karyo.train.pannuke_benchmark import IVAAN_TABLE1, split_parts, summarize
 
 pytestmark = pytest.mark.shared_data
@@ -144,7 +145,8 @@ def _check_summary(out, n_splits: int, prefix: str):
         assert summary["summary"][key]["mean"] == pytest.approx(vals.mean())
         assert summary["summary"][key]["std"] == pytest.approx(vals.std(ddof=0))
     md = (out / "summary.md").read_text()
-    assert "| Mean |" in md and "| std |" in md and f"| {prefix}1 |" in md
+    first = "| 1 (1/2/3) |" if prefix == "fold" else f"| {prefix}1 |"  # a rotation is named by its folds
+    assert "| Mean |" in md and "| std |" in md and first in md
     return summary
 
 
@@ -185,6 +187,19 @@ def test_three_fold_prompter_baseline_one_split(release, tmp_path):
     saved = json.loads((out / "fold1" / "ivaan" / "model" / "ivaan.json").read_text())["config"]
     assert (saved["align"], saved["attribute_prediction"], saved["text_classification"]) == (False, False, False)
     assert not (out / "fold1" / "ivaan" / "model" / "levels.json").exists()  # nothing measured for the baseline
+    assert row["test_folds"] == [3]
+    # the same command again reuses the split; other settings are refused, not reported under the old numbers
+    again = run_pannuke_benchmark(release, "three-fold", out, config=tmp_path / "tiny.yaml", method="prompter",
+                                  epochs=1, max_steps=2, splits=[1], log=lambda m: None)
+    assert again["splits"][0]["pq"] == row["pq"]
+    with pytest.raises(InputError, match=r"fold1: made by an earlier run with other settings \(they differ in "
+                                         r"config\.segmentor_train\.epochs, config\.train\.epochs, test_limit\)"):
+        run_pannuke_benchmark(release, "three-fold", out, config=tmp_path / "tiny.yaml", method="prompter",
+                              epochs=2, max_steps=2, splits=[1], test_limit=1, log=lambda m: None)
+    with pytest.raises(InputError, match="no_such_segmentor"):  # before any split trains
+        run_pannuke_benchmark(release, "three-fold", tmp_path / "b4", config=tmp_path / "tiny.yaml", epochs=1,
+                              segmentor=tmp_path / "no_such_segmentor", log=lambda m: None)
+    assert not (tmp_path / "b4").exists()
 
 
 def test_a_split_without_predictions_reads_n_a_not_a_traceback():
@@ -193,7 +208,7 @@ def test_a_split_without_predictions_reads_n_a_not_a_traceback():
 
     rows = [{"split": "fold1", "mpq": 0.0, "bpq": 0.0, "pq": 0.0, "aji": None, "n_test": 2}]
     md = markdown_table("pannuke-official", "prompter", rows, summarize(rows))
-    assert "| fold1 | 0.000 | 0.000 | 0.000 | n/a | n/a | 2 |" in md  # AJI and F1d
+    assert "| 1 (1/2/3) | 0.000 | 0.000 | 0.000 | n/a | n/a | 2 |" in md  # AJI and F1d
     assert _fmt(None, 4) == "n/a" and _fmt(float("nan")) == "n/a" and _fmt(0.12345, 4) == "0.1235"
 
 

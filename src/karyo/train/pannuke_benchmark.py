@@ -37,7 +37,7 @@ from karyo.config import from_dict, to_dict
 from karyo.data.augment import AugmentConfig
 from karyo.data.io import write_text
 from karyo.data.pannuke import PANNUKE_CLASS_NAMES, PanNukeFold, find_pannuke_folds, no_release_here
-from karyo.data.protocols import ProtocolSplit, apply_protocol, protocol_splits
+from karyo.data.protocols import OFFICIAL_ROTATIONS, ProtocolSplit, apply_protocol, protocol_splits
 from karyo.data.sample import ConcatSamples
 from karyo.errors import InputError
 from karyo.metrics._util import to_builtin
@@ -137,9 +137,38 @@ def _train_overrides(base: dict, epochs: int | None, max_steps: int | None, seed
 def _fit(task, tcfg, run_dir: Path, model_cfg, progress: bool) -> None:
     from karyo.train.loop import fit
 
+    saved = run_dir / "train_config.json"
+    if saved.is_file():  # a run of this split from before: finished, or to resume; either way, of these settings
+        _refuse_other_settings(run_dir, {"train": json.loads(saved.read_text()).get("train")},
+                               {"train": to_dict(tcfg)})
     if (run_dir / "model").is_dir() and (run_dir / "summary.json").is_file():
         return  # finished earlier
     fit(task, tcfg, run_dir, resume=(run_dir / "last.pt").is_file(), model_config=model_cfg, progress=progress)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready (dataclasses as dicts, paths as strings), as result.json stores it and reads it back."""
+    import dataclasses
+
+    return json.loads(json.dumps(value, default=lambda o: to_dict(o) if dataclasses.is_dataclass(o) else str(o)))
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".") or "(all)"]
+
+
+def _refuse_other_settings(folder: Path, before: Any, now: Any) -> None:
+    """A folder of an earlier run is reused (a finished split skipped, a training resumed) only when it was made
+    with these settings: otherwise the summary would report old numbers under the new settings."""
+    changed = _differences(_plain(before), _plain(now))
+    if changed:
+        listed = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+        raise InputError(folder, f"made by an earlier run with other settings (they differ in {listed}): give "
+                                 f"another --out, or delete this folder to redo it")
 
 
 def evaluate_split(model, samples: Sequence, on_image: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -178,14 +207,23 @@ def _fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
+def _split_label(row: dict) -> str:
+    """``fold1`` is the first rotation, not the fold it tests: "1 (1/2/3)" for train Fold 1, validate 2, test 3."""
+    index = int(str(row["split"]).removeprefix("fold"))
+    train, val, test = OFFICIAL_ROTATIONS[index - 1]
+    return f"{index} ({train}/{val}/{test})"
+
+
 def markdown_table(protocol: str, method: str, rows: list[dict], summary: dict) -> str:
     fmt = _fmt
 
-    label = "Test fold" if protocol == "pannuke-official" else "Test group"
+    official = protocol == "pannuke-official"
+    label = "Rotation (train/val/test folds)" if official else "Test group"
     lines = [f"| {label} | " + " | ".join(name for _, name in METRICS) + " | test patches |",
              "|---" * (len(METRICS) + 2) + "|"]
     for r in rows:
-        lines.append(f"| {r['split']} | " + " | ".join(fmt(r.get(k)) for k, _ in METRICS) + f" | {r['n_test']} |")
+        lines.append(f"| {_split_label(r) if official else r['split']} | "
+                     + " | ".join(fmt(r.get(k)) for k, _ in METRICS) + f" | {r['n_test']} |")
     lines.append("| Mean | " + " | ".join(fmt(summary[k]["mean"]) for k, _ in METRICS) + " | |")
     lines.append("| std | " + " | ".join(fmt(summary[k]["std"]) for k, _ in METRICS) + " | |")
     head = (f"PanNuke, protocol `{protocol}`, method `{method}`. mPQ: mean of class-wise PQ (PanNuke); bPQ: "
@@ -225,14 +263,24 @@ def run_pannuke_benchmark(root: str | os.PathLike, protocol: str, out: str | os.
     model_section = dict(cfg.model)
     if method == "prompter":
         model_section.update(align=False, attribute_prediction=False, text_classification=False)
+    if segmentor is not None:  # refused now, not after the first split's prompter has trained
+        from karyo.train.pack import load_segmentor
+
+        load_segmentor(segmentor)
+    # what actually runs: the config's training sections with the command's overrides applied, and the rest
+    ran = {**to_dict(cfg), "train": to_dict(tcfg), "segmentor_train": to_dict(scfg)}
+    run_settings = _plain({"method": method, "config": ran, "test_limit": test_limit,
+                       "segmentor": str(segmentor) if segmentor is not None else None})
     rows = []
     for split in chosen:
         sname = split_name(split)
         folder = out / sname
         result_path = folder / "result.json"
         if result_path.is_file():
-            rows.append(json.loads(result_path.read_text()))
-            log(f"{sname}: done earlier, skipped")
+            row = json.loads(result_path.read_text())
+            _refuse_other_settings(folder, row.get("settings"), run_settings)
+            rows.append(row)
+            log(f"{sname}: done earlier with these settings, skipped")
             continue
         parts = split_parts(split, meta, cfg.val_fraction, cfg.val_limit, tcfg.seed)
         missing = sorted({f for p in parts.values() for f, _ in p} - {f for f, _ in position})
@@ -261,16 +309,16 @@ def run_pannuke_benchmark(root: str | os.PathLike, protocol: str, out: str | os.
 
             model.config = replace(model.config, **cfg.inference)
         row = {"split": sname, "protocol": name, "method": method, **evaluate_split(model, test_s),
-               "n_train": len(train_s), "n_val": len(parts["val"]),
-               "test_tissues": sorted(set(meta.set_index(["pannuke_fold", "index"]).loc[parts["test"], "tissue"]))}
+               "n_train": len(train_s), "n_val": len(parts["val"]), "test_folds": list(split.test.folds or ()),
+               "test_tissues": sorted(set(meta.set_index(["pannuke_fold", "index"]).loc[parts["test"], "tissue"])),
+               "settings": run_settings}
         write_text(result_path, json.dumps(row, indent=1) + "\n")
         rows.append(row)
         log(f"{sname}: mPQ {_fmt(row['mpq'], 4)}, PQ {_fmt(row['pq'], 4)}, AJI {_fmt(row['aji'], 4)}")
     rows.sort(key=lambda r: r["split"])
-    # what actually ran: the config's training sections with the command's overrides applied, and the rest
-    ran = {**to_dict(cfg), "train": to_dict(tcfg), "segmentor_train": to_dict(scfg)}
     summary = {"protocol": name, "method": method, "splits": rows, "summary": summarize(rows),
-               "config": ran, "segmentor": str(segmentor) if segmentor is not None else "trained per split",
+               "config": run_settings["config"],
+               "segmentor": str(segmentor) if segmentor is not None else "trained per split",
                "test_limit": test_limit, "complete": len(rows) == len(all_splits)}
     write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     write_text(out / "summary.md", markdown_table(name, method, rows, summary["summary"]))
