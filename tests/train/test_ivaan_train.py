@@ -161,6 +161,10 @@ def test_karyo_train_ivaan_exports_a_model(consep, shared_data, tmp_path, one_th
     assert {p.name for p in (run / "model").iterdir()} == {"ivaan.pt", "ivaan.json", "levels.json"}
     res2 = train("ivaan", None, run, resume=True, train_overrides={"epochs": 2}, progress=False)
     assert len(res2.history) == 2  # resumed from the saved config
+    # the same command with --resume: the config's short attribute names are the saved column names
+    res3 = train("ivaan", [f"{root}:train"], run, config=tmp_path / "cfg.yaml", resume=True,
+                 train_overrides={"epochs": 3}, progress=False)
+    assert len(res3.history) == 3
     seg_cfg = segmentor_config("tiny")
     seg = SegmentorTask(seg_cfg, AUG, SegmentorTrainSettings(), [], [], seed=0)
     (tmp_path / "seg").mkdir()

@@ -423,8 +423,8 @@ def _check_resume_changes(task: str, out: Path, saved: dict, given: dict, config
                                 config)
         diffs = [f"train.{k}" for k in sorted(given.get("train", {}))
                  if k not in RESUMABLE_CHANGES and getattr(given_train, k) != getattr(saved_train, k)]
-        if "data" in given and [str(DataSpec.parse(d)) for d in given["data"]] != saved.get("data"):
-            diffs.append("data")
+        if "data" in given and not data and [str(DataSpec.parse(d)) for d in given["data"]] != saved.get("data"):
+            diffs.append("data")  # (--data, when given, replaces the config's: it is compared below)
         for key in ("val_fraction", "val_ids"):
             if key in given and given[key] != saved.get(key):
                 diffs.append(key)
@@ -480,9 +480,25 @@ def _changed_model_keys(given: dict, saved: dict, prefix: str) -> list[str]:
             continue
         if isinstance(value, dict) and isinstance(saved[key], dict):
             changed += _changed_model_keys(value, saved[key], f"{prefix}.{key}")
+        elif key == "attributes" and isinstance(value, list | tuple):  # IVAAN: d_eq is Size.EquivalentDiameter
+            if _attribute_columns(value) != _attribute_columns(saved[key]):
+                changed.append(f"{prefix}.{key}")
         elif _plain(value) != _plain(saved[key]):
             changed.append(f"{prefix}.{key}")
     return changed
+
+
+def _attribute_columns(names: Any) -> list:
+    """Attribute names as the saved config holds them (paper names and aliases resolved to column names)."""
+    from karyo.attributes.names import resolve
+
+    def column(name: Any) -> Any:
+        try:
+            return resolve(str(name))
+        except KeyError:
+            return name
+
+    return [column(n) for n in names] if isinstance(names, list | tuple) else names
 
 
 def _plain(value: Any) -> Any:
