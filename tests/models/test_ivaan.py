@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -257,7 +258,19 @@ def test_query_ranks_by_text_similarity_and_loads_encoder_lazily(monkeypatch):
     assert model.query(res, "large dark nuclei", top_k=1)["instance_id"].tolist() == [2]
     assert enc.calls - before == 2 and len(loads) == 1  # one encode per query; the encoder is loaded once
     with pytest.raises(karyo.InputError, match=r"IVAANModel\.segment"):
-        model.query(karyo.SegmentationResult(inst), "x")
+        model.query(karyo.SegmentationResult(inst), "large")
+    for bad, message in ((None, "the query is text"), (5, "the query is text"), ("  ", "the query is empty")):
+        with pytest.raises(karyo.InputError, match=message):
+            model.query(res, bad)
+    with pytest.raises(karyo.InputError, match="top_k must be at least 1"):
+        model.query(res, "large", top_k=0)
+    with pytest.warns(UserWarning, match="no word of the query 'xyzzy qwerty' is one the model was aligned with"):
+        model.query(res, "xyzzy qwerty")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.query(res, "Large, darkly stained")  # its words: no warning
+    with pytest.raises(karyo.InputError, match="only IVAAN models answer text queries"):
+        karyo.load("classical").query(res, "large")
 
 
 @NEEDS_MINILM

@@ -55,6 +55,14 @@ class InstanceModel(ABC):
         :class:`~karyo.infer.result.SegmentationResult` (``instances``, ``classes``, ``scores``, ``table()``,
         ``save()``)."""
 
+    def query(self, result: SegmentationResult, text: str, top_k: int | None = None) -> Any:
+        """Rank ``result``'s nuclei by their likeness to ``text``: what IVAAN models do (they embed nuclei in the
+        text encoder's space); every other model says so in one line instead of an AttributeError."""
+        from karyo.errors import InputError
+
+        raise InputError(None, f"only IVAAN models answer text queries; {self.arch} does not (karyo train ivaan, "
+                               f"then karyo pack ivaan, makes one)")
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` (and weights, for learned models) into ``directory``."""
         directory = Path(directory)

@@ -30,6 +30,8 @@ seed all variants start from the same prompter weights.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -421,18 +423,39 @@ class IVAANModel(PromptNucSegModel):
             result = drop_negated(result, negative)
         return finish(result, points, mpp)
 
+    def _prompt_vocabulary(self) -> set[str]:
+        """The words of the sentences the embeddings were aligned with: attribute level words, class names and
+        the class prompts (:mod:`karyo.text.prompts`)."""
+        from karyo.text.prompts import load_prompts
+
+        prompts = load_prompts()
+        texts = [w for spec in prompts["attributes"].values() for w in spec["levels"]]
+        texts += [p for group in prompts["class_prompts"].values() for lines in group.values() for p in lines]
+        texts += [*(self.class_names or {}).values(), "nucleus", "nuclei"]
+        return {w for t in texts for w in _words(t)}
+
     def query(self, result: SegmentationResult, text: str, top_k: int | None = None) -> pd.DataFrame:
         """Nuclei of ``result`` ranked by cosine similarity of their embeddings to the embedding of ``text``
         (any free text; the text encoder is loaded on first use): columns rank, instance_id, similarity,
         centroid_x, centroid_y, area, class_name, and predicted_description when the model predicts attribute levels
         (the sentence of the levels its head predicts, not of measured attributes: ``karyo attributes`` measures).
         ``top_k`` keeps the best k."""
+        if not isinstance(text, str):
+            raise InputError(None, f"the query is text (a str), got {type(text).__name__}")
+        if not text.strip():
+            raise InputError(None, "the query is empty: describe the nuclei to find, e.g. 'large darkly stained'")
+        if top_k is not None and int(top_k) < 1:
+            raise InputError(None, f"top_k must be at least 1, got {top_k}")
         emb = getattr(result, "embeddings", None)
         if emb is None:
             raise InputError(None, "query needs a result of IVAANModel.segment (it carries the embeddings)")
         if not self.config.ivaan.align:
             raise InputError(None, "this model was trained without instance-text alignment; its embeddings "
                                    "are not in the text space, so free-text queries are meaningless")
+        if not set(_words(text)) & self._prompt_vocabulary():
+            warnings.warn(f"no word of the query {text!r} is one the model was aligned with (its attribute words, "
+                          f"e.g. large, elongated, darkly stained, and its class names): the ranking follows the "
+                          f"text encoder's guess of what those words are like", stacklevel=2)
         q = np.asarray(self.text_encoder.encode([str(text)]), np.float32)
         if q.shape[1] != self.config.ivaan.embed_dim:
             raise InputError(None, f"text encoder dim {q.shape[1]} != model embed_dim {self.config.ivaan.embed_dim}")
@@ -460,3 +483,8 @@ def _level_words(attributes) -> dict[str, list[str]]:
 
 __all__ = ["IVAANConfig", "IVAANModel", "IVAANModelConfig", "IVAANPrompter", "IVAANResult",
            "instance_text_infonce", "rank_by_similarity"]
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words (letters, hyphens inside: medium-sized) of a text, for comparing vocabularies."""
+    return re.findall(r"[a-z]+(?:-[a-z]+)*", text.lower())
