@@ -241,3 +241,27 @@ def test_cached_tuning_with_a_duplicate_judge_equals_segment():
     model.config = replace(cfg, duplicate_judge=None)
     _, plain = tune_thresholds(model, samples, grid, log=lambda _: None)
     assert {r["min_duplicate_probability"] for r in plain} == {None}  # nothing to judge with
+
+
+def test_tuning_says_when_the_prompter_looks_untrained():
+    """A smoke run's prompter fires on every anchor: tuning it decodes them all for every setting (the IVAAN
+    review waited 10 minutes on one image without a line), so the first image says so."""
+    from types import SimpleNamespace
+
+    from karyo.train.pack import _note_untrained_prompter
+
+    instances = np.zeros((64, 64), np.int32)
+    instances[2:6, 2:6], instances[10:14, 10:14] = 1, 2
+    settings = [{"score_threshold": s, "nms_radius_px": r} for s in (0.3, 0.7) for r in (6.0, 20.0)]
+
+    def tune_with(found: int) -> tuple[list, list[str]]:
+        asked, lines = [], []
+        model = SimpleNamespace(detect=lambda prep, t, r: asked.append((t, r)) or (np.zeros((found, 2)),))
+        _note_untrained_prompter(model, None, SimpleNamespace(instances=instances, name="v1"), settings, lines.append)
+        return asked, lines
+
+    asked, lines = tune_with(1024)
+    assert asked == [(0.7, 6.0)]  # the strictest score, with the NMS that hides least
+    assert lines[0].startswith("note: the prompter finds 1024 points at score ≥ 0.7 on v1, which has 2 annotated "
+                               "nuclei: it looks untrained") and "--no-tune" in lines[0]
+    assert tune_with(60)[1] == []  # a trained prompter on a dense image: no note

@@ -135,6 +135,23 @@ def mean_pq(model: PromptNucSegModel, samples: list) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+#: A prompter finding this many times the annotated nuclei at its strictest tuned setting is taken as untrained.
+UNTRAINED_POINTS_FACTOR = 5
+
+
+def _note_untrained_prompter(model: PromptNucSegModel, prep, sample, point_settings: list[dict], log: Log) -> None:
+    """Say when the prompter fires nearly everywhere (a smoke run of a few steps): every setting then decodes all
+    those points, and tuning takes hours to pick among settings that all fail."""
+    strict = max(point_settings, key=lambda ps: (ps["score_threshold"], -ps["nms_radius_px"]))  # NMS hides it
+    found = len(model.detect(prep, strict["score_threshold"], strict["nms_radius_px"])[0])
+    annotated = len(np.unique(sample.instances)) - 1
+    if found > UNTRAINED_POINTS_FACTOR * max(annotated, 20):
+        log(f"note: the prompter finds {found} points at score ≥ {strict['score_threshold']:g} on "
+            f"{sample.name or 'the first validation image'}, which has {annotated} annotated nuclei: it looks "
+            f"untrained, and every setting decodes all of them (hours); stop and pack with --no-tune, or train "
+            f"longer")
+
+
 def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None = None, log: Log = print, *,
                     max_nms_radius_px: float | None = None) -> tuple[PromptNucSegConfig, list[dict]]:
     """Grid search of the inference settings on validation images; returns the chosen config
@@ -176,6 +193,8 @@ def tune_thresholds(model: PromptNucSegModel, samples: list, grid: dict | None =
                     log(f"  image {done}/{len(with_nuclei)} ({sample.name or 'unnamed'}), about {left / 60:.0f} "
                         f"min left")
                 prep = model.prepare(sample.image, mpp=None)
+                if done == 1:
+                    _note_untrained_prompter(model, prep, sample, point_settings, log)
                 for ps in point_settings:
                     model.config = replace(base, **ps)
                     candidates = model.mask_candidates(prep, *model.detect(prep, ps["score_threshold"],
