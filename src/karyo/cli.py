@@ -854,13 +854,26 @@ def query_cmd(
                  for r, i in enumerate(top["instance_id"].tolist())}
     overlay = draw_overlay(img, result.instances, result.classes, result.class_names, thickness=2,
                            highlight=highlight)
-    write_image(out / f"{stem}_query.png", overlay)
-    write_table_csv(out / f"{stem}_query.csv", ranked)
+    name = f"{stem}_query_{_query_slug(text)}"  # one pair of files per query: a second query keeps the first's
+    ranked.insert(0, "query", text)
+    write_image(out / f"{name}.png", overlay)
+    write_table_csv(out / f"{name}.csv", ranked)
     write_instances(out / f"{stem}_instances.png", result.instances)  # instance_id → pixels, for joins
     shown = text if len(text) <= 60 else text[:57] + "..."
     console.print(f"{nuclei_phrase(len(ranked))} ranked for {shown!r}; top {len(top)} highlighted → "
-                  f"{out}/{stem}_query.png, {stem}_query.csv ({stem}_instances.png: their instance map)",
-                  highlight=False)
+                  f"{out}/{name}.png, {name}.csv ({stem}_instances.png: their instance map)", highlight=False)
+
+
+def _query_slug(text: str, most: int = 40) -> str:
+    """A file-name part from a query: its words, lower case, joined by '-' ("large-pale-nuclei"), cut at ``most``
+    characters with a short hash of the whole text so that two long queries stay apart."""
+    import hashlib
+    import re
+
+    slug = "-".join(re.findall(r"[a-z0-9]+", text.lower())) or "query"
+    if len(slug) <= most:
+        return slug
+    return slug[:most].rstrip("-") + "-" + hashlib.sha1(text.encode()).hexdigest()[:6]
 
 
 benchmark_app = typer.Typer(no_args_is_help=True, help="Benchmark protocols that train and evaluate models.")

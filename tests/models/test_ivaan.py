@@ -326,16 +326,21 @@ def test_karyo_query_writes_overlay_and_ranked_csv(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["query", str(tmp_path / "tile.png"), "large irregular darkly stained nuclei",
                                    "--model", str(tmp_path / "m"), "--top-k", "3", "--out", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
-    ranked = pd.read_csv(tmp_path / "q" / "tile_query.csv")
+    ranked = pd.read_csv(tmp_path / "q" / "tile_query_large-irregular-darkly-stained-nuclei.csv")
     assert len(ranked) > 3 and ranked["rank"].tolist() == list(range(1, len(ranked) + 1))
     assert ranked["similarity"].is_monotonic_decreasing
-    overlay = read_image(tmp_path / "q" / "tile_query.png")
+    assert (ranked["query"] == "large irregular darkly stained nuclei").all()  # the file says what it answers
+    overlay = read_image(tmp_path / "q" / "tile_query_large-irregular-darkly-stained-nuclei.png")
     assert overlay.shape == img.shape
     assert ((overlay == (255, 255, 255)).all(-1)).any()  # the best match is outlined in white
     from karyo.data.io import read_instances
 
     instances = read_instances(tmp_path / "q" / "tile_instances.png")  # the ranked ids, joinable to attributes
     assert set(ranked["instance_id"]) == set(np.unique(instances[instances > 0]).tolist())
+    again = CliRunner().invoke(app, ["query", str(tmp_path / "tile.png"), "Small, pale nuclei!", "--model",
+                                     str(tmp_path / "m"), "--out", str(tmp_path / "q")])
+    assert again.exit_code == 0 and (tmp_path / "q" / "tile_query_small-pale-nuclei.csv").is_file()
+    assert (tmp_path / "q" / "tile_query_large-irregular-darkly-stained-nuclei.csv").is_file()  # kept
     bad = CliRunner().invoke(app, ["query", str(tmp_path / "tile.png"), "x", "--out", str(tmp_path / "q2")])
     assert bad.exit_code == 2 and "--model" in bad.output
     (tmp_path / "cellvit_run" / "model").mkdir(parents=True)  # another task's run: it names what query needs
