@@ -300,7 +300,7 @@ def test_evaluate_missing_predictions_named(tmp_path):
         res.output.split())
     write_instances(pred / "instances" / "b.png", inst)
     res = runner.invoke(app, ["evaluate", "--true", str(truth), "--pred", str(pred), "--split", "test"])
-    assert "2 prediction(s) match no ground-truth image of split 'test' (images of other splits are left out) and " \
+    assert "2 prediction(s) match no ground-truth image of split 'test' (images of other splits, or misnamed) and " \
            "are not scored, e.g. ['a_typo', 'b']" in " ".join(res.output.split())
     empty = tmp_path / "dataset"
     (empty / "images").mkdir(parents=True)

@@ -157,3 +157,12 @@ def test_an_empty_list_of_points_is_said_to_ask_for_nothing():
 
     with pytest.warns(UserWarning, match=r"p\.csv: points is empty"):  # a file path as the source, too
         check_prompts([], None, (10, 10), Path("p.csv"))
+
+
+def test_a_boolean_image_is_said_to_be_read_as_black_and_white():
+    import karyo
+
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True
+    with pytest.warns(UserWarning, match=r"a boolean array \(a mask\?\) is read as a black-and-white picture"):
+        karyo.load("default").segment(mask)

@@ -70,6 +70,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -445,7 +446,9 @@ def prepare_image(image: np.ndarray, source: str | None = None) -> np.ndarray:
         image = integer_by_value(image, source)
     if image.dtype == np.uint8:
         return image
-    if image.dtype == bool:
+    if image.dtype == bool:  # a mask passed as the image, most likely: said, then read as black and white
+        warnings.warn(f"{source or 'image'}: a boolean array (a mask?) is read as a black-and-white picture",
+                      stacklevel=2)
         return image.astype(np.uint8) * np.uint8(255)
     if image.dtype == np.uint16:
         return image.astype(np.float32) / np.float32(65535.0)

@@ -224,7 +224,7 @@ def _scored_images(names: list[str], pred_index: dict[str, object], missing: str
     notes = []
     extra = sorted(set(pred_index) - set(names))
     if extra:  # a misnamed prediction would otherwise vanish without a word
-        where = f" of split {split!r} (images of other splits are left out)" if split else ""
+        where = f" of split {split!r} (images of other splits, or misnamed)" if split else ""
         notes.append(f"{len(extra)} prediction(s) match no ground-truth image{where} and are not scored, e.g. "
                      f"{extra[:3]} (ids are file names without suffix, e.g. {layout})")
     if missing == "skip" and len(scored) < len(names):
