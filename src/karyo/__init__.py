@@ -15,10 +15,11 @@ __version__ = "0.1.0"
 
 # Imported on first use (PEP 562): the command line's --help and light readers need neither torch nor pandas.
 _MODULE_OF = {"Sample": "karyo.data.sample", "read_image": "karyo.data.io", "read_image_meta": "karyo.data.io",
-              "SegmentationResult": "karyo.infer.result", "available": "karyo.models", "load": "karyo.models"}
+              "on_bit_range": "karyo.data.io", "SegmentationResult": "karyo.infer.result", "available": "karyo.models",
+              "load": "karyo.models"}
 
 __all__ = ["InputError", "KaryoError", "Sample", "SegmentationResult", "__version__", "available", "load",
-           "read_image", "read_image_meta"]
+           "on_bit_range", "read_image", "read_image_meta"]
 
 
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _MODULE_OF)

@@ -48,15 +48,20 @@ def test_shrunk_instances_keep_one_piece_each():
 
 
 def test_narrow_uint16_is_noted_with_the_factor_that_fixes_it():
-    """12-bit camera data in uint16 reads 16× too dark; the note names the file and the scale to apply."""
+    """12-bit camera data in uint16 reads 16× too dark; the note names the file and how to read it on its range."""
     import warnings
 
     from karyo.infer.prepare import model_input
 
     rng = np.random.default_rng(0)
     twelve_bit = rng.integers(0, 4096, (32, 32, 3)).astype(np.uint16)
-    with pytest.warns(UserWarning, match=r"a\.tif: uint16 whose values only reach 409\d .*12-bit data.*image \* 16"):
+    with pytest.warns(UserWarning, match=r"a\.tif: uint16 whose values only reach 409\d .*12-bit data, pass --bits "
+                                         r"12 .*karyo\.on_bit_range\(image, 12\)"):
         x = model_input(twelve_bit, 3, (0.0,) * 3, (1.0,) * 3, "a.tif")
+    import karyo
+
+    bright = karyo.on_bit_range(twelve_bit, 12)  # what the note says to do, in Python
+    assert bright.dtype == np.float32 and float(bright.max()) == pytest.approx(twelve_bit.max() / 4095)
     assert float(x.max()) < 4096 / 65535 + 1e-6  # read as is: the note changes nothing by itself
     with warnings.catch_warnings():
         warnings.simplefilter("error")

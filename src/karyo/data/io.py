@@ -451,8 +451,8 @@ def note_narrow_uint16(image: np.ndarray, source: str | None) -> None:
         bits = max(int(peak).bit_length(), 8)
         warnings.warn(f"{source or 'image'}: uint16 whose values only reach {peak} (of 65535); it is read as "
                       f"16-bit, so it looks {65535 / peak:.0f}× darker than its own range. If it holds {bits}-bit "
-                      f"data, pass --bits {bits} (karyo segment, karyo attributes; bits= of measure_nuclei), or scale "
-                      f"it first (image * {2 ** (16 - bits)}) or convert it to uint8",
+                      f"data, pass --bits {bits} (karyo segment, karyo attributes), or in Python read it on its range "
+                      f"first: karyo.on_bit_range(image, {bits}) (measure_nuclei also takes bits={bits})",
                       stacklevel=_caller_stacklevel())
 
 
