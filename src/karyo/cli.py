@@ -738,6 +738,10 @@ def pack_cmd(
     if arch in takes and given - takes[arch]:
         raise InputError(None, f"karyo pack {arch} takes {' and '.join(sorted(takes[arch]))}, not "
                                f"{', '.join(sorted(given - takes[arch]))}")
+    _check_out_folder(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise InputError(out, "holds other files and is no model folder: pack writes a model folder, so give a new "
+                              "or empty one (or an earlier model folder, to replace it)")
     _set_threads(threads)
     log = lambda m: console.print(m, highlight=False)  # noqa: E731
     if arch == "promptnucseg":
@@ -839,6 +843,8 @@ def query_cmd(
     if top_k < 1:
         raise InputError(None, f"--top-k must be ≥ 1, got {top_k}")
     _check_out_folder(out)
+    if (out / "config.json").is_file():
+        raise InputError(out, "is a model folder; write the query's files elsewhere (--out)")
     check_mpp(mpp, "--mpp")
     _set_threads(threads)
     net = _load_ivaan(model, segmentor, device)

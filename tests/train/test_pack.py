@@ -172,6 +172,13 @@ def test_cli_pack_promptnucseg_tunes_under_the_spacing_cap(tmp_path, disc_layout
     assert res.exit_code == 2 and "is a prompter run, not a cellvit run" in res.output
     res = CliRunner().invoke(app, ["pack", "cellvit", "--run", str(run), "--no-tune", "--out", str(tmp_path / "c")])
     assert res.exit_code == 2 and "takes --run, not --tune/--no-tune" in res.output
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tile_query_large.csv").write_text("rank\n")  # another command's folder
+    res = CliRunner().invoke(app, ["pack", "cellvit", "--run", str(run), "--out", str(tmp_path / "results")])
+    assert res.exit_code == 2 and "holds other files and is no model folder" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["query", str(tmp_path / "results" / "x.png"), "large", "--model",
+                                   str(tmp_path / "model"), "--out", str(tmp_path / "model")])
+    assert res.exit_code == 2 and "is a model folder; write the query's files elsewhere" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["pack", "unet", "--run", str(run), "--out", str(tmp_path / "u")])
     assert res.exit_code == 2 and "unet runs need no packing: their model is RUN/model" in " ".join(res.output.split())
     (tmp_path / "cv0").mkdir()
