@@ -871,15 +871,16 @@ def query_cmd(
 
 
 def _query_slug(text: str, most: int = 40) -> str:
-    """A file-name part from a query: its words, lower case, joined by '-' ("large-pale-nuclei"), cut at ``most``
-    characters with a short hash of the whole text so that two long queries stay apart."""
+    """A file-name part from a query: its words, lower case, joined by '-' ("large-pale-nuclei"); cut at ``most``
+    characters, or "query" for a text without letters or digits, with a short hash of the whole text so that two
+    such queries stay apart."""
     import hashlib
     import re
 
-    slug = "-".join(re.findall(r"[a-z0-9]+", text.lower())) or "query"
-    if len(slug) <= most:
+    slug = "-".join(re.findall(r"[a-z0-9]+", text.lower()))
+    if slug and len(slug) <= most:
         return slug
-    return slug[:most].rstrip("-") + "-" + hashlib.sha1(text.encode()).hexdigest()[:6]
+    return (slug[:most].rstrip("-") or "query") + "-" + hashlib.sha1(text.encode()).hexdigest()[:6]
 
 
 benchmark_app = typer.Typer(no_args_is_help=True, help="Benchmark protocols that train and evaluate models.")

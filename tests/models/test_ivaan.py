@@ -341,6 +341,10 @@ def test_karyo_query_writes_overlay_and_ranked_csv(tmp_path, monkeypatch):
                                      str(tmp_path / "m"), "--out", str(tmp_path / "q")])
     assert again.exit_code == 0 and (tmp_path / "q" / "tile_query_small-pale-nuclei.csv").is_file()
     assert (tmp_path / "q" / "tile_query_large-irregular-darkly-stained-nuclei.csv").is_file()  # kept
+    from karyo.cli import _query_slug
+
+    assert _query_slug("???") != _query_slug("!!!") and _query_slug("???").startswith("query-")  # no words: a hash
+    assert _query_slug("a " * 40).startswith("a-a-") and len(_query_slug("a " * 40)) <= 47
     bad = CliRunner().invoke(app, ["query", str(tmp_path / "tile.png"), "x", "--out", str(tmp_path / "q2")])
     assert bad.exit_code == 2 and "--model" in bad.output
     (tmp_path / "cellvit_run" / "model").mkdir(parents=True)  # another task's run: it names what query needs

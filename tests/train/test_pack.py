@@ -1,5 +1,6 @@
 """Threshold tuning when packing PromptNucSeg: the cached search must score exactly what segment() gives."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -272,3 +273,14 @@ def test_tuning_says_when_the_prompter_looks_untrained():
     assert lines[0].startswith("note: the prompter finds 1024 points at score ≥ 0.7 on v1, which has 2 annotated "
                                "nuclei: it looks untrained") and "--no-tune" in lines[0]
     assert tune_with(60)[1] == []  # a trained prompter on a dense image: no note
+
+
+def test_a_run_whose_relative_data_is_not_found_from_here_says_where_it_is_read_from(tmp_path):
+    from karyo.errors import InputError
+    from karyo.train.pack import training_samples
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps({"data": ["tiny:train"], "val_ids": []}))
+    with pytest.raises(InputError, match=r"the run's data 'tiny' is not found from .*: run pack from the folder the "
+                                         r"run was trained in \(or pack with --no-tune"):
+        training_samples(tmp_path / "run")

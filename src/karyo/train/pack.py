@@ -31,7 +31,7 @@ from karyo.models.prompter import PrompterConfig
 from karyo.models.promptnucseg import PromptNucSegConfig, PromptNucSegModel, adapters_agree
 from karyo.models.segmentor import SegmentorConfig
 from karyo.models.vit import read_state_dict
-from karyo.train.data import load_specs
+from karyo.train.data import DataSpec, load_specs
 from karyo.train.verifier import VerifierFitError, fit_duplicate_judge, fit_verifier
 
 TUNING_GRID = {"score_threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "nms_radius_px": (6.0, 8.0, 10.0, 12.0, 16.0, 20.0),
@@ -99,6 +99,13 @@ def training_samples(run: str | os.PathLike) -> list:
 def _run_samples(run: str | os.PathLike, validation: bool) -> list:
     saved = load_json(Path(run) / "train_config.json")
     names = {int(k): v for k, v in (saved.get("model", {}).get("class_names") or {}).items()}
+    for spec in saved["data"]:
+        path = DataSpec.parse(spec).path
+        if not Path(path).exists():  # a relative --data is read from where the run was trained
+            raise InputError(Path(run) / "train_config.json",
+                             f"the run's data {path!r} is not found from {Path.cwd()}; relative data paths are read "
+                             f"from the folder karyo runs in: run pack from the folder the run was trained in (or "
+                             f"pack with --no-tune, which reads no data)")
     samples = load_specs(saved["data"], names or None)
     if validation:
         index = {n: i for i, n in enumerate(samples.ids)}
