@@ -262,8 +262,9 @@ def test_query_ranks_by_text_similarity_and_loads_encoder_lazily(monkeypatch):
     for bad, message in ((None, "the query is text"), (5, "the query is text"), ("  ", "the query is empty")):
         with pytest.raises(karyo.InputError, match=message):
             model.query(res, bad)
-    with pytest.raises(karyo.InputError, match="top_k must be at least 1"):
-        model.query(res, "large", top_k=0)
+    for top_k in (0, 2.5):
+        with pytest.raises(karyo.InputError, match="top_k is a whole number of nuclei, at least 1"):
+            model.query(res, "large", top_k=top_k)
     with pytest.warns(UserWarning, match="no word of the query 'xyzzy qwerty' is one the model was aligned with"):
         model.query(res, "xyzzy qwerty")
     with warnings.catch_warnings():

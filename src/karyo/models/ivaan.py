@@ -444,8 +444,8 @@ class IVAANModel(PromptNucSegModel):
             raise InputError(None, f"the query is text (a str), got {type(text).__name__}")
         if not text.strip():
             raise InputError(None, "the query is empty: describe the nuclei to find, e.g. 'large darkly stained'")
-        if top_k is not None and int(top_k) < 1:
-            raise InputError(None, f"top_k must be at least 1, got {top_k}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1):
+            raise InputError(None, f"top_k is a whole number of nuclei, at least 1; got {top_k!r}")
         emb = getattr(result, "embeddings", None)
         if emb is None:
             raise InputError(None, "query needs a result of IVAANModel.segment (it carries the embeddings)")

@@ -269,6 +269,9 @@ def run_pannuke_benchmark(root: str | os.PathLike, protocol: str, out: str | os.
         load_segmentor(segmentor)
     # what actually runs: the config's training sections with the command's overrides applied, and the rest
     ran = {**to_dict(cfg), "train": to_dict(tcfg), "segmentor_train": to_dict(scfg)}
+    if segmentor is not None:  # no segmentor trains: its sections would only make reruns differ for nothing
+        for key in ("segmentor", "segmentor_train", "settings"):
+            ran.pop(key, None)
     run_settings = _plain({"method": method, "config": ran, "test_limit": test_limit,
                        "segmentor": str(segmentor) if segmentor is not None else None})
     rows = []
