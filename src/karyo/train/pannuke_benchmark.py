@@ -146,13 +146,6 @@ def _fit(task, tcfg, run_dir: Path, model_cfg, progress: bool) -> None:
     fit(task, tcfg, run_dir, resume=(run_dir / "last.pt").is_file(), model_config=model_cfg, progress=progress)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready (dataclasses as dicts, paths as strings), as result.json stores it and reads it back."""
-    import dataclasses
-
-    return json.loads(json.dumps(value, default=lambda o: to_dict(o) if dataclasses.is_dataclass(o) else str(o)))
-
-
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     """Dotted keys where two JSON-like values differ."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -164,7 +157,7 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 def _refuse_other_settings(folder: Path, before: Any, now: Any) -> None:
     """A folder of an earlier run is reused (a finished split skipped, a training resumed) only when it was made
     with these settings: otherwise the summary would report old numbers under the new settings."""
-    changed = _differences(_plain(before), _plain(now))
+    changed = _differences(to_builtin(before), to_builtin(now))  # as result.json reads back
     if changed:
         listed = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
         raise InputError(folder, f"made by an earlier run with other settings (they differ in {listed}): give "
@@ -272,8 +265,8 @@ def run_pannuke_benchmark(root: str | os.PathLike, protocol: str, out: str | os.
     if segmentor is not None:  # no segmentor trains: its sections would only make reruns differ for nothing
         for key in ("segmentor", "segmentor_train", "settings"):
             ran.pop(key, None)
-    run_settings = _plain({"method": method, "config": ran, "test_limit": test_limit,
-                       "segmentor": str(segmentor) if segmentor is not None else None})
+    run_settings = to_builtin({"method": method, "config": ran, "test_limit": test_limit,
+                               "segmentor": str(segmentor) if segmentor is not None else None})
     rows = []
     for split in chosen:
         sname = split_name(split)
