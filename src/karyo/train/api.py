@@ -116,7 +116,9 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
     channels = parse_channels(channels)  # a bad value (--channels 0) is refused before the data are read
     out = Path(out)
     if resume:
-        if init is not None and _same_init(init, out):
+        saved_file = out / "train_config.json"
+        saved = load_json(saved_file) if saved_file.is_file() else None
+        if init is not None and saved is not None and _same_init(init, saved.get("init")):
             init = None  # the documented "same command" with --resume: the --init the run started from
         given = [flag for flag, value in (("--init", init), ("--preset", preset), ("--channels", channels))
                  if value is not None]
@@ -124,9 +126,8 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
             raise InputError(out, f"a resumed run keeps the network it started with; {', '.join(given)} would change "
                                   f"it (start a new run with --init {out} to train on from this one)")
         channels = None  # the saved model config holds the adapter
-        if not (out / "train_config.json").is_file():
+        if saved is None:
             raise InputError(out, "nothing to resume: no train_config.json here")
-        saved = load_json(out / "train_config.json")
         if saved.get("task") != task:
             raise InputError(out, f"this run trains a {saved.get('task')}, not a {task}")
         file_cfg = {k: saved[k] for k in ("model", "train", "augment", "settings", "data", "val_fraction", "val_ids",
@@ -297,11 +298,9 @@ def train(task: str, data: list[str] | None, out: str | os.PathLike, *, config: 
                init_class_order=class_order, on_resume=on_resume)
 
 
-def _same_init(init: str | os.PathLike, out: Path) -> bool:
-    """Whether ``init`` is what the run in ``out`` started from (its train_config.json's ``init``): the same
-    shipped model's name or the same path, however written."""
-    saved_file = out / "train_config.json"
-    saved = load_json(saved_file).get("init") if saved_file.is_file() else None
+def _same_init(init: str | os.PathLike, saved: str | None) -> bool:
+    """Whether ``init`` is what a run started from (``saved``, its train_config.json's ``init``): the same shipped
+    model's name or the same path, however written."""
     if saved is None:
         return False
     if str(init) == str(saved):
