@@ -837,9 +837,9 @@ def query_cmd(
     from karyo.export.overlay import draw_overlay
     from karyo.export.writers import write_table_csv
     from karyo.infer.prepare import check_mpp
+    from karyo.models.ivaan import check_query_text
 
-    if not text.strip():
-        raise InputError(None, "the query text is empty; describe the nuclei to find, e.g. \"large pale nuclei\"")
+    check_query_text(text)  # before a model is loaded and the image segmented
     if top_k < 1:
         raise InputError(None, f"--top-k must be ≥ 1, got {top_k}")
     _check_out_folder(out)

@@ -440,10 +440,7 @@ class IVAANModel(PromptNucSegModel):
         centroid_x, centroid_y, area, class_name, and predicted_description when the model predicts attribute levels
         (the sentence of the levels its head predicts, not of measured attributes: ``karyo attributes`` measures).
         ``top_k`` keeps the best k."""
-        if not isinstance(text, str):
-            raise InputError(None, f"the query is text (a str), got {type(text).__name__}")
-        if not text.strip():
-            raise InputError(None, "the query is empty: describe the nuclei to find, e.g. 'large darkly stained'")
+        check_query_text(text)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1):
             raise InputError(None, f"top_k is a whole number of nuclei, at least 1; got {top_k!r}")
         emb = getattr(result, "embeddings", None)
@@ -488,3 +485,12 @@ __all__ = ["IVAANConfig", "IVAANModel", "IVAANModelConfig", "IVAANPrompter", "IV
 def _words(text: str) -> list[str]:
     """Lower-case words (letters, hyphens inside: medium-sized) of a text, for comparing vocabularies."""
     return re.findall(r"[a-z]+(?:-[a-z]+)*", text.lower())
+
+
+def check_query_text(text: object) -> None:
+    """A query is non-blank text: refused otherwise, by :meth:`IVAANModel.query` and, before it loads a model,
+    by ``karyo query``."""
+    if not isinstance(text, str):
+        raise InputError(None, f"the query is text (a str), got {type(text).__name__}")
+    if not text.strip():
+        raise InputError(None, "the query is empty: describe the nuclei to find, e.g. 'large darkly stained'")
